@@ -1,0 +1,47 @@
+"""Configuration: every setting is an environment variable with a default."""
+
+import os
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+INSTANCE_DIR = os.path.join(HERE, "instance")
+
+
+def _int(name, default):
+    """Read an integer environment variable."""
+    return int(os.environ.get(name, default))
+
+
+def _float(name, default):
+    """Read a float environment variable."""
+    return float(os.environ.get(name, default))
+
+
+class Config:
+    """Settings read once from the environment; `create_app(test_config)` can override any."""
+
+    def __init__(self):
+        """Read every setting from the environment."""
+        self.APP_ENV = os.environ.get("APP_ENV", "production")
+        self.PORT = _int("PORT", 8000)
+        self.WEB_CONCURRENCY = _int("WEB_CONCURRENCY", 2)
+        self.DATABASE_URL = os.environ.get(
+            "DATABASE_URL", "sqlite:///" + os.path.join(INSTANCE_DIR, "chat.db"))
+        self.DATABASE_POOL_SIZE = _int("DATABASE_POOL_SIZE", 10)
+        self.DATABASE_POOL_TIMEOUT = _float("DATABASE_POOL_TIMEOUT", 10)
+        self.REDIS_URL = os.environ.get("REDIS_URL") or None
+        self.JWT_SECRET_KEY = os.environ.get("JWT_SECRET_KEY") or None
+        self.LLM_BASE_URL = (os.environ.get("LLM_BASE_URL") or "").rstrip("/") or None
+        self.LLM_API_KEY = os.environ.get("LLM_API_KEY") or None
+        self.LLM_MODEL = os.environ.get("LLM_MODEL", "gpt-4o-mini")
+        self.LLM_TIMEOUT_SECONDS = _float("LLM_TIMEOUT_SECONDS", 60)
+        self.LLM_SYSTEM_PROMPT = os.environ.get("LLM_SYSTEM_PROMPT") or None
+        self.CHAT_HISTORY_LIMIT = _int("CHAT_HISTORY_LIMIT", 20)
+        self.CACHE_TTL_SECONDS = _int("CACHE_TTL_SECONDS", 86400)
+        self.SSE_HEARTBEAT_SECONDS = _float("SSE_HEARTBEAT_SECONDS", 10)
+        self.MAX_MESSAGE_CHARS = _int("MAX_MESSAGE_CHARS", 32000)
+        # The body holds the message (up to 4 bytes a character once JSON-escaped) and an id.
+        self.MAX_CONTENT_LENGTH = _int("MAX_CONTENT_LENGTH", self.MAX_MESSAGE_CHARS * 6 + 1024)
+
+    def as_dict(self):
+        """The settings as a plain dict, for `app.config.from_mapping`."""
+        return dict(vars(self))

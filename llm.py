@@ -1,0 +1,258 @@
+"""The language model: an OpenAI-compatible HTTP endpoint, or the built-in demo model."""
+
+import json
+import socket
+import time
+from dataclasses import dataclass, field
+
+import requests
+import urllib3.exceptions
+from requests.adapters import HTTPAdapter
+
+from errors import ApiError
+
+READ_SIZE = 65536
+
+
+@dataclass
+class Reply:
+    """What the model said and what it cost, as far as it is known."""
+
+    content: str = ""
+    model: str = ""
+    prompt_tokens: int = None
+    completion_tokens: int = None
+    finish_reason: str = None
+    chunks: list = field(default_factory=list)
+
+
+def estimate_tokens(text):
+    """A cheap token estimate (about four characters a token) for when the model reports none."""
+    return max(1, (len(text) + 3) // 4) if text else 0
+
+
+def upstream_error(status, body, retry_after=None):
+    """The ApiError for a model that answered with an HTTP error status."""
+    detail = ""
+    try:
+        detail = json.loads(body)["error"]["message"]
+    except (ValueError, KeyError, TypeError):
+        pass
+    message = f"the model answered HTTP {status}" + (f": {detail[:200]}" if detail else "")
+    if status == 429:
+        headers = {"Retry-After": retry_after} if retry_after else None
+        return ApiError(503, "llm_rate_limited", message, headers)
+    return ApiError(502, "llm_error", message)
+
+
+def unreachable(exc, timeout):
+    """The ApiError for a request to the model that failed before any answer."""
+    if isinstance(exc, requests.Timeout):
+        return ApiError(504, "llm_timeout", f"the model did not answer within {timeout:g} s")
+    return ApiError(502, "llm_unavailable", "the model could not be reached")
+
+
+class OpenAIChatModel:
+    """Any server that speaks OpenAI's chat-completions protocol (OpenAI, vLLM, Ollama, ...)."""
+
+    backend = "openai-compatible"
+
+    def __init__(self, base_url, api_key, model, timeout):
+        """A client with one keep-alive session to `base_url`."""
+        self.url = base_url + "/chat/completions"
+        self.model = model
+        self.timeout = timeout
+        self.session = requests.Session()
+        self.session.mount(base_url, HTTPAdapter(pool_connections=1, pool_maxsize=1000))
+        self.session.headers["Content-Type"] = "application/json"
+        if api_key:
+            self.session.headers["Authorization"] = f"Bearer {api_key}"
+
+    def describe(self):
+        """Where replies come from, for /status and the startup log (never the key)."""
+        return {"backend": self.backend, "model": self.model, "base_url": self.url[:-len("/chat/completions")]}
+
+    def _post(self, messages, stream):
+        """Send the request and return the response once its status line is in."""
+        body = {"model": self.model, "messages": messages, "stream": stream}
+        headers = {}
+        if stream:
+            body["stream_options"] = {"include_usage": True}
+            headers["Accept-Encoding"] = "identity"
+        try:
+            response = self.session.post(self.url, data=json.dumps(body), headers=headers,
+                                         stream=stream, timeout=(self.timeout, self.timeout))
+        except requests.RequestException as exc:
+            raise unreachable(exc, self.timeout) from None
+        if response.status_code != 200:
+            try:
+                text = response.text
+            except requests.RequestException:
+                text = ""
+            response.close()
+            raise upstream_error(response.status_code, text, response.headers.get("Retry-After"))
+        return response
+
+    def complete(self, messages):
+        """The whole reply to `messages`, in one request."""
+        response = self._post(messages, stream=False)
+        try:
+            answer = response.json()
+            choice = answer["choices"][0]
+            content = choice["message"]["content"] or ""
+            if not isinstance(content, str):
+                raise TypeError("content is not a string")
+        except requests.RequestException as exc:
+            raise unreachable(exc, self.timeout) from None
+        except (ValueError, KeyError, IndexError, TypeError):
+            raise ApiError(502, "llm_bad_response", "the model's answer was not a chat completion") from None
+        usage = answer.get("usage") or {}
+        return Reply(content=content, model=answer.get("model") or self.model,
+                     prompt_tokens=usage.get("prompt_tokens"),
+                     completion_tokens=usage.get("completion_tokens"),
+                     finish_reason=choice.get("finish_reason"))
+
+    def open_stream(self, messages):
+        """Start a streamed reply: raises ApiError unless the model answered 200."""
+        return ReplyStream(self._post(messages, stream=True), self.model, self.timeout)
+
+
+class ReplyStream:
+    """The chunks of a streamed reply, parsed from the model's server-sent events."""
+
+    def __init__(self, response, model, timeout):
+        """Wrap an open streaming response."""
+        self.response = response
+        self.timeout = timeout
+        self.reply = Reply(model=model)
+
+    def __iter__(self):
+        """Yield each piece of text as the model sends it; raise ApiError if the stream breaks."""
+        for payload in self._events():
+            if payload == "[DONE]":
+                return
+            text = self._apply(payload)
+            if text:
+                self.reply.chunks.append(text)
+                yield text
+        raise ApiError(502, "llm_incomplete", "the model's stream ended before it was done")
+
+    def _events(self):
+        """Yield the data of each server-sent event (comments and other fields are skipped)."""
+        buffer = b""
+        data = []
+        for block in self._blocks():
+            buffer += block
+            *lines, buffer = buffer.split(b"\n")
+            for line in lines:
+                line = line.rstrip(b"\r")
+                if not line:
+                    if data:
+                        yield b"\n".join(data).decode("utf-8", "replace")
+                        data = []
+                elif line.startswith(b"data:"):
+                    data.append(line[6:] if line[5:6] == b" " else line[5:])
+
+    def _blocks(self):
+        """Yield bytes as they arrive, each wait bounded by the timeout."""
+        raw = self.response.raw
+        try:
+            while True:
+                block = raw.read1(READ_SIZE)
+                if not block:
+                    return
+                yield block
+        except (urllib3.exceptions.ReadTimeoutError, socket.timeout, TimeoutError):
+            raise ApiError(504, "llm_timeout",
+                           f"the model went silent for {self.timeout:g} s") from None
+        except (urllib3.exceptions.HTTPError, OSError, ValueError):
+            raise ApiError(502, "llm_unavailable", "the connection to the model broke") from None
+
+    def _apply(self, payload):
+        """Record one event's usage and finish reason; return its text."""
+        try:
+            event = json.loads(payload)
+            if event.get("usage"):
+                self.reply.prompt_tokens = event["usage"].get("prompt_tokens")
+                self.reply.completion_tokens = event["usage"].get("completion_tokens")
+            self.reply.model = event.get("model") or self.reply.model
+            if not event.get("choices"):
+                return ""
+            choice = event["choices"][0]
+            self.reply.finish_reason = choice.get("finish_reason") or self.reply.finish_reason
+            text = (choice.get("delta") or {}).get("content") or ""
+            if not isinstance(text, str):
+                raise TypeError("content is not a string")
+            return text
+        except (ValueError, KeyError, IndexError, TypeError, AttributeError):
+            raise ApiError(502, "llm_bad_response", "the model sent a chunk that is not a chat completion chunk") from None
+
+    def close(self):
+        """Close the connection to the model, so it stops generating."""
+        self.response.close()
+
+
+class DemoModel:
+    """A built-in model that answers offline, deterministically, word by word."""
+
+    backend = "demo"
+    model = "demo"
+
+    def __init__(self, word_delay=0.05):
+        """A demo model pausing `word_delay` seconds between streamed words."""
+        self.word_delay = word_delay
+
+    def describe(self):
+        """Where replies come from, for /status and the startup log."""
+        return {"backend": self.backend, "model": self.model,
+                "note": "built-in demo model; set LLM_BASE_URL to use a real one"}
+
+    def _reply(self, messages):
+        """The deterministic reply to the last message."""
+        said = messages[-1]["content"]
+        text = (f"This is the built-in demo model. You said: {said} "
+                f"(set LLM_BASE_URL to talk to a real model)")
+        words = [w for w in text.split(" ")]
+        chunks = [words[0]] + [" " + w for w in words[1:]]
+        prompt = sum(estimate_tokens(m["content"]) for m in messages)
+        return Reply(content=text, model=self.model, prompt_tokens=prompt,
+                     completion_tokens=len(chunks), finish_reason="stop", chunks=chunks)
+
+    def complete(self, messages):
+        """The whole reply to `messages`."""
+        reply = self._reply(messages)
+        reply.chunks = []
+        return reply
+
+    def open_stream(self, messages):
+        """A streamed reply, one word at a time."""
+        return DemoStream(self._reply(messages), self.word_delay)
+
+
+class DemoStream:
+    """The demo model's reply, streamed word by word."""
+
+    def __init__(self, reply, word_delay):
+        """Stream `reply` with `word_delay` between words."""
+        self.words = reply.chunks
+        self.reply = Reply(model=reply.model, prompt_tokens=reply.prompt_tokens,
+                           completion_tokens=reply.completion_tokens, finish_reason="stop")
+        self.word_delay = word_delay
+
+    def __iter__(self):
+        """Yield each word after a short pause."""
+        for word in self.words:
+            time.sleep(self.word_delay)
+            self.reply.chunks.append(word)
+            yield word
+
+    def close(self):
+        """Nothing to close."""
+
+
+def make_model(config):
+    """The model the configuration names: a real endpoint, or the demo model."""
+    if config["LLM_BASE_URL"]:
+        return OpenAIChatModel(config["LLM_BASE_URL"], config["LLM_API_KEY"],
+                               config["LLM_MODEL"], config["LLM_TIMEOUT_SECONDS"])
+    return DemoModel()

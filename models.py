@@ -1,0 +1,133 @@
+"""Peewee models: conversations and their messages, kept for history."""
+
+import datetime
+import os
+from urllib.parse import urlsplit
+
+from peewee import (CharField, DatabaseProxy, DateTimeField, ForeignKeyField,
+                    IntegerField, Model, PeeweeException, PostgresqlDatabase,
+                    TextField)
+from playhouse.db_url import connect
+from playhouse.pool import MaxConnectionsExceeded
+
+db = DatabaseProxy()
+
+# Everything the database can fail with: peewee's errors, and a pool with no free connection.
+DATABASE_ERRORS = (PeeweeException, MaxConnectionsExceeded)
+
+TITLE_CHARS = 80
+
+
+def utcnow():
+    """The current time in UTC, without tzinfo (as stored)."""
+    return datetime.datetime.now(datetime.timezone.utc).replace(tzinfo=None)
+
+
+def pooled_url(url):
+    """The URL with peewee's pooled flavour of its scheme (`postgres://` -> `postgres+pool://`)."""
+    scheme, sep, rest = url.partition("://")
+    if "+" in scheme or not sep:
+        return url
+    return f"{scheme}+pool://{rest}"
+
+
+def open_database(url, pool_size, pool_timeout):
+    """Bind the models to the database at `url` through a bounded connection pool."""
+    url = pooled_url(url)
+    options = {"max_connections": pool_size, "timeout": pool_timeout, "stale_timeout": 300}
+    if url.startswith("sqlite"):
+        path = urlsplit(url).path[1:]
+        if path and path != ":memory:":
+            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        options.update(check_same_thread=False,
+                       pragmas={"journal_mode": "wal", "busy_timeout": 5000, "foreign_keys": 1})
+    database = connect(url, **options)
+    db.initialize(database)
+    return database
+
+
+def backend_name():
+    """Which database the models are bound to: 'postgresql' or 'sqlite'."""
+    return "postgresql" if isinstance(db.obj, PostgresqlDatabase) else "sqlite"
+
+
+class BaseModel(Model):
+    """Base class binding every model to the proxied database."""
+
+    class Meta:
+        database = db
+
+
+class Conversation(BaseModel):
+    """A conversation, owned by the user who started it."""
+
+    id = CharField(primary_key=True, max_length=128)
+    owner = CharField(max_length=255, index=True)
+    title = CharField(max_length=TITLE_CHARS, default="")
+    created_at = DateTimeField(default=utcnow)
+    updated_at = DateTimeField(default=utcnow)
+
+    class Meta:
+        indexes = ((("owner", "updated_at"), False),)
+
+    @classmethod
+    def owner_of(cls, conversation_id):
+        """The owner of a conversation, or None if it does not exist."""
+        row = cls.select(cls.owner).where(cls.id == conversation_id).first()
+        return row.owner if row else None
+
+
+class Message(BaseModel):
+    """One message of a conversation: the user's, or the model's reply."""
+
+    COMPLETE, INTERRUPTED, ERROR = "complete", "interrupted", "error"
+
+    conversation = ForeignKeyField(Conversation, backref="messages", on_delete="CASCADE")
+    role = CharField(max_length=16)
+    content = TextField()
+    status = CharField(max_length=16, default=COMPLETE)
+    token_count = IntegerField(null=True)
+    prompt_tokens = IntegerField(null=True)
+    created_at = DateTimeField(default=utcnow)
+
+    class Meta:
+        indexes = ((("conversation", "id"), False),)
+
+    @classmethod
+    def recent(cls, conversation_id, limit):
+        """The last `limit` messages of a conversation, oldest first."""
+        query = (cls.select(cls.role, cls.content)
+                 .where(cls.conversation == conversation_id)
+                 .order_by(cls.id.desc()).limit(limit))
+        return [{"role": m.role, "content": m.content} for m in reversed(list(query))]
+
+
+def save_turn(turn):
+    """Write a finished turn (the user message and the reply) in one transaction.
+
+    Creates the conversation on its first turn. Returns False, writing nothing, when the
+    conversation belongs to someone else (it was started by another user meanwhile).
+    """
+    now = utcnow()
+    with db.atomic():
+        Conversation.insert(id=turn.conversation_id, owner=turn.user,
+                            title=" ".join(turn.message.split())[:TITLE_CHARS], created_at=now,
+                            updated_at=now).on_conflict_ignore().execute()
+        updated = (Conversation.update(updated_at=now)
+                   .where((Conversation.id == turn.conversation_id)
+                          & (Conversation.owner == turn.user)).execute())
+        if not updated:
+            return False
+        Message.insert_many([
+            {"conversation": turn.conversation_id, "role": "user", "content": turn.message,
+             "token_count": turn.message_tokens, "created_at": now},
+            {"conversation": turn.conversation_id, "role": "assistant", "content": turn.reply,
+             "status": turn.status, "token_count": turn.reply_tokens,
+             "prompt_tokens": turn.prompt_tokens, "created_at": now},
+        ]).execute()
+    return True
+
+
+def create_tables():
+    """Create the tables and indexes if they do not exist."""
+    db.create_tables([Conversation, Message], safe=True)

@@ -1,0 +1,221 @@
+"""A chat turn: load the conversation, ask the model, keep both messages."""
+
+import logging
+import queue
+import threading
+import time
+import uuid
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import redis
+
+import cache
+import sse
+from errors import ApiError
+from llm import estimate_tokens
+from models import DATABASE_ERRORS, Conversation, Message, db, save_turn
+
+log = logging.getLogger(__name__)
+
+NOT_FOUND = ApiError(404, "not_found", "conversation not found")
+
+
+@contextmanager
+def stored():
+    """A pooled database connection for the block; any database failure is a 503."""
+    try:
+        with db.connection_context():
+            yield
+    except DATABASE_ERRORS as exc:
+        log.error("database unavailable: %s", type(exc).__name__)
+        raise ApiError(503, "database_unavailable", "the database is unavailable") from None
+
+
+def new_conversation_id():
+    """A fresh conversation id."""
+    return str(uuid.uuid4())
+
+
+@dataclass
+class Turn:
+    """One user message and the reply to it, with what is needed to keep them."""
+
+    user: str
+    conversation_id: str
+    message: str
+    history: list
+    cached: str = None
+    started: float = field(default_factory=time.monotonic)
+    first_token_at: float = None
+    reply: str = ""
+    status: str = Message.COMPLETE
+    model: str = None
+    prompt_tokens: int = None
+    reply_tokens: int = None
+
+    @property
+    def message_tokens(self):
+        """The estimated size of the user message in tokens."""
+        return estimate_tokens(self.message)
+
+    def metrics(self):
+        """The figures of the finished turn, for the final event."""
+        metrics = {
+            "token_count": self.reply_tokens,
+            "processing_time": round(time.monotonic() - self.started, 4),
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.reply_tokens,
+            "model": self.model,
+        }
+        if self.first_token_at is not None:
+            metrics["time_to_first_token"] = round(self.first_token_at - self.started, 4)
+        return metrics
+
+
+class ChatService:
+    """Runs chat turns against the cache, the database and the model."""
+
+    def __init__(self, model, conversation_cache, history_limit, system_prompt, heartbeat):
+        """Wire the service to its model and cache."""
+        self.model = model
+        self.cache = conversation_cache
+        self.history_limit = history_limit
+        self.system_prompt = system_prompt
+        self.heartbeat = heartbeat
+
+    def begin(self, user, conversation_id, message):
+        """Start a turn: load the history (cache, else database) and check the owner."""
+        cached = self._cached(conversation_id)
+        if cached is not None:
+            owner, history = cache.decode(cached)
+        else:
+            owner, history = self._stored(conversation_id)
+        if owner is not None and owner != user:
+            raise NOT_FOUND
+        return Turn(user=user, conversation_id=conversation_id, message=message,
+                    history=history, cached=cached)
+
+    def _cached(self, conversation_id):
+        """The cached conversation, or None when it is not cached or the cache is down."""
+        try:
+            return self.cache.get(conversation_id)
+        except redis.RedisError as exc:
+            log.warning("cache unavailable, reading the database: %s", type(exc).__name__)
+            return None
+
+    def _stored(self, conversation_id):
+        """The owner and recent messages of a conversation from the database."""
+        with stored():
+            owner = Conversation.owner_of(conversation_id)
+            if owner is None:
+                return None, []
+            return owner, Message.recent(conversation_id, self.history_limit)
+
+    def prompt(self, turn):
+        """The messages sent to the model: system prompt, recent history, the new message."""
+        messages = [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
+        messages += [m for m in turn.history if m["content"]]
+        messages.append({"role": "user", "content": turn.message})
+        return messages
+
+    def run(self, turn):
+        """Answer the turn in one piece and keep it."""
+        reply = self.model.complete(self.prompt(turn))
+        self._take(turn, reply, reply.content)
+        self.finish(turn)
+        return turn.reply
+
+    def open_stream(self, turn):
+        """Ask the model for a streamed reply; raises ApiError before any event is sent."""
+        return self.model.open_stream(self.prompt(turn))
+
+    def stream(self, turn, upstream):
+        """Yield the SSE events of the turn: chunks, pings while the model is silent, one final event."""
+        chunks = queue.Queue()
+        threading.Thread(target=pump, args=(upstream, chunks), daemon=True).start()
+        parts = []
+        try:
+            error = yield from self._relay(turn, chunks, parts)
+        except GeneratorExit:
+            upstream.close()
+            self._keep_interrupted(turn, upstream.reply, "".join(parts))
+            raise
+        upstream.close()
+        if error is not None:
+            turn.status = Message.ERROR
+        self._take(turn, upstream.reply, "".join(parts))
+        yield self._final_event(turn, error)
+
+    def _relay(self, turn, chunks, parts):
+        """Yield a chunk event per piece of text and a ping per silent heartbeat; return the error, if any."""
+        while True:
+            try:
+                kind, value = chunks.get(timeout=self.heartbeat)
+            except queue.Empty:
+                yield sse.PING
+                continue
+            if kind != "chunk":
+                return value
+            if turn.first_token_at is None:
+                turn.first_token_at = time.monotonic()
+            parts.append(value)
+            yield sse.chunk(value)
+
+    def _final_event(self, turn, error):
+        """Keep the turn and frame the final event, with an error if the turn or its saving failed."""
+        try:
+            self.finish(turn)
+        except ApiError as exc:
+            error = error or exc
+        final = {"content": "", "is_final": True, "metrics": turn.metrics(),
+                 "conversation_id": turn.conversation_id}
+        if error is not None:
+            final["error"] = error.body()["error"]
+        return sse.event(final)
+
+    def _keep_interrupted(self, turn, reply, content):
+        """Keep the turn of a client that left; nobody is left to tell if that fails."""
+        turn.status = Message.INTERRUPTED
+        self._take(turn, reply, content)
+        try:
+            self.finish(turn)
+        except ApiError as exc:
+            log.error("could not keep interrupted turn: %s", exc.code)
+
+    def _take(self, turn, reply, content):
+        """Copy the model's reply and its figures into the turn."""
+        turn.reply = content
+        turn.model = reply.model or getattr(self.model, "model", None)
+        turn.prompt_tokens = reply.prompt_tokens or sum(
+            estimate_tokens(m["content"]) for m in self.prompt(turn))
+        turn.reply_tokens = reply.completion_tokens if reply.completion_tokens is not None \
+            else estimate_tokens(content)
+
+    def finish(self, turn):
+        """Save both messages in the database, then refresh the cache from what was saved."""
+        with stored():
+            saved = save_turn(turn)
+        if not saved:
+            raise NOT_FOUND
+        history = (turn.history + [
+            {"role": "user", "content": turn.message},
+            {"role": "assistant", "content": turn.reply},
+        ])[-self.history_limit:]
+        try:
+            self.cache.replace(turn.conversation_id, turn.cached, cache.encode(turn.user, history))
+        except redis.RedisError as exc:
+            log.warning("cache unavailable, not updated: %s", type(exc).__name__)
+
+
+def pump(upstream, chunks):
+    """Move the model's chunks into a queue, ending with ("done", None) or ("error", ApiError)."""
+    try:
+        for text in upstream:
+            chunks.put(("chunk", text))
+        chunks.put(("done", None))
+    except ApiError as exc:
+        chunks.put(("error", exc))
+    except Exception:
+        log.exception("model stream failed")
+        chunks.put(("error", ApiError(502, "llm_unavailable", "the model's stream failed")))
