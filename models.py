@@ -120,7 +120,8 @@ def save_turn(turn):
             return False
         Message.insert_many([
             {"conversation": turn.conversation_id, "role": "user", "content": turn.message,
-             "token_count": turn.message_tokens, "created_at": now},
+             "status": Message.COMPLETE, "token_count": turn.message_tokens,
+             "prompt_tokens": None, "created_at": now},
             {"conversation": turn.conversation_id, "role": "assistant", "content": turn.reply,
              "status": turn.status, "token_count": turn.reply_tokens,
              "prompt_tokens": turn.prompt_tokens, "created_at": now},

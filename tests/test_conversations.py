@@ -1,0 +1,160 @@
+"""A conversation's history: kept in the database, cached, and sent back to the model."""
+
+import json
+
+import pytest
+
+import cache
+import models
+from tests.conftest import REDIS_URL, bearer
+from tests.fake_llm import Script
+
+
+def run(client, message, conversation_id=None, user="alice"):
+    """POST /chat/run and return the JSON reply (asserting 200)."""
+    body = {"message": message}
+    if conversation_id is not None:
+        body["conversation_id"] = conversation_id
+    response = client.post("/chat/run", json=body, headers=bearer(user))
+    assert response.status_code == 200, response.get_json()
+    return response.get_json()
+
+
+def stored_messages(conversation_id):
+    """The conversation's messages in the database, oldest first."""
+    with models.db.connection_context():
+        query = models.Message.select().where(models.Message.conversation == conversation_id)
+        return list(query.order_by(models.Message.id).dicts())
+
+
+def sent_messages(llm):
+    """The messages of the last request the model received."""
+    return llm.requests[-1]["json"]["messages"]
+
+
+def forget_cache(app):
+    """Empty the conversation cache, whatever its backend."""
+    conversation_cache = app.extensions["chat"].cache
+    if conversation_cache.backend == "redis":
+        conversation_cache.client.flushdb()
+    else:
+        conversation_cache._entries.clear()
+
+
+def test_run_returns_the_models_reply(client, llm):
+    """The reply is what the model said."""
+    llm.script(Script(reply="Paris is the capital."))
+    assert run(client, "capital of France?", "c1")["response"] == "Paris is the capital."
+
+
+def test_run_saves_the_user_message_and_the_reply(client, llm):
+    """Both messages of a turn are in the database, with roles, status and token counts."""
+    llm.script(Script(reply="four"))
+    run(client, "two plus two?", "c1")
+    user, reply = stored_messages("c1")
+    assert (user["role"], user["content"]) == ("user", "two plus two?")
+    assert (reply["role"], reply["content"], reply["status"]) == ("assistant", "four", "complete")
+    assert reply["token_count"] == 1 and reply["prompt_tokens"] == 3
+    assert user["token_count"] >= 1
+
+
+def test_first_turn_records_owner_and_title(client, llm):
+    """A new conversation belongs to its first user and is titled after the first message."""
+    run(client, "  Plan   the\nteam offsite  ", "c1", user="carol")
+    with models.db.connection_context():
+        conversation = models.Conversation.get_by_id("c1")
+    assert conversation.owner == "carol"
+    assert conversation.title == "Plan the team offsite"
+
+
+def test_next_turn_sends_the_history_to_the_model(client, llm):
+    """The model sees the earlier turns of the conversation, oldest first, then the new message."""
+    llm.script(Script(reply="Hello Ann."), Script(reply="Your name is Ann."))
+    run(client, "I am Ann.", "c1")
+    run(client, "What is my name?", "c1")
+    assert sent_messages(llm) == [
+        {"role": "user", "content": "I am Ann."},
+        {"role": "assistant", "content": "Hello Ann."},
+        {"role": "user", "content": "What is my name?"},
+    ]
+
+
+def test_conversations_do_not_share_history(client, llm):
+    """A turn in one conversation does not see another conversation's messages."""
+    run(client, "secret in c1", "c1")
+    run(client, "hello c2", "c2")
+    assert sent_messages(llm) == [{"role": "user", "content": "hello c2"}]
+
+
+def test_history_sent_is_limited_to_the_last_messages(make_app, backend, llm):
+    """Only the last CHAT_HISTORY_LIMIT messages go to the model."""
+    client = make_app(CHAT_HISTORY_LIMIT=4, **backend).test_client()
+    for n in range(3):
+        llm.script(Script(reply=f"reply {n}"))
+        run(client, f"message {n}", "c1")
+    run(client, "message 3", "c1")
+    assert [m["content"] for m in sent_messages(llm)] == [
+        "message 1", "reply 1", "message 2", "reply 2", "message 3"]
+
+
+def test_system_prompt_goes_first(make_app, backend, llm):
+    """LLM_SYSTEM_PROMPT is the first message of every request."""
+    client = make_app(LLM_SYSTEM_PROMPT="Answer in French.", **backend).test_client()
+    run(client, "hello", "c1")
+    run(client, "again", "c1")
+    assert sent_messages(llm)[0] == {"role": "system", "content": "Answer in French."}
+    assert [m["role"] for m in sent_messages(llm)] == ["system", "user", "assistant", "user"]
+
+
+def test_history_survives_losing_the_cache(app, llm):
+    """On a cache miss the history is loaded from the database: no context is lost."""
+    client = app.test_client()
+    llm.script(Script(reply="Noted: blue."))
+    run(client, "My colour is blue.", "c1")
+    forget_cache(app)
+    run(client, "What is my colour?", "c1")
+    assert [m["content"] for m in sent_messages(llm)] == [
+        "My colour is blue.", "Noted: blue.", "What is my colour?"]
+
+
+def test_history_survives_a_new_app_instance(make_app, backend, llm):
+    """A restarted service (a new app on the same database) still has the history."""
+    run(make_app(**backend).test_client(), "remember 42", "c1")
+    run(make_app(empty=False, **backend).test_client(), "what number?", "c1")
+    assert sent_messages(llm)[0]["content"] == "remember 42"
+
+
+def test_redis_cache_holds_recent_messages_with_a_ttl(make_app, postgres_url, redis_client, llm):
+    """After a turn Redis holds the owner and the last messages, expiring after CACHE_TTL_SECONDS."""
+    app = make_app(DATABASE_URL=postgres_url, REDIS_URL=REDIS_URL, CACHE_TTL_SECONDS=120,
+                   CHAT_HISTORY_LIMIT=2)
+    client = app.test_client()
+    llm.script(Script(reply="one"), Script(reply="two"))
+    run(client, "first", "c1")
+    run(client, "second", "c1")
+    key = cache.KEY.format("c1")
+    cached = json.loads(redis_client.get(key))
+    assert cached == {"owner": "alice", "messages": [
+        {"role": "user", "content": "second"}, {"role": "assistant", "content": "two"}]}
+    assert 0 < redis_client.ttl(key) <= 120
+
+
+@pytest.mark.parametrize("kind", ["redis", "memory"])
+def test_cache_replace_drops_a_value_that_changed_meanwhile(kind, redis_client):
+    """A turn that read an older cached value never overwrites a newer one: the entry is dropped."""
+    conversation_cache = cache.make_cache(REDIS_URL if kind == "redis" else None, 60)
+    conversation_cache.replace("c1", None, "v1")
+    assert conversation_cache.get("c1") == "v1"
+    conversation_cache.replace("c1", "v1", "v2")
+    assert conversation_cache.get("c1") == "v2"
+    conversation_cache.replace("c1", "v1", "v3")
+    assert conversation_cache.get("c1") is None
+
+
+def test_database_has_the_indexes_the_queries_need(postgres):
+    """Messages are indexed by conversation and order; conversations by owner and activity."""
+    with postgres.connection_context():
+        message_indexes = {tuple(i.columns) for i in postgres.get_indexes("message")}
+        conversation_indexes = {tuple(i.columns) for i in postgres.get_indexes("conversation")}
+    assert ("conversation_id", "id") in message_indexes
+    assert ("owner", "updated_at") in conversation_indexes

@@ -1,0 +1,244 @@
+"""POST /chat/stream over real HTTP: gunicorn with the gevent worker, PostgreSQL, Redis, a fake model."""
+
+import json
+import re
+import threading
+import uuid
+
+import psycopg2
+import requests
+
+import cache
+import models
+from tests.conftest import POSTGRES_URL, bearer, wait_until
+from tests.fake_llm import Script
+from tests.sse_client import PING, data_events, events
+
+EVENT_FRAME = re.compile(rb"(data: [^\r\n]*\n\n|: ping\n\n)")
+
+
+def open_stream(service, message="hello", conversation_id=None, user="alice"):
+    """Start a streamed turn and return the open response."""
+    body = {"message": message}
+    if conversation_id is not None:
+        body["conversation_id"] = conversation_id
+    return service.post("/chat/stream", body, user=user, stream=True, timeout=(5, 20))
+
+
+def stored(conversation_id):
+    """The (role, content, status) of each stored message of a conversation."""
+    with models.db.connection_context():
+        query = (models.Message.select().where(models.Message.conversation == conversation_id)
+                 .order_by(models.Message.id))
+        return [(m.role, m.content, m.status) for m in query]
+
+
+def test_stream_sends_each_chunk_then_one_final_event(service, llm):
+    """Chunks arrive as non-final events in order; exactly one final event, and it is the last."""
+    llm.script(Script(chunks=["Hel", "lo", " world"]))
+    received = data_events(open_stream(service, conversation_id="c1"))
+    assert [e["content"] for e in received[:-1]] == ["Hel", "lo", " world"]
+    assert all(e["is_final"] is False and e["metrics"] is None for e in received[:-1])
+    assert [e["is_final"] for e in received].count(True) == 1
+    assert received[-1]["is_final"] is True and received[-1]["content"] == ""
+    assert received[-1]["conversation_id"] == "c1"
+    assert "error" not in received[-1]
+
+
+def test_final_event_carries_metrics(service, llm):
+    """The final event reports token counts, timing and the model."""
+    llm.script(Script(chunks=["a", "b", "c"], model="served-model"))
+    metrics = data_events(open_stream(service))[-1]["metrics"]
+    assert metrics["token_count"] == metrics["completion_tokens"] == 3
+    assert metrics["prompt_tokens"] == 1
+    assert metrics["model"] == "served-model"
+    assert isinstance(metrics["processing_time"], float)
+    assert 0 <= metrics["time_to_first_token"] <= metrics["processing_time"]
+
+
+def test_stream_headers_stop_caching_and_buffering(service, llm):
+    """The stream is text/event-stream, not cached, not buffered by proxies, kept alive."""
+    response = open_stream(service)
+    assert response.headers["Content-Type"].startswith("text/event-stream")
+    assert response.headers["Cache-Control"] == "no-cache"
+    assert response.headers["X-Accel-Buffering"] == "no"
+    assert response.headers["Connection"].lower() == "keep-alive"
+    response.close()
+
+
+def test_new_conversation_id_is_in_the_header_and_the_final_event(service, llm):
+    """Without a conversation_id the stream starts a new conversation and says its id twice."""
+    response = open_stream(service)
+    conversation_id = response.headers["X-Conversation-Id"]
+    uuid.UUID(conversation_id)
+    assert data_events(response)[-1]["conversation_id"] == conversation_id
+
+
+def test_every_event_is_one_data_line_and_a_blank_line(service, llm):
+    """The body is nothing but `data: <json>` events and ping comments, each ended by a blank line."""
+    llm.script(Script(chunks=["line one\n\ndata: {\"is_final\": true}\n\n", "\r\nend"]))
+    body = open_stream(service).content
+    assert EVENT_FRAME.sub(b"", body) == b""
+    frames = [json.loads(f[6:]) for f in EVENT_FRAME.findall(body) if f.startswith(b"data: ")]
+    assert frames[0]["content"] == "line one\n\ndata: {\"is_final\": true}\n\n"
+    assert [f["is_final"] for f in frames] == [False, False, True]
+
+
+def test_first_chunk_reaches_the_client_while_the_model_is_still_talking(service, llm):
+    """Nothing buffers the stream: the first chunk arrives before the model sends the next."""
+    llm.script(Script(chunks=["first", "second"], chunk_delay=30))
+    stream = events(open_stream(service))
+    first = next(e for e in stream if e != PING)
+    assert first["content"] == "first"
+    assert llm.active_streams == 1
+    llm.release()
+    assert [e["content"] for e in stream if e != PING][0] == "second"
+
+
+def test_heartbeat_pings_while_the_model_is_silent(start_service, llm):
+    """A silent model still gives the client a `: ping` every SSE_HEARTBEAT_SECONDS."""
+    service = start_service(SSE_HEARTBEAT_SECONDS=0.1)
+    llm.script(Script(chunks=["late"], first_chunk_delay=30))
+    stream = events(open_stream(service))
+    assert [next(stream) for _ in range(3)] == [PING, PING, PING]
+    llm.release()
+    assert [e["content"] for e in stream if e != PING] == ["late", ""]
+
+
+def test_stream_saves_both_messages_and_caches_them(service, llm, redis_client):
+    """On completion the user message and the reply are in the database and in Redis."""
+    llm.script(Script(chunks=["It ", "works."]))
+    data_events(open_stream(service, "Does it work?", "c1"))
+    assert stored("c1") == [("user", "Does it work?", "complete"),
+                            ("assistant", "It works.", "complete")]
+    owner, messages = cache.decode(redis_client.get(cache.KEY.format("c1")))
+    assert owner == "alice"
+    assert messages[-1] == {"role": "assistant", "content": "It works."}
+
+
+def test_next_stream_sends_the_history_to_the_model(service, llm):
+    """A streamed turn sees the earlier turn of the conversation."""
+    llm.script(Script(reply="Hi Bo."), Script(reply="Bo."))
+    data_events(open_stream(service, "I am Bo.", "c1"))
+    data_events(open_stream(service, "Who am I?", "c1"))
+    assert [m["content"] for m in llm.requests[-1]["json"]["messages"]] == [
+        "I am Bo.", "Hi Bo.", "Who am I?"]
+    assert llm.requests[-1]["json"]["stream"] is True
+    assert llm.requests[-1]["json"]["stream_options"] == {"include_usage": True}
+
+
+def test_someone_elses_conversation_is_404_and_the_model_is_not_called(service, llm):
+    """Naming another user's conversation gets a JSON 404, like an id that is not there."""
+    data_events(open_stream(service, "mine", "c1", user="alice"))
+    calls = len(llm.requests)
+    response = open_stream(service, "let me in", "c1", user="mallory")
+    assert response.status_code == 404
+    assert response.json() == {"error": {"code": "not_found", "message": "conversation not found"}}
+    assert len(llm.requests) == calls
+    assert stored("c1") == [("user", "mine", "complete"), ("assistant", "echo: mine", "complete")]
+
+
+def test_model_error_before_the_stream_is_an_http_error(service, llm):
+    """A model that answers 500 gets the client a 502 JSON error, not a 200 event stream."""
+    llm.script(Script(status=500))
+    response = open_stream(service, conversation_id="c1")
+    assert response.status_code == 502
+    assert response.headers["Content-Type"] == "application/json"
+    assert response.json()["error"]["code"] == "llm_error"
+    assert stored("c1") == []
+
+
+def test_history_survives_redis_flushall_and_a_restart(start_service, llm, redis_client):
+    """On PostgreSQL + Redis the history outlives both the cache and the process."""
+    service = start_service()
+    llm.script(Script(reply="Noted: 7."))
+    data_events(open_stream(service, "My number is 7.", "c1"))
+    redis_client.flushall()
+    service.stop()
+    service = start_service()
+    data_events(open_stream(service, "My number?", "c1"))
+    assert [m["content"] for m in llm.requests[-1]["json"]["messages"]] == [
+        "My number is 7.", "Noted: 7.", "My number?"]
+
+
+def test_one_worker_carries_many_streams_at_once(start_service, llm):
+    """Fifty streams are open at the model together in a single gevent worker, and all finish."""
+    service = start_service(workers=1)
+    llm.script(*[Script(chunks=["a", "b"], chunk_delay=30) for _ in range(50)])
+    finals = []
+
+    def client(n):
+        """Run one streamed turn and keep its final event."""
+        finals.append(data_events(open_stream(service, f"m{n}", f"c{n}"))[-1])
+
+    threads = [threading.Thread(target=client, args=(n,)) for n in range(50)]
+    for thread in threads:
+        thread.start()
+    assert wait_until(lambda: llm.active_streams == 50, timeout=30)
+    llm.release()
+    for thread in threads:
+        thread.join(30)
+    assert len(finals) == 50 and not any("error" in f for f in finals)
+
+
+def database_connections():
+    """How many connections are open to the test database."""
+    with psycopg2.connect(POSTGRES_URL.rsplit("/", 1)[0] + "/postgres") as admin:
+        with admin.cursor() as cursor:
+            cursor.execute("SELECT count(*) FROM pg_stat_activity WHERE datname = %s",
+                           (POSTGRES_URL.rsplit("/", 1)[1],))
+            return cursor.fetchone()[0]
+
+
+def test_open_streams_do_not_hold_database_connections(start_service, llm, postgres):
+    """Thirty streams waiting on the model share a pool of two connections, and all are saved."""
+    postgres.close_all()
+    service = start_service(DATABASE_POOL_SIZE=2)
+    llm.script(*[Script(chunks=["x"], first_chunk_delay=30) for _ in range(30)])
+    results = []
+    threads = [threading.Thread(target=lambda n=n: results.append(
+        data_events(open_stream(service, "hi", f"p{n}"))[-1])) for n in range(30)]
+    for thread in threads:
+        thread.start()
+    assert wait_until(lambda: llm.active_streams == 30, timeout=30)
+    assert database_connections() <= 2
+    llm.release()
+    for thread in threads:
+        thread.join(30)
+    assert len(results) == 30 and not any("error" in r for r in results)
+    with models.db.connection_context():
+        assert models.Message.select().count() == 60
+
+
+def test_run_over_gunicorn_returns_the_reply(service, llm):
+    """/chat/run answers in one JSON reply through the real server."""
+    llm.script(Script(reply="pong"))
+    response = service.post("/chat/run", {"message": "ping", "conversation_id": "r1"})
+    assert response.status_code == 200
+    assert response.json() == {"response": "pong", "conversation_id": "r1"}
+
+
+def test_demo_model_streams_word_by_word_without_a_model_server(start_service):
+    """With no LLM_BASE_URL the built-in demo model answers, and /status says so."""
+    service = start_service(LLM_BASE_URL="")
+    assert requests.get(service.url + "/status", timeout=5).json()["model"]["backend"] == "demo"
+    received = data_events(open_stream(service, "hi there"))
+    words = [e["content"] for e in received[:-1]]
+    assert len(words) > 3 and "".join(words).count(" hi there") == 1
+    assert received[-1]["metrics"]["model"] == "demo"
+
+
+def test_bad_token_on_stream_is_401_json(service, llm):
+    """A stream with a bad token gets a JSON 401 and no events."""
+    response = requests.post(service.url + "/chat/stream", json={"message": "x"},
+                             headers={"Authorization": "Bearer nope"}, timeout=5)
+    assert response.status_code == 401
+    assert response.json()["error"]["code"] == "unauthorized"
+    assert llm.requests == []
+
+
+def test_stream_of_another_user_token_works_with_its_own_sub(service, llm):
+    """Each user's stream is answered for that user (the token's sub)."""
+    data_events(open_stream(service, "hello", "b1", user="bob"))
+    with models.db.connection_context():
+        assert models.Conversation.get_by_id("b1").owner == "bob"
