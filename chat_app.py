@@ -9,6 +9,7 @@ import secrets
 import click
 import jwt
 from flask import Blueprint, Flask, Response, current_app, jsonify, request
+from flask.cli import with_appcontext
 from flask_jwt_extended import JWTManager, create_access_token, get_jwt_identity, verify_jwt_in_request
 from flask_jwt_extended.exceptions import JWTExtendedException
 from werkzeug.exceptions import HTTPException
@@ -227,6 +228,7 @@ def unexpected_error(error):
 
 
 @click.command("init-db")
+@with_appcontext
 def init_db_command():
     """Create the database tables."""
     with models.db.connection_context():
@@ -236,8 +238,9 @@ def init_db_command():
 
 @click.command("create-token")
 @click.argument("user")
-@click.option("--expires-in", default=86400, show_default=True,
+@click.option("--expires-in", default=86400, show_default=True, type=click.IntRange(min=0),
               help="Seconds until the token expires; 0 for a token that never expires.")
+@with_appcontext
 def create_token_command(user, expires_in):
     """Print an access token for USER."""
     expires = datetime.timedelta(seconds=expires_in) if expires_in > 0 else False

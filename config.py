@@ -39,8 +39,9 @@ class Config:
         self.CACHE_TTL_SECONDS = _int("CACHE_TTL_SECONDS", 86400)
         self.SSE_HEARTBEAT_SECONDS = _float("SSE_HEARTBEAT_SECONDS", 10)
         self.MAX_MESSAGE_CHARS = _int("MAX_MESSAGE_CHARS", 32000)
-        # The body holds the message (up to 4 bytes a character once JSON-escaped) and an id.
-        self.MAX_CONTENT_LENGTH = _int("MAX_CONTENT_LENGTH", self.MAX_MESSAGE_CHARS * 6 + 1024)
+        # The body holds the message and an id; JSON escapes a character outside the BMP
+        # as a surrogate pair, "\ud83d\ude00": 12 bytes.
+        self.MAX_CONTENT_LENGTH = _int("MAX_CONTENT_LENGTH", self.MAX_MESSAGE_CHARS * 12 + 1024)
 
     def as_dict(self):
         """The settings as a plain dict, for `app.config.from_mapping`."""

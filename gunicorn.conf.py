@@ -3,7 +3,8 @@
 import os
 
 bind = f"0.0.0.0:{os.environ.get('PORT', '8000')}"
-workers = int(os.environ.get("WEB_CONCURRENCY", "2"))
+# The in-process cache (no REDIS_URL) is one process's memory: more workers would each keep their own.
+workers = int(os.environ.get("WEB_CONCURRENCY", "2")) if os.environ.get("REDIS_URL") else 1
 worker_class = "gevent"
 worker_connections = int(os.environ.get("WORKER_CONNECTIONS", "4000"))
 # A gevent worker heartbeats from its own loop, so this only catches a worker stuck in C code.

@@ -1,0 +1,174 @@
+"""Who may talk to the chat API: bearer tokens, the open /status page and conversation ownership."""
+
+import base64
+import hashlib
+import hmac
+import json
+import time
+
+import jwt
+import pytest
+
+import models
+from tests.conftest import SECRET, bearer, token
+from tests.fake_llm import Script
+
+VALID_BODY = {"message": "hi"}
+
+# The HS384/HS512 tokens are minted with the service's (HS256-sized) secret on purpose.
+pytestmark = pytest.mark.filterwarnings("ignore::jwt.warnings.InsecureKeyLengthWarning")
+
+
+def assert_error(response, status, code):
+    """The response is the one error shape with `status` and `code`, leaking nothing."""
+    assert response.status_code == status, response.get_data(as_text=True)
+    assert response.is_json
+    body = response.get_json()
+    assert set(body) == {"error"}
+    assert set(body["error"]) == {"code", "message"}
+    assert body["error"]["code"] == code
+    assert isinstance(body["error"]["message"], str) and body["error"]["message"]
+    text = response.get_data(as_text=True)
+    assert "Traceback" not in text
+    assert SECRET not in text
+
+
+def b64url(data):
+    """Unpadded base64url of `data` (a dict is JSON-encoded first)."""
+    if isinstance(data, dict):
+        data = json.dumps(data).encode()
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def claims(sub="alice"):
+    """Ordinary, valid claims for `sub`."""
+    now = int(time.time())
+    return {"sub": sub, "iat": now, "exp": now + 3600}
+
+
+def unsigned_token():
+    """An `alg: none` token: header and claims with an empty signature."""
+    return f"{b64url({'alg': 'none', 'typ': 'JWT'})}.{b64url(claims())}."
+
+
+def hmac_token_claiming(alg):
+    """A token whose header claims `alg` but which is HMAC-SHA256-signed with the real secret."""
+    signing_input = f"{b64url({'alg': alg, 'typ': 'JWT'})}.{b64url(claims())}"
+    signature = hmac.new(SECRET.encode(), signing_input.encode(), hashlib.sha256).digest()
+    return f"{signing_input}.{b64url(signature)}"
+
+
+def auth(value):
+    """Headers carrying `value` as the Authorization header."""
+    return {"Authorization": value}
+
+
+BAD_CREDENTIALS = {
+    "no-authorization-header": lambda: {},
+    "bearer-garbage": lambda: auth("Bearer not-a-jwt-at-all"),
+    "bearer-without-token": lambda: auth("Bearer"),
+    "basic-scheme": lambda: auth("Basic " + base64.b64encode(b"alice:password").decode()),
+    "token-without-scheme": lambda: auth(token()),
+    "signed-with-another-secret": lambda: auth("Bearer " + token(secret="another-secret-" + "x" * 40)),
+    "expired": lambda: auth("Bearer " + token(lifetime=-60)),
+    "alg-none": lambda: auth("Bearer " + unsigned_token()),
+    "no-sub": lambda: auth("Bearer " + token(sub=None)),
+    "empty-sub": lambda: auth("Bearer " + token(sub="")),
+    "integer-sub": lambda: auth("Bearer " + token(sub=123)),
+    "refresh-token": lambda: auth("Bearer " + token(type="refresh")),
+    "not-yet-valid": lambda: auth("Bearer " + token(nbf=int(time.time()) + 3600)),
+    "hs384-same-secret": lambda: auth("Bearer " + token(algorithm="HS384")),
+    "hs512-same-secret": lambda: auth("Bearer " + token(algorithm="HS512")),
+    "rs256-header-hmac-signed": lambda: auth("Bearer " + hmac_token_claiming("RS256")),
+}
+
+
+@pytest.mark.parametrize("headers", BAD_CREDENTIALS.values(), ids=BAD_CREDENTIALS.keys())
+def test_bad_credentials_get_401(pg_client, headers):
+    """A request without a valid HS256 access token gets 401 unauthorized."""
+    response = pg_client.post("/chat/run", json=VALID_BODY, headers=headers())
+    assert_error(response, 401, "unauthorized")
+
+
+@pytest.mark.parametrize("headers", BAD_CREDENTIALS.values(), ids=BAD_CREDENTIALS.keys())
+def test_bad_credentials_never_reach_the_model(pg_client, llm, headers):
+    """A request refused with 401 never calls the model."""
+    pg_client.post("/chat/run", json=VALID_BODY, headers=headers())
+    assert llm.requests == []
+
+
+@pytest.mark.parametrize("headers", BAD_CREDENTIALS.values(), ids=BAD_CREDENTIALS.keys())
+def test_bad_credentials_store_nothing(pg_client, headers):
+    """A request refused with 401 stores no conversation."""
+    pg_client.post("/chat/run", json=VALID_BODY, headers=headers())
+    with models.db.connection_context():
+        assert models.Conversation.select().count() == 0
+
+
+def test_minimal_foreign_token_is_accepted(pg_client, llm):
+    """A token of another system with only `sub` and `exp` (no type, jti, fresh) gets a reply."""
+    llm.script(Script(reply="hello from the model"))
+    foreign = jwt.encode({"sub": "alice", "exp": int(time.time()) + 600}, SECRET, algorithm="HS256")
+    response = pg_client.post("/chat/run", json=VALID_BODY, headers=auth("Bearer " + foreign))
+    assert response.status_code == 200, response.get_json()
+    assert response.get_json()["response"] == "hello from the model"
+
+
+def test_status_answers_without_token(pg_client):
+    """GET /status needs no token and answers 200."""
+    response = pg_client.get("/status")
+    assert response.status_code == 200
+
+
+def test_status_reports_database_cache_and_model(pg_client, llm):
+    """GET /status names the state of the database, the cache and the model."""
+    body = pg_client.get("/status").get_json()
+    assert body["database"] == {"state": "ok", "backend": "postgresql"}
+    assert body["cache"] == {"state": "ok", "backend": "redis"}
+    assert body["model"]["backend"] == "openai-compatible"
+    assert body["model"]["base_url"] == llm.url
+
+
+@pytest.fixture
+def alices_conversation(client, llm):
+    """The id of a conversation alice started (one turn)."""
+    response = client.post("/chat/run", json={"message": "alice's secret plan",
+                                              "conversation_id": "alice-conv-1"}, headers=bearer("alice"))
+    assert response.status_code == 200, response.get_json()
+    return response.get_json()["conversation_id"]
+
+
+def post_as_bob(client, conversation_id):
+    """Bob's turn naming `conversation_id`."""
+    return client.post("/chat/run", json={"message": "bob was here", "conversation_id": conversation_id},
+                       headers=bearer("bob"))
+
+
+def test_owner_can_continue_own_conversation(client, alices_conversation):
+    """Alice can add a turn to her own conversation."""
+    response = client.post("/chat/run", json={"message": "again", "conversation_id": alices_conversation},
+                           headers=bearer("alice"))
+    assert response.status_code == 200, response.get_json()
+
+
+def test_other_users_conversation_gets_404(client, alices_conversation):
+    """Bob naming alice's conversation gets 404 not_found, which does not mention alice."""
+    response = post_as_bob(client, alices_conversation)
+    assert_error(response, 404, "not_found")
+    assert "alice" not in response.get_data(as_text=True)
+
+
+def test_other_users_turn_never_reaches_the_model(client, llm, alices_conversation):
+    """Bob's turn on alice's conversation never calls the model."""
+    before = len(llm.requests)
+    post_as_bob(client, alices_conversation)
+    assert len(llm.requests) == before
+
+
+def test_other_users_turn_is_not_stored(client, alices_conversation):
+    """Bob's turn on alice's conversation stores no message and no conversation of bob's."""
+    post_as_bob(client, alices_conversation)
+    with models.db.connection_context():
+        assert models.Message.select().where(models.Message.content == "bob was here").count() == 0
+        assert models.Message.select().where(models.Message.conversation == alices_conversation).count() == 2
+        assert models.Conversation.select().where(models.Conversation.owner == "bob").count() == 0

@@ -1,0 +1,198 @@
+"""The command line (`flask --app chat_app ...`) and the checks create_app makes at startup."""
+
+import os
+import stat
+import time
+
+import jwt
+import pytest
+from flask.cli import FlaskGroup
+
+import chat_app
+import models
+from tests.conftest import SECRET, bearer
+
+TABLES = {"conversation", "message"}
+
+
+def flask_cli(app, monkeypatch, *args):
+    """Run `flask --app chat_app ARGS` in process against `app` and return the click result."""
+    monkeypatch.setenv("FLASK_RUN_FROM_CLI", "true")  # FlaskGroup sets it; monkeypatch restores it
+    group = FlaskGroup(create_app=lambda: app, load_dotenv=False)
+    return app.test_cli_runner().invoke(group, list(args))
+
+
+def claims_of(output):
+    """The verified claims of the token a command printed."""
+    return jwt.decode(output.strip(), SECRET, algorithms=["HS256"])
+
+
+@pytest.fixture
+def cli_app(make_app, tmp_path):
+    """An app on a SQLite file and the fake model, signing with the test secret."""
+    return make_app(DATABASE_URL=f"sqlite:///{tmp_path / 'cli.db'}", REDIS_URL=None)
+
+
+@pytest.fixture
+def settings(tmp_path):
+    """Settings for create_app on a fresh SQLite file and the demo model; the pool is closed after."""
+    yield {"DATABASE_URL": f"sqlite:///{tmp_path / 'x.db'}", "REDIS_URL": None, "LLM_BASE_URL": None}
+    if models.db.obj is not None:
+        models.db.obj.close_all()
+
+
+def test_create_token_runs_from_the_app_cli_test_runner(cli_app):
+    """`create-token` works when invoked through app.cli, as Flask's test runner does."""
+    result = cli_app.test_cli_runner().invoke(args=["create-token", "alice"])
+    assert result.exit_code == 0, result.output
+    assert claims_of(result.output)["sub"] == "alice"
+
+
+def test_create_token_is_for_the_named_user(cli_app, monkeypatch):
+    """`create-token USER` prints an HS256 token whose subject is USER."""
+    result = flask_cli(cli_app, monkeypatch, "create-token", "carol")
+    assert result.exit_code == 0, result.output
+    assert claims_of(result.output)["sub"] == "carol"
+
+
+@pytest.mark.parametrize("args, lifetime", [([], 86400), (["--expires-in", "60"], 60)],
+                         ids=["default-one-day", "sixty-seconds"])
+def test_create_token_expires_after_the_asked_lifetime(cli_app, monkeypatch, args, lifetime):
+    """The printed token expires `lifetime` seconds after it was made."""
+    before = time.time()
+    result = flask_cli(cli_app, monkeypatch, "create-token", "alice", *args)
+    after = time.time()
+    assert result.exit_code == 0, result.output
+    assert before + lifetime - 1 <= claims_of(result.output)["exp"] <= after + lifetime + 1
+
+
+def test_create_token_with_expires_in_zero_never_expires(cli_app, monkeypatch):
+    """`--expires-in 0` prints a token without an exp claim."""
+    result = flask_cli(cli_app, monkeypatch, "create-token", "alice", "--expires-in", "0")
+    assert result.exit_code == 0, result.output
+    assert "exp" not in claims_of(result.output)
+
+
+def test_create_token_refuses_a_negative_lifetime(cli_app, monkeypatch):
+    """`--expires-in -60` is refused instead of printing a token that never expires."""
+    result = flask_cli(cli_app, monkeypatch, "create-token", "alice", "--expires-in", "-60")
+    assert result.exit_code != 0, f"printed a token with claims {claims_of(result.output)}"
+
+
+def test_created_token_is_accepted_by_chat_run(cli_app, monkeypatch):
+    """The printed token authenticates POST /chat/run."""
+    printed = flask_cli(cli_app, monkeypatch, "create-token", "alice").output.strip()
+    response = cli_app.test_client().post("/chat/run", json={"message": "hi"},
+                                          headers={"Authorization": f"Bearer {printed}"})
+    assert response.status_code == 200, response.get_json()
+
+
+def test_create_token_output_holds_no_secret(cli_app, monkeypatch):
+    """Nothing the command prints contains the signing secret."""
+    result = flask_cli(cli_app, monkeypatch, "create-token", "alice")
+    assert result.exit_code == 0, result.output
+    assert SECRET not in result.output
+
+
+def table_names():
+    """The tables of the bound database."""
+    with models.db.connection_context():
+        return set(models.db.get_tables())
+
+
+@pytest.fixture
+def fresh_app(settings):
+    """An app on a SQLite file that has no tables yet."""
+    app = chat_app.create_app({**settings, "JWT_SECRET_KEY": SECRET})
+    assert table_names() == set()
+    return app
+
+
+def test_init_db_creates_the_tables(fresh_app, monkeypatch):
+    """`init-db` creates the conversation and message tables on a fresh database."""
+    result = flask_cli(fresh_app, monkeypatch, "init-db")
+    assert result.exit_code == 0, result.output
+    assert TABLES <= table_names()
+
+
+def test_init_db_is_idempotent(fresh_app, monkeypatch):
+    """A second `init-db` succeeds and keeps what the tables hold."""
+    assert flask_cli(fresh_app, monkeypatch, "init-db").exit_code == 0
+    with models.db.connection_context():
+        models.Conversation.create(id="kept", owner="alice")
+    result = flask_cli(fresh_app, monkeypatch, "init-db")
+    assert result.exit_code == 0, result.output
+    with models.db.connection_context():
+        assert models.Conversation.get_by_id("kept").owner == "alice"
+
+
+WEAK_SECRETS = {"missing": None, "empty": "", "31-bytes": "s" * 31, "31-bytes-in-16-chars": "é" * 15 + "s"}
+
+
+@pytest.mark.parametrize("secret", WEAK_SECRETS.values(), ids=WEAK_SECRETS.keys())
+def test_production_refuses_a_weak_secret(settings, secret):
+    """In production, create_app refuses a missing or shorter than 32-byte JWT_SECRET_KEY."""
+    with pytest.raises(RuntimeError, match="JWT_SECRET_KEY"):
+        chat_app.create_app({**settings, "APP_ENV": "production", "JWT_SECRET_KEY": secret})
+
+
+@pytest.mark.parametrize("secret", ["s" * 32, "é" * 16], ids=["32-ascii", "32-bytes-in-16-chars"])
+def test_production_accepts_a_32_byte_secret(settings, secret):
+    """In production, a JWT_SECRET_KEY of 32 bytes is enough."""
+    app = chat_app.create_app({**settings, "APP_ENV": "production", "JWT_SECRET_KEY": secret})
+    assert app.config["JWT_SECRET_KEY"] == secret
+
+
+@pytest.fixture
+def instance_dir(tmp_path, monkeypatch):
+    """A not yet existing instance folder that create_app uses instead of the real one."""
+    path = tmp_path / "instance"
+    monkeypatch.setattr(chat_app, "INSTANCE_DIR", str(path))
+    return path
+
+
+def development_app(settings):
+    """An app in development with no JWT_SECRET_KEY."""
+    return chat_app.create_app({**settings, "APP_ENV": "development", "JWT_SECRET_KEY": None})
+
+
+def test_production_never_generates_a_secret(settings, instance_dir):
+    """Production without a secret fails without writing one to the instance folder."""
+    with pytest.raises(RuntimeError):
+        chat_app.create_app({**settings, "APP_ENV": "production", "JWT_SECRET_KEY": None})
+    assert not (instance_dir / "jwt-secret").exists()
+
+
+def test_development_generates_a_strong_secret(settings, instance_dir):
+    """Development without a secret signs with a generated one of at least 32 bytes."""
+    secret = development_app(settings).config["JWT_SECRET_KEY"]
+    assert len(secret.encode()) >= 32
+
+
+def test_generated_secret_is_kept_in_the_instance_folder(settings, instance_dir):
+    """The generated secret is the content of instance/jwt-secret."""
+    secret = development_app(settings).config["JWT_SECRET_KEY"]
+    assert (instance_dir / "jwt-secret").read_text().strip() == secret
+
+
+def test_generated_secret_file_is_private(settings, instance_dir):
+    """instance/jwt-secret is readable and writable by its owner only (mode 0600)."""
+    development_app(settings)
+    assert stat.S_IMODE(os.stat(instance_dir / "jwt-secret").st_mode) == 0o600
+
+
+def test_generated_secret_is_reused(settings, instance_dir):
+    """A second app in development signs with the secret the first one generated."""
+    first = development_app(settings).config["JWT_SECRET_KEY"]
+    second = development_app(settings).config["JWT_SECRET_KEY"]
+    assert first == second
+
+
+def test_generated_secret_signs_accepted_tokens(settings, instance_dir):
+    """A token signed with the kept secret is accepted by a development app."""
+    app = development_app(settings)
+    with app.app_context():
+        models.create_tables()
+    secret = (instance_dir / "jwt-secret").read_text().strip()
+    response = app.test_client().post("/chat/run", json={"message": "hi"}, headers=bearer(secret=secret))
+    assert response.status_code == 200, response.get_json()
