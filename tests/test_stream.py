@@ -242,3 +242,28 @@ def test_stream_of_another_user_token_works_with_its_own_sub(service, llm):
     data_events(open_stream(service, "hello", "b1", user="bob"))
     with models.db.connection_context():
         assert models.Conversation.get_by_id("b1").owner == "bob"
+
+
+def test_a_blocked_query_does_not_stall_the_worker(service, llm, postgres_url):
+    """psycopg2 is cooperative: while one turn waits on a locked table, the same worker answers others."""
+    with psycopg2.connect(postgres_url) as locker:
+        with locker.cursor() as cursor:
+            cursor.execute("LOCK TABLE conversation IN ACCESS EXCLUSIVE MODE")
+            blocked = []
+            waiting = threading.Thread(target=lambda: blocked.append(
+                service.post("/chat/run", {"message": "hi", "conversation_id": "lockd"})))
+            waiting.start()
+            assert wait_until(lambda: lock_waiters(postgres_url) == 1, timeout=10)
+            status = requests.get(service.url + "/status", timeout=5).json()
+            assert status["database"]["state"] == "ok" and blocked == []
+    waiting.join(20)
+    assert blocked[0].status_code == 200
+
+
+def lock_waiters(postgres_url):
+    """How many backends of the test database wait on a lock."""
+    with psycopg2.connect(postgres_url.rsplit("/", 1)[0] + "/postgres") as admin:
+        with admin.cursor() as cursor:
+            cursor.execute("SELECT count(*) FROM pg_stat_activity WHERE datname = %s "
+                           "AND wait_event_type = 'Lock'", (postgres_url.rsplit("/", 1)[1],))
+            return cursor.fetchone()[0]
