@@ -1,16 +1,23 @@
-"""The conversation cache: a conversation's owner and recent messages, with a TTL.
+"""The conversation cache and turn locks: Redis when `REDIS_URL` is set, else this process's memory.
 
-Redis when `REDIS_URL` is set, otherwise a dict in this process. The cache is only
-ever a copy of the database: a miss (expired, evicted, flushed) is filled from it.
+The cache is only ever a copy of the database: a miss (expired, evicted, flushed, Redis
+down) is filled from it, and an entry that may have missed a write is dropped, not trusted.
 """
 
 import json
+import logging
 import threading
 import time
+import uuid
 
 import redis
 
+log = logging.getLogger(__name__)
+
 KEY = "chat:conversation:{}"
+LOCK_KEY = "chat:turn-lock:{}"
+RETRY_AFTER_FAILURE = 1.0
+MEMORY_ENTRIES = 10000
 
 # Replace the cached value only if it is still the one the turn read; otherwise drop
 # it, so a turn that raced with another never writes a history missing the other's messages.
@@ -31,11 +38,13 @@ def encode(owner, messages):
 
 
 def decode(raw):
-    """The (owner, messages) of a cached conversation, or None for a miss."""
-    if raw is None:
-        return None
+    """The (owner, messages) of a cached conversation."""
     value = json.loads(raw)
     return value["owner"], value["messages"]
+
+
+class CacheDown(redis.ConnectionError):
+    """Redis failed a moment ago; not tried again until RETRY_AFTER_FAILURE has passed."""
 
 
 class RedisCache:
@@ -44,24 +53,129 @@ class RedisCache:
     backend = "redis"
 
     def __init__(self, url, ttl):
-        """Connect lazily to the Redis at `url`."""
-        self.client = redis.Redis.from_url(url, decode_responses=True,
-                                           socket_timeout=1, socket_connect_timeout=1,
-                                           health_check_interval=30)
+        """Connect lazily to the Redis at `url`, never waiting on it more than a second."""
+        self.client = redis.Redis.from_url(url, decode_responses=True, socket_timeout=1,
+                                           socket_connect_timeout=1, health_check_interval=30)
         self.ttl = ttl
         self._replace = self.client.register_script(_REPLACE_IF_UNCHANGED)
+        self._retry_at = 0.0
+        self._unsynced = set()
+        self.fallback_locks = MemoryLocks()
+
+    def _call(self, operation, *args, **kwargs):
+        """Run a Redis operation, failing fast for a second after Redis failed."""
+        if time.monotonic() < self._retry_at:
+            raise CacheDown("Redis failed a moment ago")
+        try:
+            if self._unsynced:
+                self._drop_unsynced()
+            return operation(*args, **kwargs)
+        except redis.RedisError:
+            self._retry_at = time.monotonic() + RETRY_AFTER_FAILURE
+            raise
+
+    def _drop_unsynced(self):
+        """Drop the entries whose update failed while Redis was away: they may be stale."""
+        pending = list(self._unsynced)
+        self.client.delete(*[KEY.format(c) for c in pending])
+        self._unsynced.difference_update(pending)
+        log.info("cache is back; dropped %d entries that missed updates", len(pending))
 
     def get(self, conversation_id):
         """The raw cached conversation, or None."""
-        return self.client.get(KEY.format(conversation_id))
+        return self._call(self.client.get, KEY.format(conversation_id))
 
     def replace(self, conversation_id, expected, new):
         """Store `new` if the cached value is still `expected` (None: absent); else drop it."""
-        self._replace(keys=[KEY.format(conversation_id)], args=[expected or "", new, self.ttl])
+        try:
+            self._call(self._replace, keys=[KEY.format(conversation_id)],
+                       args=[expected or "", new, self.ttl])
+        except redis.RedisError:
+            self._unsynced.add(conversation_id)
+            raise
+
+    def lock(self, conversation_id, ttl):
+        """Hold the conversation for one turn, across every process: a lock, or None if it is held."""
+        try:
+            held = self.client.lock(LOCK_KEY.format(conversation_id), timeout=ttl, blocking=False)
+            return RedisTurnLock(held, self) if self._call(held.acquire) else None
+        except redis.RedisError as exc:
+            log.warning("cache unavailable, locking in this process only: %s", type(exc).__name__)
+            return self.fallback_locks.lock(conversation_id, ttl)
 
     def ping(self):
         """Raise if Redis cannot be reached."""
-        self.client.ping()
+        self._call(self.client.ping)
+
+
+class RedisTurnLock:
+    """A turn's hold on a conversation, kept in Redis with an expiry."""
+
+    def __init__(self, held, conversation_cache):
+        """Wrap a redis-py lock that is held."""
+        self.held = held
+        self.cache = conversation_cache
+
+    def extend(self, ttl):
+        """Keep holding the conversation for `ttl` more seconds."""
+        try:
+            self.cache._call(self.held.extend, ttl, replace_ttl=True)
+        except redis.RedisError as exc:
+            log.warning("could not extend turn lock: %s", type(exc).__name__)
+
+    def release(self):
+        """Let the next turn in (it expires by itself if this fails)."""
+        try:
+            self.cache._call(self.held.release)
+        except redis.RedisError as exc:
+            log.warning("could not release turn lock: %s", type(exc).__name__)
+
+
+class MemoryLocks:
+    """Turn locks in this process, with expiry."""
+
+    def __init__(self):
+        """No conversation held."""
+        self._holders = {}
+        self._mutex = threading.Lock()
+
+    def lock(self, conversation_id, ttl):
+        """Hold the conversation for one turn: a lock, or None if it is held."""
+        with self._mutex:
+            holder = self._holders.get(conversation_id)
+            if holder is not None and holder[1] > time.monotonic():
+                return None
+            token = uuid.uuid4().hex
+            self._holders[conversation_id] = (token, time.monotonic() + ttl)
+        return MemoryTurnLock(self, conversation_id, token)
+
+    def extend(self, conversation_id, token, ttl):
+        """Hold on for `ttl` more seconds, if still the holder."""
+        with self._mutex:
+            if self._holders.get(conversation_id, (None,))[0] == token:
+                self._holders[conversation_id] = (token, time.monotonic() + ttl)
+
+    def release(self, conversation_id, token):
+        """Let go, if still the holder."""
+        with self._mutex:
+            if self._holders.get(conversation_id, (None,))[0] == token:
+                del self._holders[conversation_id]
+
+
+class MemoryTurnLock:
+    """A turn's hold on a conversation in this process."""
+
+    def __init__(self, locks, conversation_id, token):
+        """A held lock."""
+        self.locks, self.conversation_id, self.token = locks, conversation_id, token
+
+    def extend(self, ttl):
+        """Keep holding the conversation for `ttl` more seconds."""
+        self.locks.extend(self.conversation_id, self.token, ttl)
+
+    def release(self):
+        """Let the next turn in."""
+        self.locks.release(self.conversation_id, self.token)
 
 
 class MemoryCache:
@@ -73,7 +187,8 @@ class MemoryCache:
         """An empty cache whose entries live `ttl` seconds."""
         self.ttl = ttl
         self._entries = {}
-        self._lock = threading.Lock()
+        self._mutex = threading.Lock()
+        self.locks = MemoryLocks()
 
     def get(self, conversation_id):
         """The raw cached conversation, or None."""
@@ -84,11 +199,26 @@ class MemoryCache:
 
     def replace(self, conversation_id, expected, new):
         """Store `new` if the cached value is still `expected` (None: absent); else drop it."""
-        with self._lock:
-            if self.get(conversation_id) == expected:
-                self._entries[conversation_id] = (new, time.monotonic() + self.ttl)
-            else:
+        with self._mutex:
+            if self.get(conversation_id) != expected:
                 self._entries.pop(conversation_id, None)
+                return
+            if len(self._entries) >= MEMORY_ENTRIES:
+                self._evict()
+            self._entries[conversation_id] = (new, time.monotonic() + self.ttl)
+
+    def _evict(self):
+        """Make room: drop expired entries, then the oldest half."""
+        now = time.monotonic()
+        self._entries = {k: v for k, v in self._entries.items() if v[1] >= now}
+        if len(self._entries) >= MEMORY_ENTRIES:
+            by_expiry = sorted(self._entries, key=lambda k: self._entries[k][1])
+            for key in by_expiry[:len(by_expiry) // 2]:
+                del self._entries[key]
+
+    def lock(self, conversation_id, ttl):
+        """Hold the conversation for one turn: a lock, or None if it is held."""
+        return self.locks.lock(conversation_id, ttl)
 
     def ping(self):
         """Always reachable."""

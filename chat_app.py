@@ -46,7 +46,7 @@ def create_app(test_config=None):
     app.extensions["chat"] = ChatService(
         model, cache.make_cache(app.config["REDIS_URL"], app.config["CACHE_TTL_SECONDS"]),
         app.config["CHAT_HISTORY_LIMIT"], app.config["LLM_SYSTEM_PROMPT"],
-        app.config["SSE_HEARTBEAT_SECONDS"])
+        app.config["SSE_HEARTBEAT_SECONDS"], lock_ttl=app.config["LLM_TIMEOUT_SECONDS"] + 30)
     app.register_blueprint(chat)
     app.register_blueprint(status)
     app.register_error_handler(ApiError, api_error)
@@ -155,9 +155,7 @@ def run():
     """Answer a chat turn in one JSON reply."""
     user = authenticated_user()
     message, conversation_id = chat_request()
-    service = current_app.extensions["chat"]
-    turn = service.begin(user, conversation_id, message)
-    reply = service.run(turn)
+    reply = current_app.extensions["chat"].run(user, conversation_id, message)
     return jsonify(response=reply, conversation_id=conversation_id)
 
 
@@ -166,12 +164,10 @@ def stream():
     """Answer a chat turn as server-sent events."""
     user = authenticated_user()
     message, conversation_id = chat_request()
-    service = current_app.extensions["chat"]
-    turn = service.begin(user, conversation_id, message)
-    upstream = service.open_stream(turn)
+    events = current_app.extensions["chat"].stream(user, conversation_id, message)
     headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no",
                "Connection": "keep-alive", "X-Conversation-Id": conversation_id}
-    return Response(service.stream(turn, upstream), mimetype="text/event-stream", headers=headers)
+    return Response(events, mimetype="text/event-stream", headers=headers)
 
 
 @status.get("/status")

@@ -1,4 +1,4 @@
-"""A chat turn: load the conversation, ask the model, keep both messages."""
+"""A chat turn: hold the conversation, load its history, ask the model, keep both messages."""
 
 import logging
 import queue
@@ -19,6 +19,8 @@ from models import DATABASE_ERRORS, Conversation, Message, db, save_turn
 log = logging.getLogger(__name__)
 
 NOT_FOUND = ApiError(404, "not_found", "conversation not found")
+BUSY = ApiError(409, "conversation_busy", "another turn of this conversation is in progress")
+SHUTTING_DOWN = ApiError(503, "shutting_down", "the service is restarting; the reply was cut short")
 
 
 @contextmanager
@@ -44,7 +46,8 @@ class Turn:
     user: str
     conversation_id: str
     message: str
-    history: list
+    lock: object
+    history: list = field(default_factory=list)
     cached: str = None
     started: float = field(default_factory=time.monotonic)
     first_token_at: float = None
@@ -76,25 +79,56 @@ class Turn:
 class ChatService:
     """Runs chat turns against the cache, the database and the model."""
 
-    def __init__(self, model, conversation_cache, history_limit, system_prompt, heartbeat):
+    def __init__(self, model, conversation_cache, history_limit, system_prompt, heartbeat,
+                 lock_ttl):
         """Wire the service to its model and cache."""
         self.model = model
         self.cache = conversation_cache
         self.history_limit = history_limit
         self.system_prompt = system_prompt
         self.heartbeat = heartbeat
+        self.lock_ttl = lock_ttl
+        self._open_streams = set()
+
+    def run(self, user, conversation_id, message):
+        """Answer a turn in one piece and keep it; returns the reply."""
+        turn = self.begin(user, conversation_id, message)
+        try:
+            reply = self.model.complete(self.prompt(turn))
+            self._take(turn, reply, reply.content)
+            self.finish(turn)
+            return turn.reply
+        finally:
+            turn.lock.release()
+
+    def stream(self, user, conversation_id, message):
+        """Start a streamed turn: the SSE events, or ApiError before any event if the model refuses."""
+        turn = self.begin(user, conversation_id, message)
+        try:
+            upstream = self.model.open_stream(self.prompt(turn))
+        except BaseException:
+            turn.lock.release()
+            raise
+        return self._events(turn, upstream)
 
     def begin(self, user, conversation_id, message):
-        """Start a turn: load the history (cache, else database) and check the owner."""
-        cached = self._cached(conversation_id)
-        if cached is not None:
-            owner, history = cache.decode(cached)
-        else:
-            owner, history = self._stored(conversation_id)
-        if owner is not None and owner != user:
-            raise NOT_FOUND
-        return Turn(user=user, conversation_id=conversation_id, message=message,
-                    history=history, cached=cached)
+        """Hold the conversation, load its history (cache, else database) and check the owner."""
+        lock = self.cache.lock(conversation_id, self.lock_ttl)
+        if lock is None:
+            raise BUSY
+        turn = Turn(user=user, conversation_id=conversation_id, message=message, lock=lock)
+        try:
+            turn.cached = self._cached(conversation_id)
+            if turn.cached is not None:
+                owner, turn.history = cache.decode(turn.cached)
+            else:
+                owner, turn.history = self._stored(conversation_id)
+            if owner is not None and owner != user:
+                raise NOT_FOUND
+        except BaseException:
+            lock.release()
+            raise
+        return turn
 
     def _cached(self, conversation_id):
         """The cached conversation, or None when it is not cached or the cache is down."""
@@ -119,40 +153,41 @@ class ChatService:
         messages.append({"role": "user", "content": turn.message})
         return messages
 
-    def run(self, turn):
-        """Answer the turn in one piece and keep it."""
-        reply = self.model.complete(self.prompt(turn))
-        self._take(turn, reply, reply.content)
-        self.finish(turn)
-        return turn.reply
-
-    def open_stream(self, turn):
-        """Ask the model for a streamed reply; raises ApiError before any event is sent."""
-        return self.model.open_stream(self.prompt(turn))
-
-    def stream(self, turn, upstream):
+    def _events(self, turn, upstream):
         """Yield the SSE events of the turn: chunks, pings while the model is silent, one final event."""
         chunks = queue.Queue()
+        self._open_streams.add(chunks)
         threading.Thread(target=pump, args=(upstream, chunks), daemon=True).start()
         parts = []
         try:
-            error = yield from self._relay(turn, chunks, parts)
-        except GeneratorExit:
-            upstream.close()
-            self._keep_interrupted(turn, upstream.reply, "".join(parts))
-            raise
-        upstream.close()
-        if error is not None:
-            turn.status = Message.ERROR
-        self._take(turn, upstream.reply, "".join(parts))
-        yield self._final_event(turn, error)
+            try:
+                error = yield from self._relay(turn, chunks, parts)
+            except GeneratorExit:
+                upstream.close()
+                self._keep_interrupted(turn, upstream.reply, "".join(parts))
+                raise
+            finally:
+                upstream.close()
+                self._open_streams.discard(chunks)
+            if error is not None:
+                turn.status = Message.ERROR
+            self._take(turn, upstream.reply, "".join(parts))
+            yield self._final_event(turn, error)
+        finally:
+            turn.lock.release()
 
     def _relay(self, turn, chunks, parts):
         """Yield a chunk event per piece of text and a ping per silent heartbeat; return the error, if any."""
+        hold_until = time.monotonic() + self.lock_ttl / 3
         while True:
             try:
                 kind, value = chunks.get(timeout=self.heartbeat)
             except queue.Empty:
+                kind, value = "ping", None
+            if time.monotonic() > hold_until:
+                turn.lock.extend(self.lock_ttl)
+                hold_until = time.monotonic() + self.lock_ttl / 3
+            if kind == "ping":
                 yield sse.PING
                 continue
             if kind != "chunk":
@@ -206,6 +241,17 @@ class ChatService:
             self.cache.replace(turn.conversation_id, turn.cached, cache.encode(turn.user, history))
         except redis.RedisError as exc:
             log.warning("cache unavailable, not updated: %s", type(exc).__name__)
+
+    def drain(self, grace):
+        """On shutdown: in `grace` seconds, end the streams still open with a final error event."""
+        def cut_open_streams():
+            """Tell every open stream to end now."""
+            for chunks in list(self._open_streams):
+                chunks.put(("error", SHUTTING_DOWN))
+
+        timer = threading.Timer(grace, cut_open_streams)
+        timer.daemon = True
+        timer.start()
 
 
 def pump(upstream, chunks):
