@@ -187,6 +187,16 @@ class ReplyStream:
         except (ValueError, KeyError, IndexError, TypeError, AttributeError):
             raise ApiError(502, "llm_bad_response", "the model sent a chunk that is not a chat completion chunk") from None
 
+    def finish(self):
+        """After [DONE]: read the rest of the body, so the connection can carry the next turn."""
+        try:
+            for _ in self._blocks():
+                pass
+        except ApiError:
+            self.response.close()
+            return
+        self.response.raw.release_conn()
+
     def close(self):
         """Close the connection to the model, so it stops generating."""
         self.response.close()
@@ -245,6 +255,9 @@ class DemoStream:
             time.sleep(self.word_delay)
             self.reply.chunks.append(word)
             yield word
+
+    def finish(self):
+        """Nothing to finish."""
 
     def close(self):
         """Nothing to close."""

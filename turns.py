@@ -167,9 +167,9 @@ class ChatService:
                 self._keep_interrupted(turn, upstream.reply, "".join(parts))
                 raise
             finally:
-                upstream.close()
                 self._open_streams.discard(chunks)
             if error is not None:
+                upstream.close()
                 turn.status = Message.ERROR
             self._take(turn, upstream.reply, "".join(parts))
             yield self._final_event(turn, error)
@@ -259,9 +259,13 @@ def pump(upstream, chunks):
     try:
         for text in upstream:
             chunks.put(("chunk", text))
-        chunks.put(("done", None))
     except ApiError as exc:
+        upstream.close()
         chunks.put(("error", exc))
     except Exception:
         log.exception("model stream failed")
+        upstream.close()
         chunks.put(("error", ApiError(502, "llm_unavailable", "the model's stream failed")))
+    else:
+        chunks.put(("done", None))
+        upstream.finish()

@@ -20,6 +20,7 @@ def streamed(model, messages=HELLO):
     """The chunks and the final reply of a streamed answer."""
     stream = model.open_stream(messages)
     chunks = list(stream)
+    stream.finish()
     return chunks, stream.reply
 
 

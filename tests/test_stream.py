@@ -210,6 +210,15 @@ def test_open_streams_do_not_hold_database_connections(start_service, llm, postg
         assert models.Message.select().count() == 60
 
 
+def test_turns_reuse_one_connection_to_the_model(service, llm):
+    """One keep-alive connection to the model carries consecutive streamed and whole turns."""
+    for n in range(3):
+        data_events(open_stream(service, "hi", f"k{n}"))
+        assert wait_until(lambda: llm.active_streams == 0, timeout=10)
+        service.post("/chat/run", {"message": "hi", "conversation_id": f"k{n}"})
+    assert len({r["client"] for r in llm.requests}) == 1
+
+
 def test_run_over_gunicorn_returns_the_reply(service, llm):
     """/chat/run answers in one JSON reply through the real server."""
     llm.script(Script(reply="pong"))
