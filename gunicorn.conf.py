@@ -1,6 +1,7 @@
 """gunicorn settings: gevent workers, many connections each, configured by environment variables."""
 
 import os
+import signal
 
 bind = f"0.0.0.0:{os.environ.get('PORT', '8000')}"
 # The in-process cache (no REDIS_URL) is one process's memory: more workers would each keep their own.
@@ -16,12 +17,30 @@ accesslog = "-"
 errorlog = "-"
 loglevel = os.environ.get("LOG_LEVEL", "info").lower()
 
+# Streams still open this long before the graceful timeout are ended by the service itself,
+# with a final event and their partial reply saved, before gunicorn kills the worker.
+DRAIN_MARGIN_SECONDS = 3
+
 
 def post_worker_init(worker):
-    """Make psycopg2 cooperative once the worker's gevent has patched the standard library.
+    """Make psycopg2 cooperative and streams drainable, once the worker's gevent has patched.
 
     post_fork runs before the gevent worker calls monkey.patch_all(), so it is too early.
     """
     from psycogreen.gevent import patch_psycopg
 
     patch_psycopg()
+    drain_streams_on_sigterm(worker)
+
+
+def drain_streams_on_sigterm(worker):
+    """On SIGTERM, stop as gunicorn does, and end the open streams before the graceful timeout."""
+    service = worker.wsgi.extensions["chat"]
+    grace = max(0.5, worker.cfg.graceful_timeout - DRAIN_MARGIN_SECONDS)
+
+    def handle_sigterm(sig, frame):
+        """gunicorn's own SIGTERM handling, then the stream deadline."""
+        worker.handle_exit(sig, frame)
+        service.drain(grace)
+
+    signal.signal(signal.SIGTERM, handle_sigterm)
