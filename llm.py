@@ -4,6 +4,7 @@ import json
 import socket
 import time
 from dataclasses import dataclass, field
+from urllib.parse import urlsplit, urlunsplit
 
 import requests
 import urllib3.exceptions
@@ -52,6 +53,12 @@ def unreachable(exc, timeout):
     return ApiError(502, "llm_unavailable", "the model could not be reached")
 
 
+def without_credentials(url):
+    """The URL without any user:password it may carry, for showing."""
+    parts = urlsplit(url)
+    return urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
+
+
 class OpenAIChatModel:
     """Any server that speaks OpenAI's chat-completions protocol (OpenAI, vLLM, Ollama, ...)."""
 
@@ -60,6 +67,7 @@ class OpenAIChatModel:
     def __init__(self, base_url, api_key, model, timeout):
         """A client with one keep-alive session to `base_url`."""
         self.url = base_url + "/chat/completions"
+        self.base_url = without_credentials(base_url)
         self.model = model
         self.timeout = timeout
         self.session = requests.Session()
@@ -70,7 +78,7 @@ class OpenAIChatModel:
 
     def describe(self):
         """Where replies come from, for /status and the startup log (never the key)."""
-        return {"backend": self.backend, "model": self.model, "base_url": self.url[:-len("/chat/completions")]}
+        return {"backend": self.backend, "model": self.model, "base_url": self.base_url}
 
     def _post(self, messages, stream):
         """Send the request and return the response once its status line is in."""
@@ -185,7 +193,8 @@ class ReplyStream:
                 raise TypeError("content is not a string")
             return text
         except (ValueError, KeyError, IndexError, TypeError, AttributeError):
-            raise ApiError(502, "llm_bad_response", "the model sent a chunk that is not a chat completion chunk") from None
+            raise ApiError(502, "llm_bad_response",
+                           "the model sent a chunk that is not a chat completion chunk") from None
 
     def finish(self):
         """After [DONE]: read the rest of the body, so the connection can carry the next turn."""

@@ -150,3 +150,9 @@ def test_demo_model_streams_word_by_word():
     chunks = list(demo.open_stream(HELLO))
     assert len(chunks) > 3 and "".join(chunks) == demo.complete(HELLO).content
     assert "hello" in demo.complete(HELLO).content
+
+
+def test_describe_hides_credentials_in_the_base_url():
+    """A base URL with user:password shows without them."""
+    model = OpenAIChatModel("https://user:hunter2@llm.example/v1", None, "m", timeout=1)
+    assert model.describe()["base_url"] == "https://llm.example/v1"
