@@ -16,6 +16,8 @@ keepalive = int(os.environ.get("KEEPALIVE_SECONDS", "75"))
 accesslog = "-"
 errorlog = "-"
 loglevel = os.environ.get("LOG_LEVEL", "info").lower()
+# gunicorn's control socket is one path per user: several services on one host would share it.
+control_socket_disable = True
 
 # Streams still open this long before the graceful timeout are ended by the service itself,
 # with a final event and their partial reply saved, before gunicorn kills the worker.
