@@ -225,12 +225,14 @@ def test_run_over_gunicorn_returns_the_reply(service, llm):
     response = service.post("/chat/run", {"message": "ping", "conversation_id": "r1"})
     assert response.status_code == 200
     assert response.json() == {"response": "pong", "conversation_id": "r1"}
+    assert f"openai-compatible at {llm.url}, model fake-model" in service.output()
 
 
 def test_demo_model_streams_word_by_word_without_a_model_server(start_service):
     """With no LLM_BASE_URL the built-in demo model answers, and /status says so."""
     service = start_service(LLM_BASE_URL="")
     assert requests.get(service.url + "/status", timeout=5).json()["model"]["backend"] == "demo"
+    assert "built-in demo model" in service.output()
     received = data_events(open_stream(service, "hi there"))
     words = [e["content"] for e in received[:-1]]
     assert len(words) > 3 and "".join(words).count(" hi there") == 1
