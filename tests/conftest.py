@@ -48,6 +48,20 @@ def bearer(sub="alice", **claims):
     return {"Authorization": f"Bearer {token(sub, **claims)}"}
 
 
+def assert_error(response, status, code):
+    """The response is the one error shape with `status` and `code`, leaking nothing."""
+    assert response.status_code == status, response.get_data(as_text=True)
+    assert response.is_json
+    body = response.get_json()
+    assert set(body) == {"error"}
+    assert set(body["error"]) == {"code", "message"}
+    assert body["error"]["code"] == code
+    assert isinstance(body["error"]["message"], str) and body["error"]["message"]
+    text = response.get_data(as_text=True)
+    assert "Traceback" not in text
+    assert SECRET not in text
+
+
 @pytest.fixture(scope="session")
 def postgres_url():
     """The URL of a test database on the real PostgreSQL, created if missing."""

@@ -212,8 +212,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             return
         request, problem = parse_chat_request(body)
         headers = {name.lower(): value for name, value in self.headers.items()}
-        script, self._releases_seen = self.llm._receive(self.path, headers, None if problem else request,
-                                                        self.client_address)
+        recorded = None if problem else request
+        script, self._releases_seen = self.llm._receive(self.path, headers, recorded, self.client_address)
         if problem:
             self._send_error(400, problem)
         else:
@@ -594,7 +594,7 @@ class FakeLLM:
             self._cond.notify_all()
 
     def _receive(self, path: str, headers: dict, request: dict | None, client: tuple) -> tuple[Script, int]:
-        """Record a chat request; hand out its script (valid requests consume the queue) and the release count."""
+        """Record a chat request (client: its peer address); hand out its script and the release count."""
         with self._cond:
             self._requests.append({"json": request, "headers": headers, "path": path, "client": client})
             script = self._queue.popleft() if request is not None and self._queue else self.default

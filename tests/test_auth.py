@@ -10,27 +10,13 @@ import jwt
 import pytest
 
 import models
-from tests.conftest import SECRET, bearer, token
+from tests.conftest import SECRET, assert_error, bearer, token
 from tests.fake_llm import Script
 
 VALID_BODY = {"message": "hi"}
 
 # The HS384/HS512 tokens are minted with the service's (HS256-sized) secret on purpose.
 pytestmark = pytest.mark.filterwarnings("ignore::jwt.warnings.InsecureKeyLengthWarning")
-
-
-def assert_error(response, status, code):
-    """The response is the one error shape with `status` and `code`, leaking nothing."""
-    assert response.status_code == status, response.get_data(as_text=True)
-    assert response.is_json
-    body = response.get_json()
-    assert set(body) == {"error"}
-    assert set(body["error"]) == {"code", "message"}
-    assert body["error"]["code"] == code
-    assert isinstance(body["error"]["message"], str) and body["error"]["message"]
-    text = response.get_data(as_text=True)
-    assert "Traceback" not in text
-    assert SECRET not in text
 
 
 def b64url(data):

@@ -299,6 +299,16 @@ def test_keep_alive_serves_many_requests_on_one_connection(llm, raw):
     assert status == 200 and json.loads(raw.read_body(headers))["data"][0]["id"] == "fake-model"
 
 
+def test_requests_record_the_client_address_so_connection_reuse_shows(llm):
+    with requests.Session() as session:
+        for _ in range(2):
+            session.post(llm.url + "/chat/completions", json=chat(), timeout=5)
+    post(llm, chat())
+    first, second, third = (r["client"] for r in llm.requests)
+    assert first == second != third
+    assert first[0] == "127.0.0.1"
+
+
 @pytest.mark.parametrize("stream", [False, True])
 def test_header_delay_holds_the_status_line(llm, stream):
     llm.script(Script(header_delay=0.2))

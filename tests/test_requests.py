@@ -6,24 +6,10 @@ import uuid
 import pytest
 
 import models
-from tests.conftest import REDIS_URL, SECRET, bearer, free_port
+from tests.conftest import REDIS_URL, SECRET, assert_error, bearer, free_port
 from tests.fake_llm import Script
 
 JSON = "application/json"
-
-
-def assert_error(response, status, code):
-    """The response is the one error shape with `status` and `code`, leaking nothing."""
-    assert response.status_code == status, response.get_data(as_text=True)
-    assert response.is_json
-    body = response.get_json()
-    assert set(body) == {"error"}
-    assert set(body["error"]) == {"code", "message"}
-    assert body["error"]["code"] == code
-    assert isinstance(body["error"]["message"], str) and body["error"]["message"]
-    text = response.get_data(as_text=True)
-    assert "Traceback" not in text
-    assert SECRET not in text
 
 
 def post_raw(client, data, content_type=JSON):
