@@ -16,6 +16,8 @@ log = logging.getLogger(__name__)
 
 KEY = "chat:conversation:{}"
 LOCK_KEY = "chat:turn-lock:{}"
+RATE_KEY = "chat:rate:{}:{}"
+STOP_CHANNEL = "chat:stop"
 RETRY_AFTER_FAILURE = 1.0
 MEMORY_ENTRIES = 10000
 
@@ -57,10 +59,12 @@ class RedisCache:
         self.client = redis.Redis.from_url(url, decode_responses=True, socket_timeout=1,
                                            socket_connect_timeout=1, health_check_interval=30)
         self.ttl = ttl
+        self.url = url
         self._replace = self.client.register_script(_REPLACE_IF_UNCHANGED)
         self._retry_at = 0.0
         self._unsynced = set()
         self.fallback_locks = MemoryLocks()
+        self.fallback_counter = MemoryCounter()
 
     def _call(self, operation, *args, **kwargs):
         """Run a Redis operation, failing fast for a second after Redis failed."""
@@ -103,9 +107,58 @@ class RedisCache:
             log.warning("cache unavailable, locking in this process only: %s", type(exc).__name__)
             return self.fallback_locks.lock(conversation_id, ttl)
 
+    def is_locked(self, conversation_id):
+        """Whether a turn holds the conversation now."""
+        try:
+            return bool(self._call(self.client.exists, LOCK_KEY.format(conversation_id)))
+        except redis.RedisError:
+            return self.fallback_locks.is_locked(conversation_id)
+
+    def drop(self, conversation_ids):
+        """Forget the cached copies of conversations (later, if Redis is away now)."""
+        if not conversation_ids:
+            return
+        try:
+            self._call(self.client.delete, *[KEY.format(c) for c in conversation_ids])
+        except redis.RedisError:
+            self._unsynced.update(conversation_ids)
+
+    def publish_stop(self, conversation_id):
+        """Ask whichever process streams the conversation to stop."""
+        self._call(self.client.publish, STOP_CHANNEL, conversation_id)
+
+    def listen_for_stops(self, on_stop):
+        """Call `on_stop(conversation_id)` for every stop published, from a background thread."""
+        listener = redis.Redis(connection_pool=redis.ConnectionPool.from_url(
+            self.url, decode_responses=True, socket_connect_timeout=1, health_check_interval=30))
+        threading.Thread(target=_receive_stops, args=(listener, on_stop), daemon=True).start()
+
+    def count_request(self, user, window):
+        """Count a request of `user` in the current window of `window` seconds; the count so far."""
+        slot = int(time.time() // window)
+        try:
+            with self.client.pipeline(transaction=False) as pipe:
+                pipe.incr(RATE_KEY.format(user, slot))
+                pipe.expire(RATE_KEY.format(user, slot), window + 1)
+                return self._call(pipe.execute)[0]
+        except redis.RedisError:
+            return self.fallback_counter.count(user, window)
+
     def ping(self):
         """Raise if Redis cannot be reached."""
         self._call(self.client.ping)
+
+
+def _receive_stops(listener, on_stop):
+    """Deliver stop signals for ever, reconnecting after Redis failures."""
+    while True:
+        try:
+            pubsub = listener.pubsub(ignore_subscribe_messages=True)
+            pubsub.subscribe(STOP_CHANNEL)
+            for message in pubsub.listen():
+                on_stop(message["data"])
+        except redis.RedisError:
+            time.sleep(RETRY_AFTER_FAILURE)
 
 
 class RedisTurnLock:
@@ -149,6 +202,11 @@ class MemoryLocks:
             self._holders[conversation_id] = (token, time.monotonic() + ttl)
         return MemoryTurnLock(self, conversation_id, token)
 
+    def is_locked(self, conversation_id):
+        """Whether a turn holds the conversation now."""
+        holder = self._holders.get(conversation_id)
+        return holder is not None and holder[1] > time.monotonic()
+
     def extend(self, conversation_id, token, ttl):
         """Hold on for `ttl` more seconds, if still the holder."""
         with self._mutex:
@@ -189,6 +247,8 @@ class MemoryCache:
         self._entries = {}
         self._mutex = threading.Lock()
         self.locks = MemoryLocks()
+        self.counter = MemoryCounter()
+        self._on_stop = None
 
     def get(self, conversation_id):
         """The raw cached conversation, or None."""
@@ -220,8 +280,49 @@ class MemoryCache:
         """Hold the conversation for one turn: a lock, or None if it is held."""
         return self.locks.lock(conversation_id, ttl)
 
+    def is_locked(self, conversation_id):
+        """Whether a turn holds the conversation now."""
+        return self.locks.is_locked(conversation_id)
+
+    def drop(self, conversation_ids):
+        """Forget the cached copies of conversations."""
+        with self._mutex:
+            for conversation_id in conversation_ids:
+                self._entries.pop(conversation_id, None)
+
+    def publish_stop(self, conversation_id):
+        """Stop the conversation's stream (this process is the only one)."""
+        if self._on_stop is not None:
+            self._on_stop(conversation_id)
+
+    def listen_for_stops(self, on_stop):
+        """Call `on_stop(conversation_id)` for every stop published."""
+        self._on_stop = on_stop
+
+    def count_request(self, user, window):
+        """Count a request of `user` in the current window of `window` seconds; the count so far."""
+        return self.counter.count(user, window)
+
     def ping(self):
         """Always reachable."""
+
+
+class MemoryCounter:
+    """Requests per user in fixed windows, in this process."""
+
+    def __init__(self):
+        """No requests counted."""
+        self._counts = {}
+        self._mutex = threading.Lock()
+
+    def count(self, user, window):
+        """Count a request of `user` in the current window; the count so far."""
+        slot = int(time.time() // window)
+        with self._mutex:
+            if len(self._counts) > MEMORY_ENTRIES:
+                self._counts = {k: v for k, v in self._counts.items() if k[1] == slot}
+            self._counts[(user, slot)] = self._counts.get((user, slot), 0) + 1
+            return self._counts[(user, slot)]
 
 
 def make_cache(redis_url, ttl):

@@ -6,6 +6,10 @@ import os
 import re
 import secrets
 
+import base64
+import json
+import time
+
 import click
 import jwt
 from flask import Blueprint, Flask, Response, current_app, jsonify, request
@@ -15,11 +19,12 @@ from flask_jwt_extended.exceptions import JWTExtendedException
 from werkzeug.exceptions import HTTPException
 
 import cache
+import logs
 import models
-from config import INSTANCE_DIR, Config
+from config import INSTANCE_DIR, VERSION, Config
 from errors import ApiError
 from llm import make_model
-from turns import ChatService, new_conversation_id, stored
+from turns import NOT_FOUND, ChatService, new_conversation_id, stored
 
 log = logging.getLogger("chat_app")
 
@@ -27,8 +32,11 @@ CONVERSATION_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 MIN_SECRET_BYTES = 32
 HTTP_CODES = {400: "invalid_request", 401: "unauthorized", 404: "not_found",
               405: "method_not_allowed", 413: "too_large", 415: "unsupported_media_type"}
+PAGE_LIMIT, MAX_PAGE_LIMIT = 20, 100
+OPENAPI_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "openapi.json")
 
 chat = Blueprint("chat", __name__, url_prefix="/chat")
+conversations = Blueprint("conversations", __name__, url_prefix="/conversations")
 status = Blueprint("status", __name__)
 
 
@@ -38,7 +46,7 @@ def create_app(test_config=None):
     app.config.from_mapping(Config().as_dict())
     if test_config:
         app.config.from_mapping(test_config)
-    configure_logging()
+    logs.configure(app.config["LOG_LEVEL"])
     configure_tokens(app)
     models.open_database(app.config["DATABASE_URL"], app.config["DATABASE_POOL_SIZE"],
                          app.config["DATABASE_POOL_TIMEOUT"])
@@ -46,23 +54,20 @@ def create_app(test_config=None):
     app.extensions["chat"] = ChatService(
         model, cache.make_cache(app.config["REDIS_URL"], app.config["CACHE_TTL_SECONDS"]),
         app.config["CHAT_HISTORY_LIMIT"], app.config["LLM_SYSTEM_PROMPT"],
-        app.config["SSE_HEARTBEAT_SECONDS"], lock_ttl=app.config["LLM_TIMEOUT_SECONDS"] + 30)
+        app.config["SSE_HEARTBEAT_SECONDS"], lock_ttl=app.config["LLM_TIMEOUT_SECONDS"] + 30,
+        context_tokens=app.config["LLM_CONTEXT_TOKENS"])
     app.register_blueprint(chat)
+    app.register_blueprint(conversations)
     app.register_blueprint(status)
+    app.wsgi_app = logs.RequestLog(app.wsgi_app)
     app.register_error_handler(ApiError, api_error)
     app.register_error_handler(HTTPException, http_error)
     app.register_error_handler(Exception, unexpected_error)
     app.cli.add_command(init_db_command)
     app.cli.add_command(create_token_command)
+    app.cli.add_command(prune_command)
     log.info("model backend: %s", describe_model(model))
     return app
-
-
-def configure_logging():
-    """Log to stderr at LOG_LEVEL unless something (gunicorn, pytest) already set logging up."""
-    if not logging.getLogger().handlers:
-        logging.basicConfig(level=os.environ.get("LOG_LEVEL", "INFO").upper(),
-                            format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 
 def describe_model(model):
@@ -111,17 +116,37 @@ def authenticated_user():
         raise ApiError(401, "unauthorized", message) from None
     if not isinstance(user, str) or not user:
         raise ApiError(401, "unauthorized", "the token has no subject")
+    note(user=user)
+    limit_rate(user)
     return user
+
+
+def note(**fields):
+    """Add fields to this request's log line."""
+    request.environ.setdefault(logs.RECORD_KEY, {}).update(fields)
+
+
+def limit_rate(user):
+    """429 once `user` has made RATE_LIMIT_PER_MINUTE requests this minute (off when 0)."""
+    limit = current_app.config["RATE_LIMIT_PER_MINUTE"]
+    if limit and current_app.extensions["chat"].cache.count_request(user, 60) > limit:
+        retry_after = str(60 - int(time.time()) % 60)
+        raise ApiError(429, "rate_limited", f"at most {limit} requests a minute",
+                       {"Retry-After": retry_after})
 
 
 def chat_request():
     """The validated (message, conversation_id) of a chat request body."""
-    if not request.is_json:
-        raise ApiError(415, "unsupported_media_type", "send a JSON body with Content-Type: application/json")
-    body = request.get_json(silent=True)
-    if not isinstance(body, dict):
-        raise ApiError(400, "invalid_request", "the body must be a JSON object")
+    body = json_body()
     return valid_message(body.get("message")), valid_conversation_id(body.get("conversation_id"))
+
+
+def conversation_id_in(body):
+    """The required conversation_id of a body."""
+    conversation_id = body.get("conversation_id")
+    if conversation_id is None:
+        raise ApiError(400, "invalid_request", "conversation_id is required")
+    return valid_conversation_id(conversation_id)
 
 
 def valid_message(message):
@@ -133,10 +158,8 @@ def valid_message(message):
         raise ApiError(413, "too_large", f"message must be at most {limit} characters")
     if "\x00" in message:
         raise ApiError(400, "invalid_request", "message must not contain NUL characters")
-    try:
-        message.encode("utf-8")
-    except UnicodeEncodeError:
-        raise ApiError(400, "invalid_request", "message must be valid Unicode (no lone surrogates)") from None
+    if not encodable(message):
+        raise ApiError(400, "invalid_request", "message must be valid Unicode (no lone surrogates)")
     return message
 
 
@@ -155,7 +178,8 @@ def run():
     """Answer a chat turn in one JSON reply."""
     user = authenticated_user()
     message, conversation_id = chat_request()
-    reply = current_app.extensions["chat"].run(user, conversation_id, message)
+    note(conversation_id=conversation_id)
+    reply = current_app.extensions["chat"].run(user, conversation_id, message, log_record())
     return jsonify(response=reply, conversation_id=conversation_id)
 
 
@@ -164,22 +188,163 @@ def stream():
     """Answer a chat turn as server-sent events."""
     user = authenticated_user()
     message, conversation_id = chat_request()
-    events = current_app.extensions["chat"].stream(user, conversation_id, message)
+    note(conversation_id=conversation_id)
+    events = current_app.extensions["chat"].stream(user, conversation_id, message, log_record())
     headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no",
                "Connection": "keep-alive", "X-Conversation-Id": conversation_id}
     return Response(events, mimetype="text/event-stream", headers=headers)
 
 
+def log_record():
+    """This request's log line, for the turn to fill in."""
+    return request.environ.setdefault(logs.RECORD_KEY, {})
+
+
+@chat.post("/stop")
+def stop():
+    """Stop the reply being streamed for a conversation."""
+    user = authenticated_user()
+    conversation_id = conversation_id_in(json_body())
+    note(conversation_id=conversation_id)
+    current_app.extensions["chat"].stop(user, conversation_id)
+    return jsonify(conversation_id=conversation_id, stopping=True), 202
+
+
+@conversations.get("")
+def list_conversations():
+    """The caller's conversations, newest activity first, a page at a time."""
+    user = authenticated_user()
+    limit = page_limit()
+    after = read_cursor(request.args.get("cursor"), list)
+    with stored():
+        page = models.Conversation.page_of(user, limit + 1, after)
+    following = None
+    if len(page) > limit:
+        page = page[:limit]
+        following = make_cursor([str(page[-1].updated_at), page[-1].id])
+    return jsonify(conversations=[c.as_json() for c in page], next_cursor=following)
+
+
+@conversations.get("/<conversation_id>")
+def read_conversation(conversation_id):
+    """A conversation and its messages in order, a page at a time."""
+    user = authenticated_user()
+    limit = page_limit()
+    after = read_cursor(request.args.get("cursor"), int) or 0
+    with stored():
+        conversation = owned_conversation(conversation_id, user)
+        page = models.Message.page_of(conversation_id, limit + 1, after)
+        count = models.Message.count_in(conversation_id)
+    following = make_cursor(page[limit - 1].id) if len(page) > limit else None
+    return jsonify(conversation=conversation.as_json(count),
+                   messages=[m.as_json() for m in page[:limit]], next_cursor=following)
+
+
+@conversations.patch("/<conversation_id>")
+def rename_conversation(conversation_id):
+    """Give a conversation a new title."""
+    user = authenticated_user()
+    title = json_body().get("title")
+    if not isinstance(title, str) or not title.strip() or len(title) > models.TITLE_CHARS:
+        raise ApiError(400, "invalid_request", f"title must be 1 to {models.TITLE_CHARS} characters")
+    if "\x00" in title or not encodable(title):
+        raise ApiError(400, "invalid_request", "title must be valid text")
+    with stored():
+        conversation = owned_conversation(conversation_id, user)
+        conversation.title = title.strip()
+        conversation.save()
+        count = models.Message.count_in(conversation_id)
+    return jsonify(conversation=conversation.as_json(count))
+
+
+@conversations.delete("/<conversation_id>")
+def delete_conversation(conversation_id):
+    """Delete a conversation and its messages, from the database and the cache."""
+    user = authenticated_user()
+    current_app.extensions["chat"].forget(user, valid_path_id(conversation_id))
+    return "", 204
+
+
+def owned_conversation(conversation_id, user):
+    """The caller's conversation, or the 404 that also answers for anyone else's."""
+    conversation = models.Conversation.owned(valid_path_id(conversation_id), user)
+    if conversation is None:
+        raise NOT_FOUND
+    return conversation
+
+
+def valid_path_id(conversation_id):
+    """A conversation id from the URL, or 404 (no conversation can have a malformed id)."""
+    if not CONVERSATION_ID.fullmatch(conversation_id):
+        raise NOT_FOUND
+    return conversation_id
+
+
+def page_limit():
+    """The `limit` query parameter: 1 to 100, 20 by default."""
+    raw = request.args.get("limit", str(PAGE_LIMIT))
+    if not raw.isdigit() or not 1 <= int(raw) <= MAX_PAGE_LIMIT:
+        raise ApiError(400, "invalid_request", f"limit must be a whole number from 1 to {MAX_PAGE_LIMIT}")
+    return int(raw)
+
+
+def make_cursor(position):
+    """An opaque cursor for the page after `position`."""
+    return base64.urlsafe_b64encode(json.dumps(position).encode()).decode().rstrip("=")
+
+
+def read_cursor(cursor, kind):
+    """The position a cursor stands for (None without one); 400 for a cursor we did not make."""
+    if cursor is None:
+        return None
+    try:
+        position = json.loads(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)))
+    except ValueError:
+        position = None
+    valid = (isinstance(position, int) and not isinstance(position, bool) if kind is int else
+             isinstance(position, list) and len(position) == 2 and all(isinstance(p, str) for p in position))
+    if not valid:
+        raise ApiError(400, "invalid_request", "cursor is not one this service returned")
+    return position
+
+
+def json_body():
+    """The request's JSON object body."""
+    if not request.is_json:
+        raise ApiError(415, "unsupported_media_type", "send a JSON body with Content-Type: application/json")
+    body = request.get_json(silent=True)
+    if not isinstance(body, dict):
+        raise ApiError(400, "invalid_request", "the body must be a JSON object")
+    return body
+
+
+def encodable(text):
+    """Whether text is valid Unicode the database can keep (no lone surrogates)."""
+    try:
+        text.encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
+
+
 @status.get("/status")
 def service_status():
-    """Say the service is up, and how its database, cache and model are."""
+    """Say the service is up, and how its database, cache and model are, with round-trip times."""
     service = current_app.extensions["chat"]
-    database = state_of(database_round_trip)
-    cache_state = state_of(service.cache.ping)
-    return jsonify(status="ok" if database == cache_state == "ok" else "degraded",
-                   database={"state": database, "backend": models.backend_name()},
-                   cache={"state": cache_state, "backend": service.cache.backend},
+    database = probe(database_round_trip)
+    cache_state = probe(service.cache.ping)
+    healthy = database["state"] == cache_state["state"] == "ok"
+    return jsonify(status="ok" if healthy else "degraded", version=VERSION,
+                   database={**database, "backend": models.backend_name()},
+                   cache={**cache_state, "backend": service.cache.backend},
                    model=service.model.describe())
+
+
+@status.get("/openapi.json")
+def openapi():
+    """The OpenAPI 3.1 document of this API."""
+    with open(OPENAPI_PATH) as document:
+        return current_app.response_class(document.read(), mimetype="application/json")
 
 
 def database_round_trip():
@@ -188,14 +353,15 @@ def database_round_trip():
         models.db.execute_sql("SELECT 1")
 
 
-def state_of(check):
-    """'ok' if `check` succeeds, else 'unavailable'."""
+def probe(check):
+    """{"state": "ok", "round_trip_ms": ...} if `check` succeeds, else {"state": "unavailable"}."""
+    started = time.monotonic()
     try:
         check()
-        return "ok"
     except Exception as exc:  # noqa: BLE001 - any failure is what /status reports
         log.warning("status check failed: %s", type(exc).__name__)
-        return "unavailable"
+        return {"state": "unavailable"}
+    return {"state": "ok", "round_trip_ms": round((time.monotonic() - started) * 1000, 2)}
 
 
 def api_error(error):
@@ -241,3 +407,14 @@ def create_token_command(user, expires_in):
     """Print an access token for USER."""
     expires = datetime.timedelta(seconds=expires_in) if expires_in > 0 else False
     click.echo(create_access_token(identity=user, expires_delta=expires))
+
+
+@click.command("prune")
+@click.option("--older-than", "days", type=click.IntRange(min=0), required=True,
+              help="Delete conversations with no activity for this many days.")
+@with_appcontext
+def prune_command(days):
+    """Delete old conversations and their messages."""
+    cutoff = models.utcnow() - datetime.timedelta(days=days)
+    removed = current_app.extensions["chat"].prune(cutoff)
+    click.echo(f"deleted {removed} conversations with no activity for {days} days")

@@ -13,7 +13,8 @@ timeout = int(os.environ.get("GUNICORN_TIMEOUT", "30"))
 # Most PaaS routers allow 30 s between SIGTERM and SIGKILL.
 graceful_timeout = int(os.environ.get("GRACEFUL_TIMEOUT", "25"))
 keepalive = int(os.environ.get("KEEPALIVE_SECONDS", "75"))
-accesslog = "-"
+# The service writes its own JSON line per request (logs.py), so no access log here.
+accesslog = None
 errorlog = "-"
 loglevel = os.environ.get("LOG_LEVEL", "info").lower()
 # gunicorn's control socket is one path per user: several services on one host would share it.

@@ -6,7 +6,7 @@ from urllib.parse import urlsplit
 
 from peewee import (CharField, DatabaseProxy, DateTimeField, ForeignKeyField,
                     IntegerField, Model, PeeweeException, PostgresqlDatabase,
-                    TextField)
+                    TextField, fn)
 from playhouse.db_url import connect
 from playhouse.pool import MaxConnectionsExceeded
 
@@ -15,12 +15,20 @@ db = DatabaseProxy()
 # Everything the database can fail with: peewee's errors, and a pool with no free connection.
 DATABASE_ERRORS = (PeeweeException, MaxConnectionsExceeded)
 
-TITLE_CHARS = 80
+TITLE_CHARS = 200
+AUTO_TITLE_CHARS = 80
 
 
 def utcnow():
     """The current time in UTC, without tzinfo (as stored)."""
     return datetime.datetime.now(datetime.timezone.utc).replace(tzinfo=None)
+
+
+def iso(moment):
+    """A stored UTC time as ISO 8601 with a Z."""
+    if isinstance(moment, str):
+        moment = datetime.datetime.fromisoformat(moment)
+    return moment.isoformat(timespec="milliseconds") + "Z"
 
 
 def pooled_url(url):
@@ -76,11 +84,48 @@ class Conversation(BaseModel):
         row = cls.select(cls.owner).where(cls.id == conversation_id).first()
         return row.owner if row else None
 
+    @classmethod
+    def owned(cls, conversation_id, owner):
+        """The conversation if `owner` owns it, else None."""
+        return cls.select().where((cls.id == conversation_id) & (cls.owner == owner)).first()
+
+    @classmethod
+    def page_of(cls, owner, limit, after=None):
+        """A page of the owner's conversations, newest activity first, with message counts.
+
+        `after` is the (updated_at, id) of the last conversation of the previous page.
+        """
+        count = (Message.select(fn.COUNT(Message.id)).where(Message.conversation == cls.id))
+        query = cls.select(cls, count.alias("message_count")).where(cls.owner == owner)
+        if after is not None:
+            updated_at, conversation_id = after
+            query = query.where((cls.updated_at < updated_at)
+                                | ((cls.updated_at == updated_at) & (cls.id < conversation_id)))
+        return list(query.order_by(cls.updated_at.desc(), cls.id.desc()).limit(limit))
+
+    @classmethod
+    def older_than(cls, cutoff):
+        """The ids of conversations with no activity since `cutoff`."""
+        return [c.id for c in cls.select(cls.id).where(cls.updated_at < cutoff)]
+
+    @classmethod
+    def remove(cls, conversation_ids):
+        """Delete conversations and their messages in one transaction; how many were deleted."""
+        with db.atomic():
+            Message.delete().where(Message.conversation.in_(conversation_ids)).execute()
+            return cls.delete().where(cls.id.in_(conversation_ids)).execute()
+
+    def as_json(self, message_count=None):
+        """The conversation as the history API shows it."""
+        return {"id": self.id, "title": self.title, "created_at": iso(self.created_at),
+                "updated_at": iso(self.updated_at),
+                "message_count": self.message_count if message_count is None else message_count}
+
 
 class Message(BaseModel):
     """One message of a conversation: the user's, or the model's reply."""
 
-    COMPLETE, INTERRUPTED, ERROR = "complete", "interrupted", "error"
+    COMPLETE, INTERRUPTED, ERROR, STOPPED = "complete", "interrupted", "error", "stopped"
 
     conversation = ForeignKeyField(Conversation, backref="messages", on_delete="CASCADE")
     role = CharField(max_length=16)
@@ -92,6 +137,23 @@ class Message(BaseModel):
 
     class Meta:
         indexes = ((("conversation", "id"), False),)
+
+    @classmethod
+    def page_of(cls, conversation_id, limit, after=0):
+        """A page of a conversation's messages, oldest first, after message id `after`."""
+        return list(cls.select().where((cls.conversation == conversation_id) & (cls.id > after))
+                    .order_by(cls.id).limit(limit))
+
+    @classmethod
+    def count_in(cls, conversation_id):
+        """How many messages a conversation has."""
+        return cls.select().where(cls.conversation == conversation_id).count()
+
+    def as_json(self):
+        """The message as the history API shows it."""
+        return {"id": self.id, "role": self.role, "content": self.content, "status": self.status,
+                "created_at": iso(self.created_at), "token_count": self.token_count,
+                "prompt_tokens": self.prompt_tokens}
 
     @classmethod
     def recent(cls, conversation_id, limit):
@@ -111,7 +173,7 @@ def save_turn(turn):
     now = utcnow()
     with db.atomic():
         Conversation.insert(id=turn.conversation_id, owner=turn.user,
-                            title=" ".join(turn.message.split())[:TITLE_CHARS], created_at=now,
+                            title=" ".join(turn.message.split())[:AUTO_TITLE_CHARS], created_at=now,
                             updated_at=now).on_conflict_ignore().execute()
         updated = (Conversation.update(updated_at=now)
                    .where((Conversation.id == turn.conversation_id)

@@ -21,6 +21,9 @@ log = logging.getLogger(__name__)
 NOT_FOUND = ApiError(404, "not_found", "conversation not found")
 BUSY = ApiError(409, "conversation_busy", "another turn of this conversation is in progress")
 SHUTTING_DOWN = ApiError(503, "shutting_down", "the service is restarting; the reply was cut short")
+STOPPED = ApiError(200, "stopped", "the reply was stopped")
+MESSAGE_OVERHEAD_TOKENS = 4
+PRUNE_BATCH = 500
 
 
 @contextmanager
@@ -47,7 +50,9 @@ class Turn:
     conversation_id: str
     message: str
     lock: object
+    record: dict = field(default_factory=dict)
     history: list = field(default_factory=list)
+    prompt: list = field(default_factory=list)
     cached: str = None
     started: float = field(default_factory=time.monotonic)
     first_token_at: float = None
@@ -56,11 +61,20 @@ class Turn:
     model: str = None
     prompt_tokens: int = None
     reply_tokens: int = None
+    finish_reason: str = None
 
     @property
     def message_tokens(self):
         """The estimated size of the user message in tokens."""
         return estimate_tokens(self.message)
+
+    def log_fields(self):
+        """What the request log says of the turn (never its text)."""
+        fields = {"model": self.model, "prompt_tokens": self.prompt_tokens,
+                  "completion_tokens": self.reply_tokens, "outcome": self.status}
+        if self.first_token_at is not None:
+            fields["time_to_first_token"] = round(self.first_token_at - self.started, 4)
+        return fields
 
     def metrics(self):
         """The figures of the finished turn, for the final event."""
@@ -80,7 +94,7 @@ class ChatService:
     """Runs chat turns against the cache, the database and the model."""
 
     def __init__(self, model, conversation_cache, history_limit, system_prompt, heartbeat,
-                 lock_ttl):
+                 lock_ttl, context_tokens):
         """Wire the service to its model and cache."""
         self.model = model
         self.cache = conversation_cache
@@ -88,47 +102,61 @@ class ChatService:
         self.system_prompt = system_prompt
         self.heartbeat = heartbeat
         self.lock_ttl = lock_ttl
-        self._open_streams = set()
+        self.context_tokens = context_tokens
+        self._open_streams = {}
+        self._listening = False
 
-    def run(self, user, conversation_id, message):
+    def run(self, user, conversation_id, message, record=None):
         """Answer a turn in one piece and keep it; returns the reply."""
-        turn = self.begin(user, conversation_id, message)
+        turn = self.begin(user, conversation_id, message, record)
         try:
-            reply = self.model.complete(self.prompt(turn))
+            reply = self.model.complete(turn.prompt)
             self._take(turn, reply, reply.content)
             self.finish(turn)
             return turn.reply
         finally:
             turn.lock.release()
 
-    def stream(self, user, conversation_id, message):
+    def stream(self, user, conversation_id, message, record=None):
         """Start a streamed turn: the SSE events, or ApiError before any event if the model refuses."""
-        turn = self.begin(user, conversation_id, message)
+        self._listen_for_stops()
+        turn = self.begin(user, conversation_id, message, record)
         try:
-            upstream = self.model.open_stream(self.prompt(turn))
+            upstream = self.model.open_stream(turn.prompt)
         except BaseException:
             turn.lock.release()
             raise
         return self._events(turn, upstream)
 
-    def begin(self, user, conversation_id, message):
+    def begin(self, user, conversation_id, message, record=None):
         """Hold the conversation, load its history (cache, else database) and check the owner."""
+        if self._cost(self._head()) + self._cost([{"content": message}]) > self.context_tokens:
+            raise ApiError(413, "context_too_large",
+                           f"the message alone exceeds the model's context budget of "
+                           f"{self.context_tokens} tokens")
         lock = self.cache.lock(conversation_id, self.lock_ttl)
         if lock is None:
             raise BUSY
-        turn = Turn(user=user, conversation_id=conversation_id, message=message, lock=lock)
+        turn = Turn(user=user, conversation_id=conversation_id, message=message, lock=lock,
+                    record=record if record is not None else {})
         try:
-            turn.cached = self._cached(conversation_id)
-            if turn.cached is not None:
-                owner, turn.history = cache.decode(turn.cached)
-            else:
-                owner, turn.history = self._stored(conversation_id)
+            owner, turn.history, turn.cached = self._load(conversation_id)
             if owner is not None and owner != user:
                 raise NOT_FOUND
+            turn.prompt = self._prompt(turn)
         except BaseException:
             lock.release()
             raise
         return turn
+
+    def _load(self, conversation_id):
+        """The owner, recent messages and raw cached value (None on a miss) of a conversation."""
+        cached = self._cached(conversation_id)
+        if cached is not None:
+            owner, history = cache.decode(cached)
+            return owner, history, cached
+        owner, history = self._stored(conversation_id)
+        return owner, history, None
 
     def _cached(self, conversation_id):
         """The cached conversation, or None when it is not cached or the cache is down."""
@@ -146,17 +174,34 @@ class ChatService:
                 return None, []
             return owner, Message.recent(conversation_id, self.history_limit)
 
-    def prompt(self, turn):
-        """The messages sent to the model: system prompt, recent history, the new message."""
-        messages = [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
-        messages += [m for m in turn.history if m["content"]]
-        messages.append({"role": "user", "content": turn.message})
-        return messages
+    def _head(self):
+        """The system prompt, as the first messages of every request."""
+        return [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
+
+    @staticmethod
+    def _cost(messages):
+        """The estimated tokens of messages, with a few for each message's framing."""
+        return sum(estimate_tokens(m["content"]) + MESSAGE_OVERHEAD_TOKENS for m in messages)
+
+    def _prompt(self, turn):
+        """The messages sent to the model: system prompt, the recent history that fits the budget, the new message."""
+        head, new = self._head(), [{"role": "user", "content": turn.message}]
+        room = self.context_tokens - self._cost(head) - self._cost(new)
+        kept = []
+        for message in reversed([m for m in turn.history if m["content"]]):
+            room -= self._cost([message])
+            if room < 0:
+                break
+            kept.append(message)
+        kept.reverse()
+        while kept and kept[0]["role"] == "assistant":
+            kept.pop(0)  # a reply without the message it answered is a turn cut in half
+        return head + kept + new
 
     def _events(self, turn, upstream):
         """Yield the SSE events of the turn: chunks, pings while the model is silent, one final event."""
         chunks = queue.Queue()
-        self._open_streams.add(chunks)
+        self._open_streams[turn.conversation_id] = chunks
         threading.Thread(target=pump, args=(upstream, chunks), daemon=True).start()
         parts = []
         try:
@@ -167,8 +212,11 @@ class ChatService:
                 self._keep_interrupted(turn, upstream.reply, "".join(parts))
                 raise
             finally:
-                self._open_streams.discard(chunks)
-            if error is not None:
+                self._open_streams.pop(turn.conversation_id, None)
+            if error is STOPPED:
+                upstream.close()
+                turn.status, error = Message.STOPPED, None
+            elif error is not None:
                 upstream.close()
                 turn.status = Message.ERROR
             self._take(turn, upstream.reply, "".join(parts))
@@ -190,6 +238,8 @@ class ChatService:
             if kind == "ping":
                 yield sse.PING
                 continue
+            if kind == "stop":
+                return STOPPED
             if kind != "chunk":
                 return value
             if turn.first_token_at is None:
@@ -204,9 +254,10 @@ class ChatService:
         except ApiError as exc:
             error = error or exc
         final = {"content": "", "is_final": True, "metrics": turn.metrics(),
-                 "conversation_id": turn.conversation_id}
+                 "conversation_id": turn.conversation_id, "finish_reason": turn.finish_reason}
         if error is not None:
             final["error"] = error.body()["error"]
+            turn.record["error"] = error.code
         return sse.event(final)
 
     def _keep_interrupted(self, turn, reply, content):
@@ -222,10 +273,12 @@ class ChatService:
         """Copy the model's reply and its figures into the turn."""
         turn.reply = content
         turn.model = reply.model or getattr(self.model, "model", None)
-        turn.prompt_tokens = reply.prompt_tokens or sum(
-            estimate_tokens(m["content"]) for m in self.prompt(turn))
+        turn.prompt_tokens = reply.prompt_tokens or self._cost(turn.prompt)
         turn.reply_tokens = reply.completion_tokens if reply.completion_tokens is not None \
             else estimate_tokens(content)
+        turn.finish_reason = (reply.finish_reason if turn.status == Message.COMPLETE
+                              else turn.status)
+        turn.record.update(turn.log_fields())
 
     def finish(self, turn):
         """Save both messages in the database, then refresh the cache from what was saved."""
@@ -246,12 +299,60 @@ class ChatService:
         """On shutdown: in `grace` seconds, end the streams still open with a final error event."""
         def cut_open_streams():
             """Tell every open stream to end now."""
-            for chunks in list(self._open_streams):
+            for chunks in list(self._open_streams.values()):
                 chunks.put(("error", SHUTTING_DOWN))
 
         timer = threading.Timer(grace, cut_open_streams)
         timer.daemon = True
         timer.start()
+
+
+    def stop(self, user, conversation_id):
+        """Stop the reply being streamed for a conversation, from whichever process streams it."""
+        owner, _, _ = self._load(conversation_id)
+        if owner != user:
+            raise NOT_FOUND
+        if not self.cache.is_locked(conversation_id):
+            raise ApiError(409, "no_reply_in_progress", "no reply is being streamed for this conversation")
+        self.cache.publish_stop(conversation_id)
+
+    def _listen_for_stops(self):
+        """Start receiving stop signals in this process (once, after gunicorn has forked)."""
+        if not self._listening:
+            self._listening = True
+            self.cache.listen_for_stops(self._stop_here)
+
+    def _stop_here(self, conversation_id):
+        """Stop the conversation's stream if this process serves it."""
+        chunks = self._open_streams.get(conversation_id)
+        if chunks is not None:
+            chunks.put(("stop", None))
+
+    def forget(self, user, conversation_id):
+        """Delete a conversation and its messages from the database and the cache."""
+        lock = self.cache.lock(conversation_id, self.lock_ttl)
+        if lock is None:
+            raise BUSY
+        try:
+            with stored():
+                if Conversation.owned(conversation_id, user) is None:
+                    raise NOT_FOUND
+                Conversation.remove([conversation_id])
+            self.cache.drop([conversation_id])
+        finally:
+            lock.release()
+
+    def prune(self, cutoff):
+        """Delete every conversation with no activity since `cutoff`; how many were deleted."""
+        with stored():
+            stale = Conversation.older_than(cutoff)
+        removed = 0
+        for start in range(0, len(stale), PRUNE_BATCH):
+            batch = stale[start:start + PRUNE_BATCH]
+            with stored():
+                removed += Conversation.remove(batch)
+            self.cache.drop(batch)
+        return removed
 
 
 def pump(upstream, chunks):

@@ -1,0 +1,72 @@
+"""Logging: JSON lines on stdout, and one line per request saying what happened (never any text or token)."""
+
+import json
+import logging
+import re
+import sys
+import time
+import uuid
+
+from werkzeug.wsgi import ClosingIterator
+
+REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+RECORD_KEY = "chat.request_log"
+requests_log = logging.getLogger("chat.requests")
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object a line: time, level, logger and message, or a request's fields."""
+
+    def format(self, record):
+        """The record as one line of JSON."""
+        line = {"time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S") + f".{int(record.msecs):03d}Z",
+                "level": record.levelname.lower(), "logger": record.name}
+        if isinstance(record.msg, dict):
+            line.update(record.msg)
+        else:
+            line["message"] = record.getMessage()
+        if record.exc_info:
+            line["exception"] = self.formatException(record.exc_info)
+        return json.dumps(line, default=str)
+
+
+def configure(level):
+    """Send every log record to stdout as JSON at `level` (once per process)."""
+    root = logging.getLogger()
+    if not any(getattr(h, "chat_json", False) for h in root.handlers):
+        handler = logging.StreamHandler(sys.stdout)
+        handler.setFormatter(JsonFormatter())
+        handler.formatter.converter = time.gmtime
+        handler.chat_json = True
+        root.addHandler(handler)
+    root.setLevel(level.upper())
+
+
+class RequestLog:
+    """WSGI middleware: a request id for every request and one log line when its response is done."""
+
+    def __init__(self, app):
+        """Wrap the WSGI `app`."""
+        self.app = app
+
+    def __call__(self, environ, start_response):
+        """Serve the request, then log it when the server closes the response (streams included)."""
+        started = time.monotonic()
+        given = environ.get("HTTP_X_REQUEST_ID", "")
+        request_id = given if REQUEST_ID.fullmatch(given) else uuid.uuid4().hex
+        record = {"request_id": request_id, "method": environ.get("REQUEST_METHOD"),
+                  "path": environ.get("PATH_INFO")}
+        environ[RECORD_KEY] = record
+
+        def start(status, headers, exc_info=None):
+            """Note the status and return the request id."""
+            record["status"] = int(status.split(" ", 1)[0])
+            headers.append(("X-Request-Id", request_id))
+            return start_response(status, headers, exc_info)
+
+        def done():
+            """Write the request's line."""
+            record["duration_ms"] = round((time.monotonic() - started) * 1000, 2)
+            requests_log.info(record)
+
+        return ClosingIterator(self.app(environ, start), done)
