@@ -48,7 +48,6 @@ class Turn:
     message: str
     lock: object
     history: list = field(default_factory=list)
-    cached: str = None
     started: float = field(default_factory=time.monotonic)
     first_token_at: float = None
     reply: str = ""
@@ -118,11 +117,7 @@ class ChatService:
             raise BUSY
         turn = Turn(user=user, conversation_id=conversation_id, message=message, lock=lock)
         try:
-            turn.cached = self._cached(conversation_id)
-            if turn.cached is not None:
-                owner, turn.history = cache.decode(turn.cached)
-            else:
-                owner, turn.history = self._stored(conversation_id)
+            owner, turn.history = self._load(conversation_id)
             if owner is not None and owner != user:
                 raise NOT_FOUND
         except BaseException:
@@ -130,21 +125,25 @@ class ChatService:
             raise
         return turn
 
+    def _load(self, conversation_id):
+        """The owner and recent messages of a conversation; cached ones only if they are the database's version."""
+        cached = self._cached(conversation_id)
+        with stored():
+            owner, version = Conversation.state_of(conversation_id)
+            if owner is None:
+                return None, []
+            if cached is not None and cached[0] == version:
+                return owner, cached[1]
+            return owner, Message.recent(conversation_id, self.history_limit)
+
     def _cached(self, conversation_id):
-        """The cached conversation, or None when it is not cached or the cache is down."""
+        """The cached (version, messages) of a conversation, or None (not cached, or cache down)."""
         try:
-            return self.cache.get(conversation_id)
+            raw = self.cache.get(conversation_id)
         except redis.RedisError as exc:
             log.warning("cache unavailable, reading the database: %s", type(exc).__name__)
             return None
-
-    def _stored(self, conversation_id):
-        """The owner and recent messages of a conversation from the database."""
-        with stored():
-            owner = Conversation.owner_of(conversation_id)
-            if owner is None:
-                return None, []
-            return owner, Message.recent(conversation_id, self.history_limit)
+        return None if raw is None else cache.decode(raw)
 
     def prompt(self, turn):
         """The messages sent to the model: system prompt, recent history, the new message."""
@@ -230,15 +229,15 @@ class ChatService:
     def finish(self, turn):
         """Save both messages in the database, then refresh the cache from what was saved."""
         with stored():
-            saved = save_turn(turn)
-        if not saved:
+            version = save_turn(turn)
+        if version is None:
             raise NOT_FOUND
         history = (turn.history + [
             {"role": "user", "content": turn.message},
             {"role": "assistant", "content": turn.reply},
         ])[-self.history_limit:]
         try:
-            self.cache.replace(turn.conversation_id, turn.cached, cache.encode(turn.user, history))
+            self.cache.put(turn.conversation_id, cache.encode(version, history))
         except redis.RedisError as exc:
             log.warning("cache unavailable, not updated: %s", type(exc).__name__)
 
