@@ -1,7 +1,8 @@
 """The conversation cache and turn locks: Redis when `REDIS_URL` is set, else this process's memory.
 
-The cache is only ever a copy of the database: a miss (expired, evicted, flushed, Redis
-down) is filled from it, and an entry that may have missed a write is dropped, not trusted.
+The cache is only ever a copy of the database: each entry carries the conversation's
+version, and a turn uses it only when the database holds that same version. A miss
+(expired, evicted, flushed, stale, Redis down) is filled from the database.
 """
 
 import json
@@ -21,28 +22,32 @@ STOP_CHANNEL = "chat:stop"
 RETRY_AFTER_FAILURE = 1.0
 MEMORY_ENTRIES = 10000
 
-# Replace the cached value only if it is still the one the turn read; otherwise drop
-# it, so a turn that raced with another never writes a history missing the other's messages.
-_REPLACE_IF_UNCHANGED = """
-local current = redis.call('GET', KEYS[1])
-if (current == false and ARGV[1] == '') or current == ARGV[1] then
-    redis.call('SET', KEYS[1], ARGV[2], 'EX', ARGV[3])
-    return 1
+# Delete a lock only if it still holds the token of the turn that took it.
+_RELEASE_IF_OURS = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+    return redis.call('DEL', KEYS[1])
 end
-redis.call('DEL', KEYS[1])
+return 0
+"""
+
+# Extend a lock only if it still holds the token of the turn that took it.
+_EXTEND_IF_OURS = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+    return redis.call('PEXPIRE', KEYS[1], ARGV[2])
+end
 return 0
 """
 
 
-def encode(owner, messages):
-    """The cached form of a conversation."""
-    return json.dumps({"owner": owner, "messages": messages}, ensure_ascii=False)
+def encode(version, messages):
+    """The cached form of a conversation's recent messages at `version`."""
+    return json.dumps({"version": version, "messages": messages}, ensure_ascii=False)
 
 
 def decode(raw):
-    """The (owner, messages) of a cached conversation."""
+    """The (version, messages) of a cached conversation."""
     value = json.loads(raw)
-    return value["owner"], value["messages"]
+    return value["version"], value["messages"]
 
 
 class CacheDown(redis.ConnectionError):
@@ -59,10 +64,10 @@ class RedisCache:
         self.client = redis.Redis.from_url(url, decode_responses=True, socket_timeout=1,
                                            socket_connect_timeout=1, health_check_interval=30)
         self.ttl = ttl
-        self.url = url
-        self._replace = self.client.register_script(_REPLACE_IF_UNCHANGED)
+        self._release_if_ours = self.client.register_script(_RELEASE_IF_OURS)
+        self._extend_if_ours = self.client.register_script(_EXTEND_IF_OURS)
         self._retry_at = 0.0
-        self._unsynced = set()
+        self._orphans = set()
         self.fallback_locks = MemoryLocks()
         self.fallback_counter = MemoryCounter()
 
@@ -71,41 +76,46 @@ class RedisCache:
         if time.monotonic() < self._retry_at:
             raise CacheDown("Redis failed a moment ago")
         try:
-            if self._unsynced:
-                self._drop_unsynced()
+            if self._orphans:
+                self._release_orphans()
             return operation(*args, **kwargs)
         except redis.RedisError:
             self._retry_at = time.monotonic() + RETRY_AFTER_FAILURE
             raise
 
-    def _drop_unsynced(self):
-        """Drop the entries whose update failed while Redis was away: they may be stale."""
-        pending = list(self._unsynced)
-        self.client.delete(*[KEY.format(c) for c in pending])
-        self._unsynced.difference_update(pending)
-        log.info("cache is back; dropped %d entries that missed updates", len(pending))
+    def _release_orphans(self):
+        """Release the locks whose taking or release failed while Redis was away."""
+        for key, token in list(self._orphans):
+            self._release_if_ours(keys=[key], args=[token])
+            self._orphans.discard((key, token))
+
+    def release(self, key, token):
+        """Release a lock if it is still ours; retried once Redis is back if this fails."""
+        try:
+            self._call(self._release_if_ours, keys=[key], args=[token])
+        except redis.RedisError as exc:
+            log.warning("could not release turn lock now: %s", type(exc).__name__)
+            self._orphans.add((key, token))
 
     def get(self, conversation_id):
         """The raw cached conversation, or None."""
         return self._call(self.client.get, KEY.format(conversation_id))
 
-    def replace(self, conversation_id, expected, new):
-        """Store `new` if the cached value is still `expected` (None: absent); else drop it."""
-        try:
-            self._call(self._replace, keys=[KEY.format(conversation_id)],
-                       args=[expected or "", new, self.ttl])
-        except redis.RedisError:
-            self._unsynced.add(conversation_id)
-            raise
+    def put(self, conversation_id, raw):
+        """Cache a conversation for the TTL."""
+        self._call(self.client.set, KEY.format(conversation_id), raw, ex=self.ttl)
 
     def lock(self, conversation_id, ttl):
         """Hold the conversation for one turn, across every process: a lock, or None if it is held."""
+        key, token = LOCK_KEY.format(conversation_id), uuid.uuid4().hex
         try:
-            held = self.client.lock(LOCK_KEY.format(conversation_id), timeout=ttl, blocking=False)
-            return RedisTurnLock(held, self) if self._call(held.acquire) else None
+            taken = self._call(self.client.set, key, token, nx=True, px=int(ttl * 1000))
         except redis.RedisError as exc:
+            if not isinstance(exc, CacheDown):
+                self._orphans.add((key, token))  # Redis may still carry the SET out later
             log.warning("cache unavailable, locking in this process only: %s", type(exc).__name__)
             return self.fallback_locks.lock(conversation_id, ttl)
+        return RedisTurnLock(self, key, token) if taken else None
 
     def is_locked(self, conversation_id):
         """Whether a turn holds the conversation now."""
@@ -120,8 +130,9 @@ class RedisCache:
             return
         try:
             self._call(self.client.delete, *[KEY.format(c) for c in conversation_ids])
-        except redis.RedisError:
-            self._unsynced.update(conversation_ids)
+        except redis.RedisError as exc:
+            # Harmless: a cached copy is used only while the database holds its version.
+            log.warning("cache unavailable, cached copies left to expire: %s", type(exc).__name__)
 
     def publish_stop(self, conversation_id):
         """Ask whichever process streams the conversation to stop."""
@@ -162,26 +173,23 @@ def _receive_stops(listener, on_stop):
 
 
 class RedisTurnLock:
-    """A turn's hold on a conversation, kept in Redis with an expiry."""
+    """A turn's hold on a conversation: a Redis key holding the turn's token, with an expiry."""
 
-    def __init__(self, held, conversation_cache):
-        """Wrap a redis-py lock that is held."""
-        self.held = held
-        self.cache = conversation_cache
+    def __init__(self, conversation_cache, key, token):
+        """A held lock."""
+        self.cache, self.key, self.token = conversation_cache, key, token
 
     def extend(self, ttl):
         """Keep holding the conversation for `ttl` more seconds."""
         try:
-            self.cache._call(self.held.extend, ttl, replace_ttl=True)
+            self.cache._call(self.cache._extend_if_ours, keys=[self.key],
+                             args=[self.token, int(ttl * 1000)])
         except redis.RedisError as exc:
             log.warning("could not extend turn lock: %s", type(exc).__name__)
 
     def release(self):
-        """Let the next turn in (it expires by itself if this fails)."""
-        try:
-            self.cache._call(self.held.release)
-        except redis.RedisError as exc:
-            log.warning("could not release turn lock: %s", type(exc).__name__)
+        """Let the next turn in."""
+        self.cache.release(self.key, self.token)
 
 
 class MemoryLocks:
@@ -257,15 +265,12 @@ class MemoryCache:
             return None
         return entry[0]
 
-    def replace(self, conversation_id, expected, new):
-        """Store `new` if the cached value is still `expected` (None: absent); else drop it."""
+    def put(self, conversation_id, raw):
+        """Cache a conversation for the TTL."""
         with self._mutex:
-            if self.get(conversation_id) != expected:
-                self._entries.pop(conversation_id, None)
-                return
             if len(self._entries) >= MEMORY_ENTRIES:
                 self._evict()
-            self._entries[conversation_id] = (new, time.monotonic() + self.ttl)
+            self._entries[conversation_id] = (raw, time.monotonic() + self.ttl)
 
     def _evict(self):
         """Make room: drop expired entries, then the oldest half."""

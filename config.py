@@ -29,6 +29,7 @@ class Config:
             "DATABASE_URL", "sqlite:///" + os.path.join(INSTANCE_DIR, "chat.db"))
         self.DATABASE_POOL_SIZE = _int("DATABASE_POOL_SIZE", 10)
         self.DATABASE_POOL_TIMEOUT = _float("DATABASE_POOL_TIMEOUT", 10)
+        self.DATABASE_TIMEOUT_SECONDS = _float("DATABASE_TIMEOUT_SECONDS", 5)
         self.REDIS_URL = os.environ.get("REDIS_URL") or None
         self.JWT_SECRET_KEY = os.environ.get("JWT_SECRET_KEY") or None
         self.LLM_BASE_URL = (os.environ.get("LLM_BASE_URL") or "").rstrip("/") or None

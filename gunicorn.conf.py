@@ -1,5 +1,6 @@
 """gunicorn settings: gevent workers, many connections each, configured by environment variables."""
 
+import functools
 import os
 import signal
 
@@ -30,10 +31,19 @@ def post_worker_init(worker):
 
     post_fork runs before the gevent worker calls monkey.patch_all(), so it is too early.
     """
-    from psycogreen.gevent import patch_psycopg
-
-    patch_psycopg()
+    make_psycopg_cooperative(worker.wsgi.config["DATABASE_TIMEOUT_SECONDS"])
     drain_streams_on_sigterm(worker)
+
+
+def make_psycopg_cooperative(timeout):
+    """psycogreen's wait callback, bounded: a database silent for `timeout` s fails the query.
+
+    psycopg2 closes the connection when the callback raises, so the pool discards it.
+    """
+    from psycogreen.gevent import gevent_wait_callback
+    from psycopg2 import extensions
+
+    extensions.set_wait_callback(functools.partial(gevent_wait_callback, timeout=timeout))
 
 
 def drain_streams_on_sigterm(worker):

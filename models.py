@@ -12,8 +12,9 @@ from playhouse.pool import MaxConnectionsExceeded
 
 db = DatabaseProxy()
 
-# Everything the database can fail with: peewee's errors, and a pool with no free connection.
-DATABASE_ERRORS = (PeeweeException, MaxConnectionsExceeded)
+# Everything the database can fail with: peewee's errors, a pool with no free connection, and
+# the socket timeouts of a database that stopped answering (gunicorn.conf.py sets them).
+DATABASE_ERRORS = (PeeweeException, MaxConnectionsExceeded, OSError)
 
 TITLE_CHARS = 200
 AUTO_TITLE_CHARS = 80
@@ -74,15 +75,17 @@ class Conversation(BaseModel):
     title = CharField(max_length=TITLE_CHARS, default="")
     created_at = DateTimeField(default=utcnow)
     updated_at = DateTimeField(default=utcnow)
+    # One more for every turn saved: a cached copy of another version is stale.
+    version = IntegerField(default=0)
 
     class Meta:
         indexes = ((("owner", "updated_at"), False),)
 
     @classmethod
-    def owner_of(cls, conversation_id):
-        """The owner of a conversation, or None if it does not exist."""
-        row = cls.select(cls.owner).where(cls.id == conversation_id).first()
-        return row.owner if row else None
+    def state_of(cls, conversation_id):
+        """The (owner, version) of a conversation, or (None, 0) if it does not exist."""
+        row = cls.select(cls.owner, cls.version).where(cls.id == conversation_id).first()
+        return (row.owner, row.version) if row else (None, 0)
 
     @classmethod
     def owned(cls, conversation_id, owner):
@@ -167,19 +170,19 @@ class Message(BaseModel):
 def save_turn(turn):
     """Write a finished turn (the user message and the reply) in one transaction.
 
-    Creates the conversation on its first turn. Returns False, writing nothing, when the
-    conversation belongs to someone else (it was started by another user meanwhile).
+    Creates the conversation on its first turn. Returns the conversation's new version, or
+    None, writing nothing, when it belongs to someone else (started by another user meanwhile).
     """
     now = utcnow()
     with db.atomic():
         Conversation.insert(id=turn.conversation_id, owner=turn.user,
                             title=" ".join(turn.message.split())[:AUTO_TITLE_CHARS], created_at=now,
                             updated_at=now).on_conflict_ignore().execute()
-        updated = (Conversation.update(updated_at=now)
+        updated = (Conversation.update(updated_at=now, version=Conversation.version + 1)
                    .where((Conversation.id == turn.conversation_id)
                           & (Conversation.owner == turn.user)).execute())
         if not updated:
-            return False
+            return None
         Message.insert_many([
             {"conversation": turn.conversation_id, "role": "user", "content": turn.message,
              "status": Message.COMPLETE, "token_count": turn.message_tokens,
@@ -188,7 +191,7 @@ def save_turn(turn):
              "status": turn.status, "token_count": turn.reply_tokens,
              "prompt_tokens": turn.prompt_tokens, "created_at": now},
         ]).execute()
-    return True
+        return Conversation.state_of(turn.conversation_id)[1]
 
 
 def create_tables():

@@ -52,8 +52,6 @@ class Turn:
     lock: object
     record: dict = field(default_factory=dict)
     history: list = field(default_factory=list)
-    prompt: list = field(default_factory=list)
-    cached: str = None
     started: float = field(default_factory=time.monotonic)
     first_token_at: float = None
     reply: str = ""
@@ -140,7 +138,7 @@ class ChatService:
         turn = Turn(user=user, conversation_id=conversation_id, message=message, lock=lock,
                     record=record if record is not None else {})
         try:
-            owner, turn.history, turn.cached = self._load(conversation_id)
+            owner, turn.history = self._load(conversation_id)
             if owner is not None and owner != user:
                 raise NOT_FOUND
             turn.prompt = self._prompt(turn)
@@ -150,29 +148,24 @@ class ChatService:
         return turn
 
     def _load(self, conversation_id):
-        """The owner, recent messages and raw cached value (None on a miss) of a conversation."""
+        """The owner and recent messages of a conversation; cached ones only if they are the database's version."""
         cached = self._cached(conversation_id)
-        if cached is not None:
-            owner, history = cache.decode(cached)
-            return owner, history, cached
-        owner, history = self._stored(conversation_id)
-        return owner, history, None
+        with stored():
+            owner, version = Conversation.state_of(conversation_id)
+            if owner is None:
+                return None, []
+            if cached is not None and cached[0] == version:
+                return owner, cached[1]
+            return owner, Message.recent(conversation_id, self.history_limit)
 
     def _cached(self, conversation_id):
-        """The cached conversation, or None when it is not cached or the cache is down."""
+        """The cached (version, messages) of a conversation, or None (not cached, or cache down)."""
         try:
-            return self.cache.get(conversation_id)
+            raw = self.cache.get(conversation_id)
         except redis.RedisError as exc:
             log.warning("cache unavailable, reading the database: %s", type(exc).__name__)
             return None
-
-    def _stored(self, conversation_id):
-        """The owner and recent messages of a conversation from the database."""
-        with stored():
-            owner = Conversation.owner_of(conversation_id)
-            if owner is None:
-                return None, []
-            return owner, Message.recent(conversation_id, self.history_limit)
+        return None if raw is None else cache.decode(raw)
 
     def _head(self):
         """The system prompt, as the first messages of every request."""
@@ -283,15 +276,15 @@ class ChatService:
     def finish(self, turn):
         """Save both messages in the database, then refresh the cache from what was saved."""
         with stored():
-            saved = save_turn(turn)
-        if not saved:
+            version = save_turn(turn)
+        if version is None:
             raise NOT_FOUND
         history = (turn.history + [
             {"role": "user", "content": turn.message},
             {"role": "assistant", "content": turn.reply},
         ])[-self.history_limit:]
         try:
-            self.cache.replace(turn.conversation_id, turn.cached, cache.encode(turn.user, history))
+            self.cache.put(turn.conversation_id, cache.encode(version, history))
         except redis.RedisError as exc:
             log.warning("cache unavailable, not updated: %s", type(exc).__name__)
 
@@ -309,7 +302,8 @@ class ChatService:
 
     def stop(self, user, conversation_id):
         """Stop the reply being streamed for a conversation, from whichever process streams it."""
-        owner, _, _ = self._load(conversation_id)
+        with stored():
+            owner, _ = Conversation.state_of(conversation_id)
         if owner != user:
             raise NOT_FOUND
         if not self.cache.is_locked(conversation_id):

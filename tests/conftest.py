@@ -99,10 +99,16 @@ def redis_client(redis_url):
     client.close()
 
 
+FRESH_SCHEMA = set()
+
+
 def reset_database(url):
-    """Bind the models to `url`, create the tables and empty them."""
+    """Bind the models to `url` with empty tables (recreated once a run, so the schema is current)."""
     database = models.open_database(url, 4, 5)
     with database.connection_context():
+        if url not in FRESH_SCHEMA:
+            database.drop_tables([models.Message, models.Conversation], safe=True)
+            FRESH_SCHEMA.add(url)
         models.create_tables()
         models.Message.delete().execute()
         models.Conversation.delete().execute()

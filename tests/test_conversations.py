@@ -125,7 +125,7 @@ def test_history_survives_a_new_app_instance(make_app, backend, llm):
 
 
 def test_redis_cache_holds_recent_messages_with_a_ttl(make_app, postgres_url, redis_client, llm):
-    """After a turn Redis holds the owner and the last messages, expiring after CACHE_TTL_SECONDS."""
+    """After a turn Redis holds the version and the last messages, expiring after CACHE_TTL_SECONDS."""
     app = make_app(DATABASE_URL=postgres_url, REDIS_URL=REDIS_URL, CACHE_TTL_SECONDS=120,
                    CHAT_HISTORY_LIMIT=2)
     client = app.test_client()
@@ -134,21 +134,41 @@ def test_redis_cache_holds_recent_messages_with_a_ttl(make_app, postgres_url, re
     run(client, "second", "c1")
     key = cache.KEY.format("c1")
     cached = json.loads(redis_client.get(key))
-    assert cached == {"owner": "alice", "messages": [
+    assert cached == {"version": 2, "messages": [
         {"role": "user", "content": "second"}, {"role": "assistant", "content": "two"}]}
     assert 0 < redis_client.ttl(key) <= 120
 
 
-@pytest.mark.parametrize("kind", ["redis", "memory"])
-def test_cache_replace_drops_a_value_that_changed_meanwhile(kind, redis_client):
-    """A turn that read an older cached value never overwrites a newer one: the entry is dropped."""
-    conversation_cache = cache.make_cache(REDIS_URL if kind == "redis" else None, 60)
-    conversation_cache.replace("c1", None, "v1")
-    assert conversation_cache.get("c1") == "v1"
-    conversation_cache.replace("c1", "v1", "v2")
-    assert conversation_cache.get("c1") == "v2"
-    conversation_cache.replace("c1", "v1", "v3")
-    assert conversation_cache.get("c1") is None
+def test_a_cached_copy_of_the_current_version_is_used(app, llm):
+    """When the cache holds the database's version, the turn takes its messages from the cache."""
+    client = app.test_client()
+    run(client, "hello", "c1")
+    app.extensions["chat"].cache.put("c1", cache.encode(1, [{"role": "user", "content": "from cache"}]))
+    run(client, "again", "c1")
+    assert [m["content"] for m in sent_messages(llm)] == ["from cache", "again"]
+
+
+def test_a_stale_cached_copy_never_wins_over_the_database(app, llm):
+    """A cached copy of an older version (a write it missed) is ignored: the model sees the database's history."""
+    client = app.test_client()
+    llm.script(Script(reply="r1"), Script(reply="r2"))
+    run(client, "m1", "c1")
+    stale = app.extensions["chat"].cache.get("c1")
+    run(client, "m2", "c1")
+    app.extensions["chat"].cache.put("c1", stale)
+    run(client, "m3", "c1")
+    assert [m["content"] for m in sent_messages(llm)] == ["m1", "r1", "m2", "r2", "m3"]
+
+
+def test_a_cached_copy_of_a_deleted_conversation_is_ignored(app, llm):
+    """A conversation gone from the database starts empty, whatever the cache still holds."""
+    client = app.test_client()
+    run(client, "secret", "c1")
+    with models.db.connection_context():
+        models.Message.delete().execute()
+        models.Conversation.delete().execute()
+    run(client, "fresh start", "c1")
+    assert [m["content"] for m in sent_messages(llm)] == ["fresh start"]
 
 
 def test_database_has_the_indexes_the_queries_need(postgres):

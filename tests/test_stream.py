@@ -111,8 +111,8 @@ def test_stream_saves_both_messages_and_caches_them(service, llm, redis_client):
     data_events(open_stream(service, "Does it work?", "c1"))
     assert stored("c1") == [("user", "Does it work?", "complete"),
                             ("assistant", "It works.", "complete")]
-    owner, messages = cache.decode(redis_client.get(cache.KEY.format("c1")))
-    assert owner == "alice"
+    version, messages = cache.decode(redis_client.get(cache.KEY.format("c1")))
+    assert version == 1
     assert messages[-1] == {"role": "assistant", "content": "It works."}
 
 

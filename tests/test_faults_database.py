@@ -1,0 +1,251 @@
+"""PostgreSQL faults: the service under gunicorn answers 503 while the database is gone and recovers by itself.
+
+The service reaches PostgreSQL through a TcpProxy this test owns (tests/faults.py), which
+refuses and cuts connections; the machine's PostgreSQL itself is never touched.
+"""
+
+import threading
+import uuid
+from urllib.parse import urlsplit
+
+import psycopg2
+import pytest
+import requests
+
+from tests.conftest import POSTGRES_URL, wait_until
+from tests.fake_llm import Script
+from tests.faults import (TcpProxy, cached_messages, complete, contents, conversation_exists, run, seen_by_model,
+                          status, stored_messages, stream)
+from tests.sse_client import PING, data_events, events
+
+DATABASE_UNAVAILABLE = {"error": {"code": "database_unavailable", "message": "the database is unavailable"}}
+
+
+@pytest.fixture
+def pg_proxy(postgres_url):
+    """A TCP proxy in front of the test PostgreSQL, owned by this test."""
+    parts = urlsplit(postgres_url)
+    proxy = TcpProxy(parts.hostname or "127.0.0.1", parts.port or 5432).start()
+    yield proxy
+    proxy.stop()
+
+
+def through(proxy):
+    """The test database's URL, reached through the proxy."""
+    parts = urlsplit(POSTGRES_URL)
+    user = parts.netloc.rsplit("@", 1)[0] + "@" if "@" in parts.netloc else ""
+    return parts._replace(netloc=f"{user}127.0.0.1:{proxy.port}").geturl()
+
+
+def lock_waiters(postgres_url):
+    """How many backends of the test database wait on a lock."""
+    with psycopg2.connect(postgres_url.rsplit("/", 1)[0] + "/postgres") as admin:
+        with admin.cursor() as cursor:
+            cursor.execute("SELECT count(*) FROM pg_stat_activity WHERE datname = %s "
+                           "AND wait_event_type = 'Lock'", (postgres_url.rsplit("/", 1)[1],))
+            count = cursor.fetchone()[0]
+    admin.close()
+    return count
+
+
+def fill_pool(service, postgres_url, size):
+    """Make the service's pool open `size` connections at once: as many new conversations wait on a locked table."""
+    answers = []
+    locker = psycopg2.connect(postgres_url)
+    try:
+        with locker.cursor() as cursor:
+            cursor.execute("LOCK TABLE conversation IN ACCESS EXCLUSIVE MODE")
+            turns = [threading.Thread(target=lambda: answers.append(run(service, "fill", f"fill-{uuid.uuid4()}")))
+                     for _ in range(size)]
+            for turn in turns:
+                turn.start()
+            assert wait_until(lambda: lock_waiters(postgres_url) == size, timeout=10)
+        locker.commit()
+    finally:
+        locker.close()
+    for turn in turns:
+        turn.join(20)
+    assert [answer.status_code for answer in answers] == [200] * size
+
+
+def test_database_refusing_connections_is_503_and_the_service_recovers_by_itself(start_service, llm, pg_proxy,
+                                                                                  redis_client):
+    """While PostgreSQL refuses connections turns are JSON 503s and nothing is half-written; then all works again."""
+    service = start_service(DATABASE_URL=through(pg_proxy), DATABASE_POOL_SIZE=2)
+    assert run(service, "one", "c1").status_code == 200
+    pg_proxy.refuse()
+    pg_proxy.cut()
+
+    # A cached conversation: whether or not the model answered, the turn cannot be kept.
+    response = run(service, "lost", "c1")
+    assert response.status_code == 503
+    assert response.headers["Content-Type"] == "application/json"
+    assert response.json() == DATABASE_UNAVAILABLE
+    # Conversations not cached: their history cannot be read, so the model is not asked.
+    calls = len(llm.requests)
+    response = run(service, "hi", "c2")
+    assert response.status_code == 503 and response.json() == DATABASE_UNAVAILABLE
+    opened = stream(service, "hi", "c3")
+    assert opened.status_code == 503
+    assert opened.headers["Content-Type"] == "application/json"
+    assert opened.json() == DATABASE_UNAVAILABLE
+    assert len(llm.requests) == calls
+
+    about = status(service)
+    assert about["status"] == "degraded"
+    assert about["database"] == {"state": "unavailable", "backend": "postgresql"}
+    assert about["cache"]["state"] == "ok"
+
+    pg_proxy.accept()
+    response = run(service, "two", "c1")
+    assert response.status_code == 200
+    assert response.json() == {"response": "echo: two", "conversation_id": "c1"}
+    assert seen_by_model(llm) == ["one", "echo: one", "two"]
+    assert stored_messages("c1") == complete(("one", "echo: one"), ("two", "echo: two"))
+    assert contents(cached_messages(redis_client, "c1")[1]) == ["one", "echo: one", "two", "echo: two"]
+    assert not conversation_exists("c2") and not conversation_exists("c3")
+    assert cached_messages(redis_client, "c2") is None and cached_messages(redis_client, "c3") is None
+    assert status(service)["status"] == "ok"
+
+    final = data_events(stream(service, "hi again", "c3"))[-1]
+    assert final["is_final"] is True and "error" not in final
+    assert stored_messages("c3") == complete(("hi again", "echo: hi again"))
+
+
+def test_connections_dropped_while_pooled_are_replaced(start_service, llm, pg_proxy, postgres_url, redis_client):
+    """When every pooled connection is cut while idle, the next turns get fresh connections and succeed."""
+    service = start_service(DATABASE_URL=through(pg_proxy), DATABASE_POOL_SIZE=2)
+    fill_pool(service, postgres_url, 2)
+    assert pg_proxy.open_connections == 2
+    accepted = pg_proxy.connections_accepted
+
+    pg_proxy.cut()
+    assert pg_proxy.open_connections == 0
+    response = run(service, "after the cut", "c1")
+    assert response.status_code == 200, response.text
+    assert pg_proxy.connections_accepted > accepted
+    assert stored_messages("c1") == complete(("after the cut", "echo: after the cut"))
+    assert contents(cached_messages(redis_client, "c1")[1]) == ["after the cut", "echo: after the cut"]
+
+    pg_proxy.cut()
+    assert status(service)["database"]["state"] == "ok"
+    redis_client.delete("chat:conversation:c1")
+    final = data_events(stream(service, "and again", "c1"))[-1]
+    assert final["is_final"] is True and "error" not in final
+    assert seen_by_model(llm) == ["after the cut", "echo: after the cut", "and again"]
+    assert stored_messages("c1") == complete(("after the cut", "echo: after the cut"),
+                                             ("and again", "echo: and again"))
+
+
+def test_database_failing_at_the_end_of_a_stream_is_in_the_final_event(start_service, llm, pg_proxy,
+                                                                       redis_client):
+    """If PostgreSQL goes while the model streams, the final event says database_unavailable; nothing is half-kept."""
+    service = start_service(DATABASE_URL=through(pg_proxy), LLM_TIMEOUT_SECONDS=20)
+    assert run(service, "turn 1", "s1").status_code == 200
+
+    llm.script(Script(chunks=["a", "b"], chunk_delay=30))
+    opened = stream(service, "turn 2", "s1")
+    assert opened.status_code == 200
+    received = events(opened)
+    assert next(received)["content"] == "a"
+    pg_proxy.refuse()
+    pg_proxy.cut()
+    llm.release()
+    rest = [event for event in received if event != PING]
+    assert [event["content"] for event in rest] == ["b", ""]
+    final = rest[-1]
+    assert final["is_final"] is True and final["conversation_id"] == "s1"
+    assert final["error"] == DATABASE_UNAVAILABLE["error"]
+
+    pg_proxy.accept()
+    # Neither message of turn 2 was kept, and the cache still matches the database.
+    assert stored_messages("s1") == complete(("turn 1", "echo: turn 1"))
+    assert contents(cached_messages(redis_client, "s1")[1]) == ["turn 1", "echo: turn 1"]
+    response = run(service, "turn 3", "s1")
+    assert response.status_code == 200
+    assert seen_by_model(llm) == ["turn 1", "echo: turn 1", "turn 3"]
+    assert stored_messages("s1") == complete(("turn 1", "echo: turn 1"), ("turn 3", "echo: turn 3"))
+
+
+def test_no_broken_connection_is_left_in_the_pool(start_service, llm, pg_proxy, postgres_url):
+    """After an outage that broke every pooled connection, twenty turns in a row all succeed on a pool of two."""
+    service = start_service(DATABASE_URL=through(pg_proxy), DATABASE_POOL_SIZE=2)
+    fill_pool(service, postgres_url, 2)
+    pg_proxy.refuse()
+    pg_proxy.cut()
+    assert run(service, "down", "n1").status_code == 503
+    assert status(service)["database"]["state"] == "unavailable"
+    pg_proxy.accept()
+
+    for n in range(20):
+        if n % 2:
+            opened = stream(service, f"turn {n}", "n1")
+            assert opened.status_code == 200, (n, opened.text)
+            final = data_events(opened)[-1]
+            assert final["is_final"] is True and "error" not in final, (n, final)
+        else:
+            response = run(service, f"turn {n}", "n1")
+            assert response.status_code == 200, (n, response.text)
+    assert stored_messages("n1") == complete(*[(f"turn {n}", f"echo: turn {n}") for n in range(20)])
+    assert pg_proxy.open_connections <= 2
+    fill_pool(service, postgres_url, 2)
+    assert status(service)["status"] == "ok"
+
+
+def test_connection_cut_while_saving_a_turn_keeps_neither_message(start_service, llm, pg_proxy, postgres_url,
+                                                                  redis_client):
+    """A connection cut in the middle of the turn's transaction is a 503 that leaves the conversation as it was."""
+    service = start_service(DATABASE_URL=through(pg_proxy))
+    assert run(service, "turn 1", "t1").status_code == 200
+    answers = []
+    locker = psycopg2.connect(postgres_url)
+    try:
+        with locker.cursor() as cursor:
+            cursor.execute("LOCK TABLE message IN ACCESS EXCLUSIVE MODE")
+            saving = threading.Thread(target=lambda: answers.append(run(service, "turn 2", "t1")))
+            saving.start()
+            # The history came from the cache; the transaction is open and waits to insert the messages.
+            assert wait_until(lambda: lock_waiters(postgres_url) == 1, timeout=10)
+            pg_proxy.cut()
+            saving.join(20)
+        locker.commit()
+    finally:
+        locker.close()
+    assert answers[0].status_code == 503, answers[0].text
+    assert answers[0].json() == DATABASE_UNAVAILABLE
+    assert wait_until(lambda: lock_waiters(postgres_url) == 0, timeout=10)
+    assert stored_messages("t1") == complete(("turn 1", "echo: turn 1"))
+    assert contents(cached_messages(redis_client, "t1")[1]) == ["turn 1", "echo: turn 1"]
+
+    response = run(service, "turn 3", "t1")
+    assert response.status_code == 200
+    assert seen_by_model(llm) == ["turn 1", "echo: turn 1", "turn 3"]
+    assert stored_messages("t1") == complete(("turn 1", "echo: turn 1"), ("turn 3", "echo: turn 3"))
+
+
+def answered(call, *args, **kwargs):
+    """The response of `call`, failing the test if the service does not answer at all within the client's timeout."""
+    try:
+        return call(*args, **kwargs)
+    except requests.Timeout:
+        pass
+    pytest.fail(f"no answer within {kwargs.get('timeout')} s: the request hangs on the silent database")
+
+
+def test_database_that_stops_answering_is_503_not_a_hang(start_service, llm, pg_proxy, redis_client):
+    """A PostgreSQL that accepts connections but never answers (a partition) costs turns a 503, not an endless wait."""
+    service = start_service(DATABASE_URL=through(pg_proxy), DATABASE_POOL_SIZE=2, DATABASE_POOL_TIMEOUT=2)
+    assert run(service, "one", "c1").status_code == 200
+
+    pg_proxy.stall()
+    response = answered(service.post, "/chat/run", {"message": "hi", "conversation_id": "c2"}, timeout=10)
+    assert response.status_code == 503 and response.json() == DATABASE_UNAVAILABLE
+    about = answered(requests.get, service.url + "/status", timeout=10)
+    assert about.status_code == 200 and about.json()["database"]["state"] == "unavailable"
+
+    pg_proxy.flow()
+    pg_proxy.cut()
+    assert run(service, "two", "c1").status_code == 200
+    assert seen_by_model(llm) == ["one", "echo: one", "two"]
+    assert stored_messages("c1") == complete(("one", "echo: one"), ("two", "echo: two"))
+    assert not conversation_exists("c2")
