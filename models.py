@@ -2,6 +2,7 @@
 
 import datetime
 import os
+import uuid
 from urllib.parse import urlsplit
 
 from peewee import (CharField, DatabaseProxy, DateTimeField, ForeignKeyField,
@@ -75,17 +76,18 @@ class Conversation(BaseModel):
     title = CharField(max_length=TITLE_CHARS, default="")
     created_at = DateTimeField(default=utcnow)
     updated_at = DateTimeField(default=utcnow)
-    # One more for every turn saved: a cached copy of another version is stale.
-    version = IntegerField(default=0)
+    # A new random token for every turn saved (never reused, even after a delete):
+    # a cached copy made at another version is stale.
+    version = CharField(max_length=32, default="")
 
     class Meta:
         indexes = ((("owner", "updated_at"), False),)
 
     @classmethod
     def state_of(cls, conversation_id):
-        """The (owner, version) of a conversation, or (None, 0) if it does not exist."""
+        """The (owner, version) of a conversation, or (None, None) if it does not exist."""
         row = cls.select(cls.owner, cls.version).where(cls.id == conversation_id).first()
-        return (row.owner, row.version) if row else (None, 0)
+        return (row.owner, row.version) if row else (None, None)
 
     @classmethod
     def owned(cls, conversation_id, owner):
@@ -173,12 +175,12 @@ def save_turn(turn):
     Creates the conversation on its first turn. Returns the conversation's new version, or
     None, writing nothing, when it belongs to someone else (started by another user meanwhile).
     """
-    now = utcnow()
+    now, version = utcnow(), uuid.uuid4().hex
     with db.atomic():
         Conversation.insert(id=turn.conversation_id, owner=turn.user,
                             title=" ".join(turn.message.split())[:AUTO_TITLE_CHARS], created_at=now,
                             updated_at=now).on_conflict_ignore().execute()
-        updated = (Conversation.update(updated_at=now, version=Conversation.version + 1)
+        updated = (Conversation.update(updated_at=now, version=version)
                    .where((Conversation.id == turn.conversation_id)
                           & (Conversation.owner == turn.user)).execute())
         if not updated:
@@ -191,7 +193,7 @@ def save_turn(turn):
              "status": turn.status, "token_count": turn.reply_tokens,
              "prompt_tokens": turn.prompt_tokens, "created_at": now},
         ]).execute()
-        return Conversation.state_of(turn.conversation_id)[1]
+    return version
 
 
 def create_tables():

@@ -2,7 +2,6 @@
 
 import json
 
-import pytest
 
 import cache
 import models
@@ -134,7 +133,9 @@ def test_redis_cache_holds_recent_messages_with_a_ttl(make_app, postgres_url, re
     run(client, "second", "c1")
     key = cache.KEY.format("c1")
     cached = json.loads(redis_client.get(key))
-    assert cached == {"version": 2, "messages": [
+    with models.db.connection_context():
+        version = models.Conversation.get_by_id("c1").version
+    assert cached == {"version": version, "messages": [
         {"role": "user", "content": "second"}, {"role": "assistant", "content": "two"}]}
     assert 0 < redis_client.ttl(key) <= 120
 
@@ -143,7 +144,9 @@ def test_a_cached_copy_of_the_current_version_is_used(app, llm):
     """When the cache holds the database's version, the turn takes its messages from the cache."""
     client = app.test_client()
     run(client, "hello", "c1")
-    app.extensions["chat"].cache.put("c1", cache.encode(1, [{"role": "user", "content": "from cache"}]))
+    with models.db.connection_context():
+        version = models.Conversation.get_by_id("c1").version
+    app.extensions["chat"].cache.put("c1", cache.encode(version, [{"role": "user", "content": "from cache"}]))
     run(client, "again", "c1")
     assert [m["content"] for m in sent_messages(llm)] == ["from cache", "again"]
 
@@ -178,3 +181,17 @@ def test_database_has_the_indexes_the_queries_need(postgres):
         conversation_indexes = {tuple(i.columns) for i in postgres.get_indexes("conversation")}
     assert ("conversation_id", "id") in message_indexes
     assert ("owner", "updated_at") in conversation_indexes
+
+
+def test_a_cached_copy_from_before_a_delete_is_not_reused(app, llm):
+    """A conversation deleted and started again never matches a copy cached before the delete."""
+    client = app.test_client()
+    run(client, "old life", "c1")
+    old_copy = app.extensions["chat"].cache.get("c1")
+    with models.db.connection_context():
+        models.Message.delete().execute()
+        models.Conversation.delete().execute()
+    run(client, "new life", "c1")
+    app.extensions["chat"].cache.put("c1", old_copy)
+    run(client, "which life?", "c1")
+    assert [m["content"] for m in sent_messages(llm)] == ["new life", "echo: new life", "which life?"]

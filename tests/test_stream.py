@@ -112,7 +112,8 @@ def test_stream_saves_both_messages_and_caches_them(service, llm, redis_client):
     assert stored("c1") == [("user", "Does it work?", "complete"),
                             ("assistant", "It works.", "complete")]
     version, messages = cache.decode(redis_client.get(cache.KEY.format("c1")))
-    assert version == 1
+    with models.db.connection_context():
+        assert version == models.Conversation.get_by_id("c1").version
     assert messages[-1] == {"role": "assistant", "content": "It works."}
 
 
