@@ -52,8 +52,10 @@ def drain_streams_on_sigterm(worker):
     grace = max(0.5, worker.cfg.graceful_timeout - DRAIN_MARGIN_SECONDS)
 
     def handle_sigterm(sig, frame):
-        """gunicorn's own SIGTERM handling, then the stream deadline."""
+        """gunicorn's own SIGTERM handling, then the stream deadline (nothing here may block)."""
+        import gevent
+
         worker.handle_exit(sig, frame)
-        service.drain(grace)
+        gevent.spawn_later(grace, service.cut_open_streams)
 
     signal.signal(signal.SIGTERM, handle_sigterm)

@@ -2,6 +2,7 @@
 
 import json
 import socket
+import threading
 import time
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit, urlunsplit
@@ -133,6 +134,8 @@ class ReplyStream:
         self.response = response
         self.timeout = timeout
         self.reply = Reply(model=model)
+        self._guard = threading.Lock()
+        self._done_with = False
 
     def __iter__(self):
         """Yield each piece of text as the model sends it; raise ApiError if the stream breaks."""
@@ -202,13 +205,34 @@ class ReplyStream:
             for _ in self._blocks():
                 pass
         except ApiError:
-            self.response.close()
+            self.close()
             return
-        self.response.raw.release_conn()
+        with self._guard:
+            if not self._done_with:
+                self._done_with = True
+                self.response.raw.release_conn()
 
     def close(self):
-        """Close the connection to the model, so it stops generating."""
+        """Close the connection to the model (called by whoever reads the stream)."""
+        with self._guard:
+            self._done_with = True
         self.response.close()
+
+    def cut(self):
+        """Stop the model from anywhere: shut the connection down, so a blocked read ends at once.
+
+        Closing the response from outside would race the reader on the same buffer; the
+        reader closes it once its read fails.
+        """
+        with self._guard:
+            if self._done_with:
+                return
+            sock = getattr(getattr(self.response.raw, "connection", None), "sock", None)
+            if sock is not None:
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
 
 
 class DemoModel:
@@ -257,11 +281,14 @@ class DemoStream:
         self.reply = Reply(model=reply.model, prompt_tokens=reply.prompt_tokens,
                            completion_tokens=reply.completion_tokens, finish_reason="stop")
         self.word_delay = word_delay
+        self.cut_short = False
 
     def __iter__(self):
-        """Yield each word after a short pause."""
+        """Yield each word after a short pause, until cut."""
         for word in self.words:
             time.sleep(self.word_delay)
+            if self.cut_short:
+                return
             self.reply.chunks.append(word)
             yield word
 
@@ -270,6 +297,10 @@ class DemoStream:
 
     def close(self):
         """Nothing to close."""
+
+    def cut(self):
+        """Stop after the current word."""
+        self.cut_short = True
 
 
 def make_model(config):

@@ -201,16 +201,16 @@ class ChatService:
             try:
                 error = yield from self._relay(turn, chunks, parts)
             except GeneratorExit:
-                upstream.close()
+                upstream.cut()
                 self._keep_interrupted(turn, upstream.reply, "".join(parts))
                 raise
             finally:
                 self._open_streams.pop(turn.conversation_id, None)
+            if error is not None:
+                upstream.cut()
             if error is STOPPED:
-                upstream.close()
                 turn.status, error = Message.STOPPED, None
             elif error is not None:
-                upstream.close()
                 turn.status = Message.ERROR
             self._take(turn, upstream.reply, "".join(parts))
             yield self._final_event(turn, error)
@@ -288,17 +288,10 @@ class ChatService:
         except redis.RedisError as exc:
             log.warning("cache unavailable, not updated: %s", type(exc).__name__)
 
-    def drain(self, grace):
-        """On shutdown: in `grace` seconds, end the streams still open with a final error event."""
-        def cut_open_streams():
-            """Tell every open stream to end now."""
-            for chunks in list(self._open_streams.values()):
-                chunks.put(("error", SHUTTING_DOWN))
-
-        timer = threading.Timer(grace, cut_open_streams)
-        timer.daemon = True
-        timer.start()
-
+    def cut_open_streams(self):
+        """End every open stream now with a final error event (the service is shutting down)."""
+        for chunks in list(self._open_streams.values()):
+            chunks.put(("error", SHUTTING_DOWN))
 
     def stop(self, user, conversation_id):
         """Stop the reply being streamed for a conversation, from whichever process streams it."""
