@@ -64,6 +64,7 @@ class RedisCache:
         self.client = redis.Redis.from_url(url, decode_responses=True, socket_timeout=1,
                                            socket_connect_timeout=1, health_check_interval=30)
         self.ttl = ttl
+        self.url = url
         self._release_if_ours = self.client.register_script(_RELEASE_IF_OURS)
         self._extend_if_ours = self.client.register_script(_EXTEND_IF_OURS)
         self._retry_at = 0.0

@@ -1,0 +1,76 @@
+"""The OpenAPI document: it names every route the app has, and the running service keeps to it."""
+
+import json
+import os
+import re
+import subprocess
+import sys
+
+import requests
+
+from config import VERSION
+from tests.conftest import ROOT, token
+
+UNDOCUMENTED_METHODS = {"HEAD", "OPTIONS"}
+
+
+def document():
+    """The OpenAPI document kept in the repository."""
+    with open(os.path.join(ROOT, "openapi.json")) as kept:
+        return json.load(kept)
+
+
+def documented_operations():
+    """(method, path) of every operation in the document."""
+    return {(method.upper(), path) for path, item in document()["paths"].items()
+            for method in item if method != "parameters"}
+
+
+def routed_operations(app):
+    """(method, path) of every route the app serves, in OpenAPI's path syntax."""
+    return {(method, re.sub(r"<(?:\w+:)?(\w+)>", r"{\1}", rule.rule))
+            for rule in app.url_map.iter_rules() if rule.endpoint != "static"
+            for method in rule.methods - UNDOCUMENTED_METHODS}
+
+
+def test_document_names_exactly_the_routes_the_app_has(pg_app):
+    """Every route is documented and every documented operation is routed."""
+    assert routed_operations(pg_app) == documented_operations()
+
+
+def test_document_is_openapi_3_1_of_this_version():
+    """The document declares OpenAPI 3.1 and the service's version."""
+    assert document()["openapi"].startswith("3.1")
+    assert document()["info"]["version"] == VERSION
+
+
+def test_every_operation_documents_its_errors_in_the_one_shape():
+    """Each authenticated operation documents 401, and every error response uses the Error schema."""
+    for path, item in document()["paths"].items():
+        for method, operation in item.items():
+            if method == "parameters":
+                continue
+            secured = operation.get("security", document()["security"]) != []
+            assert not secured or "401" in operation["responses"], (method, path)
+            for status, response in operation["responses"].items():
+                if status.startswith(("4", "5")):
+                    schema = response["content"]["application/json"]["schema"]
+                    assert schema == {"$ref": "#/components/schemas/Error"}, (method, path, status)
+
+
+def test_service_serves_the_document(service):
+    """GET /openapi.json answers the kept document without a token."""
+    response = requests.get(service.url + "/openapi.json", timeout=5)
+    assert response.status_code == 200
+    assert response.json() == document()
+
+
+def test_schemathesis_finds_no_server_error_and_no_response_off_the_document(service, llm):
+    """Generated requests, valid and not, with a valid token: no 5xx, every response as documented."""
+    command = [os.path.join(os.path.dirname(sys.executable), "schemathesis"), "run",
+               service.url + "/openapi.json", "--header", f"Authorization: Bearer {token('schemathesis')}",
+               "--checks", "not_a_server_error,status_code_conformance,content_type_conformance,"
+               "response_schema_conformance", "--max-examples", "25", "--seed", "1",
+               "--generation-allow-x00", "false", "--request-timeout", "10"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-2000:]
