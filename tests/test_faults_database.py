@@ -234,7 +234,9 @@ def answered(call, *args, **kwargs):
 
 def test_database_that_stops_answering_is_503_not_a_hang(start_service, llm, pg_proxy, redis_client):
     """A PostgreSQL that accepts connections but never answers (a partition) costs turns a 503, not an endless wait."""
-    service = start_service(DATABASE_URL=through(pg_proxy), DATABASE_POOL_SIZE=2, DATABASE_POOL_TIMEOUT=2)
+    # Each wait on the database is bounded; a checkout may try every pooled connection once.
+    service = start_service(DATABASE_URL=through(pg_proxy), DATABASE_POOL_SIZE=2, DATABASE_POOL_TIMEOUT=2,
+                            DATABASE_TIMEOUT_SECONDS=1)
     assert run(service, "one", "c1").status_code == 200
 
     pg_proxy.stall()

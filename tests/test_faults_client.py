@@ -1,0 +1,163 @@
+"""A client that hangs up mid-stream, over the real gunicorn + gevent service.
+
+The service only learns that the client left when a write fails (a chunk, or a `: ping`
+heartbeat while the model is silent). Then it closes its request to the model, keeps the
+user message and the partial reply with status `interrupted`, and lets go of the
+conversation, so the next turn works and carries on from the partial reply.
+"""
+
+import json
+import re
+import socket
+import time
+
+import requests
+
+import models
+from tests.conftest import bearer, token, wait_until
+from tests.fake_llm import Script
+from tests.sse_client import data_events
+
+DATA_EVENT = re.compile(rb"data: ([^\r\n]*)\n\n")
+PING_FRAME = b": ping\n\n"
+
+
+class RawStream:
+    """A hand-written HTTP/1.1 POST /chat/stream over a plain socket, read as far as a test wants."""
+
+    def __init__(self, service, message, conversation_id, user="alice"):
+        """Connect and send the request."""
+        body = json.dumps({"message": message, "conversation_id": conversation_id}).encode()
+        head = (f"POST /chat/stream HTTP/1.1\r\n"
+                f"Host: 127.0.0.1:{service.port}\r\n"
+                f"Authorization: Bearer {token(user)}\r\n"
+                f"Content-Type: application/json\r\n"
+                f"Accept: text/event-stream\r\n"
+                f"Content-Length: {len(body)}\r\n\r\n").encode()
+        self.sock = socket.create_connection(("127.0.0.1", service.port), timeout=10)
+        self.sock.sendall(head + body)
+        self.received = b""
+
+    def read_until(self, done, timeout=10):
+        """Read until `done(received)` holds; fail if the server closes or stays silent first."""
+        deadline = time.monotonic() + timeout
+        while not done(self.received):
+            self.sock.settimeout(max(0.01, deadline - time.monotonic()))
+            data = self.sock.recv(65536)
+            assert data, f"the server closed the stream early: {self.received!r}"
+            self.received += data
+        return self.received
+
+    def first_event(self):
+        """Read until the first complete data event and return it."""
+        self.read_until(lambda received: DATA_EVENT.search(received) is not None)
+        assert self.received.startswith(b"HTTP/1.1 200 "), self.received[:200]
+        return json.loads(DATA_EVENT.search(self.received).group(1))
+
+    def events(self):
+        """The data events read so far."""
+        return [json.loads(m) for m in DATA_EVENT.findall(self.received)]
+
+    def close(self):
+        """Hang up."""
+        self.sock.close()
+
+
+def post(service, path, body, user="alice", **kwargs):
+    """POST JSON to the service as `user`, on a connection closed after the answer.
+
+    An idle keep-alive connection left open by the test would hold the worker at shutdown
+    (gunicorn's gevent worker waits for every open connection until GRACEFUL_TIMEOUT).
+    """
+    kwargs.setdefault("timeout", 30)
+    headers = {**bearer(user), "Connection": "close"}
+    return requests.post(service.url + path, json=body, headers=headers, **kwargs)
+
+
+def open_stream(service, message, conversation_id, user="alice"):
+    """Start a streamed turn with requests and return the open response."""
+    return post(service, "/chat/stream", {"message": message, "conversation_id": conversation_id},
+                user=user, stream=True, timeout=(5, 20))
+
+
+def stored(conversation_id):
+    """The (role, content, status) of each stored message of a conversation, oldest first."""
+    with models.db.connection_context():
+        query = (models.Message.select().where(models.Message.conversation == conversation_id)
+                 .order_by(models.Message.id))
+        return [(m.role, m.content, m.status) for m in query]
+
+
+def assert_next_turn_sees(service, llm, conversation_id, history):
+    """The next streamed turn works (the conversation was let go) and the model gets `history` first."""
+    requests_before = len(llm.requests)
+    llm.script(Script(reply="welcome back"))
+    response = open_stream(service, "are you there?", conversation_id)
+    assert response.status_code == 200, response.text
+    received = data_events(response)
+    assert "error" not in received[-1], received[-1]["error"]
+    assert "".join(e["content"] for e in received[:-1]) == "welcome back"
+    assert len(llm.requests) == requests_before + 1
+    assert [m["content"] for m in llm.requests[-1]["json"]["messages"]] == history + ["are you there?"]
+    assert stored(conversation_id)[-2:] == [("user", "are you there?", "complete"),
+                                            ("assistant", "welcome back", "complete")]
+
+
+def kept_interrupted(conversation_id):
+    """True once both messages of the interrupted turn are stored."""
+    return len(stored(conversation_id)) == 2
+
+
+def test_client_hanging_up_while_the_model_streams_closes_the_model_request(start_service, llm):
+    """The client reads one chunk and leaves while the model keeps talking: within a chunk or two the model is let go."""
+    chunk_delay = 0.2
+    chunks = [f"w{n} " for n in range(50)]  # ten seconds of talking if nobody stopped it
+    service = start_service()
+    llm.script(Script(chunks=chunks, chunk_delay=chunk_delay))
+    client = RawStream(service, "talk to me", "c1")
+    first = client.first_event()
+    assert first == {"content": "w0 ", "is_final": False, "metrics": None}
+    client.close()
+    left = time.monotonic()
+    assert llm.wait_for_disconnects(1, timeout=5)
+    assert time.monotonic() - left < 10 * chunk_delay, "the model was let go long after the client left"
+    assert wait_until(lambda: kept_interrupted("c1"), timeout=5)
+    (user, user_text, user_status), (role, partial, status) = stored("c1")
+    assert (user, user_text, user_status) == ("user", "talk to me", "complete")
+    assert (role, status) == ("assistant", "interrupted")
+    whole = "".join(chunks)
+    assert partial.startswith("w0 ") and whole.startswith(partial) and len(partial) < len(whole)
+    assert_next_turn_sees(service, llm, "c1", ["talk to me", partial])
+
+
+def test_client_hanging_up_while_the_model_is_silent_is_noticed_by_the_heartbeat(start_service, llm):
+    """First chunk sent, then the model is silent: a failing `: ping` write reveals the hang-up."""
+    heartbeat = 0.2
+    service = start_service(SSE_HEARTBEAT_SECONDS=heartbeat)
+    llm.script(Script(chunks=["first ", "never sent"], silence_after=1))
+    client = RawStream(service, "talk to me", "c2")
+    assert client.first_event()["content"] == "first "
+    # The model is silent now: the stream carries heartbeats only.
+    client.read_until(lambda received: PING_FRAME in received[received.index(b"data: "):])
+    client.close()
+    left = time.monotonic()
+    assert llm.wait_for_disconnects(1, timeout=5)
+    assert time.monotonic() - left < 10 * heartbeat, "the model was let go long after the client left"
+    assert wait_until(lambda: kept_interrupted("c2"), timeout=5)
+    assert stored("c2") == [("user", "talk to me", "complete"), ("assistant", "first ", "interrupted")]
+    assert llm.active_streams == 0
+    assert_next_turn_sees(service, llm, "c2", ["talk to me", "first "])
+
+
+def test_raw_client_reading_to_the_end_gets_the_whole_reply(start_service, llm):
+    """The raw client itself is sound: read to the end it gets every chunk and a final event, kept `complete`."""
+    service = start_service()
+    llm.script(Script(chunks=["a ", "b ", "c"]))
+    client = RawStream(service, "hi", "c3")
+    client.read_until(lambda received: b'"is_final": true' in received)
+    client.close()
+    received = client.events()
+    assert [e["content"] for e in received] == ["a ", "b ", "c", ""]
+    assert received[-1]["is_final"] is True and "error" not in received[-1]
+    assert stored("c3") == [("user", "hi", "complete"), ("assistant", "a b c", "complete")]
+    assert llm.disconnects == 0

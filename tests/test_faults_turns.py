@@ -1,0 +1,244 @@
+"""Turns racing on one conversation, over the real gunicorn + gevent service.
+
+While a turn runs, any other turn of the same conversation is refused with 409
+`conversation_busy`: in one worker, across worker processes and across services
+(a lock in Redis with an expiry), and on the embedded defaults (a lock in the process).
+Nothing interleaves and nothing is lost; other conversations are never held up.
+"""
+
+import re
+import threading
+
+import pytest
+import requests
+
+import models
+from tests.conftest import bearer, wait_until
+from tests.fake_llm import Script
+from tests.sse_client import data_events
+
+LOCK_KEY = "chat:turn-lock:{}"
+# %(p)s is the worker's pid: which worker answered each request.
+ACCESS_LOG_WITH_PID = "--access-logformat '%(p)s %(s)s \"%(r)s\"'"
+ACCESS_LINE = re.compile(r"<(\d+)> (\d{3}) \"POST /chat/(run|stream) HTTP/1.1\"")
+
+
+def post(service, path, body, user="alice", **kwargs):
+    """POST JSON to the service as `user`, on a connection closed after the answer.
+
+    An idle keep-alive connection left open by the test would hold the worker at shutdown
+    (gunicorn's gevent worker waits for every open connection until GRACEFUL_TIMEOUT).
+    """
+    kwargs.setdefault("timeout", 30)
+    headers = {**bearer(user), "Connection": "close"}
+    return requests.post(service.url + path, json=body, headers=headers, **kwargs)
+
+
+def open_stream(service, message, conversation_id, user="alice"):
+    """Start a streamed turn and return the open response."""
+    return post(service, "/chat/stream", {"message": message, "conversation_id": conversation_id},
+                user=user, stream=True, timeout=(5, 20))
+
+
+def run_turn(service, message, conversation_id, user="alice"):
+    """Run a whole turn and return the response."""
+    return post(service, "/chat/run", {"message": message, "conversation_id": conversation_id},
+                user=user, timeout=20)
+
+
+def attempt(service, path, message, conversation_id):
+    """A turn on `path`, read to the end."""
+    if path == "run":
+        return run_turn(service, message, conversation_id)
+    response = open_stream(service, message, conversation_id)
+    response.content
+    return response
+
+
+def stored(conversation_id):
+    """The (role, content, status) of each stored message of a conversation, oldest first."""
+    with models.db.connection_context():
+        query = (models.Message.select().where(models.Message.conversation == conversation_id)
+                 .order_by(models.Message.id))
+        return [(m.role, m.content, m.status) for m in query]
+
+
+def assert_busy(response):
+    """A JSON 409 conversation_busy, not an event stream."""
+    assert response.status_code == 409, response.text
+    assert response.headers["Content-Type"] == "application/json"
+    assert response.json()["error"]["code"] == "conversation_busy"
+
+
+class Holder:
+    """A turn that holds a conversation until the fake model is released."""
+
+    def __init__(self, service, llm, path, conversation_id, message="first"):
+        """Start the turn and return once the model has its request (so the lock is held)."""
+        self.path = path
+        self.result = []
+        requests_before = len(llm.requests)
+        if path == "stream":
+            # The first chunk comes at once (so the 200 and headers are in), the second only on release.
+            llm.script(Script(chunks=["held ", "reply"], chunk_delay=60))
+            self.response = open_stream(service, message, conversation_id)
+            assert self.response.status_code == 200
+        else:
+            llm.script(Script(reply="held reply", header_delay=60))
+            self.thread = threading.Thread(
+                target=lambda: self.result.append(run_turn(service, message, conversation_id)))
+            self.thread.start()
+        assert llm.wait_for_requests(requests_before + 1)
+
+    def finish(self):
+        """After llm.release(): the turn's outcome, checked to be a success."""
+        if self.path == "stream":
+            received = data_events(self.response)
+            assert "error" not in received[-1], received[-1]["error"]
+            return "".join(e["content"] for e in received)
+        self.thread.join(20)
+        assert self.result and self.result[0].status_code == 200, self.result
+        return self.result[0].json()["response"]
+
+
+@pytest.mark.parametrize("holder_path,contender_path", [
+    ("stream", "stream"), ("stream", "run"), ("run", "stream"), ("run", "run"),
+])
+def test_second_turn_on_a_busy_conversation_is_409(start_service, llm, redis_client,
+                                                   holder_path, contender_path):
+    """While one turn runs, another on the same conversation gets 409; afterwards turns work and nothing interleaves."""
+    service = start_service()
+    holder = Holder(service, llm, holder_path, "c1")
+    ttl = redis_client.pttl(LOCK_KEY.format("c1"))
+    assert 0 < ttl <= (3 + 30) * 1000  # LLM_TIMEOUT_SECONDS + 30
+    calls = len(llm.requests)
+    assert_busy(attempt(service, contender_path, "second", "c1"))
+    assert len(llm.requests) == calls  # the refused turn never reached the model
+    llm.release()
+    assert holder.finish() == "held reply"
+    assert wait_until(lambda: redis_client.get(LOCK_KEY.format("c1")) is None, timeout=5)
+    llm.script(Script(reply="third reply"))
+    response = attempt(service, contender_path, "third", "c1")
+    assert response.status_code == 200
+    assert [m["content"] for m in llm.requests[-1]["json"]["messages"]] == [
+        "first", "held reply", "third"]
+    assert stored("c1") == [("user", "first", "complete"), ("assistant", "held reply", "complete"),
+                            ("user", "third", "complete"), ("assistant", "third reply", "complete")]
+
+
+def busy_answers_by_worker(service):
+    """{pid: [status, ...]} of the chat requests in the service's access log."""
+    answers = {}
+    for pid, status, _ in ACCESS_LINE.findall(service.output()):
+        answers.setdefault(pid, []).append(int(status))
+    return answers
+
+
+def test_busy_conversation_is_409_in_every_worker_process(start_service, llm):
+    """With two workers, concurrent attempts land in both processes and every one of them is refused."""
+    service = start_service(workers=2, GUNICORN_CMD_ARGS=ACCESS_LOG_WITH_PID)
+    holder = Holder(service, llm, "stream", "c1")
+    calls = len(llm.requests)
+    answered = []
+
+    def contend(n):
+        """One attempt on the held conversation."""
+        answered.append(attempt(service, ("run", "stream")[n % 2], f"attempt {n}", "c1"))
+
+    def both_workers_refused():
+        """Send ten attempts at once; true once refusals came from two worker processes."""
+        threads = [threading.Thread(target=contend, args=(n,)) for n in range(10)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(20)
+        refusing = [pid for pid, statuses in busy_answers_by_worker(service).items() if 409 in statuses]
+        return len(refusing) >= 2
+
+    assert wait_until(both_workers_refused, timeout=30, interval=0)
+    assert answered and all(r.status_code == 409 for r in answered), [r.status_code for r in answered]
+    for response in answered:
+        assert_busy(response)
+    assert len(llm.requests) == calls
+    llm.release()
+    assert holder.finish() == "held reply"
+    llm.script(Script(reply="later reply"))
+    assert run_turn(service, "later", "c1").status_code == 200
+    assert stored("c1") == [("user", "first", "complete"), ("assistant", "held reply", "complete"),
+                            ("user", "later", "complete"), ("assistant", "later reply", "complete")]
+
+
+def test_busy_conversation_is_409_from_another_service_sharing_redis(start_service, llm):
+    """Two services sharing Redis: a turn held in one refuses the other's; then the other carries on."""
+    first = start_service()
+    second = start_service()
+    holder = Holder(first, llm, "stream", "c1")
+    for path in ("run", "stream"):
+        assert_busy(attempt(second, path, "from elsewhere", "c1"))
+    llm.release()
+    assert holder.finish() == "held reply"
+    llm.script(Script(reply="second service reply"))
+    assert run_turn(second, "next", "c1").status_code == 200
+    assert [m["content"] for m in llm.requests[-1]["json"]["messages"]] == ["first", "held reply", "next"]
+    assert stored("c1") == [("user", "first", "complete"), ("assistant", "held reply", "complete"),
+                            ("user", "next", "complete"), ("assistant", "second service reply", "complete")]
+
+
+def test_busy_conversation_is_409_on_the_embedded_defaults(start_service, llm, postgres, tmp_path):
+    """Without Redis (a SQLite file, the in-process cache and locks) a second concurrent turn is refused too."""
+    url = f"sqlite:///{tmp_path / 'x.db'}"
+    sqlite = models.open_database(url, 1, 5)
+    with models.db.connection_context():
+        models.create_tables()
+    models.db.initialize(postgres)
+    try:
+        service = start_service(REDIS_URL="", DATABASE_URL=url)
+        holder = Holder(service, llm, "stream", "c1")
+        for path in ("stream", "run"):
+            assert_busy(attempt(service, path, "second", "c1"))
+        llm.release()
+        assert holder.finish() == "held reply"
+        llm.script(Script(reply="third reply"))
+        assert run_turn(service, "third", "c1").status_code == 200
+        models.db.initialize(sqlite)
+        assert stored("c1") == [("user", "first", "complete"), ("assistant", "held reply", "complete"),
+                                ("user", "third", "complete"), ("assistant", "third reply", "complete")]
+    finally:
+        sqlite.close_all()
+        models.db.initialize(postgres)
+    assert stored("c1") == []  # the service kept nothing in PostgreSQL
+
+
+def test_lock_of_a_crashed_holder_expires(start_service, llm, redis_client):
+    """A lock left by a holder that died (no release) refuses turns only until it expires."""
+    service = start_service()
+    redis_client.set(LOCK_KEY.format("c9"), "x", px=500)
+    assert_busy(run_turn(service, "too soon", "c9"))
+    assert_busy(attempt(service, "stream", "too soon", "c9"))
+    answers = []
+
+    def accepted():
+        """Try a turn; true once it is answered."""
+        answers.append(run_turn(service, "hello again", "c9"))
+        return answers[-1].status_code == 200
+
+    assert wait_until(accepted, timeout=5, interval=0.05)
+    assert all(r.status_code == 409 for r in answers[:-1])
+    assert len(llm.requests) == 1  # only the accepted turn reached the model
+    assert stored("c9") == [("user", "hello again", "complete"), ("assistant", "echo: hello again", "complete")]
+    assert redis_client.get(LOCK_KEY.format("c9")) is None
+
+
+def test_different_conversations_never_block_each_other(start_service, llm):
+    """Five conversations held at once, and others still answered at once, on one worker."""
+    service = start_service(workers=1)
+    holders = [Holder(service, llm, ("stream", "run")[n % 2], f"held-{n}") for n in range(5)]
+    assert llm.active_streams == 3
+    for n, path in enumerate(("run", "stream", "run")):
+        response = attempt(service, path, "hi", f"free-{n}")
+        assert response.status_code == 200, response.text
+    assert stored("free-0") == [("user", "hi", "complete"), ("assistant", "echo: hi", "complete")]
+    llm.release()
+    assert all(holder.finish() == "held reply" for holder in holders)
+    for n in range(5):
+        assert [status for _, _, status in stored(f"held-{n}")] == ["complete", "complete"]
