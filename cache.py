@@ -106,24 +106,28 @@ class RedisCache:
         """Cache a conversation for the TTL."""
         self._call(self.client.set, KEY.format(conversation_id), raw, ex=self.ttl)
 
-    def lock(self, conversation_id, ttl):
-        """Hold the conversation for one turn, across every process: a lock, or None if it is held."""
-        key, token = LOCK_KEY.format(conversation_id), uuid.uuid4().hex
+    def lock(self, conversation_id, ttl, holder=""):
+        """Hold the conversation for one turn, across every process: a lock, or None if it is held.
+
+        `holder` (say "stream alice") is kept with the lock, for holder_of.
+        """
+        key, token = LOCK_KEY.format(conversation_id), f"{uuid.uuid4().hex} {holder}"
         try:
             taken = self._call(self.client.set, key, token, nx=True, px=int(ttl * 1000))
         except redis.RedisError as exc:
             if not isinstance(exc, CacheDown):
                 self._orphans.add((key, token))  # Redis may still carry the SET out later
             log.warning("cache unavailable, locking in this process only: %s", type(exc).__name__)
-            return self.fallback_locks.lock(conversation_id, ttl)
+            return self.fallback_locks.lock(conversation_id, ttl, holder)
         return RedisTurnLock(self, key, token) if taken else None
 
-    def is_locked(self, conversation_id):
-        """Whether a turn holds the conversation now."""
+    def holder_of(self, conversation_id):
+        """Who holds the conversation now (the `holder` given to lock), or None."""
         try:
-            return bool(self._call(self.client.exists, LOCK_KEY.format(conversation_id)))
+            token = self._call(self.client.get, LOCK_KEY.format(conversation_id))
         except redis.RedisError:
-            return self.fallback_locks.is_locked(conversation_id)
+            return self.fallback_locks.holder_of(conversation_id)
+        return None if token is None else token.partition(" ")[2]
 
     def drop(self, conversation_ids):
         """Forget the cached copies of conversations (later, if Redis is away now)."""
@@ -201,20 +205,21 @@ class MemoryLocks:
         self._holders = {}
         self._mutex = threading.Lock()
 
-    def lock(self, conversation_id, ttl):
+    def lock(self, conversation_id, ttl, holder=""):
         """Hold the conversation for one turn: a lock, or None if it is held."""
         with self._mutex:
-            holder = self._holders.get(conversation_id)
-            if holder is not None and holder[1] > time.monotonic():
+            if self.holder_of(conversation_id) is not None:
                 return None
-            token = uuid.uuid4().hex
+            token = f"{uuid.uuid4().hex} {holder}"
             self._holders[conversation_id] = (token, time.monotonic() + ttl)
         return MemoryTurnLock(self, conversation_id, token)
 
-    def is_locked(self, conversation_id):
-        """Whether a turn holds the conversation now."""
-        holder = self._holders.get(conversation_id)
-        return holder is not None and holder[1] > time.monotonic()
+    def holder_of(self, conversation_id):
+        """Who holds the conversation now (the `holder` given to lock), or None."""
+        held = self._holders.get(conversation_id)
+        if held is None or held[1] <= time.monotonic():
+            return None
+        return held[0].partition(" ")[2]
 
     def extend(self, conversation_id, token, ttl):
         """Hold on for `ttl` more seconds, if still the holder."""
@@ -282,13 +287,13 @@ class MemoryCache:
             for key in by_expiry[:len(by_expiry) // 2]:
                 del self._entries[key]
 
-    def lock(self, conversation_id, ttl):
+    def lock(self, conversation_id, ttl, holder=""):
         """Hold the conversation for one turn: a lock, or None if it is held."""
-        return self.locks.lock(conversation_id, ttl)
+        return self.locks.lock(conversation_id, ttl, holder)
 
-    def is_locked(self, conversation_id):
-        """Whether a turn holds the conversation now."""
-        return self.locks.is_locked(conversation_id)
+    def holder_of(self, conversation_id):
+        """Who holds the conversation now (the `holder` given to lock), or None."""
+        return self.locks.holder_of(conversation_id)
 
     def drop(self, conversation_ids):
         """Forget the cached copies of conversations."""

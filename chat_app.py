@@ -221,7 +221,7 @@ def list_conversations():
     following = None
     if len(page) > limit:
         page = page[:limit]
-        following = make_cursor([str(page[-1].updated_at), page[-1].id])
+        following = make_cursor([models.as_datetime(page[-1].updated_at).isoformat(), page[-1].id])
     return jsonify(conversations=[c.as_json() for c in page], next_cursor=following)
 
 
@@ -229,6 +229,7 @@ def list_conversations():
 def read_conversation(conversation_id):
     """A conversation and its messages in order, a page at a time."""
     user = authenticated_user()
+    note(conversation_id=conversation_id)
     limit = page_limit()
     after = read_cursor(request.args.get("cursor"), int) or 0
     with stored():
@@ -244,6 +245,7 @@ def read_conversation(conversation_id):
 def rename_conversation(conversation_id):
     """Give a conversation a new title."""
     user = authenticated_user()
+    note(conversation_id=conversation_id)
     title = json_body().get("title")
     if not isinstance(title, str) or not title.strip() or len(title) > models.TITLE_CHARS:
         raise ApiError(400, "invalid_request", f"title must be 1 to {models.TITLE_CHARS} characters")
@@ -261,6 +263,7 @@ def rename_conversation(conversation_id):
 def delete_conversation(conversation_id):
     """Delete a conversation and its messages, from the database and the cache."""
     user = authenticated_user()
+    note(conversation_id=conversation_id)
     current_app.extensions["chat"].forget(user, valid_path_id(conversation_id))
     return "", 204
 
@@ -283,7 +286,7 @@ def valid_path_id(conversation_id):
 def page_limit():
     """The `limit` query parameter: 1 to 100, 20 by default."""
     raw = request.args.get("limit", str(PAGE_LIMIT))
-    if not raw.isdigit() or not 1 <= int(raw) <= MAX_PAGE_LIMIT:
+    if not re.fullmatch(r"[0-9]{1,3}", raw) or not 1 <= int(raw) <= MAX_PAGE_LIMIT:
         raise ApiError(400, "invalid_request", f"limit must be a whole number from 1 to {MAX_PAGE_LIMIT}")
     return int(raw)
 
@@ -301,11 +304,15 @@ def read_cursor(cursor, kind):
         position = json.loads(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)))
     except ValueError:
         position = None
-    valid = (isinstance(position, int) and not isinstance(position, bool) if kind is int else
-             isinstance(position, list) and len(position) == 2 and all(isinstance(p, str) for p in position))
-    if not valid:
-        raise ApiError(400, "invalid_request", "cursor is not one this service returned")
-    return position
+    if kind is int and isinstance(position, int) and not isinstance(position, bool):
+        return position
+    if kind is list and isinstance(position, list) and len(position) == 2 \
+            and all(isinstance(p, str) for p in position):
+        try:
+            return [datetime.datetime.fromisoformat(position[0]), position[1]]
+        except ValueError:
+            pass
+    raise ApiError(400, "invalid_request", "cursor is not one this service returned")
 
 
 def json_body():

@@ -26,11 +26,14 @@ def utcnow():
     return datetime.datetime.now(datetime.timezone.utc).replace(tzinfo=None)
 
 
+def as_datetime(moment):
+    """A stored time as a datetime (SQLite may hand back its text)."""
+    return datetime.datetime.fromisoformat(moment) if isinstance(moment, str) else moment
+
+
 def iso(moment):
     """A stored UTC time as ISO 8601 with a Z."""
-    if isinstance(moment, str):
-        moment = datetime.datetime.fromisoformat(moment)
-    return moment.isoformat(timespec="milliseconds") + "Z"
+    return as_datetime(moment).isoformat(timespec="milliseconds") + "Z"
 
 
 def pooled_url(url):

@@ -106,9 +106,9 @@ class ChatService:
 
     def run(self, user, conversation_id, message, record=None):
         """Answer a turn in one piece and keep it; returns the reply."""
-        turn = self.begin(user, conversation_id, message, record)
+        turn = self.begin(user, conversation_id, message, record, kind="run")
         try:
-            reply = self.model.complete(turn.prompt)
+            reply = self._asked(turn, self.model.complete)
             self._take(turn, reply, reply.content)
             self.finish(turn)
             return turn.reply
@@ -117,22 +117,31 @@ class ChatService:
 
     def stream(self, user, conversation_id, message, record=None):
         """Start a streamed turn: the SSE events, or ApiError before any event if the model refuses."""
-        self._listen_for_stops()
-        turn = self.begin(user, conversation_id, message, record)
+        self.listen_for_stops()
+        turn = self.begin(user, conversation_id, message, record, kind="stream")
         try:
-            upstream = self.model.open_stream(turn.prompt)
+            upstream = self._asked(turn, self.model.open_stream)
         except BaseException:
             turn.lock.release()
             raise
         return self._events(turn, upstream)
 
-    def begin(self, user, conversation_id, message, record=None):
+    def _asked(self, turn, ask):
+        """Ask the model (`complete` or `open_stream`) for the turn; a refusal goes in the request log."""
+        try:
+            return ask(turn.prompt)
+        except ApiError as exc:
+            turn.record.update(model=getattr(self.model, "model", None), outcome=Message.ERROR,
+                               error=exc.code)
+            raise
+
+    def begin(self, user, conversation_id, message, record=None, kind="run"):
         """Hold the conversation, load its history (cache, else database) and check the owner."""
         if self._cost(self._head()) + self._cost([{"content": message}]) > self.context_tokens:
             raise ApiError(413, "context_too_large",
                            f"the message alone exceeds the model's context budget of "
                            f"{self.context_tokens} tokens")
-        lock = self.cache.lock(conversation_id, self.lock_ttl)
+        lock = self.cache.lock(conversation_id, self.lock_ttl, f"{kind} {user}")
         if lock is None:
             raise BUSY
         turn = Turn(user=user, conversation_id=conversation_id, message=message, lock=lock,
@@ -295,15 +304,17 @@ class ChatService:
 
     def stop(self, user, conversation_id):
         """Stop the reply being streamed for a conversation, from whichever process streams it."""
+        kind, _, holder = (self.cache.holder_of(conversation_id) or "").partition(" ")
         with stored():
             owner, _ = Conversation.state_of(conversation_id)
-        if owner != user:
+        # A conversation's first turn is not in the database yet: its turn's holder owns it.
+        if (owner or holder) != user:
             raise NOT_FOUND
-        if not self.cache.is_locked(conversation_id):
+        if kind != "stream":
             raise ApiError(409, "no_reply_in_progress", "no reply is being streamed for this conversation")
         self.cache.publish_stop(conversation_id)
 
-    def _listen_for_stops(self):
+    def listen_for_stops(self):
         """Start receiving stop signals in this process (once, after gunicorn has forked)."""
         if not self._listening:
             self._listening = True
@@ -317,13 +328,14 @@ class ChatService:
 
     def forget(self, user, conversation_id):
         """Delete a conversation and its messages from the database and the cache."""
-        lock = self.cache.lock(conversation_id, self.lock_ttl)
+        with stored():
+            if Conversation.owned(conversation_id, user) is None:
+                raise NOT_FOUND
+        lock = self.cache.lock(conversation_id, self.lock_ttl, f"delete {user}")
         if lock is None:
             raise BUSY
         try:
             with stored():
-                if Conversation.owned(conversation_id, user) is None:
-                    raise NOT_FOUND
                 Conversation.remove([conversation_id])
             self.cache.drop([conversation_id])
         finally:

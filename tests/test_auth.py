@@ -10,6 +10,7 @@ import jwt
 import pytest
 
 import models
+from config import VERSION
 from tests.conftest import SECRET, assert_error, bearer, token
 from tests.fake_llm import Script
 
@@ -107,10 +108,13 @@ def test_status_answers_without_token(pg_client):
 
 
 def test_status_reports_database_cache_and_model(pg_client, llm):
-    """GET /status names the state of the database, the cache and the model."""
+    """GET /status names the version, the state and round trip of the database and the cache, and the model."""
     body = pg_client.get("/status").get_json()
-    assert body["database"] == {"state": "ok", "backend": "postgresql"}
-    assert body["cache"] == {"state": "ok", "backend": "redis"}
+    assert body["version"] == VERSION
+    for part, backend in (("database", "postgresql"), ("cache", "redis")):
+        round_trip = body[part].pop("round_trip_ms")
+        assert isinstance(round_trip, (int, float)) and 0 <= round_trip < 5000
+        assert body[part] == {"state": "ok", "backend": backend}
     assert body["model"]["backend"] == "openai-compatible"
     assert body["model"]["base_url"] == llm.url
 

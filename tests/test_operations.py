@@ -1,0 +1,444 @@
+"""Running the service: the request log, LOG_LEVEL, /status, the rate limit and the prune command."""
+
+import datetime
+import json
+import re
+import time
+
+import pytest
+import requests
+
+import cache
+import models
+from config import VERSION
+from tests.conftest import REDIS_URL, SECRET, assert_error, bearer, token, wait_until
+from tests.fake_llm import Script
+from tests.sse_client import PING, data_events, events
+
+SLOW = Script(chunks=["partial ", "rest"], chunk_delay=30)
+CLOSE = {"Connection": "close"}
+
+
+# The request log
+
+def request_lines(service):
+    """The JSON lines the service wrote on the chat.requests logger, in order."""
+    lines = []
+    for raw in service.output().splitlines():
+        try:
+            line = json.loads(raw)
+        except ValueError:
+            continue
+        if isinstance(line, dict) and line.get("logger") == "chat.requests":
+            lines.append(line)
+    return lines
+
+
+def lines_for(service, request_id):
+    """The request-log lines carrying `request_id`."""
+    return [line for line in request_lines(service) if line.get("request_id") == request_id]
+
+
+def logged(service, request_id):
+    """The one request-log line of `request_id`, once it is written (then no other may follow)."""
+    assert wait_until(lambda: lines_for(service, request_id), timeout=10), service.output()[-3000:]
+    marker = f"marker-{request_id}"
+    with call(service, "GET", "/status", marker):
+        pass
+    assert wait_until(lambda: lines_for(service, marker), timeout=10)
+    found = lines_for(service, request_id)
+    assert len(found) == 1, found
+    return found[0]
+
+
+def call(service, method, path, request_id=None, user="alice", body=None, **kwargs):
+    """A request to the service as `user` (no token if None), with X-Request-Id if given."""
+    # Connection: close, so no idle keep-alive connection holds a worker when the service stops.
+    headers = {**(bearer(user) if user else {}), **CLOSE}
+    if request_id is not None:
+        headers["X-Request-Id"] = request_id
+    return requests.request(method, service.url + path, json=body, headers=headers,
+                            timeout=kwargs.pop("timeout", 10), **kwargs)
+
+
+def stream_turn(service, request_id, conversation_id="c1", message="hello"):
+    """Run a streamed turn to its end; its data events."""
+    with call(service, "POST", "/chat/stream", request_id,
+              body={"message": message, "conversation_id": conversation_id},
+              stream=True, timeout=(5, 20)) as response:
+        return data_events(response)
+
+
+def test_a_run_turn_logs_one_line_with_its_fields(service, llm):
+    """A /chat/run is one line: request fields, user, conversation, model, tokens and outcome."""
+    llm.script(Script(reply="three word reply", model="served-model"))
+    with call(service, "POST", "/chat/run", "run-1", body={"message": "hi", "conversation_id": "c1"}):
+        pass
+    line = logged(service, "run-1")
+    assert {key: line[key] for key in ("level", "method", "path", "status", "user", "conversation_id",
+                                       "model", "prompt_tokens", "completion_tokens", "outcome")} == {
+        "level": "info", "method": "POST", "path": "/chat/run", "status": 200, "user": "alice",
+        "conversation_id": "c1", "model": "served-model", "prompt_tokens": 1,
+        "completion_tokens": 3, "outcome": "complete"}
+    assert isinstance(line["duration_ms"], (int, float)) and line["duration_ms"] >= 0
+    assert "time_to_first_token" not in line
+
+
+def test_a_streamed_turn_logs_its_time_to_first_token(service, llm):
+    """A /chat/stream line also has the time to the first token, within the request's duration."""
+    llm.script(Script(chunks=["a", "b"]))
+    stream_turn(service, "stream-1")
+    line = logged(service, "stream-1")
+    assert (line["path"], line["status"], line["outcome"]) == ("/chat/stream", 200, "complete")
+    assert (line["user"], line["conversation_id"], line["model"]) == ("alice", "c1", "fake-model")
+    assert line["completion_tokens"] == 2 and line["prompt_tokens"] == 1
+    assert 0 <= line["time_to_first_token"] * 1000 <= line["duration_ms"]
+
+
+@pytest.mark.parametrize("method, path, body", [
+    ("GET", "/status", None), ("GET", "/conversations", None), ("POST", "/chat/run", {"message": ""}),
+    ("POST", "/chat/run", {"message": "hi", "conversation_id": "c1"}),
+], ids=["status", "list", "bad-request", "turn"])
+def test_every_request_writes_exactly_one_line(service, llm, method, path, body):
+    """Whatever the request and its outcome, it is logged once, with its method, path and status."""
+    with call(service, method, path, "one-line", body=body) as response:
+        status = response.status_code
+    line = logged(service, "one-line")
+    assert (line["method"], line["path"], line["status"]) == (method, path, status)
+
+
+def test_a_refused_token_is_logged_without_a_user(service, llm):
+    """A 401 is logged with its status and no user."""
+    with requests.get(service.url + "/conversations", headers={"Authorization": "Bearer nope",
+                                                              "X-Request-Id": "no-user", **CLOSE}, timeout=10):
+        pass
+    line = logged(service, "no-user")
+    assert line["status"] == 401 and "user" not in line
+
+
+@pytest.fixture
+def turn_in_c1(service, llm):
+    """The service, with conversation c1 of alice's holding one turn."""
+    with call(service, "POST", "/chat/run", body={"message": "hi", "conversation_id": "c1"}) as response:
+        assert response.status_code == 200
+    return service
+
+
+CONVERSATION_REQUESTS = {
+    "run": ("POST", "/chat/run", {"message": "again", "conversation_id": "c1"}),
+    "stop": ("POST", "/chat/stop", {"conversation_id": "c1"}),
+    "read": ("GET", "/conversations/c1", None),
+    "rename": ("PATCH", "/conversations/c1", {"title": "renamed"}),
+    "delete": ("DELETE", "/conversations/c1", None),
+}
+
+
+@pytest.mark.parametrize("method, path, body", CONVERSATION_REQUESTS.values(), ids=CONVERSATION_REQUESTS.keys())
+def test_requests_about_a_conversation_log_its_id(turn_in_c1, method, path, body):
+    """Every authenticated request that names a conversation logs its id and the user."""
+    with call(turn_in_c1, method, path, "about-c1", body=body):
+        pass
+    line = logged(turn_in_c1, "about-c1")
+    assert (line["user"], line["conversation_id"]) == ("alice", "c1")
+
+
+def test_a_stream_cut_by_the_model_logs_outcome_error(service, llm):
+    """A stream the model breaks off is logged as an error, with the error's code."""
+    llm.script(Script(chunks=["a", "b", "c"], break_after=1))
+    final = stream_turn(service, "broken")[-1]
+    assert final["error"]["code"] == "llm_unavailable"
+    line = logged(service, "broken")
+    assert (line["outcome"], line["error"]) == ("error", "llm_unavailable")
+
+
+@pytest.mark.parametrize("path", ["/chat/run", "/chat/stream"])
+def test_a_turn_the_model_refuses_logs_outcome_error(service, llm, path):
+    """A turn that fails at the model before any reply is still logged as a turn with outcome error."""
+    llm.script(Script(status=500))
+    with call(service, "POST", path, "refused", body={"message": "hi", "conversation_id": "c1"}) as response:
+        assert response.status_code == 502
+    line = logged(service, "refused")
+    assert line["status"] == 502
+    assert line.get("outcome") == "error", line
+
+
+def test_a_stream_the_client_left_logs_outcome_interrupted(start_service, llm):
+    """A client hanging up mid-stream is logged as interrupted, once the service notices."""
+    service = start_service(SSE_HEARTBEAT_SECONDS=0.2)
+    llm.script(SLOW)
+    with call(service, "POST", "/chat/stream", "left", body={"message": "hi", "conversation_id": "c1"},
+              stream=True, timeout=(5, 20)) as response:
+        assert next(e for e in events(response) if e != PING)["content"] == "partial "
+    line = logged(service, "left")
+    assert line["outcome"] == "interrupted" and line["completion_tokens"] == 2
+
+
+def test_a_stopped_stream_logs_outcome_stopped(service, llm, redis_client):
+    """A stream ended by POST /chat/stop is logged as stopped."""
+    with call(service, "POST", "/chat/run", body={"message": "hi", "conversation_id": "c1"}):
+        pass
+    llm.script(SLOW)
+    with call(service, "POST", "/chat/stream", "stopped", body={"message": "go", "conversation_id": "c1"},
+              stream=True, timeout=(5, 20)) as response:
+        stream = events(response)
+        assert next(e for e in stream if e != PING)["content"] == "partial "
+        assert wait_until(lambda: redis_client.pubsub_numsub(cache.STOP_CHANNEL)[0][1] >= 1)
+        with call(service, "POST", "/chat/stop", body={"conversation_id": "c1"}) as stopping:
+            assert stopping.status_code == 202
+        assert [e for e in stream if e != PING][-1]["finish_reason"] == "stopped"
+    assert logged(service, "stopped")["outcome"] == "stopped"
+
+
+def test_the_stream_line_is_written_after_the_final_event(service, llm):
+    """While a stream is open its line is not written; it is once the stream has ended."""
+    llm.script(SLOW)
+    with call(service, "POST", "/chat/stream", "late-line", body={"message": "hi", "conversation_id": "c1"},
+              stream=True, timeout=(5, 20)) as response:
+        stream = events(response)
+        assert next(e for e in stream if e != PING)["content"] == "partial "
+        assert lines_for(service, "late-line") == []
+        llm.release()
+        assert [e for e in stream if e != PING][-1]["is_final"] is True
+    line = logged(service, "late-line")
+    assert line["outcome"] == "complete" and line["completion_tokens"] == 2
+
+
+def test_a_given_request_id_is_echoed_and_logged(service, llm):
+    """X-Request-Id from the client comes back in the response and is the logged id."""
+    with call(service, "GET", "/conversations", "client-id-42.a:b_c") as response:
+        assert response.headers["X-Request-Id"] == "client-id-42.a:b_c"
+    assert logged(service, "client-id-42.a:b_c")["path"] == "/conversations"
+
+
+@pytest.mark.parametrize("given", [None, "has space", "x" * 129, "ünïcode"], ids=["none", "space", "long", "unicode"])
+def test_without_a_usable_request_id_one_is_generated(service, llm, given):
+    """With no (or an unusable) X-Request-Id, the service makes one, returns it and logs it."""
+    headers = {**bearer(), **CLOSE}
+    if given is not None:
+        headers["X-Request-Id"] = given.encode().decode("latin-1")
+    with requests.get(service.url + "/conversations", headers=headers, timeout=10) as response:
+        request_id = response.headers["X-Request-Id"]
+    assert re.fullmatch(r"[A-Za-z0-9._:-]{8,128}", request_id) and request_id != given
+    assert logged(service, request_id)["path"] == "/conversations"
+
+
+def test_generated_request_ids_differ(service, llm):
+    """Two requests without an id get different ids."""
+    ids = set()
+    for _ in range(2):
+        with requests.get(service.url + "/status", headers=CLOSE, timeout=10) as response:
+            ids.add(response.headers["X-Request-Id"])
+    assert len(ids) == 2
+
+
+MESSAGE_TEXT = "zebra-quartz-message-7781"
+REPLY_TEXT = "orchid-violet-reply-5523"
+API_KEY = "sk-api-key-never-logged-9431"
+BAD_TOKEN = "not.a-token-but-never-logged-2210"
+
+
+def test_no_text_token_or_secret_ever_reaches_the_output(start_service, llm):
+    """Messages, replies, bearer tokens, the API key and the JWT secret appear nowhere in the logs."""
+    service = start_service(LLM_API_KEY=API_KEY)
+    alice_token = token("alice")
+    headers = {"Authorization": f"Bearer {alice_token}", **CLOSE}
+    llm.script(Script(reply=REPLY_TEXT), Script(chunks=[REPLY_TEXT[:8], REPLY_TEXT[8:]]),
+               Script(chunks=[REPLY_TEXT, "more"], break_after=1), Script(status=500))
+    for path in ("/chat/run", "/chat/stream", "/chat/stream", "/chat/run"):
+        with requests.post(service.url + path, json={"message": MESSAGE_TEXT, "conversation_id": "c1"},
+                           headers=headers, timeout=10) as response:
+            response.content  # noqa: B018 - read the whole stream
+    with requests.post(service.url + "/chat/run", json={"message": MESSAGE_TEXT},
+                       headers={"Authorization": f"Bearer {BAD_TOKEN}", **CLOSE}, timeout=10):
+        pass
+    with requests.get(service.url + "/conversations/c1", headers=headers, timeout=10) as response:
+        assert REPLY_TEXT in response.text
+    assert llm.requests[0]["headers"]["authorization"] == f"Bearer {API_KEY}"
+    service.stop()
+    output = service.output()
+    assert len(request_lines(service)) >= 7
+    for secret in (MESSAGE_TEXT, REPLY_TEXT, REPLY_TEXT[:8], REPLY_TEXT[8:], alice_token, BAD_TOKEN,
+                   API_KEY, SECRET):
+        assert secret not in output
+
+
+@pytest.mark.parametrize("level, logs_requests", [("info", True), ("warning", False)])
+def test_log_level_decides_whether_requests_are_logged(start_service, llm, level, logs_requests):
+    """LOG_LEVEL=info writes the request lines; LOG_LEVEL=warning leaves them out."""
+    service = start_service(LOG_LEVEL=level)
+    with call(service, "POST", "/chat/run", "level", body={"message": "hi"}) as response:
+        assert response.status_code == 200
+    service.stop()
+    assert bool(lines_for(service, "level")) is logs_requests
+    assert bool(request_lines(service)) is logs_requests
+
+
+# GET /status
+
+def test_status_without_auth_reports_version_round_trips_and_model(service, llm):
+    """/status needs no token and reports the version, each store's state and round trip, and the model."""
+    with requests.get(service.url + "/status", headers=CLOSE, timeout=10) as response:
+        assert response.status_code == 200
+        body = response.json()
+    assert (body["status"], body["version"]) == ("ok", VERSION)
+    for part, backend in (("database", "postgresql"), ("cache", "redis")):
+        assert (body[part]["state"], body[part]["backend"]) == ("ok", backend)
+        assert isinstance(body[part]["round_trip_ms"], (int, float)) and 0 <= body[part]["round_trip_ms"] < 5000
+    assert body["model"] == {"backend": "openai-compatible", "model": "fake-model", "base_url": llm.url}
+
+
+def test_status_reports_an_unreachable_cache_as_degraded(make_app, postgres_url, redis_client):
+    """A cache that cannot be reached is 'unavailable', without a round trip, and the service 'degraded'."""
+    app = make_app(DATABASE_URL=postgres_url, REDIS_URL="redis://127.0.0.1:1/0")
+    body = app.test_client().get("/status").get_json()
+    assert body["status"] == "degraded"
+    assert body["cache"] == {"state": "unavailable", "backend": "redis"}
+    assert body["database"]["state"] == "ok"
+
+
+# The rate limit
+
+@pytest.fixture
+def early_in_the_minute():
+    """Wait until the clock is early enough in its minute for a test's requests to share it."""
+    assert wait_until(lambda: time.time() % 60 < 50, timeout=15)
+
+
+@pytest.fixture
+def limited_client(make_app, postgres_url, redis_client, early_in_the_minute):
+    """A test client of an app allowing 3 requests a minute per user."""
+    return make_app(DATABASE_URL=postgres_url, REDIS_URL=REDIS_URL, RATE_LIMIT_PER_MINUTE=3).test_client()
+
+
+def test_the_fourth_request_in_a_minute_is_429_with_retry_after(limited_client):
+    """Over RATE_LIMIT_PER_MINUTE the user gets 429 rate_limited and when to retry."""
+    for _ in range(3):
+        assert limited_client.get("/conversations", headers=bearer()).status_code == 200
+    response = limited_client.get("/conversations", headers=bearer())
+    assert_error(response, 429, "rate_limited")
+    retry_after = int(response.headers["Retry-After"])
+    assert 1 <= retry_after <= 60
+    assert abs(retry_after - (60 - time.time() % 60)) <= 2
+
+
+def test_a_rate_limited_turn_never_reaches_the_model(limited_client, llm):
+    """The turn refused with 429 is not sent to the model nor stored."""
+    for n in range(3):
+        limited_client.post("/chat/run", json={"message": f"m{n}", "conversation_id": "c1"}, headers=bearer())
+    response = limited_client.post("/chat/run", json={"message": "m3", "conversation_id": "c1"}, headers=bearer())
+    assert_error(response, 429, "rate_limited")
+    assert len(llm.requests) == 3
+    with models.db.connection_context():
+        assert models.Message.select().count() == 6
+
+
+def test_the_rate_limit_is_per_user(limited_client):
+    """Alice using up her requests leaves bob's untouched."""
+    for _ in range(4):
+        limited_client.get("/conversations", headers=bearer("alice"))
+    assert limited_client.get("/conversations", headers=bearer("alice")).status_code == 429
+    assert limited_client.get("/conversations", headers=bearer("bob")).status_code == 200
+
+
+def test_the_rate_limit_is_shared_by_services_on_one_redis(start_service, early_in_the_minute):
+    """Two requests on service A and two on service B: the fourth is over the limit of 3."""
+    service_a, service_b = start_service(RATE_LIMIT_PER_MINUTE=3), start_service(RATE_LIMIT_PER_MINUTE=3)
+    statuses = []
+    for service in (service_a, service_a, service_b, service_b):
+        with call(service, "GET", "/conversations") as response:
+            statuses.append(response.status_code)
+    assert statuses == [200, 200, 200, 429]
+
+
+def test_there_is_no_rate_limit_by_default(pg_client):
+    """Without RATE_LIMIT_PER_MINUTE, many requests in a row are all answered."""
+    assert {pg_client.get("/conversations", headers=bearer()).status_code for _ in range(40)} == {200}
+
+
+# flask prune
+
+@pytest.fixture
+def prune_app(make_app, postgres_url, redis_client, llm):
+    """An app on PostgreSQL + Redis."""
+    return make_app(DATABASE_URL=postgres_url, REDIS_URL=REDIS_URL)
+
+
+def make_turn(app, conversation_id, age=None):
+    """A turn in `conversation_id`, then its activity moved `age` into the past."""
+    response = app.test_client().post("/chat/run", json={"message": "hi", "conversation_id": conversation_id},
+                                      headers=bearer())
+    assert response.status_code == 200
+    if age is not None:
+        with models.db.connection_context():
+            (models.Conversation.update(updated_at=models.utcnow() - age)
+             .where(models.Conversation.id == conversation_id).execute())
+
+
+def rows():
+    """{conversation id: message count} of everything in the database."""
+    with models.db.connection_context():
+        counts = {c.id: 0 for c in models.Conversation.select()}
+        for message in models.Message.select():
+            counts[message.conversation_id] = counts.get(message.conversation_id, 0) + 1
+        return counts
+
+
+def prune(app, *args):
+    """Run `flask prune ARGS`; the click result."""
+    return app.test_cli_runner().invoke(args=["prune", *args])
+
+
+def test_prune_deletes_old_conversations_and_keeps_recent_ones(prune_app):
+    """Conversations idle longer than --older-than days go with their messages; the rest stay."""
+    days = datetime.timedelta(days=1)
+    make_turn(prune_app, "old-1", 40 * days)
+    make_turn(prune_app, "old-2", 31 * days)
+    make_turn(prune_app, "recent", 29 * days)
+    make_turn(prune_app, "fresh")
+    result = prune(prune_app, "--older-than", "30")
+    assert result.exit_code == 0, result.output
+    assert re.search(r"\bdeleted 2\b", result.output)
+    assert rows() == {"recent": 2, "fresh": 2}
+
+
+def test_prune_drops_the_cached_copies_of_what_it_deletes(prune_app, redis_client):
+    """The Redis copy of a pruned conversation goes too; a kept one's stays."""
+    make_turn(prune_app, "old", datetime.timedelta(days=40))
+    make_turn(prune_app, "fresh")
+    prune(prune_app, "--older-than", "30")
+    assert not redis_client.exists(cache.KEY.format("old"))
+    assert redis_client.exists(cache.KEY.format("fresh"))
+
+
+def test_prune_with_nothing_old_deletes_nothing(prune_app):
+    """With only recent conversations prune reports 0 and keeps them."""
+    make_turn(prune_app, "fresh")
+    result = prune(prune_app, "--older-than", "30")
+    assert result.exit_code == 0 and re.search(r"\bdeleted 0\b", result.output)
+    assert rows() == {"fresh": 2}
+
+
+def test_prune_deletes_more_than_one_batch(prune_app):
+    """Over a thousand old conversations are all deleted and counted."""
+    old = models.utcnow() - datetime.timedelta(days=90)
+    with models.db.connection_context():
+        models.Conversation.insert_many(
+            [{"id": f"old-{n}", "owner": "alice", "created_at": old, "updated_at": old} for n in range(1201)]
+        ).execute()
+        models.Message.insert_many(
+            [{"conversation": f"old-{n}", "role": "user", "content": "x"} for n in range(1201)]).execute()
+    make_turn(prune_app, "fresh")
+    result = prune(prune_app, "--older-than", "30")
+    assert re.search(r"\bdeleted 1201\b", result.output), result.output
+    assert rows() == {"fresh": 2}
+
+
+@pytest.mark.parametrize("args", [[], ["--older-than"], ["--older-than", "-1"], ["--older-than", "abc"]],
+                         ids=["missing", "no-value", "negative", "not-a-number"])
+def test_prune_without_a_valid_age_fails_and_deletes_nothing(prune_app, args):
+    """--older-than is required and must be a whole number of days, at least 0."""
+    make_turn(prune_app, "old", datetime.timedelta(days=40))
+    result = prune(prune_app, *args)
+    assert result.exit_code != 0
+    assert rows() == {"old": 2}
+
