@@ -173,12 +173,18 @@ def valid_conversation_id(conversation_id):
     return conversation_id
 
 
-@chat.post("/run")
-def run():
-    """Answer a chat turn in one JSON reply."""
+def turn_request():
+    """The caller, message and conversation of a chat turn (noted in the request log)."""
     user = authenticated_user()
     message, conversation_id = chat_request()
     note(conversation_id=conversation_id)
+    return user, conversation_id, message
+
+
+@chat.post("/run")
+def run():
+    """Answer a chat turn in one JSON reply."""
+    user, conversation_id, message = turn_request()
     reply = current_app.extensions["chat"].run(user, conversation_id, message, log_record())
     return jsonify(response=reply, conversation_id=conversation_id)
 
@@ -186,9 +192,7 @@ def run():
 @chat.post("/stream")
 def stream():
     """Answer a chat turn as server-sent events."""
-    user = authenticated_user()
-    message, conversation_id = chat_request()
-    note(conversation_id=conversation_id)
+    user, conversation_id, message = turn_request()
     events = current_app.extensions["chat"].stream(user, conversation_id, message, log_record())
     headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no",
                "Connection": "keep-alive", "X-Conversation-Id": conversation_id}

@@ -37,7 +37,7 @@ class Config:
         self.LLM_MODEL = os.environ.get("LLM_MODEL", "gpt-4o-mini")
         self.LLM_TIMEOUT_SECONDS = _float("LLM_TIMEOUT_SECONDS", 60)
         self.LLM_SYSTEM_PROMPT = os.environ.get("LLM_SYSTEM_PROMPT") or None
-        self.LLM_CONTEXT_TOKENS = _int("LLM_CONTEXT_TOKENS", 8000)
+        self.LLM_CONTEXT_TOKENS = _int("LLM_CONTEXT_TOKENS", 16000)
         self.RATE_LIMIT_PER_MINUTE = _int("RATE_LIMIT_PER_MINUTE", 0)
         self.LOG_LEVEL = os.environ.get("LOG_LEVEL", "info")
         self.CHAT_HISTORY_LIMIT = _int("CHAT_HISTORY_LIMIT", 20)

@@ -256,9 +256,19 @@ class Service:
                 self.process.wait()
 
     def post(self, path, body, user="alice", **kwargs):
-        """POST JSON to the service as `user`."""
+        """POST JSON to the service as `user`, on a connection closed after the answer.
+
+        An idle keep-alive connection left open by a test would hold the worker at shutdown
+        (gunicorn's gevent worker waits for every open connection until GRACEFUL_TIMEOUT).
+        """
         kwargs.setdefault("timeout", 30)
-        return requests.post(self.url + path, json=body, headers=bearer(user), **kwargs)
+        headers = {**bearer(user), "Connection": "close"}
+        return requests.post(self.url + path, json=body, headers=headers, **kwargs)
+
+    def stream(self, message, conversation_id, user="alice"):
+        """Start a streamed turn and return the open response."""
+        return self.post("/chat/stream", {"message": message, "conversation_id": conversation_id},
+                         user=user, stream=True, timeout=(5, 20))
 
 
 @pytest.fixture

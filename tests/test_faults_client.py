@@ -11,10 +11,9 @@ import re
 import socket
 import time
 
-import requests
 
 import models
-from tests.conftest import bearer, token, wait_until
+from tests.conftest import token, wait_until
 from tests.fake_llm import Script
 from tests.sse_client import data_events
 
@@ -63,21 +62,8 @@ class RawStream:
         self.sock.close()
 
 
-def post(service, path, body, user="alice", **kwargs):
-    """POST JSON to the service as `user`, on a connection closed after the answer.
-
-    An idle keep-alive connection left open by the test would hold the worker at shutdown
-    (gunicorn's gevent worker waits for every open connection until GRACEFUL_TIMEOUT).
-    """
-    kwargs.setdefault("timeout", 30)
-    headers = {**bearer(user), "Connection": "close"}
-    return requests.post(service.url + path, json=body, headers=headers, **kwargs)
 
 
-def open_stream(service, message, conversation_id, user="alice"):
-    """Start a streamed turn with requests and return the open response."""
-    return post(service, "/chat/stream", {"message": message, "conversation_id": conversation_id},
-                user=user, stream=True, timeout=(5, 20))
 
 
 def stored(conversation_id):
@@ -92,7 +78,7 @@ def assert_next_turn_sees(service, llm, conversation_id, history):
     """The next streamed turn works (the conversation was let go) and the model gets `history` first."""
     requests_before = len(llm.requests)
     llm.script(Script(reply="welcome back"))
-    response = open_stream(service, "are you there?", conversation_id)
+    response = service.stream("are you there?", conversation_id)
     assert response.status_code == 200, response.text
     received = data_events(response)
     assert "error" not in received[-1], received[-1]["error"]

@@ -10,39 +10,25 @@ import re
 import threading
 
 import pytest
-import requests
 
 import models
-from tests.conftest import bearer, wait_until
+from tests.conftest import wait_until
 from tests.fake_llm import Script
 from tests.sse_client import data_events
 
 LOCK_KEY = "chat:turn-lock:{}"
 # %(p)s is the worker's pid: which worker answered each request.
-ACCESS_LOG_WITH_PID = "--access-logformat '%(p)s %(s)s \"%(r)s\"'"
+ACCESS_LOG_WITH_PID = "--access-logfile - --access-logformat '%(p)s %(s)s \"%(r)s\"'"
 ACCESS_LINE = re.compile(r"<(\d+)> (\d{3}) \"POST /chat/(run|stream) HTTP/1.1\"")
 
 
-def post(service, path, body, user="alice", **kwargs):
-    """POST JSON to the service as `user`, on a connection closed after the answer.
-
-    An idle keep-alive connection left open by the test would hold the worker at shutdown
-    (gunicorn's gevent worker waits for every open connection until GRACEFUL_TIMEOUT).
-    """
-    kwargs.setdefault("timeout", 30)
-    headers = {**bearer(user), "Connection": "close"}
-    return requests.post(service.url + path, json=body, headers=headers, **kwargs)
 
 
-def open_stream(service, message, conversation_id, user="alice"):
-    """Start a streamed turn and return the open response."""
-    return post(service, "/chat/stream", {"message": message, "conversation_id": conversation_id},
-                user=user, stream=True, timeout=(5, 20))
 
 
 def run_turn(service, message, conversation_id, user="alice"):
     """Run a whole turn and return the response."""
-    return post(service, "/chat/run", {"message": message, "conversation_id": conversation_id},
+    return service.post("/chat/run", {"message": message, "conversation_id": conversation_id},
                 user=user, timeout=20)
 
 
@@ -50,7 +36,7 @@ def attempt(service, path, message, conversation_id):
     """A turn on `path`, read to the end."""
     if path == "run":
         return run_turn(service, message, conversation_id)
-    response = open_stream(service, message, conversation_id)
+    response = service.stream(message, conversation_id)
     response.content
     return response
 
@@ -81,7 +67,7 @@ class Holder:
         if path == "stream":
             # The first chunk comes at once (so the 200 and headers are in), the second only on release.
             llm.script(Script(chunks=["held ", "reply"], chunk_delay=60))
-            self.response = open_stream(service, message, conversation_id)
+            self.response = service.stream(message, conversation_id)
             assert self.response.status_code == 200
         else:
             llm.script(Script(reply="held reply", header_delay=60))

@@ -10,7 +10,7 @@ import requests
 
 import cache
 import models
-from tests.conftest import POSTGRES_URL, wait_until
+from tests.conftest import POSTGRES_URL, bearer, wait_until
 from tests.fake_llm import Script
 from tests.sse_client import PING, data_events, events
 
@@ -58,7 +58,8 @@ def test_final_event_carries_metrics(service, llm):
 
 def test_stream_headers_stop_caching_and_buffering(service, llm):
     """The stream is text/event-stream, not cached, not buffered by proxies, kept alive."""
-    response = open_stream(service)
+    response = requests.post(service.url + "/chat/stream", json={"message": "hello"}, headers=bearer(),
+                             stream=True, timeout=(5, 20))
     assert response.headers["Content-Type"].startswith("text/event-stream")
     assert response.headers["Cache-Control"] == "no-cache"
     assert response.headers["X-Accel-Buffering"] == "no"
