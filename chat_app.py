@@ -66,8 +66,12 @@ def create_app(test_config=None):
     app.cli.add_command(init_db_command)
     app.cli.add_command(create_token_command)
     app.cli.add_command(prune_command)
-    log.info("model backend: %s", describe_model(model))
     return app
+
+
+def announce(app):
+    """Log where replies come from (each gunicorn worker does, once it is up)."""
+    log.info("model backend: %s", describe_model(app.extensions["chat"].model))
 
 
 def describe_model(model):

@@ -34,6 +34,9 @@ def post_worker_init(worker):
     make_psycopg_cooperative(worker.wsgi.config["DATABASE_TIMEOUT_SECONDS"])
     drain_streams_on_sigterm(worker)
     worker.wsgi.extensions["chat"].listen_for_stops()
+    from chat_app import announce
+
+    announce(worker.wsgi)
 
 
 def make_psycopg_cooperative(timeout):

@@ -5,6 +5,7 @@ import re
 import subprocess
 import sys
 
+import jwt
 import requests
 
 import models
@@ -85,3 +86,13 @@ def test_readme_lists_every_setting():
         settings = set(re.findall(r'"([A-Z][A-Z_]+)"', source.read()))
     missing = {name for name in settings if f"`{name}`" not in readme()}
     assert missing == set()
+
+
+def test_create_token_prints_only_the_token(tmp_path):
+    """`TOKEN=$(flask --app chat_app create-token alice)` captures a token and nothing else."""
+    env = {"DATABASE_URL": f"sqlite:///{tmp_path / 'cli.db'}", "JWT_SECRET_KEY": SECRET, "REDIS_URL": ""}
+    cli = shell("flask --app chat_app create-token alice", env, stdout=subprocess.PIPE)
+    printed = cli.communicate(timeout=60)[0].decode()
+    assert cli.returncode == 0
+    assert jwt.decode(printed.strip(), SECRET, algorithms=["HS256"])["sub"] == "alice"
+    assert printed.count("\n") == 1
