@@ -106,20 +106,28 @@ class RedisCache:
         """Cache a conversation for the TTL."""
         self._call(self.client.set, KEY.format(conversation_id), raw, ex=self.ttl)
 
-    def lock(self, conversation_id, ttl, holder=""):
-        """Hold the conversation for one turn, across every process: a lock, or None if it is held.
+    def hold(self, conversation_id, ttl, holder=""):
+        """Take the conversation's turn lock and read its cached copy in one round trip.
 
-        `holder` (say "stream alice") is kept with the lock, for holder_of.
+        Returns (lock, or None if another turn holds it; the cached value, or None). The lock
+        is shared by every process; `holder` (say "stream alice") is kept with it, for holder_of.
         """
         key, token = LOCK_KEY.format(conversation_id), f"{uuid.uuid4().hex} {holder}"
         try:
-            taken = self._call(self.client.set, key, token, nx=True, px=int(ttl * 1000))
+            with self.client.pipeline(transaction=False) as pipe:
+                pipe.set(key, token, nx=True, px=int(ttl * 1000))
+                pipe.get(KEY.format(conversation_id))
+                taken, raw = self._call(pipe.execute)
         except redis.RedisError as exc:
             if not isinstance(exc, CacheDown):
                 self._orphans.add((key, token))  # Redis may still carry the SET out later
             log.warning("cache unavailable, locking in this process only: %s", type(exc).__name__)
-            return self.fallback_locks.lock(conversation_id, ttl, holder)
-        return RedisTurnLock(self, key, token) if taken else None
+            return self.fallback_locks.lock(conversation_id, ttl, holder), None
+        return (RedisTurnLock(self, key, token) if taken else None), raw
+
+    def lock(self, conversation_id, ttl, holder=""):
+        """Hold the conversation for one turn, across every process: a lock, or None if it is held."""
+        return self.hold(conversation_id, ttl, holder)[0]
 
     def holder_of(self, conversation_id):
         """Who holds the conversation now (the `holder` given to lock), or None."""
@@ -290,6 +298,10 @@ class MemoryCache:
     def lock(self, conversation_id, ttl, holder=""):
         """Hold the conversation for one turn: a lock, or None if it is held."""
         return self.locks.lock(conversation_id, ttl, holder)
+
+    def hold(self, conversation_id, ttl, holder=""):
+        """(the conversation's turn lock, or None if it is held; its cached copy, or None)."""
+        return self.lock(conversation_id, ttl, holder), self.get(conversation_id)
 
     def holder_of(self, conversation_id):
         """Who holds the conversation now (the `holder` given to lock), or None."""

@@ -1,6 +1,7 @@
 """The language model: an OpenAI-compatible HTTP endpoint, or the built-in demo model."""
 
 import json
+import os
 import socket
 import threading
 import time
@@ -73,6 +74,10 @@ class OpenAIChatModel:
         self.timeout = timeout
         self.session = requests.Session()
         self.session.mount(base_url, HTTPAdapter(pool_connections=1, pool_maxsize=1000))
+        # Read the proxy and CA settings of the environment once, not on every request.
+        self.session.trust_env = False
+        self.session.proxies = requests.utils.get_environ_proxies(base_url)
+        self.session.verify = os.environ.get("REQUESTS_CA_BUNDLE") or os.environ.get("CURL_CA_BUNDLE") or True
         self.session.headers["Content-Type"] = "application/json"
         if api_key:
             self.session.headers["Authorization"] = f"Bearer {api_key}"

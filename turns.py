@@ -141,13 +141,13 @@ class ChatService:
             raise ApiError(413, "context_too_large",
                            f"the message alone exceeds the model's context budget of "
                            f"{self.context_tokens} tokens")
-        lock = self.cache.lock(conversation_id, self.lock_ttl, f"{kind} {user}")
+        lock, cached = self.cache.hold(conversation_id, self.lock_ttl, f"{kind} {user}")
         if lock is None:
             raise BUSY
         turn = Turn(user=user, conversation_id=conversation_id, message=message, lock=lock,
                     record=record if record is not None else {})
         try:
-            owner, turn.history = self._load(conversation_id)
+            owner, turn.history = self._load(conversation_id, cached)
             if owner is not None and owner != user:
                 raise NOT_FOUND
             turn.prompt = self._prompt(turn)
@@ -156,9 +156,9 @@ class ChatService:
             raise
         return turn
 
-    def _load(self, conversation_id):
-        """The owner and recent messages of a conversation; cached ones only if they are the database's version."""
-        cached = self._cached(conversation_id)
+    def _load(self, conversation_id, raw):
+        """The owner and recent messages of a conversation: the cached ones (`raw`) if they are the database's."""
+        cached = None if raw is None else cache.decode(raw)
         with stored():
             owner, version = Conversation.state_of(conversation_id)
             if owner is None:
@@ -166,15 +166,6 @@ class ChatService:
             if cached is not None and cached[0] == version:
                 return owner, cached[1]
             return owner, Message.recent(conversation_id, self.history_limit)
-
-    def _cached(self, conversation_id):
-        """The cached (version, messages) of a conversation, or None (not cached, or cache down)."""
-        try:
-            raw = self.cache.get(conversation_id)
-        except redis.RedisError as exc:
-            log.warning("cache unavailable, reading the database: %s", type(exc).__name__)
-            return None
-        return None if raw is None else cache.decode(raw)
 
     def _head(self):
         """The system prompt, as the first messages of every request."""
