@@ -6,6 +6,7 @@ Standard library only, so it runs inside the unpatched pytest process too.
 
 Standalone, for curl checks and benchmarks:
     python -m tests.fake_llm --port 8001 [--chunk-delay 0.05] [--reply TEXT] [--gevent]
+        [--chunks N] [--first-chunk-delay 0.2]
 """
 
 from __future__ import annotations
@@ -637,19 +638,31 @@ class FakeLLM:
                 self._cond.notify_all()
 
 
-def main(argv: list[str] | None = None) -> None:
-    """Serve standalone until Ctrl-C or SIGTERM, for manual curl checks and benchmarks."""
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The standalone server's command-line options."""
     parser = argparse.ArgumentParser(prog="python -m tests.fake_llm", description=__doc__.splitlines()[0])
     parser.add_argument("--port", type=int, default=8001)
     parser.add_argument("--chunk-delay", type=float, default=0)
     parser.add_argument("--reply", default=None, help="reply text (default: echo the last message)")
+    parser.add_argument("--chunks", type=int, default=None,
+                        help="stream exactly N content chunks: the reply's words (or filler words) repeated")
+    parser.add_argument("--first-chunk-delay", type=float, default=0,
+                        help="seconds between a stream's headers and its first event")
     parser.add_argument("--gevent", action="store_true", help="monkey-patch with gevent for thousands of streams")
     args = parser.parse_args(argv)
+    if args.chunks is not None and args.chunks < 1:
+        parser.error("--chunks must be at least 1")
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Serve standalone until Ctrl-C or SIGTERM, for manual curl checks and benchmarks."""
+    args = parse_args(argv)
     if args.gevent:
         from gevent import monkey
 
         monkey.patch_all()
-    llm = FakeLLM(Script(reply=args.reply, chunk_delay=args.chunk_delay), port=args.port)
+    llm = FakeLLM(standalone_script(args), port=args.port)
     stop_requested = _stop_on_signals(args.gevent)
     llm.start()
     print(f"fake LLM serving {llm.url}", flush=True)
@@ -659,6 +672,21 @@ def main(argv: list[str] | None = None) -> None:
         pass
     finally:
         llm.stop()
+
+
+FILLER = "The quick brown fox jumps over the lazy dog while the model keeps on talking."
+
+
+def standalone_script(args: argparse.Namespace) -> Script:
+    """The one script a standalone server answers every request with, from its command line."""
+    script = Script(reply=args.reply, chunk_delay=args.chunk_delay, first_chunk_delay=args.first_chunk_delay)
+    if args.chunks is not None:
+        words = split_words(args.reply or FILLER)
+        # Every word after the first carries a leading space, so the chunks join back into text.
+        script.chunks = [words[0]] + [word if word[:1].isspace() else " " + word
+                                      for word in (words[i % len(words)] for i in range(1, args.chunks))]
+        script.reply = None
+    return script
 
 
 def _stop_on_signals(use_gevent: bool) -> threading.Event:

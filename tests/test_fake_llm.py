@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from tests.fake_llm import FakeLLM, Script, split_words
+from tests.fake_llm import FakeLLM, Script, parse_args, split_words, standalone_script
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -562,6 +562,42 @@ def test_standalone_server_serves_until_signalled(flags, stop_signal):
             )
             assert contents(sse_lines(response)) == ["from", " the", " command", " line"]
             server.send_signal(stop_signal)
+            assert server.wait(timeout=5) == 0
+        finally:
+            server.kill()
+
+
+def standalone(*argv):
+    """The script a standalone server answers with, given these command-line options."""
+    return standalone_script(parse_args(list(argv)))
+
+
+def test_chunks_option_streams_exactly_n_chunks_that_read_as_text():
+    script = standalone("--chunks", "25", "--reply", "one two three")
+    assert len(script.chunks) == 25
+    assert "".join(script.chunks).split() == (["one", "two", "three"] * 9)[:25]
+    assert script.chunks_for({"messages": [{"role": "user", "content": "ignored"}]}) == script.chunks
+
+
+def test_first_chunk_delay_and_chunk_delay_options_reach_the_script():
+    script = standalone("--first-chunk-delay", "0.2", "--chunk-delay", "0.5")
+    assert (script.first_chunk_delay, script.chunk_delay, script.chunks, script.reply) == (0.2, 0.5, None, None)
+
+
+def test_standalone_chunks_option_over_http():
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    command = [sys.executable, "-m", "tests.fake_llm", "--port", str(port), "--gevent", "--chunks", "5",
+               "--first-chunk-delay", "0.01"]
+    with subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, text=True) as server:
+        try:
+            assert server.stdout.readline().strip().endswith(f"127.0.0.1:{port}/v1")
+            response = requests.post(
+                f"http://127.0.0.1:{port}/v1/chat/completions", json=chat(stream=True), timeout=5
+            )
+            assert len(contents(sse_lines(response))) == 5
+            server.send_signal(signal.SIGINT)
             assert server.wait(timeout=5) == 0
         finally:
             server.kill()

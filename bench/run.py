@@ -1,0 +1,1092 @@
+"""Benchmark of the chat API under gunicorn + gevent, against a fake OpenAI-compatible model.
+
+Usage, from the repository root, with the project's virtualenv:
+
+    .venv/bin/python bench/run.py [--quick] [--out bench/results] [--profile]
+
+It needs PostgreSQL and Redis (``--database-url``, default
+postgresql://root@127.0.0.1:5432/chat_bench, created if missing and its tables recreated;
+``--redis-url``, default redis://127.0.0.1:6379/9, flushed). Everything else it starts itself
+on loopback and stops at the end, also on Ctrl-C or an error: the fake model
+(``python -m tests.fake_llm --gevent``), the service (``gunicorn --config gunicorn.conf.py
+'chat_app:create_app()'`` in production mode) and the load generators (bench/loadgen.py, each
+a separate gevent process, so their CPU is never counted as the service's). Every process is
+started in its own session and its whole process group is killed on the way out.
+
+It measures, and writes as results.md and results.json in --out (with the logs in
+``--out/logs``):
+
+- added time to first token: the same streamed request sent to the model directly and through
+  /chat/stream, interleaved, one at a time; p50/p95/p99 of each and the difference;
+- added total time of /chat/run against the model's non-streamed answer, likewise;
+- open streams one gevent worker carries: a slow model (a chunk every 500 ms for 20 s),
+  concurrent streams ramped through levels until one fails or the p95 gap between chunks
+  seen by the clients exceeds 600 ms; the largest clean level;
+- memory per open stream: the worker's VmRSS at the peak of that level minus before it,
+  per stream (each level runs on a freshly started worker);
+- CPU per turn: the worker's utime+stime over a window of closed-loop /chat/run load at
+  saturation, divided by the turns completed in it;
+- scaling: turns per second with 1 and 2 workers.
+
+PostgreSQL's and Redis's CPU is reported for context, never counted as the worker's. Targets
+that are missed are reported, not asserted: the exit status is 0 unless something crashed.
+The run raises its limit on open files to the hard limit; every process it starts inherits it.
+
+``--quick`` (about 70 s, used by tests/test_bench.py) runs fewer requests, stream levels of
+50 and 100, and 3 s windows; the full run takes about 3 minutes on 2 cores. ``--levels
+500,1000`` replaces the mode's stream levels. ``--profile`` adds a phase that samples the
+worker with py-spy under the same /chat/run load (py-spy must be installed in the
+virtualenv) and lists its top functions by self and cumulative time (raw samples in
+``--out/profile-raw.txt``).
+"""
+
+import argparse
+import contextlib
+import datetime
+import json
+import math
+import os
+import platform
+import resource
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from urllib.parse import urlsplit, urlunsplit
+
+import jwt
+import psycopg2
+import redis
+import requests
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+LOADGEN = os.path.join(ROOT, "bench", "loadgen.py")
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+SECRET = "bench-secret-0123456789-abcdefghijklmnopqrstuvwxyz"
+MODEL = "bench-model"
+USERS = 8
+CLIENT_PROCESSES = 2
+STREAM_CHUNK_DELAY = 0.5
+STREAM_CHUNKS = 41  # 40 gaps of 500 ms: 20 s of streaming
+GAP_SLACK_MS = 100
+# Streams open at this rate (at most 12 s of ramp), so they are all open for at least 8 s of the 20.
+STREAM_OPEN_RATE = 250
+# Cores busy with other processes above which a phase's figures are flagged as noisy.
+NOISE_CORES = 0.25
+INSTANT_REPLY = ("Sure. Here is a short answer of about forty words, streamed word by word, so "
+                 "that the relay does some real work per turn: parsing each chunk, framing each "
+                 "event, and keeping the whole reply in the database at the end of the turn.")
+
+FULL = {"latency_n": 400, "latency_warmup": 20, "levels": [500, 1000, 2000, 3000],
+        "turns_seconds": 10.0, "turns_warmup": 2.0, "connections": 48, "profile_seconds": 10}
+QUICK = {"latency_n": 40, "latency_warmup": 10, "levels": [50, 100],
+         "turns_seconds": 3.0, "turns_warmup": 1.0, "connections": 32, "profile_seconds": 3}
+
+
+def log(message):
+    """Progress, on stderr."""
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def raise_file_limit():
+    """Raise the soft limit on open files to the hard limit (inherited by every child)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    return hard
+
+
+def free_port():
+    """A TCP port nobody listens on right now."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def wait_until(condition, timeout, interval=0.1, what="condition"):
+    """Poll `condition` until it is true; RuntimeError after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        time.sleep(interval)
+    raise RuntimeError(f"timed out after {timeout:g} s waiting for {what}")
+
+
+def percentile(values, q):
+    """The q-th percentile (0-100) of values, interpolated linearly; NaN if there are none."""
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    rank = (len(ordered) - 1) * q / 100
+    low = math.floor(rank)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (rank - low)
+
+
+# --- /proc ---------------------------------------------------------------------------------
+
+
+def proc_stat(pid):
+    """(ppid, own CPU ticks, reaped children's CPU ticks) of a process, or None if it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            fields = stat.read().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return int(fields[1]), int(fields[11]) + int(fields[12]), int(fields[13]) + int(fields[14])
+
+
+def proc_comm(pid):
+    """The command name of a process ('' if it is gone)."""
+    try:
+        with open(f"/proc/{pid}/comm") as comm:
+            return comm.read().strip()
+    except OSError:
+        return ""
+
+
+def proc_cmdline(pid):
+    """The command line of a process ('' if it is gone)."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as cmdline:
+            return cmdline.read().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def all_pids():
+    """Every process id on the machine."""
+    return [int(name) for name in os.listdir("/proc") if name.isdigit()]
+
+
+def children(pid):
+    """The processes whose parent is `pid` (gunicorn's workers, for its master)."""
+    found = []
+    for other in all_pids():
+        stat = proc_stat(other)
+        if stat and stat[0] == pid:
+            found.append(other)
+    return sorted(found)
+
+
+def rss_kb(pid):
+    """VmRSS of a process in kB (0 if it is gone)."""
+    try:
+        with open(f"/proc/{pid}/status") as status:
+            for line in status:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+def open_files_limit(pid):
+    """The soft limit on open files of a process (0 if it is gone)."""
+    try:
+        with open(f"/proc/{pid}/limits") as limits:
+            for line in limits:
+                if line.startswith("Max open files"):
+                    return int(line.split()[3])
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0
+
+
+def cpu_ticks(pids, with_reaped=()):
+    """{pid: CPU ticks} of processes; for those in `with_reaped`, their reaped children's too."""
+    ticks = {}
+    for pid in pids:
+        stat = proc_stat(pid)
+        if stat:
+            ticks[pid] = stat[1] + (stat[2] if pid in with_reaped else 0)
+    return ticks
+
+
+def cpu_seconds_between(before, after):
+    """CPU seconds used between two cpu_ticks() snapshots (a process new in `after` counts from 0)."""
+    return sum(ticks - before.get(pid, 0) for pid, ticks in after.items()) / CLOCK_TICKS
+
+
+def machine_ticks():
+    """(busy, total) CPU ticks of the whole machine, from /proc/stat."""
+    with open("/proc/stat") as stat:
+        values = [int(v) for v in stat.readline().split()[1:]]
+    idle = values[3] + values[4]
+    return sum(values) - idle, sum(values)
+
+
+def database_processes(database_name):
+    """{'postgres': pids, 'postmaster': pids, 'backends': pids serving database_name, 'redis': pids}."""
+    found = {"postgres": [], "postmaster": [], "backends": [], "redis": []}
+    for pid in all_pids():
+        comm = proc_comm(pid)
+        if comm == "postgres" or comm.startswith("postgres:"):
+            found["postgres"].append(pid)
+            stat = proc_stat(pid)
+            if stat and proc_comm(stat[0]) != "postgres":
+                found["postmaster"].append(pid)
+            if f" {database_name} " in proc_cmdline(pid):
+                found["backends"].append(pid)
+        elif comm == "redis-server":
+            found["redis"].append(pid)
+    return found
+
+
+class CpuWatch:
+    """CPU snapshots of the service's workers, the fake model, PostgreSQL, Redis and the machine."""
+
+    def __init__(self, database_name, workers=(), fake=None, clients=(), master=None):
+        """Watch these processes (and the database servers, found by name)."""
+        self.database_name = database_name
+        self.workers = list(workers)
+        self.fake = fake
+        self.clients = list(clients)
+        self.master = master
+
+    def snapshot(self):
+        """Every figure, now."""
+        db = database_processes(self.database_name)
+        return {
+            "at": time.monotonic(),
+            "workers": {pid: cpu_ticks([pid]).get(pid, 0) for pid in self.workers},
+            "fake": cpu_ticks([self.fake] if self.fake else []),
+            "clients": cpu_ticks(self.clients),
+            "master": cpu_ticks([self.master] if self.master else []),
+            # The postmaster's reaped children hold the CPU of backends that exited meanwhile.
+            "postgres": cpu_ticks(db["postgres"], with_reaped=set(db["postmaster"])),
+            "backends": cpu_ticks(db["backends"]),
+            "redis": cpu_ticks(db["redis"]),
+            "machine": machine_ticks(),
+        }
+
+    @staticmethod
+    def between(before, after, clients_s=None):
+        """CPU seconds each part used between two snapshots, and the wall time.
+
+        `clients_s`, if given, is the load generators' own count of their CPU (when they have
+        exited before the second snapshot, /proc no longer has it).
+        """
+        wall = after["at"] - before["at"]
+        busy = after["machine"][0] - before["machine"][0]
+        total = after["machine"][1] - before["machine"][1]
+        machine_busy = (busy / total * (os.cpu_count() or 1)) if total else 0.0
+        ours = {part: cpu_seconds_between(before[part], after[part])
+                for part in ("workers", "fake", "clients", "postgres", "redis", "master")}
+        if clients_s is not None:
+            ours["clients"] = clients_s
+        return {
+            "wall_s": wall,
+            "workers_s": {str(pid): (after["workers"][pid] - before["workers"].get(pid, 0)) / CLOCK_TICKS
+                          for pid in after["workers"]},
+            "worker_total_s": cpu_seconds_between(before["workers"], after["workers"]),
+            "fake_s": ours["fake"],
+            "clients_s": ours["clients"],
+            "postgres_s": cpu_seconds_between(before["postgres"], after["postgres"]),
+            "postgres_backends_s": cpu_seconds_between(before["backends"], after["backends"]),
+            "redis_s": cpu_seconds_between(before["redis"], after["redis"]),
+            # Busy cores over the window: 2.0 is both cores of a 2-core machine flat out.
+            "machine_busy_cores": machine_busy,
+            # Cores busy with anything but gunicorn, the fake, the clients, PostgreSQL and Redis.
+            "other_busy_cores": max(0.0, machine_busy - sum(ours.values()) / wall) if wall else 0.0,
+        }
+
+
+# --- processes -----------------------------------------------------------------------------
+
+
+class Processes:
+    """Everything the benchmark started, each in its own session, stopped by process group."""
+
+    def __init__(self, log_dir):
+        """Nothing started yet; logs go to `log_dir`."""
+        self.log_dir = log_dir
+        self.running = []
+
+    def start(self, name, argv, env=None):
+        """Start a process in a new session with its output in `<log_dir>/<name>.log` (overwritten)."""
+        # The child inherits the raised limit on open files (main() raised it) and the log file.
+        with open(os.path.join(self.log_dir, f"{name}.log"), "wb") as log_file:
+            process = subprocess.Popen(argv, cwd=ROOT, env=env or os.environ.copy(), stdin=subprocess.DEVNULL,
+                                       stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)
+        process.name = name
+        self.running.append(process)
+        return process
+
+    def stop(self, process, timeout=10):
+        """SIGTERM the process group, then SIGKILL what is left after `timeout` seconds."""
+        if process.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGTERM)
+            try:
+                process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                log(f"{process.name} did not stop in {timeout} s; killing it")
+        # Whatever is left of the group (a worker whose master died, a hung process): SIGKILL.
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(process.pid, signal.SIGKILL)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            process.wait(5)
+        if process in self.running:
+            self.running.remove(process)
+
+    def stop_all(self):
+        """Stop everything still running, newest first."""
+        for process in reversed(list(self.running)):
+            self.stop(process, timeout=5)
+
+    def log_tail(self, name, lines=30):
+        """The last lines of a process's log, for error messages."""
+        try:
+            with open(os.path.join(self.log_dir, f"{name}.log"), errors="replace") as text:
+                return "".join(text.readlines()[-lines:])
+        except OSError:
+            return ""
+
+
+class FakeModel:
+    """tests/fake_llm.py, standalone with gevent, in its own process."""
+
+    def __init__(self, processes, name, *options):
+        """Start it with these command-line options and wait until it answers."""
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}/v1"
+        self.processes = processes
+        argv = [sys.executable, "-m", "tests.fake_llm", "--port", str(self.port), "--gevent", *options]
+        self.process = processes.start(name, argv)
+        wait_until(self._answers, 20, what=f"the fake model ({name}) to answer")
+
+    def _answers(self):
+        """True once GET /v1/models answers; raise if the process died."""
+        if self.process.poll() is not None:
+            raise RuntimeError(f"the fake model exited:\n{self.processes.log_tail(self.process.name)}")
+        try:
+            return requests.get(self.url + "/models", timeout=1).status_code == 200
+        except requests.RequestException:
+            return False
+
+    def stop(self):
+        """Stop it."""
+        self.processes.stop(self.process)
+
+
+class Service:
+    """The chat service under gunicorn with the gevent worker, as the Procfile runs it."""
+
+    def __init__(self, processes, name, bench, workers, llm_url):
+        """Start gunicorn with `workers` workers on the given model; wait until it serves."""
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.processes = processes
+        self.expected_workers = workers
+        self.env = service_env(bench, llm_url, workers, self.port)
+        argv = [sys.executable, "-m", "gunicorn", "--config", "gunicorn.conf.py", "chat_app:create_app()"]
+        self.process = processes.start(name, argv, env=self.env)
+        wait_until(self._ready, 60, interval=0.2, what=f"the service ({name}) to answer /status")
+
+    def _ready(self):
+        """True once /status says ok and every worker is up; raise if gunicorn exited."""
+        if self.process.poll() is not None:
+            raise RuntimeError(f"gunicorn exited:\n{self.processes.log_tail(self.process.name)}")
+        if len(self.workers()) != self.expected_workers:
+            return False
+        try:
+            answer = requests.get(self.url + "/status", timeout=2)
+            return answer.status_code == 200 and answer.json()["status"] == "ok"
+        except (requests.RequestException, ValueError):
+            return False
+
+    def workers(self):
+        """The pids of gunicorn's workers: the master's children."""
+        return children(self.process.pid)
+
+    def warm_up(self, tokens, turns=20):
+        """A few turns, so every worker has its connections to the database, Redis and the model.
+
+        A new connection for each, so that every worker accepts some.
+        """
+        for n in range(turns):
+            answer = requests.post(self.url + "/chat/run", timeout=30,
+                                   headers={"Authorization": f"Bearer {tokens[n % len(tokens)]}"},
+                                   json={"message": "warm up", "conversation_id": f"warm-{uuid_hex()}"})
+            if answer.status_code != 200:
+                raise RuntimeError(f"warm-up turn failed: {answer.status_code} {answer.text[:300]}")
+
+    def stop(self):
+        """Stop gunicorn (and its workers)."""
+        self.processes.stop(self.process, timeout=15)
+
+
+def uuid_hex():
+    """A random hex string."""
+    return os.urandom(8).hex()
+
+
+def service_env(bench, llm_url, workers, port):
+    """The service's environment: production mode on PostgreSQL, Redis and the fake model."""
+    env = os.environ.copy()
+    env.update({
+        "APP_ENV": "production", "JWT_SECRET_KEY": SECRET, "DATABASE_URL": bench.database_url,
+        "REDIS_URL": bench.redis_url, "LLM_BASE_URL": llm_url, "LLM_MODEL": MODEL,
+        "WEB_CONCURRENCY": str(workers), "LOG_LEVEL": "warning", "PORT": str(port),
+        "GRACEFUL_TIMEOUT": "5",
+    })
+    return env
+
+
+class Clients:
+    """bench/loadgen.py processes running one load together."""
+
+    def __init__(self, processes, work_dir, name, configs):
+        """Start one load generator per config."""
+        self.processes = processes
+        self.started = []
+        for n, config in enumerate(configs):
+            config_path = os.path.join(work_dir, f"{name}-{n}.json")
+            result_path = os.path.join(work_dir, f"{name}-{n}.result.json")
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(result_path)
+            with open(config_path, "w") as out:
+                json.dump(config, out)
+            process = processes.start(f"{name}-{n}", [sys.executable, LOADGEN, config_path, result_path])
+            self.started.append((process, result_path))
+
+    def pids(self):
+        """The load generators' process ids."""
+        return [process.pid for process, _ in self.started]
+
+    def running(self):
+        """Whether any load generator is still running."""
+        return any(process.poll() is None for process, _ in self.started)
+
+    def collect(self, timeout):
+        """Wait (at most `timeout` s) for every load generator; their results."""
+        deadline = time.monotonic() + timeout
+        results = []
+        for process, result_path in self.started:
+            try:
+                process.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                self.processes.stop(process)
+                raise RuntimeError(f"load generator {process.name} did not finish in time") from None
+            self.processes.stop(process)
+            if process.returncode != 0 or not os.path.exists(result_path):
+                raise RuntimeError(f"load generator {process.name} failed ({process.returncode}):\n"
+                                   f"{self.processes.log_tail(process.name)}")
+            with open(result_path) as source:
+                results.append(json.load(source))
+        return results
+
+
+# --- the benchmark -------------------------------------------------------------------------
+
+
+class Bench:
+    """One run of the benchmark: its settings, its processes and what it measured."""
+
+    def __init__(self, args):
+        """Settings from the command line."""
+        self.args = args
+        self.settings = QUICK if args.quick else FULL
+        if args.levels:
+            self.settings = {**self.settings, "levels": [int(n) for n in args.levels.split(",")]}
+        self.database_url = args.database_url
+        self.database_name = urlsplit(args.database_url).path.lstrip("/")
+        self.redis_url = args.redis_url
+        self.out = os.path.abspath(args.out)
+        os.makedirs(os.path.join(self.out, "logs"), exist_ok=True)
+        self.work_dir = tempfile.mkdtemp(prefix="chat-bench-")
+        self.processes = Processes(os.path.join(self.out, "logs"))
+        now = int(time.time())
+        self.tokens = [jwt.encode({"sub": f"bench-{n}", "iat": now, "exp": now + 3600}, SECRET, "HS256")
+                       for n in range(USERS)]
+        self.results = {"phases": {}}
+        self.notes = []
+
+    def close(self):
+        """Stop everything and remove the scratch files."""
+        self.processes.stop_all()
+        shutil.rmtree(self.work_dir, ignore_errors=True)
+
+    # setup
+
+    def prepare_stores(self):
+        """Create the database if missing, recreate its tables, and empty the Redis database."""
+        parts = urlsplit(self.database_url)
+        admin = psycopg2.connect(urlunsplit(parts._replace(path="/postgres")), connect_timeout=5)
+        admin.autocommit = True
+        with admin.cursor() as cursor:
+            cursor.execute("SELECT 1 FROM pg_database WHERE datname = %s", (self.database_name,))
+            if cursor.fetchone() is None:
+                cursor.execute(f'CREATE DATABASE "{self.database_name}"')
+        admin.close()
+        with contextlib.closing(psycopg2.connect(self.database_url, connect_timeout=5)) as conn:
+            conn.autocommit = True
+            with conn.cursor() as cursor:
+                cursor.execute("DROP TABLE IF EXISTS message, conversation CASCADE")
+        client = redis.Redis.from_url(self.redis_url, socket_timeout=5)
+        client.flushdb()
+        client.close()
+        env = service_env(self, "http://127.0.0.1:9/v1", 1, 0)
+        subprocess.run([sys.executable, "-m", "flask", "--app", "chat_app", "init-db"], cwd=ROOT, env=env,
+                       check=True, timeout=60, stdout=subprocess.DEVNULL)
+
+    # phases
+
+    def latency(self, service, fake, kind):
+        """Interleaved direct and through-the-service requests, one at a time."""
+        n, warmup = self.settings["latency_n"], self.settings["latency_warmup"]
+        config = {"mode": "latency", "kind": kind, "service_url": service.url, "upstream_url": fake.url,
+                  "token": self.tokens[0], "model": MODEL, "message": "Hello, how are you today?",
+                  "prefix": f"latency-{kind}-{uuid_hex()}", "n": n, "warmup": warmup, "timeout": 30,
+                  "deadline": time.monotonic() + 60 + n * 0.5}
+        clients = Clients(self.processes, self.work_dir, f"latency-{kind}", [config])
+        watch = CpuWatch(self.database_name, service.workers(), fake.process.pid, master=service.process.pid)
+        before = watch.snapshot()
+        result = clients.collect(90 + n * 0.5)[0]
+        cpu = CpuWatch.between(before, watch.snapshot(), clients_s=result["client_cpu_s"])
+        if result["errors"]:
+            self.notes.append(f"latency ({kind}): {len(result['errors'])} failed requests, "
+                              f"e.g. {result['errors'][0]}")
+        summary = {"n": len(result["service"]), "errors": len(result["errors"]),
+                   "machine_busy_cores": cpu["machine_busy_cores"], "other_busy_cores": cpu["other_busy_cores"]}
+        for side in ("direct", "service"):
+            for q in (50, 95, 99):
+                summary[f"{side}_p{q}_ms"] = percentile(result[side], q)
+        for q in (50, 95, 99):
+            summary[f"added_p{q}_ms"] = summary[f"service_p{q}_ms"] - summary[f"direct_p{q}_ms"]
+        paired = [s - d for s, d in zip(result["service"], result["direct"])]
+        summary["paired_difference_p50_ms"] = percentile(paired, 50)
+        if kind == "stream":
+            summary["service_stream_total_p50_ms"] = percentile(result["service_total"], 50)
+            summary["direct_stream_total_p50_ms"] = percentile(result["direct_total"], 50)
+        return summary
+
+    def turns(self, service, fake, label, profile_seconds=0):
+        """Closed-loop /chat/run load at saturation; CPU of every part over the measurement window."""
+        settings = self.settings
+        connections = settings["connections"]
+        start_at = time.monotonic() + 2.0
+        measure_from = start_at + settings["turns_warmup"]
+        window = profile_seconds or settings["turns_seconds"]
+        measure_until = measure_from + window
+        per_process = connections // CLIENT_PROCESSES
+        configs = [{"mode": "turns", "service_url": service.url, "tokens": self.tokens,
+                    "prefix": f"{label}-{uuid_hex()}", "connections": per_process,
+                    "first_connection": n * per_process, "start_at": start_at, "measure_from": measure_from,
+                    "measure_until": measure_until, "stop_at": measure_until + 0.3, "timeout": 30,
+                    "deadline": measure_until + 20} for n in range(CLIENT_PROCESSES)]
+        clients = Clients(self.processes, self.work_dir, label, configs)
+        watch = CpuWatch(self.database_name, service.workers(), fake.process.pid, clients.pids(),
+                         master=service.process.pid)
+        sleep_until(measure_from)
+        before = watch.snapshot()
+        spy = self.start_profiler(service.workers()[0], window) if profile_seconds else None
+        sleep_until(measure_until)
+        after = watch.snapshot()
+        results = clients.collect(60)
+        cpu = CpuWatch.between(before, after)
+        turns = sum(r["turns"] for r in results)
+        errors = {}
+        for result in results:
+            for key, count in result["errors"].items():
+                errors[key] = errors.get(key, 0) + count
+        if any(r["late_start"] for r in results):
+            self.notes.append(f"{label}: a load generator started after the measurement window opened")
+        if errors:
+            self.notes.append(f"{label}: failed requests {errors}")
+        latencies = [ms for r in results for ms in r["latencies_ms"]]
+        summary = {
+            "workers": len(service.workers()), "connections": connections, "window_s": cpu["wall_s"],
+            "turns": turns, "turns_per_s": turns / cpu["wall_s"], "errors": errors,
+            "latency_p50_ms": percentile(latencies, 50), "latency_p95_ms": percentile(latencies, 95),
+            "worker_cpu_s": cpu["worker_total_s"], "worker_cpu_s_each": cpu["workers_s"],
+            "worker_cpu_per_turn_ms": cpu["worker_total_s"] / turns * 1000 if turns else float("nan"),
+            "worker_busy_cores": cpu["worker_total_s"] / cpu["wall_s"],
+            "fake_cpu_s": cpu["fake_s"], "clients_cpu_s": cpu["clients_s"],
+            "postgres_cpu_s": cpu["postgres_s"], "postgres_backends_cpu_s": cpu["postgres_backends_s"],
+            "redis_cpu_s": cpu["redis_s"], "machine_busy_cores": cpu["machine_busy_cores"],
+            "other_busy_cores": cpu["other_busy_cores"],
+        }
+        if turns:
+            summary["postgres_cpu_per_turn_ms"] = cpu["postgres_s"] / turns * 1000
+            summary["redis_cpu_per_turn_ms"] = cpu["redis_s"] / turns * 1000
+        if spy is not None:
+            summary["profile"] = self.finish_profiler(spy)
+        return summary
+
+    def stream_level(self, fake, level):
+        """`level` concurrent slow streams on a fresh one-worker service."""
+        service = Service(self.processes, f"service-streams-{level}", self, 1, fake.url)
+        try:
+            service.warm_up(self.tokens)
+            worker = service.workers()[0]
+            time.sleep(0.5)
+            rss_before = rss_kb(worker)
+            ramp = min(12.0, max(1.0, level / STREAM_OPEN_RATE))
+            start_at = time.monotonic() + 2.0
+            stream_seconds = (STREAM_CHUNKS - 1) * STREAM_CHUNK_DELAY
+            deadline = start_at + ramp + stream_seconds + 40
+            configs = [{"mode": "streams", "service_url": service.url, "tokens": self.tokens,
+                        "prefix": f"streams-{level}-{uuid_hex()}", "first": n, "stride": CLIENT_PROCESSES,
+                        "total": level, "start_at": start_at, "ramp": ramp, "expect_chunks": STREAM_CHUNKS,
+                        "timeout": 30, "deadline": deadline} for n in range(CLIENT_PROCESSES)]
+            clients = Clients(self.processes, self.work_dir, f"streams-{level}", configs)
+            watch = CpuWatch(self.database_name, [worker], fake.process.pid, clients.pids(),
+                             master=service.process.pid)
+            before = watch.snapshot()
+            rss_peak, samples = rss_before, []
+            while clients.running() and time.monotonic() < deadline + 10:
+                rss = rss_kb(worker)
+                samples.append((round(time.monotonic() - start_at, 2), rss, cpu_ticks([worker]).get(worker, 0)))
+                rss_peak = max(rss_peak, rss)
+                time.sleep(0.2)
+            after = watch.snapshot()
+            results = clients.collect(30)
+        finally:
+            service.stop()
+        cpu = CpuWatch.between(before, after, clients_s=sum(r["client_cpu_s"] for r in results))
+        failures = {}
+        for result in results:
+            for key, count in result["failures"].items():
+                failures[key] = failures.get(key, 0) + count
+        gaps = [gap for r in results for gap in r["gaps_ms"]]
+        intervals = [interval for r in results for interval in r["intervals"]]
+        summary = {
+            "level": level, "ramp_s": ramp, "failed": sum(failures.values()), "failures": failures,
+            "peak_concurrent": peak_concurrency(intervals),
+            "gap_p50_ms": percentile(gaps, 50), "gap_p95_ms": percentile(gaps, 95),
+            "gap_p99_ms": percentile(gaps, 99), "gap_max_ms": max(gaps) if gaps else float("nan"),
+            "first_chunk_p50_ms": percentile([ms for r in results for ms in r["first_ms"]], 50),
+            "first_chunk_p95_ms": percentile([ms for r in results for ms in r["first_ms"]], 95),
+            "rss_before_kb": rss_before, "rss_peak_kb": rss_peak,
+            "rss_per_stream_kb": (rss_peak - rss_before) / level,
+            "worker_cpu_s": cpu["worker_total_s"], "worker_busy_cores": cpu["worker_total_s"] / cpu["wall_s"],
+            "fake_cpu_s": cpu["fake_s"], "clients_cpu_s": cpu["clients_s"],
+            "postgres_cpu_s": cpu["postgres_s"], "redis_cpu_s": cpu["redis_s"],
+            "machine_busy_cores": cpu["machine_busy_cores"], "other_busy_cores": cpu["other_busy_cores"],
+            "wall_s": cpu["wall_s"],
+            # The worker's busiest second: 1.0 means it was CPU-bound then.
+            "worker_peak_busy_cores": peak_busy(samples),
+            "rss_samples": [sample[:2] for sample in samples[::5]],
+        }
+        limit = STREAM_CHUNK_DELAY * 1000 + GAP_SLACK_MS
+        summary["clean"] = summary["failed"] == 0 and bool(gaps) and summary["gap_p95_ms"] <= limit
+        return summary
+
+    def start_profiler(self, pid, seconds):
+        """py-spy sampling the worker for `seconds`, or None if py-spy is not installed."""
+        spy = shutil.which("py-spy", path=os.path.dirname(sys.executable)) or shutil.which("py-spy")
+        if spy is None:
+            self.notes.append("--profile: py-spy is not installed (pip install py-spy); no profile taken")
+            return None
+        raw = os.path.join(self.out, "profile-raw.txt")
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(raw)
+        argv = [spy, "record", "--nonblocking", "-r", "200", "-d", str(int(seconds)), "-p", str(pid),
+                "-f", "raw", "-o", raw]
+        return self.processes.start("py-spy", argv), raw
+
+    def finish_profiler(self, spy):
+        """Wait for py-spy and summarise its samples."""
+        process, raw = spy
+        try:
+            process.wait(30)
+        except subprocess.TimeoutExpired:
+            pass
+        self.processes.stop(process)
+        if not os.path.exists(raw):
+            self.notes.append(f"--profile: py-spy wrote nothing:\n{self.processes.log_tail('py-spy')}")
+            return None
+        return summarise_profile(raw)
+
+    # the whole run
+
+    def run(self):
+        """Every phase, in order; the results."""
+        started = time.monotonic()
+        log(f"preparing {self.database_url} and {self.redis_url}")
+        self.prepare_stores()
+        whole = CpuWatch(self.database_name)
+        run_before = whole.snapshot()
+
+        log("starting the instant fake model")
+        instant = FakeModel(self.processes, "fake-instant", "--reply", INSTANT_REPLY)
+        service = Service(self.processes, "service-1-worker", self, 1, instant.url)
+        service.warm_up(self.tokens)
+        self.results["settings"] = {
+            **self.settings, "client_processes": CLIENT_PROCESSES, "users": USERS,
+            "stream_chunk_delay_s": STREAM_CHUNK_DELAY, "stream_chunks": STREAM_CHUNKS,
+            "stream_gap_limit_ms": STREAM_CHUNK_DELAY * 1000 + GAP_SLACK_MS,
+            "stream_open_rate_per_s": STREAM_OPEN_RATE, "worker_open_files_limit": open_files_limit(service.workers()[0]),
+            "database_url": self.database_url, "redis_url": self.redis_url,
+        }
+        log(f"latency: {self.settings['latency_n']} streamed turns, direct and through /chat/stream")
+        self.results["phases"]["ttft"] = self.latency(service, instant, "stream")
+        log(f"latency: {self.settings['latency_n']} turns, direct and through /chat/run")
+        self.results["phases"]["run"] = self.latency(service, instant, "run")
+        log(f"CPU per turn: {self.settings['connections']} connections, 1 worker")
+        self.results["phases"]["turns_1"] = self.turns(service, instant, "turns-1-worker")
+        service.stop()
+
+        service = Service(self.processes, "service-2-workers", self, 2, instant.url)
+        service.warm_up(self.tokens, turns=40)
+        log(f"scaling: {self.settings['connections']} connections, 2 workers")
+        self.results["phases"]["turns_2"] = self.turns(service, instant, "turns-2-workers")
+        service.stop()
+
+        if self.args.profile:
+            service = Service(self.processes, "service-profile", self, 1, instant.url)
+            service.warm_up(self.tokens)
+            log(f"profile: py-spy on the worker for {self.settings['profile_seconds']} s of turns")
+            self.results["phases"]["profile"] = self.turns(
+                service, instant, "turns-profile", profile_seconds=self.settings["profile_seconds"])
+            service.stop()
+        instant.stop()
+
+        log("starting the slow fake model (a chunk every 500 ms for 20 s)")
+        slow = FakeModel(self.processes, "fake-slow", "--chunk-delay", str(STREAM_CHUNK_DELAY),
+                         "--chunks", str(STREAM_CHUNKS))
+        levels = []
+        for level in self.settings["levels"]:
+            log(f"open streams: {level} concurrent streams on one worker")
+            summary = self.stream_level(slow, level)
+            levels.append(summary)
+            log(f"  {level}: failed {summary['failed']}, gap p95 {summary['gap_p95_ms']:.0f} ms, "
+                f"peak {summary['peak_concurrent']} open, RSS +{summary['rss_per_stream_kb']:.1f} KB/stream")
+            if not summary["clean"]:
+                break
+        self.results["phases"]["streams"] = levels
+        slow.stop()
+
+        run_after = whole.snapshot()
+        self.results["phases"]["whole_run"] = {
+            k: v for k, v in CpuWatch.between(run_before, run_after).items()
+            if k in ("wall_s", "postgres_s", "redis_s", "machine_busy_cores")}
+        self.results["duration_s"] = time.monotonic() - started
+        return self.report()
+
+    def report(self):
+        """The figures against their targets, and everything around them."""
+        phases = self.results["phases"]
+        ttft, run, one, two, levels = (phases["ttft"], phases["run"], phases["turns_1"], phases["turns_2"],
+                                       phases["streams"])
+        busy = [(name, phases[key]) for name, key in (("latency (streamed)", "ttft"), ("latency (/chat/run)", "run"),
+                                                      ("CPU, 1 worker", "turns_1"), ("scaling, 2 workers", "turns_2"))]
+        busy += [(f"{level['level']} streams", level) for level in levels]
+        noisy = [f"{name} {phase['other_busy_cores']:.2f}" for name, phase in busy
+                 if phase["other_busy_cores"] > NOISE_CORES]
+        if noisy:
+            self.notes.append("other processes on this machine kept cores busy during some phases, so those "
+                              f"figures are noisier (cores busy outside the benchmark): {', '.join(noisy)}")
+        clean = [level for level in levels if level["clean"]]
+        carried = clean[-1] if clean else None
+        measured = carried or levels[0]
+        if carried is None:
+            self.notes.append(f"no stream level was clean; memory per stream is from the {levels[0]['level']} level")
+        figures = {}
+
+        def figure(key, name, value, unit, target=None, op=None):
+            value = float(value)
+            if not math.isfinite(value):
+                # Nothing was measured (every request failed): no number, and the run fails.
+                self.notes.append(f"{name}: nothing measured")
+                value = None
+            ok = None
+            if op is not None:
+                ok = value is not None and (value <= target if op == "<=" else value >= target)
+            figures[key] = {"figure": name, "value": None if value is None else round(value, 3), "unit": unit,
+                            "target": None if op is None else f"{op} {target:g}", "pass": ok}
+
+        for q, target in ((50, 2), (95, 5), (99, None)):
+            figure(f"ttft_added_p{q}_ms", f"added time to first token p{q}", ttft[f"added_p{q}_ms"], "ms",
+                   target, "<=" if target else None)
+        for side in ("direct", "service"):
+            for q in (50, 95, 99):
+                figure(f"ttft_{side}_p{q}_ms", f"time to first token p{q}, {side}", ttft[f"{side}_p{q}_ms"], "ms")
+        for q in (50, 95):
+            figure(f"run_added_p{q}_ms", f"added total time of /chat/run p{q}", run[f"added_p{q}_ms"], "ms")
+        for side in ("direct", "service"):
+            for q in (50, 95):
+                figure(f"run_{side}_p{q}_ms", f"total time p{q}, {side}", run[f"{side}_p{q}_ms"], "ms")
+        figure("open_streams_per_worker", "open streams one worker carries (largest clean level)",
+               carried["level"] if carried else 0, "streams", 2000, ">=")
+        figure("streams_failed", "streams failed at that level",
+               carried["failed"] if carried else levels[0]["failed"], "streams", 0, "<=")
+        figure("stream_gap_p95_ms", "chunk gap p95 at that level (upstream: 500 ms)",
+               measured["gap_p95_ms"], "ms", STREAM_CHUNK_DELAY * 1000 + GAP_SLACK_MS, "<=")
+        figure("memory_per_stream_kb", "memory per open stream", measured["rss_per_stream_kb"], "KB", 100, "<=")
+        figure("cpu_per_turn_ms", "worker CPU per turn (1 worker)", one["worker_cpu_per_turn_ms"], "ms", 1.5, "<=")
+        figure("turns_per_s_1_worker", "turns per second, 1 worker", one["turns_per_s"], "turns/s")
+        figure("turns_per_s_2_workers", "turns per second, 2 workers", two["turns_per_s"], "turns/s")
+        figure("scaling_ratio", "scaling, 2 workers / 1 worker",
+               two["turns_per_s"] / one["turns_per_s"] if one["turns_per_s"] else float("nan"), "x", 1.7, ">=")
+        figure("postgres_cpu_per_turn_ms", "PostgreSQL CPU per turn (context)",
+               one.get("postgres_cpu_per_turn_ms", float("nan")), "ms")
+        figure("redis_cpu_per_turn_ms", "Redis CPU per turn (context)",
+               one.get("redis_cpu_per_turn_ms", float("nan")), "ms")
+        figure("postgres_cpu_s_run", "PostgreSQL CPU over the whole run (context)",
+               phases["whole_run"]["postgres_s"], "s")
+        figure("redis_cpu_s_run", "Redis CPU over the whole run (context)", phases["whole_run"]["redis_s"], "s")
+
+        self.results.update({
+            "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+            "mode": "quick" if self.args.quick else "full",
+            "command": " ".join([sys.executable] + sys.argv),
+            "machine": machine(),
+            "figures": figures,
+            "notes": self.notes,
+        })
+        return self.results
+
+
+def sleep_until(moment):
+    """Sleep until time.monotonic() reaches `moment`."""
+    time.sleep(max(0.0, moment - time.monotonic()))
+
+
+def peak_busy(samples, window=1.0):
+    """The highest CPU use (cores) over any `window` seconds of (time, rss, ticks) samples."""
+    peak, start = 0.0, 0
+    for end in range(len(samples)):
+        while samples[end][0] - samples[start][0] > window:
+            start += 1
+        elapsed = samples[end][0] - samples[start][0]
+        if elapsed >= window * 0.8:
+            peak = max(peak, (samples[end][2] - samples[start][2]) / CLOCK_TICKS / elapsed)
+    return peak
+
+
+def peak_concurrency(intervals):
+    """The most intervals [start, end] open at one moment."""
+    events = sorted([(start, 1) for start, _ in intervals] + [(end, -1) for _, end in intervals])
+    open_now = peak = 0
+    for _, change in events:
+        open_now += change
+        peak = max(peak, open_now)
+    return peak
+
+
+def summarise_profile(raw_path, top=25):
+    """py-spy's raw (collapsed) stacks summarised: top functions by self and by cumulative samples,
+    self samples by package, and the service's own functions by cumulative samples."""
+    self_samples, total_samples, packages, total = {}, {}, {}, 0
+    with open(raw_path, errors="replace") as raw:
+        for line in raw:
+            stack, _, count = line.rstrip("\n").rpartition(" ")
+            if not stack or not count.isdigit():
+                continue
+            count = int(count)
+            frames = [function_of(frame) for frame in stack.split(";") if frame]
+            if not frames:
+                continue
+            total += count
+            self_samples[frames[-1]] = self_samples.get(frames[-1], 0) + count
+            package = package_of(frames[-1])
+            packages[package] = packages.get(package, 0) + count
+            for frame in set(frames):
+                total_samples[frame] = total_samples.get(frame, 0) + count
+
+    def ranked(table, keep=lambda name: True, limit=top):
+        rows = [(name, n) for name, n in sorted(table.items(), key=lambda item: -item[1]) if keep(name)]
+        return [{"function": name, "samples": n, "percent": round(100 * n / total, 1) if total else 0.0}
+                for name, n in rows[:limit]]
+
+    return {"samples": total, "self": ranked(self_samples), "cumulative": ranked(total_samples),
+            "self_by_package": ranked(packages, limit=len(packages)),
+            "service_cumulative": ranked(total_samples, keep=lambda name: package_of(name) == "the service")}
+
+
+def function_of(frame):
+    """'name (file.py:12)' -> 'name (file.py)': a function, whatever its line."""
+    name, _, where = frame.partition(" (")
+    return f"{name} ({where.rsplit(':', 1)[0]})" if where else name
+
+
+APP_MODULES = {name[:-3] for name in os.listdir(ROOT) if name.endswith(".py")}
+
+
+def package_of(function):
+    """Which package a 'name (path/file.py)' function is in: 'the service', 'stdlib' or the package."""
+    where = function.rpartition(" (")[2].rstrip(")")
+    if where.startswith("<frozen"):
+        return "stdlib"
+    if ".py" not in where:
+        return "(unreadable frame)"
+    top = where.split("/", 1)[0].removesuffix(".py")
+    if top in APP_MODULES and "/" not in where:
+        return "the service"
+    if top in sys.stdlib_module_names:
+        return "stdlib"
+    return top
+
+
+def machine():
+    """What ran the benchmark."""
+    model = ""
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as cpuinfo:
+        for line in cpuinfo:
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    return {"nproc": len(os.sched_getaffinity(0)), "cpu_model": model, "python": platform.python_version(),
+            "platform": platform.platform()}
+
+
+def markdown(results):
+    """The results as a Markdown document."""
+    m = results["machine"]
+    lines = [f"# Chat API benchmark ({results['mode']})", "",
+             f"- date: {results['date']}",
+             f"- machine: {m['nproc']} CPUs ({m['cpu_model']}), Python {m['python']}, {m['platform']}",
+             f"- command: `{results['command']}`",
+             f"- duration: {results['duration_s']:.0f} s", "",
+             "| figure | value | target | result |", "|---|---|---|---|"]
+    settings = results.get("settings", {})
+    for figure in results["figures"].values():
+        verdict = "—" if figure["pass"] is None else ("pass" if figure["pass"] else "FAIL")
+        value = "n/a" if figure["value"] is None else f"{figure['value']:g}"
+        lines.append(f"| {figure['figure']} | {value} {figure['unit']} | "
+                     f"{figure['target'] or '(report)'} | {verdict} |")
+    phases = results["phases"]
+    if settings:
+        lines += ["", "## How", "",
+                  (f"- Latency: {settings['latency_n']} requests each way (after {settings['latency_warmup']} "
+                   "discarded), one at a time on keep-alive connections, direct to the fake model and through "
+                   "the service (1 worker), interleaved; a new conversation per turn."),
+                  (f"- Streams: a fake model sending {settings['stream_chunks']} chunks "
+                   f"{settings['stream_chunk_delay_s'] * 1000:.0f} ms apart; a fresh one-worker service per level; "
+                   f"streams opened at {settings['stream_open_rate_per_s']}/s by {settings['client_processes']} "
+                   f"gevent client processes; a level is clean with no failure and a chunk-gap p95 of at most "
+                   f"{settings['stream_gap_limit_ms']:.0f} ms. Levels: {settings['levels']}."),
+                  (f"- CPU and scaling: an instant fake model; {settings['connections']} keep-alive client "
+                   f"connections in {settings['client_processes']} processes, closed loop on /chat/run; "
+                   f"{settings['turns_warmup']:g} s of warm-up, then a {settings['turns_seconds']:g} s window "
+                   "over which /proc gives each process's utime+stime."),
+                  (f"- The worker's limit on open files: {settings['worker_open_files_limit']}. "
+                   f"{settings['users']} users, a new conversation for every turn.")]
+    lines += ["", "## Open streams, level by level (one worker, fresh for each level)", "",
+              ("| streams | peak open | failed | gap p50 / p95 / p99 / max ms | first chunk p50 / p95 ms | "
+               "RSS before → peak MB | KB/stream | worker cores busy (busiest second) | "
+               "fake / clients / PostgreSQL CPU s | machine / other cores busy |"),
+              "|---|---|---|---|---|---|---|---|---|---|"]
+    for level in phases["streams"]:
+        lines.append(
+            f"| {level['level']} | {level['peak_concurrent']} | {level['failed']} {level['failures'] or ''} | "
+            f"{level['gap_p50_ms']:.0f} / {level['gap_p95_ms']:.0f} / {level['gap_p99_ms']:.0f} / "
+            f"{level['gap_max_ms']:.0f} | {level['first_chunk_p50_ms']:.0f} / {level['first_chunk_p95_ms']:.0f} | "
+            f"{level['rss_before_kb'] / 1024:.1f} → {level['rss_peak_kb'] / 1024:.1f} | "
+            f"{level['rss_per_stream_kb']:.1f} | {level['worker_busy_cores']:.2f} "
+            f"({level['worker_peak_busy_cores']:.2f}) | "
+            f"{level['fake_cpu_s']:.1f} / {level['clients_cpu_s']:.1f} / {level['postgres_cpu_s']:.1f} | "
+            f"{level['machine_busy_cores']:.2f} / {level['other_busy_cores']:.2f} |")
+    lines += ["", "## Closed-loop /chat/run at saturation", "",
+              ("| workers | turns/s | latency p50 / p95 ms | worker CPU per turn ms | worker cores busy "
+               "(each worker's CPU s) | fake / clients CPU s | PostgreSQL / Redis CPU per turn ms | "
+               "machine / other cores busy |"),
+              "|---|---|---|---|---|---|---|---|"]
+    for key in ("turns_1", "turns_2", "profile"):
+        phase = phases.get(key)
+        if not phase:
+            continue
+        each = ", ".join(f"{s:.1f}" for s in phase["worker_cpu_s_each"].values())
+        lines.append(
+            f"| {phase['workers']}{' (py-spy)' if key == 'profile' else ''} | {phase['turns_per_s']:.0f} | "
+            f"{phase['latency_p50_ms']:.1f} / {phase['latency_p95_ms']:.1f} | "
+            f"{phase['worker_cpu_per_turn_ms']:.2f} | {phase['worker_busy_cores']:.2f} ({each}) | "
+            f"{phase['fake_cpu_s']:.1f} / {phase['clients_cpu_s']:.1f} | "
+            f"{phase.get('postgres_cpu_per_turn_ms', float('nan')):.2f} / "
+            f"{phase.get('redis_cpu_per_turn_ms', float('nan')):.2f} | "
+            f"{phase['machine_busy_cores']:.2f} / {phase['other_busy_cores']:.2f} |")
+    ttft, run = phases["ttft"], phases["run"]
+    lines += ["", "## Latency, one request at a time (ms)", "",
+              ("| request | n | direct p50 / p95 / p99 | service p50 / p95 / p99 | added p50 / p95 / p99 | "
+               "paired difference p50 | machine / other cores busy |"), "|---|---|---|---|---|---|---|"]
+    for name, phase in (("streamed, to first token", ttft), ("/chat/run, whole answer", run)):
+        cells = [" / ".join(f"{phase[f'{side}_p{q}_ms']:.2f}" for q in (50, 95, 99))
+                 for side in ("direct", "service", "added")]
+        lines.append(f"| {name} | {phase['n']} | {' | '.join(cells)} | {phase['paired_difference_p50_ms']:.2f} | "
+                     f"{phase['machine_busy_cores']:.2f} / {phase['other_busy_cores']:.2f} |")
+    whole = phases["whole_run"]
+    lines += ["", (f"PostgreSQL used {whole['postgres_s']:.1f} s and Redis {whole['redis_s']:.1f} s of CPU over "
+                   f"the {whole['wall_s']:.0f} s run (all their processes, from /proc; other users of the same "
+                   "servers count too). None of it is counted as the worker's."), ""]
+    profile = (phases.get("profile") or {}).get("profile")
+    if profile:
+        lines += [f"## py-spy, one worker under /chat/run load ({profile['samples']} samples)", ""]
+        for kind, title in (("self_by_package", "Self time by package"), ("self", "Top functions by self time"),
+                            ("cumulative", "Top functions by cumulative time"),
+                            ("service_cumulative", "The service's own functions by cumulative time")):
+            lines += [f"{title}:", "", "| % | function |", "|---|---|"]
+            lines += [f"| {row['percent']} | `{row['function']}` |" for row in profile[kind]]
+            lines.append("")
+    if results["notes"]:
+        lines += ["## Notes", ""] + [f"- {note}" for note in results["notes"]] + [""]
+    return "\n".join(lines)
+
+
+def finite(value):
+    """`value` with every NaN or infinity replaced by None, so the JSON is standard."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {key: finite(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite(item) for item in value]
+    return value
+
+
+def write(results, out):
+    """results.json and results.md in `out`; the Markdown."""
+    text = markdown(results)
+    with open(os.path.join(out, "results.json"), "w") as data:
+        json.dump(finite(results), data, indent=2, default=str)
+    with open(os.path.join(out, "results.md"), "w") as document:
+        document.write(text)
+    return text
+
+
+def parse_args(argv=None):
+    """The command line."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="a short run (under 90 s), as CI runs it")
+    parser.add_argument("--out", default=os.path.join(ROOT, "bench", "results"),
+                        help="where results.md, results.json and logs/ go")
+    parser.add_argument("--profile", action="store_true", help="also profile one worker with py-spy")
+    parser.add_argument("--levels", help="comma-separated stream levels instead of the mode's")
+    parser.add_argument("--database-url", default="postgresql://root@127.0.0.1:5432/chat_bench")
+    parser.add_argument("--redis-url", default="redis://127.0.0.1:6379/9")
+    return parser.parse_args(argv)
+
+
+def main(argv=None):
+    """Run the benchmark; exit status 0 unless something crashed."""
+    args = parse_args(argv)
+    raise_file_limit()
+    # Ctrl-C (even where a shell started us with SIGINT ignored) and SIGTERM end the run through
+    # the finally below, which stops every process.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    bench = Bench(args)
+    try:
+        results = bench.run()
+    except KeyboardInterrupt:
+        log("interrupted; stopping everything")
+        return 130
+    finally:
+        bench.close()
+    print(write(results, bench.out))
+    log(f"wrote {os.path.join(bench.out, 'results.md')} and results.json in {results['duration_s']:.0f} s")
+    unmeasured = [key for key, figure in results["figures"].items() if figure["value"] is None]
+    if unmeasured:
+        log(f"not measured (something failed, see the notes and {bench.out}/logs): {', '.join(unmeasured)}")
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

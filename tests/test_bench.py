@@ -1,0 +1,43 @@
+"""The benchmark (bench/run.py) runs end to end in quick mode and reports every figure."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+from urllib.parse import urlsplit, urlunsplit
+
+from tests.conftest import ROOT
+
+FIGURES = {
+    "ttft_added_p50_ms", "ttft_added_p95_ms", "ttft_added_p99_ms",
+    "ttft_direct_p50_ms", "ttft_direct_p95_ms", "ttft_direct_p99_ms",
+    "ttft_service_p50_ms", "ttft_service_p95_ms", "ttft_service_p99_ms",
+    "run_added_p50_ms", "run_added_p95_ms",
+    "run_direct_p50_ms", "run_direct_p95_ms", "run_service_p50_ms", "run_service_p95_ms",
+    "open_streams_per_worker", "streams_failed", "stream_gap_p95_ms", "memory_per_stream_kb",
+    "cpu_per_turn_ms", "turns_per_s_1_worker", "turns_per_s_2_workers", "scaling_ratio",
+    "postgres_cpu_per_turn_ms", "redis_cpu_per_turn_ms", "postgres_cpu_s_run", "redis_cpu_s_run",
+}
+
+
+def test_quick_benchmark_reports_every_figure(tmp_path, postgres_url, redis_url):
+    """`bench/run.py --quick` exits 0 and writes results.json with every figure numeric (targets may miss)."""
+    # The benchmark's own database and Redis database, on the servers the tests use.
+    database_url = urlunsplit(urlsplit(postgres_url)._replace(path="/chat_bench"))
+    bench_redis_url = urlunsplit(urlsplit(redis_url)._replace(path="/9"))
+    command = [sys.executable, os.path.join("bench", "run.py"), "--quick", "--out", str(tmp_path),
+               "--database-url", database_url, "--redis-url", bench_redis_url]
+    finished = subprocess.run(command, check=False, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert finished.returncode == 0, finished.stdout[-3000:] + finished.stderr[-3000:]
+
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert FIGURES <= set(results["figures"])
+    for key, figure in results["figures"].items():
+        value = figure["value"]
+        assert isinstance(value, (int, float)) and not isinstance(value, bool), (key, figure)
+        assert math.isfinite(value), (key, figure)
+        assert figure["pass"] in (True, False, None), (key, figure)
+    assert {"nproc", "cpu_model", "python"} <= set(results["machine"])
+    assert results["mode"] == "quick"
+    assert (tmp_path / "results.md").read_text().startswith("# Chat API benchmark (quick)")
