@@ -15,6 +15,8 @@ from requests.adapters import HTTPAdapter
 from errors import ApiError
 
 READ_SIZE = 65536
+# Connections to the model kept open for reuse: as many as a worker's open streams.
+KEPT_CONNECTIONS = 4096
 
 
 @dataclass
@@ -73,7 +75,7 @@ class OpenAIChatModel:
         self.model = model
         self.timeout = timeout
         self.session = requests.Session()
-        self.session.mount(base_url, HTTPAdapter(pool_connections=1, pool_maxsize=1000))
+        self.session.mount(base_url, HTTPAdapter(pool_connections=1, pool_maxsize=KEPT_CONNECTIONS))
         # Read the proxy and CA settings of the environment once, not on every request.
         self.session.trust_env = False
         self.session.proxies = requests.utils.get_environ_proxies(base_url)
