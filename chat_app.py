@@ -24,7 +24,7 @@ import models
 from config import INSTANCE_DIR, VERSION, Config
 from errors import ApiError
 from llm import make_model
-from turns import NOT_FOUND, ChatService, new_conversation_id, stored
+from turns import NOT_FOUND, ChatService, new_conversation_id, retried_once, stored
 
 log = logging.getLogger("chat_app")
 
@@ -364,8 +364,12 @@ def openapi():
 
 def database_round_trip():
     """Run the cheapest query there is."""
-    with stored():
-        models.db.execute_sql("SELECT 1")
+    def select_one():
+        """SELECT 1 on a pooled connection."""
+        with stored():
+            models.db.execute_sql("SELECT 1")
+
+    retried_once(select_one)
 
 
 def probe(check):

@@ -34,7 +34,20 @@ def stored():
             yield
     except DATABASE_ERRORS as exc:
         log.error("database unavailable: %s", type(exc).__name__)
+        db.close_idle()  # a failed connection means its idle siblings are likely dead too
         raise ApiError(503, "database_unavailable", "the database is unavailable") from None
+
+
+def retried_once(read):
+    """Run a database read, and once more if it failed.
+
+    The first try may have met a connection cut since it was pooled; its failure emptied the
+    pool of such connections.
+    """
+    try:
+        return read()
+    except ApiError:
+        return read()
 
 
 def new_conversation_id():
@@ -159,6 +172,10 @@ class ChatService:
     def _load(self, conversation_id, raw):
         """The owner and recent messages of a conversation: the cached ones (`raw`) if they are the database's."""
         cached = None if raw is None else cache.decode(raw)
+        return retried_once(lambda: self._stored(conversation_id, cached))
+
+    def _stored(self, conversation_id, cached):
+        """The owner and recent messages from the database, or from `cached` if it is current."""
         with stored():
             owner, version = Conversation.state_of(conversation_id)
             if owner is None:
