@@ -99,6 +99,14 @@ def redis_client(redis_url):
     client.close()
 
 
+def stored_messages(conversation_id):
+    """The (role, content, status) of each message the database keeps for a conversation, oldest first."""
+    with models.db.connection_context():
+        query = (models.Message.select().where(models.Message.conversation == conversation_id)
+                 .order_by(models.Message.id))
+        return [(m.role, m.content, m.status) for m in query]
+
+
 FRESH_SCHEMA = set()
 
 

@@ -261,14 +261,6 @@ class RedisServer:
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
-def stored_messages(conversation_id):
-    """The (role, content, status) of each message the database keeps for a conversation, oldest first."""
-    with models.db.connection_context():
-        query = (models.Message.select().where(models.Message.conversation == conversation_id)
-                 .order_by(models.Message.id))
-        return [(m.role, m.content, m.status) for m in query]
-
-
 def conversation_exists(conversation_id):
     """Whether the database has a row for the conversation."""
     with models.db.connection_context():

@@ -7,13 +7,19 @@ that one; the machine's shared Redis is never touched.
 import pytest
 
 import models
-
-from tests.conftest import wait_until
+from tests.conftest import stored_messages, wait_until
 from tests.fake_llm import Script
-from tests.faults import (RedisServer, cached_messages, complete, contents, run, seen_by_model, status,
-                          stored_messages, stream)
+from tests.faults import (
+    RedisServer,
+    cached_messages,
+    complete,
+    contents,
+    run,
+    seen_by_model,
+    status,
+    stream,
+)
 from tests.sse_client import PING, data_events, events
-
 
 
 @pytest.fixture

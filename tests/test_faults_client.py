@@ -12,8 +12,7 @@ import socket
 import time
 
 
-import models
-from tests.conftest import token, wait_until
+from tests.conftest import stored_messages, token, wait_until
 from tests.fake_llm import Script
 from tests.sse_client import data_events
 
@@ -66,14 +65,6 @@ class RawStream:
 
 
 
-def stored(conversation_id):
-    """The (role, content, status) of each stored message of a conversation, oldest first."""
-    with models.db.connection_context():
-        query = (models.Message.select().where(models.Message.conversation == conversation_id)
-                 .order_by(models.Message.id))
-        return [(m.role, m.content, m.status) for m in query]
-
-
 def assert_next_turn_sees(service, llm, conversation_id, history):
     """The next streamed turn works (the conversation was let go) and the model gets `history` first."""
     requests_before = len(llm.requests)
@@ -85,13 +76,13 @@ def assert_next_turn_sees(service, llm, conversation_id, history):
     assert "".join(e["content"] for e in received[:-1]) == "welcome back"
     assert len(llm.requests) == requests_before + 1
     assert [m["content"] for m in llm.requests[-1]["json"]["messages"]] == history + ["are you there?"]
-    assert stored(conversation_id)[-2:] == [("user", "are you there?", "complete"),
+    assert stored_messages(conversation_id)[-2:] == [("user", "are you there?", "complete"),
                                             ("assistant", "welcome back", "complete")]
 
 
 def kept_interrupted(conversation_id):
     """True once both messages of the interrupted turn are stored."""
-    return len(stored(conversation_id)) == 2
+    return len(stored_messages(conversation_id)) == 2
 
 
 def test_client_hanging_up_while_the_model_streams_closes_the_model_request(start_service, llm):
@@ -108,7 +99,7 @@ def test_client_hanging_up_while_the_model_streams_closes_the_model_request(star
     assert llm.wait_for_disconnects(1, timeout=5)
     assert time.monotonic() - left < 10 * chunk_delay, "the model was let go long after the client left"
     assert wait_until(lambda: kept_interrupted("c1"), timeout=5)
-    (user, user_text, user_status), (role, partial, status) = stored("c1")
+    (user, user_text, user_status), (role, partial, status) = stored_messages("c1")
     assert (user, user_text, user_status) == ("user", "talk to me", "complete")
     assert (role, status) == ("assistant", "interrupted")
     whole = "".join(chunks)
@@ -130,7 +121,7 @@ def test_client_hanging_up_while_the_model_is_silent_is_noticed_by_the_heartbeat
     assert llm.wait_for_disconnects(1, timeout=5)
     assert time.monotonic() - left < 10 * heartbeat, "the model was let go long after the client left"
     assert wait_until(lambda: kept_interrupted("c2"), timeout=5)
-    assert stored("c2") == [("user", "talk to me", "complete"), ("assistant", "first ", "interrupted")]
+    assert stored_messages("c2") == [("user", "talk to me", "complete"), ("assistant", "first ", "interrupted")]
     assert llm.active_streams == 0
     assert_next_turn_sees(service, llm, "c2", ["talk to me", "first "])
 
@@ -145,5 +136,5 @@ def test_raw_client_reading_to_the_end_gets_the_whole_reply(start_service, llm):
     received = client.events()
     assert [e["content"] for e in received] == ["a ", "b ", "c", ""]
     assert received[-1]["is_final"] is True and "error" not in received[-1]
-    assert stored("c3") == [("user", "hi", "complete"), ("assistant", "a b c", "complete")]
+    assert stored_messages("c3") == [("user", "hi", "complete"), ("assistant", "a b c", "complete")]
     assert llm.disconnects == 0

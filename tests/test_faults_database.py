@@ -12,10 +12,19 @@ import psycopg2
 import pytest
 import requests
 
-from tests.conftest import POSTGRES_URL, wait_until
+from tests.conftest import POSTGRES_URL, stored_messages, wait_until
 from tests.fake_llm import Script
-from tests.faults import (TcpProxy, cached_messages, complete, contents, conversation_exists, run, seen_by_model,
-                          status, stored_messages, stream)
+from tests.faults import (
+    TcpProxy,
+    cached_messages,
+    complete,
+    contents,
+    conversation_exists,
+    run,
+    seen_by_model,
+    status,
+    stream,
+)
 from tests.sse_client import PING, data_events, events
 
 DATABASE_UNAVAILABLE = {"error": {"code": "database_unavailable", "message": "the database is unavailable"}}

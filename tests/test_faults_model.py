@@ -11,7 +11,7 @@ import time
 import pytest
 
 import models
-from tests.conftest import free_port, wait_until
+from tests.conftest import free_port, stored_messages, wait_until
 from tests.fake_llm import Script
 from tests.sse_client import PING, data_events, events
 
@@ -41,14 +41,6 @@ def turn(service, path, message, conversation_id):
     response = open_stream(service, message, conversation_id)
     response.content  # read it all, so the turn is over when this returns
     return response
-
-
-def stored(conversation_id):
-    """The (role, content, status) of each stored message of a conversation, oldest first."""
-    with models.db.connection_context():
-        query = (models.Message.select().where(models.Message.conversation == conversation_id)
-                 .order_by(models.Message.id))
-        return [(m.role, m.content, m.status) for m in query]
 
 
 def message_count():
@@ -92,7 +84,7 @@ def assert_next_turn_sees(service, llm, conversation_id, history):
     assert "".join(e["content"] for e in received[:-1]) == "all good"
     assert len(llm.requests) == requests_before + 1
     assert sent_contents(llm.requests[-1]) == history + ["and now?"]
-    assert stored(conversation_id)[-2:] == [("user", "and now?", "complete"),
+    assert stored_messages(conversation_id)[-2:] == [("user", "and now?", "complete"),
                                             ("assistant", "all good", "complete")]
 
 
@@ -164,7 +156,7 @@ def test_hanging_model_is_504_and_the_worker_stays_free(start_service, llm, path
     # Right after, the worker is free: another conversation answers at once.
     after = turn(service, path, "after", "other-2")
     assert after.status_code == 200
-    assert stored("hung") == []
+    assert stored_messages("hung") == []
     assert message_count() == 4  # only the two other conversations' turns
 
 
@@ -198,7 +190,7 @@ def test_mid_stream_fault_ends_with_an_error_event_and_keeps_the_partial_reply(s
     assert set(final["error"]) == {"code", "message"}
     assert final["error"]["code"] == code, final["error"]
     assert final["error"]["message"]
-    assert stored("c1") == [("user", "tell me", "complete"), ("assistant", partial, "error")]
+    assert stored_messages("c1") == [("user", "tell me", "complete"), ("assistant", partial, "error")]
     assert_next_turn_sees(service, llm, "c1", ["tell me", partial])
 
 
@@ -228,5 +220,5 @@ def test_comment_lines_and_close_delimited_bodies_stream_normally(start_service,
     assert [e["content"] for e in received[:-1]] == CHUNKS
     assert received[-1]["is_final"] is True and "error" not in received[-1]
     assert received[-1]["metrics"]["completion_tokens"] == len(CHUNKS)
-    assert stored("c1") == [("user", "tell me", "complete"), ("assistant", "".join(CHUNKS), "complete")]
+    assert stored_messages("c1") == [("user", "tell me", "complete"), ("assistant", "".join(CHUNKS), "complete")]
     assert_next_turn_sees(service, llm, "c1", ["tell me", "".join(CHUNKS)])

@@ -12,7 +12,7 @@ import threading
 import pytest
 
 import models
-from tests.conftest import wait_until
+from tests.conftest import stored_messages, wait_until
 from tests.fake_llm import Script
 from tests.sse_client import data_events
 
@@ -39,14 +39,6 @@ def attempt(service, path, message, conversation_id):
     response = service.stream(message, conversation_id)
     response.content
     return response
-
-
-def stored(conversation_id):
-    """The (role, content, status) of each stored message of a conversation, oldest first."""
-    with models.db.connection_context():
-        query = (models.Message.select().where(models.Message.conversation == conversation_id)
-                 .order_by(models.Message.id))
-        return [(m.role, m.content, m.status) for m in query]
 
 
 def assert_busy(response):
@@ -108,7 +100,7 @@ def test_second_turn_on_a_busy_conversation_is_409(start_service, llm, redis_cli
     assert response.status_code == 200
     assert [m["content"] for m in llm.requests[-1]["json"]["messages"]] == [
         "first", "held reply", "third"]
-    assert stored("c1") == [("user", "first", "complete"), ("assistant", "held reply", "complete"),
+    assert stored_messages("c1") == [("user", "first", "complete"), ("assistant", "held reply", "complete"),
                             ("user", "third", "complete"), ("assistant", "third reply", "complete")]
 
 
@@ -150,7 +142,7 @@ def test_busy_conversation_is_409_in_every_worker_process(start_service, llm):
     assert holder.finish() == "held reply"
     llm.script(Script(reply="later reply"))
     assert run_turn(service, "later", "c1").status_code == 200
-    assert stored("c1") == [("user", "first", "complete"), ("assistant", "held reply", "complete"),
+    assert stored_messages("c1") == [("user", "first", "complete"), ("assistant", "held reply", "complete"),
                             ("user", "later", "complete"), ("assistant", "later reply", "complete")]
 
 
@@ -166,7 +158,7 @@ def test_busy_conversation_is_409_from_another_service_sharing_redis(start_servi
     llm.script(Script(reply="second service reply"))
     assert run_turn(second, "next", "c1").status_code == 200
     assert [m["content"] for m in llm.requests[-1]["json"]["messages"]] == ["first", "held reply", "next"]
-    assert stored("c1") == [("user", "first", "complete"), ("assistant", "held reply", "complete"),
+    assert stored_messages("c1") == [("user", "first", "complete"), ("assistant", "held reply", "complete"),
                             ("user", "next", "complete"), ("assistant", "second service reply", "complete")]
 
 
@@ -187,12 +179,12 @@ def test_busy_conversation_is_409_on_the_embedded_defaults(start_service, llm, p
         llm.script(Script(reply="third reply"))
         assert run_turn(service, "third", "c1").status_code == 200
         models.db.initialize(sqlite)
-        assert stored("c1") == [("user", "first", "complete"), ("assistant", "held reply", "complete"),
+        assert stored_messages("c1") == [("user", "first", "complete"), ("assistant", "held reply", "complete"),
                                 ("user", "third", "complete"), ("assistant", "third reply", "complete")]
     finally:
         sqlite.close_all()
         models.db.initialize(postgres)
-    assert stored("c1") == []  # the service kept nothing in PostgreSQL
+    assert stored_messages("c1") == []  # the service kept nothing in PostgreSQL
 
 
 def test_lock_of_a_crashed_holder_expires(start_service, llm, redis_client):
@@ -211,7 +203,7 @@ def test_lock_of_a_crashed_holder_expires(start_service, llm, redis_client):
     assert wait_until(accepted, timeout=5, interval=0.05)
     assert all(r.status_code == 409 for r in answers[:-1])
     assert len(llm.requests) == 1  # only the accepted turn reached the model
-    assert stored("c9") == [("user", "hello again", "complete"), ("assistant", "echo: hello again", "complete")]
+    assert stored_messages("c9") == [("user", "hello again", "complete"), ("assistant", "echo: hello again", "complete")]
     assert redis_client.get(LOCK_KEY.format("c9")) is None
 
 
@@ -223,8 +215,8 @@ def test_different_conversations_never_block_each_other(start_service, llm):
     for n, path in enumerate(("run", "stream", "run")):
         response = attempt(service, path, "hi", f"free-{n}")
         assert response.status_code == 200, response.text
-    assert stored("free-0") == [("user", "hi", "complete"), ("assistant", "echo: hi", "complete")]
+    assert stored_messages("free-0") == [("user", "hi", "complete"), ("assistant", "echo: hi", "complete")]
     llm.release()
     assert all(holder.finish() == "held reply" for holder in holders)
     for n in range(5):
-        assert [status for _, _, status in stored(f"held-{n}")] == ["complete", "complete"]
+        assert [status for _, _, status in stored_messages(f"held-{n}")] == ["complete", "complete"]

@@ -10,7 +10,7 @@ import requests
 
 import cache
 import models
-from tests.conftest import POSTGRES_URL, bearer, wait_until
+from tests.conftest import POSTGRES_URL, bearer, stored_messages, wait_until
 from tests.fake_llm import Script
 from tests.sse_client import PING, data_events, events
 
@@ -23,14 +23,6 @@ def open_stream(service, message="hello", conversation_id=None, user="alice"):
     if conversation_id is not None:
         body["conversation_id"] = conversation_id
     return service.post("/chat/stream", body, user=user, stream=True, timeout=(5, 20))
-
-
-def stored(conversation_id):
-    """The (role, content, status) of each stored message of a conversation."""
-    with models.db.connection_context():
-        query = (models.Message.select().where(models.Message.conversation == conversation_id)
-                 .order_by(models.Message.id))
-        return [(m.role, m.content, m.status) for m in query]
 
 
 def test_stream_sends_each_chunk_then_one_final_event(service, llm):
@@ -110,7 +102,7 @@ def test_stream_saves_both_messages_and_caches_them(service, llm, redis_client):
     """On completion the user message and the reply are in the database and in Redis."""
     llm.script(Script(chunks=["It ", "works."]))
     data_events(open_stream(service, "Does it work?", "c1"))
-    assert stored("c1") == [("user", "Does it work?", "complete"),
+    assert stored_messages("c1") == [("user", "Does it work?", "complete"),
                             ("assistant", "It works.", "complete")]
     version, messages = cache.decode(redis_client.get(cache.KEY.format("c1")))
     with models.db.connection_context():
@@ -137,7 +129,7 @@ def test_someone_elses_conversation_is_404_and_the_model_is_not_called(service, 
     assert response.status_code == 404
     assert response.json() == {"error": {"code": "not_found", "message": "conversation not found"}}
     assert len(llm.requests) == calls
-    assert stored("c1") == [("user", "mine", "complete"), ("assistant", "echo: mine", "complete")]
+    assert stored_messages("c1") == [("user", "mine", "complete"), ("assistant", "echo: mine", "complete")]
 
 
 def test_model_error_before_the_stream_is_an_http_error(service, llm):
@@ -147,7 +139,7 @@ def test_model_error_before_the_stream_is_an_http_error(service, llm):
     assert response.status_code == 502
     assert response.headers["Content-Type"] == "application/json"
     assert response.json()["error"]["code"] == "llm_error"
-    assert stored("c1") == []
+    assert stored_messages("c1") == []
 
 
 def test_history_survives_redis_flushall_and_a_restart(start_service, llm, redis_client):
