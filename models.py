@@ -196,13 +196,15 @@ def save_turn(turn):
     """
     now, version = utcnow(), uuid.uuid4().hex
     with db.atomic():
-        Conversation.insert(id=turn.conversation_id, owner=turn.user,
-                            title=" ".join(turn.message.split())[:AUTO_TITLE_CHARS], created_at=now,
-                            updated_at=now).on_conflict_ignore().execute()
-        updated = (Conversation.update(updated_at=now, version=version)
-                   .where((Conversation.id == turn.conversation_id)
-                          & (Conversation.owner == turn.user)).execute())
-        if not updated:
+        # One statement creates the conversation or, if it is the user's, marks the new version.
+        claimed = (Conversation.insert(id=turn.conversation_id, owner=turn.user,
+                                       title=" ".join(turn.message.split())[:AUTO_TITLE_CHARS],
+                                       created_at=now, updated_at=now, version=version)
+                   .on_conflict(conflict_target=[Conversation.id],
+                                update={Conversation.updated_at: now, Conversation.version: version},
+                                where=(Conversation.owner == turn.user))
+                   .returning(Conversation.id).execute())
+        if not list(claimed):
             return None
         Message.insert_many([
             {"conversation": turn.conversation_id, "role": "user", "content": turn.message,

@@ -7,6 +7,7 @@ import cache
 import models
 from tests.conftest import REDIS_URL, bearer
 from tests.fake_llm import Script
+from turns import Turn
 
 
 def run(client, message, conversation_id=None, user="alice"):
@@ -195,3 +196,12 @@ def test_a_cached_copy_from_before_a_delete_is_not_reused(app, llm):
     app.extensions["chat"].cache.put("c1", old_copy)
     run(client, "which life?", "c1")
     assert [m["content"] for m in sent_messages(llm)] == ["new life", "echo: new life", "which life?"]
+
+
+def test_saving_into_a_conversation_someone_else_started_meanwhile_writes_nothing(client, llm):
+    """If another user started the conversation while a turn ran, the turn's save is refused whole."""
+    run(client, "mine", "c1", user="alice")
+    late = Turn(user="bob", conversation_id="c1", message="also mine?", lock=None, reply="no")
+    with models.db.connection_context():
+        assert models.save_turn(late) is None
+    assert [m["content"] for m in stored_messages("c1")] == ["mine", "echo: mine"]
