@@ -2,7 +2,6 @@
 
 import json
 
-
 import cache
 import models
 from tests.conftest import REDIS_URL, bearer
