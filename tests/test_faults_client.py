@@ -77,7 +77,7 @@ def assert_next_turn_sees(service, llm, conversation_id, history):
     assert len(llm.requests) == requests_before + 1
     assert [m["content"] for m in llm.requests[-1]["json"]["messages"]] == history + ["are you there?"]
     assert stored_messages(conversation_id)[-2:] == [("user", "are you there?", "complete"),
-                                            ("assistant", "welcome back", "complete")]
+                                                     ("assistant", "welcome back", "complete")]
 
 
 def kept_interrupted(conversation_id):

@@ -85,7 +85,7 @@ def assert_next_turn_sees(service, llm, conversation_id, history):
     assert len(llm.requests) == requests_before + 1
     assert sent_contents(llm.requests[-1]) == history + ["and now?"]
     assert stored_messages(conversation_id)[-2:] == [("user", "and now?", "complete"),
-                                            ("assistant", "all good", "complete")]
+                                                     ("assistant", "all good", "complete")]
 
 
 # --- before the stream: the model cannot be reached or refuses -------------------------------------

@@ -101,7 +101,7 @@ def test_second_turn_on_a_busy_conversation_is_409(start_service, llm, redis_cli
     assert [m["content"] for m in llm.requests[-1]["json"]["messages"]] == [
         "first", "held reply", "third"]
     assert stored_messages("c1") == [("user", "first", "complete"), ("assistant", "held reply", "complete"),
-                            ("user", "third", "complete"), ("assistant", "third reply", "complete")]
+                                     ("user", "third", "complete"), ("assistant", "third reply", "complete")]
 
 
 def busy_answers_by_worker(service):
@@ -143,7 +143,7 @@ def test_busy_conversation_is_409_in_every_worker_process(start_service, llm):
     llm.script(Script(reply="later reply"))
     assert run_turn(service, "later", "c1").status_code == 200
     assert stored_messages("c1") == [("user", "first", "complete"), ("assistant", "held reply", "complete"),
-                            ("user", "later", "complete"), ("assistant", "later reply", "complete")]
+                                     ("user", "later", "complete"), ("assistant", "later reply", "complete")]
 
 
 def test_busy_conversation_is_409_from_another_service_sharing_redis(start_service, llm):
@@ -159,7 +159,7 @@ def test_busy_conversation_is_409_from_another_service_sharing_redis(start_servi
     assert run_turn(second, "next", "c1").status_code == 200
     assert [m["content"] for m in llm.requests[-1]["json"]["messages"]] == ["first", "held reply", "next"]
     assert stored_messages("c1") == [("user", "first", "complete"), ("assistant", "held reply", "complete"),
-                            ("user", "next", "complete"), ("assistant", "second service reply", "complete")]
+                                     ("user", "next", "complete"), ("assistant", "second service reply", "complete")]
 
 
 def test_busy_conversation_is_409_on_the_embedded_defaults(start_service, llm, postgres, tmp_path):
@@ -180,7 +180,7 @@ def test_busy_conversation_is_409_on_the_embedded_defaults(start_service, llm, p
         assert run_turn(service, "third", "c1").status_code == 200
         models.db.initialize(sqlite)
         assert stored_messages("c1") == [("user", "first", "complete"), ("assistant", "held reply", "complete"),
-                                ("user", "third", "complete"), ("assistant", "third reply", "complete")]
+                                         ("user", "third", "complete"), ("assistant", "third reply", "complete")]
     finally:
         sqlite.close_all()
         models.db.initialize(postgres)

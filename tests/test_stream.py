@@ -103,7 +103,7 @@ def test_stream_saves_both_messages_and_caches_them(service, llm, redis_client):
     llm.script(Script(chunks=["It ", "works."]))
     data_events(open_stream(service, "Does it work?", "c1"))
     assert stored_messages("c1") == [("user", "Does it work?", "complete"),
-                            ("assistant", "It works.", "complete")]
+                                     ("assistant", "It works.", "complete")]
     version, messages = cache.decode(redis_client.get(cache.KEY.format("c1")))
     with models.db.connection_context():
         assert version == models.Conversation.get_by_id("c1").version
