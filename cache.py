@@ -106,6 +106,29 @@ class RedisCache:
         """Cache a conversation for the TTL."""
         self._call(self.client.set, KEY.format(conversation_id), raw, ex=self.ttl)
 
+    def keep(self, conversation_id, raw, lock):
+        """Cache a conversation as its turn saved it and let the next turn in, in one round trip."""
+        if not isinstance(lock, RedisTurnLock):  # taken in this process while Redis was away
+            self._put_or_warn(conversation_id, raw)
+            lock.release()
+            return
+        lock.released = True
+        try:
+            with self.client.pipeline(transaction=False) as pipe:
+                pipe.set(KEY.format(conversation_id), raw, ex=self.ttl)
+                pipe.eval(_RELEASE_IF_OURS, 1, lock.key, lock.token)
+                self._call(pipe.execute)
+        except redis.RedisError as exc:
+            log.warning("cache unavailable, not updated: %s", type(exc).__name__)
+            self._orphans.add((lock.key, lock.token))
+
+    def _put_or_warn(self, conversation_id, raw):
+        """Cache a conversation if Redis answers; a miss later is filled from the database."""
+        try:
+            self.put(conversation_id, raw)
+        except redis.RedisError as exc:
+            log.warning("cache unavailable, not updated: %s", type(exc).__name__)
+
     def hold(self, conversation_id, ttl, holder=""):
         """Take the conversation's turn lock and read its cached copy in one round trip.
 
@@ -191,6 +214,7 @@ class RedisTurnLock:
     def __init__(self, conversation_cache, key, token):
         """A held lock."""
         self.cache, self.key, self.token = conversation_cache, key, token
+        self.released = False
 
     def extend(self, ttl):
         """Keep holding the conversation for `ttl` more seconds."""
@@ -201,8 +225,10 @@ class RedisTurnLock:
             log.warning("could not extend turn lock: %s", type(exc).__name__)
 
     def release(self):
-        """Let the next turn in."""
-        self.cache.release(self.key, self.token)
+        """Let the next turn in (once)."""
+        if not self.released:
+            self.released = True
+            self.cache.release(self.key, self.token)
 
 
 class MemoryLocks:
@@ -278,6 +304,11 @@ class MemoryCache:
         if entry is None or entry[1] < time.monotonic():
             return None
         return entry[0]
+
+    def keep(self, conversation_id, raw, lock):
+        """Cache a conversation as its turn saved it and let the next turn in."""
+        self.put(conversation_id, raw)
+        lock.release()
 
     def put(self, conversation_id, raw):
         """Cache a conversation for the TTL."""

@@ -8,8 +8,6 @@ import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
-import redis
-
 import cache
 import sse
 from errors import ApiError
@@ -291,7 +289,7 @@ class ChatService:
         turn.record.update(turn.log_fields())
 
     def finish(self, turn):
-        """Save both messages in the database, then refresh the cache from what was saved."""
+        """Save both messages in the database, then refresh the cache and let the next turn in."""
         with stored():
             version = save_turn(turn)
         if version is None:
@@ -300,10 +298,7 @@ class ChatService:
             {"role": "user", "content": turn.message},
             {"role": "assistant", "content": turn.reply},
         ])[-self.history_limit:]
-        try:
-            self.cache.put(turn.conversation_id, cache.encode(version, history))
-        except redis.RedisError as exc:
-            log.warning("cache unavailable, not updated: %s", type(exc).__name__)
+        self.cache.keep(turn.conversation_id, cache.encode(version, history), turn.lock)
 
     def cut_open_streams(self):
         """End every open stream now with a final error event (the service is shutting down)."""
