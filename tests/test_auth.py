@@ -10,8 +10,9 @@ import jwt
 import pytest
 
 import models
+from chat_app import VerifiedTokens
 from config import VERSION
-from tests.conftest import SECRET, assert_error, bearer, token
+from tests.conftest import SECRET, assert_error, bearer, token, wait_until
 from tests.fake_llm import Script
 
 VALID_BODY = {"message": "hi"}
@@ -99,6 +100,41 @@ def test_minimal_foreign_token_is_accepted(pg_client, llm):
     response = pg_client.post("/chat/run", json=VALID_BODY, headers=auth("Bearer " + foreign))
     assert response.status_code == 200, response.get_json()
     assert response.get_json()["response"] == "hello from the model"
+
+
+def test_a_token_accepted_before_is_refused_once_it_expires(pg_client, llm):
+    """A token that was verified (and kept as verified) gets 401 from the moment it expires."""
+    expires = int(time.time()) + 3
+    short_lived = auth("Bearer " + jwt.encode({"sub": "alice", "exp": expires}, SECRET, algorithm="HS256"))
+    assert pg_client.post("/chat/run", json=VALID_BODY, headers=short_lived).status_code == 200
+    assert pg_client.post("/chat/run", json=VALID_BODY, headers=short_lived).status_code == 200
+    assert wait_until(lambda: time.time() >= expires, timeout=10)
+    response = pg_client.post("/chat/run", json=VALID_BODY, headers=short_lived)
+    assert_error(response, 401, "unauthorized")
+    assert response.get_json()["error"]["message"] == "the token has expired"
+    assert len(llm.requests) == 2
+
+
+def test_a_token_accepted_before_does_not_vouch_for_an_altered_one(pg_client):
+    """Changing one character of an accepted token's signature gets 401, not the kept verdict."""
+    good = token()
+    assert pg_client.post("/chat/run", json=VALID_BODY, headers=auth("Bearer " + good)).status_code == 200
+    altered = good[:-2] + ("A" if good[-2] != "A" else "B") + good[-1]
+    assert_error(pg_client.post("/chat/run", json=VALID_BODY, headers=auth("Bearer " + altered)),
+                 401, "unauthorized")
+
+
+def test_verified_tokens_forget_the_oldest_when_full():
+    """The kept verdicts are bounded: past the limit the oldest is forgotten, so checked again."""
+    kept = VerifiedTokens(size=2)
+    far = time.time() + 3600
+    kept.remember("Bearer a", "alice", far)
+    kept.remember("Bearer b", "bob", None)
+    kept.remember("Bearer c", "carol", far)
+    assert kept.user_of("Bearer a") is None
+    assert (kept.user_of("Bearer b"), kept.user_of("Bearer c")) == ("bob", "carol")
+    kept.remember("Bearer gone", "dave", time.time() - 1)
+    assert kept.user_of("Bearer gone") is None
 
 
 def test_status_answers_without_token(pg_client):
