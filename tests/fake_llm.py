@@ -15,6 +15,7 @@ import argparse
 import collections
 import contextlib
 import dataclasses
+import gzip
 import http.server
 import json
 import re
@@ -64,6 +65,7 @@ class Script:
     usage: bool = True
     model: str | None = None
     close_delimited: bool = False
+    gzip: bool = False
 
     def text_for(self, request: dict) -> str:
         """The full reply text for this request."""
@@ -277,7 +279,10 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         }
         if script.usage:
             completion["usage"] = usage_for(request, len(text.split()))
-        self._send_json(200, completion)
+        if script.gzip and "gzip" in self.headers.get("Accept-Encoding", ""):
+            self._send_json(200, completion, compress=True)
+        else:
+            self._send_json(200, completion)
 
     def _stream(self, script: Script, request: dict) -> None:
         """Send the reply as server-sent events, misbehaving where the script says."""
@@ -338,11 +343,14 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             data = b"%x\r\n%s\r\n" % (len(data), data)
         self._send(data)
 
-    def _send_json(self, status: int, payload: dict, headers: dict | None = None) -> None:
-        """Send a complete JSON response with a Content-Length."""
+    def _send_json(self, status: int, payload: dict, headers: dict | None = None, compress: bool = False) -> None:
+        """Send a complete JSON response with a Content-Length (gzip-compressed if `compress`)."""
         data = json.dumps(payload).encode()
         self.send_response(status)
         self.send_header("Content-Type", "application/json")
+        if compress:
+            data = gzip.compress(data)
+            self.send_header("Content-Encoding", "gzip")
         self.send_header("Content-Length", str(len(data)))
         for name, value in (headers or {}).items():
             self.send_header(name, value)

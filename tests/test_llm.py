@@ -32,6 +32,13 @@ def test_complete_returns_content_and_usage(model, llm):
         "one two three", "m-1", 3, 1)
 
 
+def test_complete_reads_a_gzip_compressed_answer(model, llm):
+    """A server that compresses its JSON answer (as proxies in front of models do) is understood."""
+    llm.script(Script(reply="squeezed reply", gzip=True))
+    assert model.complete(HELLO).content == "squeezed reply"
+    assert "gzip" in llm.requests[-1]["headers"]["accept-encoding"]
+
+
 def test_requests_carry_model_messages_and_key(model, llm):
     """The request names the model, carries the messages and the API key as a bearer token."""
     model.complete(HELLO)
