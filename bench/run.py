@@ -825,6 +825,10 @@ class Bench:
         figure("turns_per_s_2_workers", "turns per second, 2 workers", two["turns_per_s"], "turns/s")
         figure("scaling_ratio", "scaling, 2 workers / 1 worker",
                two["turns_per_s"] / one["turns_per_s"] if one["turns_per_s"] else float("nan"), "x", 1.7, ">=")
+        helpers = helpers_cpu_per_turn_ms(one)
+        figure("helpers_cpu_per_turn_ms", "CPU per turn of everything else on the machine (context)", helpers, "ms")
+        figure("scaling_ceiling", "highest scaling these cores allow (context)",
+               scaling_ceiling(one, helpers, machine()["nproc"]), "x")
         figure("postgres_cpu_per_turn_ms", "PostgreSQL CPU per turn (context)",
                one.get("postgres_cpu_per_turn_ms", float("nan")), "ms")
         figure("redis_cpu_per_turn_ms", "Redis CPU per turn (context)",
@@ -842,6 +846,28 @@ class Bench:
             "notes": self.notes,
         })
         return self.results
+
+
+def helpers_cpu_per_turn_ms(phase):
+    """CPU per turn, in the 1-worker phase, of what shares the cores with the workers: the fake
+    model, the load generators, PostgreSQL and Redis."""
+    if not phase["turns"]:
+        return float("nan")
+    spent = phase["fake_cpu_s"] + phase["clients_cpu_s"] + phase["postgres_cpu_s"] + phase["redis_cpu_s"]
+    return spent / phase["turns"] * 1000
+
+
+def scaling_ceiling(phase, helpers_ms, cores):
+    """The most that 2 workers can multiply the 1-worker turns per second by on `cores` cores.
+
+    Each turn needs the worker's CPU (w) and the helpers' (h) from the same cores, so two
+    workers finish at most cores / (w + h) turns a second, and at most 2 / w.
+    """
+    worker_ms = phase["worker_cpu_per_turn_ms"]
+    if not phase["turns_per_s"] or not math.isfinite(helpers_ms) or not worker_ms:
+        return float("nan")
+    most = min(cores / (worker_ms + helpers_ms), 2 / worker_ms) * 1000
+    return most / phase["turns_per_s"]
 
 
 def sleep_until(moment):
