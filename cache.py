@@ -7,9 +7,9 @@ version, and a turn uses it only when the database holds that same version. A mi
 
 import json
 import logging
+import secrets
 import threading
 import time
-import uuid
 
 import redis
 
@@ -135,7 +135,7 @@ class RedisCache:
         Returns (lock, or None if another turn holds it; the cached value, or None). The lock
         is shared by every process; `holder` (say "stream alice") is kept with it, for holder_of.
         """
-        key, token = LOCK_KEY.format(conversation_id), f"{uuid.uuid4().hex} {holder}"
+        key, token = LOCK_KEY.format(conversation_id), f"{secrets.token_hex(16)} {holder}"
         try:
             with self.client.pipeline(transaction=False) as pipe:
                 pipe.set(key, token, nx=True, px=int(ttl * 1000))
@@ -244,7 +244,7 @@ class MemoryLocks:
         with self._mutex:
             if self.holder_of(conversation_id) is not None:
                 return None
-            token = f"{uuid.uuid4().hex} {holder}"
+            token = f"{secrets.token_hex(16)} {holder}"
             self._holders[conversation_id] = (token, time.monotonic() + ttl)
         return MemoryTurnLock(self, conversation_id, token)
 

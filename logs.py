@@ -3,9 +3,9 @@
 import json
 import logging
 import re
+import secrets
 import sys
 import time
-import uuid
 
 from werkzeug.wsgi import ClosingIterator
 
@@ -53,7 +53,7 @@ class RequestLog:
         """Serve the request, then log it when the server closes the response (streams included)."""
         started = time.monotonic()
         given = environ.get("HTTP_X_REQUEST_ID", "")
-        request_id = given if REQUEST_ID.fullmatch(given) else uuid.uuid4().hex
+        request_id = given if REQUEST_ID.fullmatch(given) else secrets.token_hex(16)
         record = {"request_id": request_id, "method": environ.get("REQUEST_METHOD"),
                   "path": environ.get("PATH_INFO")}
         environ[RECORD_KEY] = record

@@ -3,7 +3,7 @@
 import contextlib
 import datetime
 import os
-import uuid
+import secrets
 from urllib.parse import urlsplit
 
 from peewee import (CharField, DatabaseProxy, DateTimeField, ForeignKeyField,
@@ -220,7 +220,7 @@ def save_turn(turn):
     Creates the conversation on its first turn. Returns the conversation's new version, or
     None, writing nothing, when it belongs to someone else (started by another user meanwhile).
     """
-    now, version = utcnow(), uuid.uuid4().hex
+    now, version = utcnow(), secrets.token_hex(16)
     title = " ".join(turn.message.split())[:AUTO_TITLE_CHARS]
     if backend_name() == "postgresql":
         try:
