@@ -115,7 +115,7 @@ class RedisCache:
         lock.released = True
         try:
             with self.client.pipeline(transaction=False) as pipe:
-                pipe.set(KEY.format(conversation_id), raw, ex=self.ttl)
+                pipe.execute_command("SET", KEY.format(conversation_id), raw, "EX", self.ttl)
                 pipe.eval(_RELEASE_IF_OURS, 1, lock.key, lock.token)
                 self._call(pipe.execute)
         except redis.RedisError as exc:
@@ -138,7 +138,8 @@ class RedisCache:
         key, token = LOCK_KEY.format(conversation_id), f"{secrets.token_hex(16)} {holder}"
         try:
             with self.client.pipeline(transaction=False) as pipe:
-                pipe.set(key, token, nx=True, px=int(ttl * 1000))
+                # The raw command: redis-py's set() inspects its arguments on every call.
+                pipe.execute_command("SET", key, token, "NX", "PX", int(ttl * 1000))
                 pipe.get(KEY.format(conversation_id))
                 taken, raw = self._call(pipe.execute)
         except redis.RedisError as exc:
