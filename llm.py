@@ -57,6 +57,12 @@ def unreachable(exc, timeout):
     return ApiError(502, "llm_unavailable", "the model could not be reached")
 
 
+def discard(response):
+    """Close a response's connection and give its place back to the pool (a new one takes it)."""
+    response.close()
+    response.release_conn()
+
+
 class ModelAdapter(HTTPAdapter):
     """requests' adapter, handing back urllib3's response as it is.
 
@@ -125,7 +131,7 @@ class OpenAIChatModel:
                 text = response.read(decode_content=True).decode("utf-8", "replace")
             except (urllib3.exceptions.HTTPError, OSError):
                 text = ""
-            response.close()
+            discard(response)
             raise upstream_error(response.status, text, response.headers.get("Retry-After"))
         return response
 
@@ -139,7 +145,7 @@ class OpenAIChatModel:
             if not isinstance(content, str):
                 raise TypeError("content is not a string")
         except (urllib3.exceptions.HTTPError, OSError) as exc:
-            response.close()
+            discard(response)
             raise unreachable(exc, self.timeout) from None
         except (ValueError, KeyError, IndexError, TypeError):
             raise ApiError(502, "llm_bad_response", "the model's answer was not a chat completion") from None
@@ -243,7 +249,7 @@ class ReplyStream:
         """Close the connection to the model (called by whoever reads the stream)."""
         with self._guard:
             self._done_with = True
-        self.response.close()
+        discard(self.response)
 
     def cut(self):
         """Stop the model from anywhere: shut the connection down, so a blocked read ends at once.
