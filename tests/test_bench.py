@@ -1,5 +1,6 @@
 """The benchmark (bench/run.py) runs end to end in quick mode and reports every figure."""
 
+import importlib.util
 import json
 import math
 import os
@@ -18,6 +19,7 @@ FIGURES = {
     "open_streams_per_worker", "streams_failed", "stream_gap_p95_ms", "memory_per_stream_kb",
     "cpu_per_turn_ms", "turns_per_s_1_worker", "turns_per_s_2_workers", "scaling_ratio",
     "postgres_cpu_per_turn_ms", "redis_cpu_per_turn_ms", "postgres_cpu_s_run", "redis_cpu_s_run",
+    "helpers_cpu_per_turn_ms", "scaling_ceiling",
 }
 
 
@@ -41,3 +43,24 @@ def test_quick_benchmark_reports_every_figure(tmp_path, postgres_url, redis_url)
     assert {"nproc", "cpu_model", "python"} <= set(results["machine"])
     assert results["mode"] == "quick"
     assert (tmp_path / "results.md").read_text().startswith("# Chat API benchmark (quick)")
+
+
+def bench_module():
+    """bench/run.py as a module (bench/ is not a package)."""
+    spec = importlib.util.spec_from_file_location("bench_run", os.path.join(ROOT, "bench", "run.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_scaling_ceiling_is_what_the_shared_cores_leave():
+    """Two workers can go no faster than the cores allow once the helpers' CPU is paid, nor past 2x."""
+    bench = bench_module()
+    one_worker = {"turns": 1000, "turns_per_s": 500.0, "worker_cpu_per_turn_ms": 1.5,
+                  "fake_cpu_s": 0.2, "clients_cpu_s": 0.3, "postgres_cpu_s": 0.4, "redis_cpu_s": 0.1}
+    helpers = bench.helpers_cpu_per_turn_ms(one_worker)
+    assert helpers == 1.0
+    # 2 cores / (1.5 + 1.0) ms = 800 turns/s, 1.6 times the 500 of one worker.
+    assert math.isclose(bench.scaling_ceiling(one_worker, helpers, cores=2), 1.6)
+    # With helpers that cost nothing, two workers at most double it: 2 / 1.5 ms = 1333 turns/s.
+    assert math.isclose(bench.scaling_ceiling(one_worker, 0.0, cores=8), 2 / 1.5 * 1000 / 500)
