@@ -143,7 +143,7 @@ class VerifiedTokens:
     """Authorization headers whose token was verified, with its user and expiry.
 
     A client sends the same token with every request; checking its signature and claims
-    again is a twentieth of a turn's CPU. Only a token that passed every check is kept,
+    again was about 6% of a turn's CPU. Only a token that passed every check is kept,
     and it is refused again from the moment it expires. The oldest are forgotten first.
     """
 
