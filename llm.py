@@ -52,7 +52,9 @@ def upstream_error(status, body, retry_after=None):
 
 def unreachable(exc, timeout):
     """The ApiError for a request to the model that failed before its answer was in."""
-    if isinstance(exc, (requests.Timeout, urllib3.exceptions.TimeoutError, socket.timeout)):
+    cause = getattr(exc, "reason", None) or exc  # urllib3 gives up with MaxRetryError(reason)
+    timed_out = isinstance(cause, (urllib3.exceptions.TimeoutError, TimeoutError))
+    if timed_out and not isinstance(cause, urllib3.exceptions.NewConnectionError):
         return ApiError(504, "llm_timeout", f"the model did not answer within {timeout:g} s")
     return ApiError(502, "llm_unavailable", "the model could not be reached")
 
@@ -64,15 +66,27 @@ def discard(response):
 
 
 class ModelAdapter(HTTPAdapter):
-    """requests' adapter, handing back urllib3's response as it is.
+    """requests' adapter for the model's one URL: where and how to send, worked out once.
 
-    requests' Response costs about a tenth of a millisecond a request under gevent (a cookie
-    jar, the charset guessed from the headers); the model answers JSON or events in UTF-8.
+    For every request, requests' adapter works out the connection pool, its TLS settings and
+    the request target again, and wraps the answer in its Response (a cookie jar, a charset
+    guessed from the headers): a fifth of a millisecond a request under gevent
+    (bench/clients.py). All of it is the same for every request to the model, so `bind` does
+    it once with requests' own methods, and `post` goes straight to the pool.
     """
 
-    def build_response(self, req, resp):
-        """The urllib3 response itself."""
-        return resp
+    def bind(self, request, verify, proxies, timeout):
+        """Choose, once, the pool and target for requests like `request` (a PreparedRequest)."""
+        self.pool = self.get_connection_with_tls_context(request, verify, proxies=proxies)
+        self.cert_verify(self.pool, request.url, verify, None)
+        self.target = self.request_url(request, proxies)
+        self.timeouts = urllib3.Timeout(connect=timeout, read=timeout)
+
+    def post(self, body, headers):
+        """POST `body` to the bound URL: urllib3's response, once its status line is in."""
+        return self.pool.urlopen("POST", self.target, body=body, headers=headers, redirect=False,
+                                 assert_same_host=False, preload_content=False, decode_content=False,
+                                 retries=self.max_retries, timeout=self.timeouts)
 
 
 def without_credentials(url):
@@ -102,11 +116,13 @@ class OpenAIChatModel:
         self.session.headers["Content-Type"] = "application/json"
         if api_key:
             self.session.headers["Authorization"] = f"Bearer {api_key}"
-        # Prepared once: every request is a copy with its own body, sent on the session's
-        # adapter. The session's per-request work (preparing the URL and headers again,
-        # cookies, hooks, redirects) is a third of a turn's time in requests and never needed.
-        # Redirects are not followed: a chat completion is not a page that moves.
-        self.template = self.session.prepare_request(requests.Request("POST", self.url))
+        # Prepared once by the session (its headers, credentials in the URL), and bound to the
+        # adapter once: every request reuses the headers with its own body. The session's
+        # per-request work (preparing the URL and headers again, cookies, hooks, redirects) is
+        # never needed; redirects are not followed: a chat completion is not a page that moves.
+        template = self.session.prepare_request(requests.Request("POST", self.url))
+        self.adapter.bind(template, self.session.verify, self.session.proxies, timeout)
+        self.headers = dict(template.headers)
 
     def describe(self):
         """Where replies come from, for /status and the startup log (never the key)."""
@@ -115,16 +131,15 @@ class OpenAIChatModel:
     def _post(self, messages, stream):
         """Send the request and return the response once its status line is in."""
         body = {"model": self.model, "messages": messages, "stream": stream}
-        request = self.template.copy()
+        headers = dict(self.headers)
         if stream:
             body["stream_options"] = {"include_usage": True}
-            request.headers["Accept-Encoding"] = "identity"
-        request.body = json.dumps(body).encode()
-        request.headers["Content-Length"] = str(len(request.body))
+            headers["Accept-Encoding"] = "identity"
+        data = json.dumps(body).encode()
+        headers["Content-Length"] = str(len(data))
         try:
-            response = self.adapter.send(request, stream=stream, timeout=(self.timeout, self.timeout),
-                                         verify=self.session.verify, proxies=self.session.proxies)
-        except requests.RequestException as exc:
+            response = self.adapter.post(data, headers)
+        except (urllib3.exceptions.HTTPError, OSError) as exc:
             raise unreachable(exc, self.timeout) from None
         if response.status != 200:
             try:

@@ -26,6 +26,7 @@ import socketserver
 import sys
 import threading
 import time
+import urllib.parse
 import uuid
 
 HOST = "127.0.0.1"
@@ -210,13 +211,15 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     def do_POST(self) -> None:
         """Record a chat request and answer it as the next script says."""
         body = self._read_body()
-        if self.path.split("?")[0] != CHAT_PATH:
+        # An absolute URL as the target is what a forward proxy receives: the fake can stand in for one.
+        path = urllib.parse.urlsplit(self.path).path
+        if path != CHAT_PATH:
             self._send_error(404, f"Unknown path {self.path}")
             return
         request, problem = parse_chat_request(body)
         headers = {name.lower(): value for name, value in self.headers.items()}
         recorded = None if problem else request
-        script, self._releases_seen = self.llm._receive(self.path, headers, recorded, self.client_address)
+        script, self._releases_seen = self.llm._receive(path, self.path, headers, recorded, self.client_address)
         if problem:
             self._send_error(400, problem)
         else:
@@ -602,10 +605,12 @@ class FakeLLM:
             self._connections.discard(connection)
             self._cond.notify_all()
 
-    def _receive(self, path: str, headers: dict, request: dict | None, client: tuple) -> tuple[Script, int]:
-        """Record a chat request (client: its peer address); hand out its script and the release count."""
+    def _receive(self, path: str, target: str, headers: dict, request: dict | None,
+                 client: tuple) -> tuple[Script, int]:
+        """Record a chat request (target: as sent; client: its peer address); hand out its script and the release count."""
         with self._cond:
-            self._requests.append({"json": request, "headers": headers, "path": path, "client": client})
+            self._requests.append({"json": request, "headers": headers, "path": path, "target": target,
+                                   "client": client})
             script = self._queue.popleft() if request is not None and self._queue else self.default
             self._cond.notify_all()
             return script, self._releases

@@ -39,6 +39,19 @@ def test_complete_reads_a_gzip_compressed_answer(model, llm):
     assert "gzip" in llm.requests[-1]["headers"]["accept-encoding"]
 
 
+def test_requests_go_through_the_proxy_the_environment_names(monkeypatch, llm):
+    """http_proxy is honoured: the request reaches the proxy (the fake stands in) with the model's absolute URL."""
+    proxy = llm.url.rsplit("/v1", 1)[0]
+    for name in ("http_proxy", "HTTP_PROXY"):
+        monkeypatch.setenv(name, proxy)
+    for name in ("no_proxy", "NO_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+    model = OpenAIChatModel("http://model.example/v1", None, "fake-model", timeout=1)
+    llm.script(Script(reply="via the proxy"))
+    assert model.complete(HELLO).content == "via the proxy"
+    assert llm.requests[-1]["target"] == "http://model.example/v1/chat/completions"
+
+
 def test_requests_carry_model_messages_and_key(model, llm):
     """The request names the model, carries the messages and the API key as a bearer token."""
     model.complete(HELLO)
