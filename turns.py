@@ -135,7 +135,10 @@ class ChatService:
         except BaseException:
             turn.lock.release()
             raise
-        return self._events(turn, upstream)
+        # Read the model from the moment it answers, while the response to the client starts.
+        chunks = queue.Queue()
+        threading.Thread(target=pump, args=(upstream, chunks), daemon=True).start()
+        return self._events(turn, upstream, chunks)
 
     def _asked(self, turn, ask):
         """Ask the model (`complete` or `open_stream`) for the turn; a refusal goes in the request log."""
@@ -206,11 +209,9 @@ class ChatService:
             kept.pop(0)  # a reply without the message it answered is a turn cut in half
         return head + kept + new
 
-    def _events(self, turn, upstream):
+    def _events(self, turn, upstream, chunks):
         """Yield the SSE events of the turn: chunks, pings while the model is silent, one final event."""
-        chunks = queue.Queue()
         self._open_streams[turn.conversation_id] = chunks
-        threading.Thread(target=pump, args=(upstream, chunks), daemon=True).start()
         parts = []
         try:
             try:
