@@ -64,3 +64,14 @@ def test_scaling_ceiling_is_what_the_shared_cores_leave():
     assert math.isclose(bench.scaling_ceiling(one_worker, helpers, cores=2), 1.6)
     # With helpers that cost nothing, two workers at most double it: 2 / 1.5 ms = 1333 turns/s.
     assert math.isclose(bench.scaling_ceiling(one_worker, 0.0, cores=8), 2 / 1.5 * 1000 / 500)
+
+
+def test_client_comparison_prints_a_time_for_every_client():
+    """`bench/clients.py` runs end to end and times each of the four clients (no timing is asserted)."""
+    finished = subprocess.run([sys.executable, os.path.join("bench", "clients.py"), "--n", "20"], check=False,
+                              cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert finished.returncode == 0, finished.stdout[-3000:] + finished.stderr[-3000:]
+    rows = {line[:12].strip(): line[12:].split() for line in finished.stdout.splitlines()[2:]}
+    assert set(rows) == {"raw socket", "http.client", "urllib3", "service"}
+    for name, (p50, p95) in rows.items():
+        assert 0 < float(p50) <= float(p95), (name, p50, p95)
