@@ -1,17 +1,57 @@
-"""The one shape of every error the API returns."""
+"""The one shape of every error the API returns, and the kinds of error with a fixed meaning."""
 
 
 class ApiError(Exception):
     """An error a client sees: an HTTP status, a stable code and a readable message."""
 
-    def __init__(self, status, code, message, headers=None):
-        """An error answered with `status` and `{"error": {"code", "message"}}`."""
-        super().__init__(message)
-        self.status = status
-        self.code = code
-        self.message = message
+    status = 500
+    code = "internal_error"
+    message = "internal error"
+
+    def __init__(self, status=None, code=None, message=None, headers=None):
+        """An error answered with `status` and `{"error": {"code", "message"}}` (a kind's own by default)."""
+        self.status = status or self.status
+        self.code = code or self.code
+        self.message = message or self.message
         self.headers = headers or {}
+        super().__init__(self.message)
 
     def body(self):
         """The JSON body of the error."""
         return {"error": {"code": self.code, "message": self.message}}
+
+
+class NotFound(ApiError):
+    """The conversation is not the caller's (or not there: the two are never told apart)."""
+
+    status, code, message = 404, "not_found", "conversation not found"
+
+
+class ConversationBusy(ApiError):
+    """Another turn of the conversation (or its deletion) is in progress."""
+
+    status, code, message = 409, "conversation_busy", "another turn of this conversation is in progress"
+
+
+class DatabaseDown(ApiError):
+    """The database cannot be used right now (models.DatabaseUnavailable, as a client sees it)."""
+
+    status, code, message = 503, "database_unavailable", "the database is unavailable"
+
+
+class ShuttingDown(ApiError):
+    """The service is stopping and cut the reply short."""
+
+    status, code, message = 503, "shutting_down", "the service is restarting; the reply was cut short"
+
+
+class InvalidRequest(ApiError):
+    """The request is malformed: the message says how."""
+
+    status, code = 400, "invalid_request"
+
+
+class Unauthorized(ApiError):
+    """No usable bearer token: the message says what is wrong with it."""
+
+    status, code, message = 401, "unauthorized", "the token is not valid"

@@ -1,7 +1,8 @@
-"""Peewee models: conversations and their messages, kept for history."""
+"""Peewee models: conversations and their messages, kept for history; the database's failures."""
 
 import contextlib
 import datetime
+import logging
 import os
 import secrets
 from urllib.parse import urlsplit
@@ -12,6 +13,7 @@ from peewee import (CharField, DatabaseProxy, DateTimeField, ForeignKeyField,
 from playhouse.db_url import connect, register_database
 from playhouse.pool import MaxConnectionsExceeded, PooledPostgresqlDatabase
 
+log = logging.getLogger(__name__)
 db = DatabaseProxy()
 
 # Everything the database can fail with: peewee's errors, a pool with no free connection, and
@@ -65,7 +67,7 @@ class PooledPostgres(PooledPostgresqlDatabase):
 
     The ping is a round trip on every checkout, two a turn. Instead a failed connection
     makes the pool drop all its idle ones (a restart or a cut leaves them all dead), and
-    the reads at the start of a turn are retried once (turns.ChatService._load).
+    the reads at the start of a turn are retried once (retried_once).
     """
 
     def _is_closed(self, conn):
@@ -74,6 +76,44 @@ class PooledPostgres(PooledPostgresqlDatabase):
 
 
 register_database(PooledPostgres, "postgres+pool", "postgresql+pool")
+
+
+class DatabaseUnavailable(Exception):
+    """The database could not be used: down, unreachable, out of connections or too slow."""
+
+
+@contextlib.contextmanager
+def connection():
+    """A pooled database connection for the block; any failure of the database is DatabaseUnavailable."""
+    try:
+        with db.connection_context():
+            yield
+    except DATABASE_ERRORS as exc:
+        log.error("database unavailable: %s", type(exc).__name__)
+        db.close_idle()  # a failed connection means its idle siblings are likely dead too
+        raise DatabaseUnavailable(type(exc).__name__) from None
+
+
+def retried_once(read):
+    """Run a database read in its own connection, and once more if the database failed it.
+
+    The first try may have met a connection cut since it was pooled; its failure emptied the
+    pool of such connections.
+    """
+    def attempt():
+        """One try."""
+        with connection():
+            return read()
+
+    try:
+        return attempt()
+    except DatabaseUnavailable:
+        return attempt()
+
+
+def ping():
+    """Run the cheapest query there is."""
+    db.execute_sql("SELECT 1")
 
 
 def backend_name():
@@ -194,7 +234,9 @@ class Message(BaseModel):
 # A turn in one statement: create the conversation or, if it is the user's, mark its new
 # version; then insert both messages (none if the conversation is someone else's). `n`
 # keeps the user's message first. BEGIN rides along, so the turn costs two round trips
-# (this and COMMIT); a connection lost before COMMIT writes nothing.
+# (this and COMMIT) where peewee's atomic() costs three; a connection lost before COMMIT
+# writes nothing. The one transaction peewee does not know of: save_turn refuses to run
+# inside one of peewee's, whose COMMIT it would otherwise end early.
 SAVE_TURN_SQL = """
 BEGIN;
 WITH claimed AS (
@@ -214,45 +256,55 @@ ORDER BY m.n
 """
 
 
-def save_turn(turn):
+def save_turn(*, conversation_id, owner, message, reply, status, message_tokens=None,
+              reply_tokens=None, prompt_tokens=None):
     """Write a finished turn (the user message and the reply) all or nothing.
 
     Creates the conversation on its first turn. Returns the conversation's new version, or
     None, writing nothing, when it belongs to someone else (started by another user meanwhile).
     """
-    now, version = utcnow(), secrets.token_hex(16)
-    title = " ".join(turn.message.split())[:AUTO_TITLE_CHARS]
-    if backend_name() == "postgresql":
-        try:
-            saved = db.execute_sql(SAVE_TURN_SQL, {
-                "id": turn.conversation_id, "owner": turn.user, "title": title, "now": now,
-                "version": version, "message": turn.message, "message_tokens": turn.message_tokens,
-                "reply": turn.reply, "status": turn.status, "reply_tokens": turn.reply_tokens,
-                "prompt_tokens": turn.prompt_tokens}).rowcount
-            db.execute_sql("COMMIT")
-        except BaseException:
-            with contextlib.suppress(*DATABASE_ERRORS):
-                db.execute_sql("ROLLBACK")
-            raise
-        return version if saved else None
+    if db.in_transaction():
+        raise RuntimeError("save_turn runs its own transaction; it cannot be nested in another")
+    row = {"id": conversation_id, "owner": owner, "now": utcnow(), "version": secrets.token_hex(16),
+           "title": " ".join(message.split())[:AUTO_TITLE_CHARS], "message": message,
+           "message_tokens": message_tokens, "reply": reply, "status": status,
+           "reply_tokens": reply_tokens, "prompt_tokens": prompt_tokens}
+    saved = _save_on_postgres(row) if backend_name() == "postgresql" else _save_with_peewee(row)
+    return row["version"] if saved else None
+
+
+def _save_on_postgres(row):
+    """The turn in one statement and a COMMIT; whether the conversation was the owner's."""
+    try:
+        saved = db.execute_sql(SAVE_TURN_SQL, row).rowcount
+        db.execute_sql("COMMIT")
+    except BaseException:
+        with contextlib.suppress(*DATABASE_ERRORS):
+            db.execute_sql("ROLLBACK")
+        raise
+    return bool(saved)
+
+
+def _save_with_peewee(row):
+    """The turn in peewee's transaction (SQLite has no data-modifying CTE); whether it was the owner's."""
     with db.atomic():
-        claimed = (Conversation.insert(id=turn.conversation_id, owner=turn.user, title=title,
-                                       created_at=now, updated_at=now, version=version)
+        claimed = (Conversation.insert(id=row["id"], owner=row["owner"], title=row["title"],
+                                       created_at=row["now"], updated_at=row["now"], version=row["version"])
                    .on_conflict(conflict_target=[Conversation.id],
-                                update={Conversation.updated_at: now, Conversation.version: version},
-                                where=(Conversation.owner == turn.user))
+                                update={Conversation.updated_at: row["now"], Conversation.version: row["version"]},
+                                where=(Conversation.owner == row["owner"]))
                    .returning(Conversation.id).execute())
         if not list(claimed):
-            return None
+            return False
         Message.insert_many([
-            {"conversation": turn.conversation_id, "role": "user", "content": turn.message,
-             "status": Message.COMPLETE, "token_count": turn.message_tokens,
-             "prompt_tokens": None, "created_at": now},
-            {"conversation": turn.conversation_id, "role": "assistant", "content": turn.reply,
-             "status": turn.status, "token_count": turn.reply_tokens,
-             "prompt_tokens": turn.prompt_tokens, "created_at": now},
+            {"conversation": row["id"], "role": "user", "content": row["message"],
+             "status": Message.COMPLETE, "token_count": row["message_tokens"],
+             "prompt_tokens": None, "created_at": row["now"]},
+            {"conversation": row["id"], "role": "assistant", "content": row["reply"],
+             "status": row["status"], "token_count": row["reply_tokens"],
+             "prompt_tokens": row["prompt_tokens"], "created_at": row["now"]},
         ]).execute()
-    return version
+    return True
 
 
 def create_tables():

@@ -5,47 +5,19 @@ import queue
 import threading
 import time
 import uuid
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import cache
 import sse
-from errors import ApiError
+from errors import ApiError, ConversationBusy, DatabaseDown, NotFound, ShuttingDown
 from llm import estimate_tokens
-from models import DATABASE_ERRORS, Conversation, Message, db, save_turn
+from models import (Conversation, DatabaseUnavailable, Message, connection, retried_once,
+                    save_turn)
+from redis_link import LocalTrip
 
 log = logging.getLogger(__name__)
 
-NOT_FOUND = ApiError(404, "not_found", "conversation not found")
-BUSY = ApiError(409, "conversation_busy", "another turn of this conversation is in progress")
-SHUTTING_DOWN = ApiError(503, "shutting_down", "the service is restarting; the reply was cut short")
-STOPPED = ApiError(200, "stopped", "the reply was stopped")
 MESSAGE_OVERHEAD_TOKENS = 4
-PRUNE_BATCH = 500
-
-
-@contextmanager
-def stored():
-    """A pooled database connection for the block; any database failure is a 503."""
-    try:
-        with db.connection_context():
-            yield
-    except DATABASE_ERRORS as exc:
-        log.error("database unavailable: %s", type(exc).__name__)
-        db.close_idle()  # a failed connection means its idle siblings are likely dead too
-        raise ApiError(503, "database_unavailable", "the database is unavailable") from None
-
-
-def retried_once(read):
-    """Run a database read, and once more if it failed.
-
-    The first try may have met a connection cut since it was pooled; its failure emptied the
-    pool of such connections.
-    """
-    try:
-        return read()
-    except ApiError:
-        return read()
 
 
 def new_conversation_id():
@@ -60,9 +32,10 @@ class Turn:
     user: str
     conversation_id: str
     message: str
-    lock: object
+    lease: object
     record: dict = field(default_factory=dict)
     history: list = field(default_factory=list)
+    prompt: list = field(default_factory=list)
     started: float = field(default_factory=time.monotonic)
     first_token_at: float = None
     reply: str = ""
@@ -100,13 +73,15 @@ class Turn:
 
 
 class ChatService:
-    """Runs chat turns against the cache, the database and the model."""
+    """Runs chat turns against the cache, the coordination between processes, the database and the model."""
 
-    def __init__(self, model, conversation_cache, history_limit, system_prompt, heartbeat,
-                 lock_ttl, context_tokens):
-        """Wire the service to its model and cache."""
+    def __init__(self, model, conversation_cache, coordination, history_limit, system_prompt,
+                 heartbeat, lock_ttl, context_tokens, round_trip=LocalTrip):
+        """Wire the service to its model, cache and coordination (`round_trip` makes their round trips)."""
         self.model = model
         self.cache = conversation_cache
+        self.coordination = coordination
+        self.round_trip = round_trip
         self.history_limit = history_limit
         self.system_prompt = system_prompt
         self.heartbeat = heartbeat
@@ -114,6 +89,10 @@ class ChatService:
         self.context_tokens = context_tokens
         self._open_streams = {}
         self._listening = False
+
+    def describe_model(self):
+        """Where replies come from (never the key)."""
+        return self.model.describe()
 
     def run(self, user, conversation_id, message, record=None):
         """Answer a turn in one piece and keep it; returns the reply."""
@@ -124,7 +103,7 @@ class ChatService:
             self.finish(turn)
             return turn.reply
         finally:
-            turn.lock.release()
+            turn.lease.release()
 
     def stream(self, user, conversation_id, message, record=None):
         """Start a streamed turn: the SSE events, or ApiError before any event if the model refuses."""
@@ -133,7 +112,7 @@ class ChatService:
         try:
             upstream = self._asked(turn, self.model.open_stream)
         except BaseException:
-            turn.lock.release()
+            turn.lease.release()
             raise
         # Read the model from the moment it answers, while the response to the client starts.
         chunks = queue.Queue()
@@ -155,18 +134,21 @@ class ChatService:
             raise ApiError(413, "context_too_large",
                            f"the message alone exceeds the model's context budget of "
                            f"{self.context_tokens} tokens")
-        lock, cached = self.cache.hold(conversation_id, self.lock_ttl, f"{kind} {user}")
-        if lock is None:
-            raise BUSY
-        turn = Turn(user=user, conversation_id=conversation_id, message=message, lock=lock,
+        with self.round_trip() as trip:
+            taken = self.coordination.take(conversation_id, self.lock_ttl, f"{kind} {user}", trip)
+            cached = self.cache.read(conversation_id, trip)
+        lease = taken.value
+        if lease is None:
+            raise ConversationBusy()
+        turn = Turn(user=user, conversation_id=conversation_id, message=message, lease=lease,
                     record=record if record is not None else {})
         try:
-            owner, turn.history = self._load(conversation_id, cached)
+            owner, turn.history = self._load(conversation_id, cached.value)
             if owner is not None and owner != user:
-                raise NOT_FOUND
+                raise NotFound()
             turn.prompt = self._prompt(turn)
         except BaseException:
-            lock.release()
+            lease.release()
             raise
         return turn
 
@@ -177,13 +159,12 @@ class ChatService:
 
     def _stored(self, conversation_id, cached):
         """The owner and recent messages from the database, or from `cached` if it is current."""
-        with stored():
-            owner, version = Conversation.state_of(conversation_id)
-            if owner is None:
-                return None, []
-            if cached is not None and cached[0] == version:
-                return owner, cached[1]
-            return owner, Message.recent(conversation_id, self.history_limit)
+        owner, version = Conversation.state_of(conversation_id)
+        if owner is None:
+            return None, []
+        if cached is not None and cached[0] == version:
+            return owner, cached[1]
+        return owner, Message.recent(conversation_id, self.history_limit)
 
     def _head(self):
         """The system prompt, as the first messages of every request."""
@@ -215,26 +196,23 @@ class ChatService:
         parts = []
         try:
             try:
-                error = yield from self._relay(turn, chunks, parts)
+                status, error = yield from self._relay(turn, chunks, parts)
             except GeneratorExit:
                 upstream.cut()
                 self._keep_interrupted(turn, upstream.reply, "".join(parts))
                 raise
             finally:
                 self._open_streams.pop(turn.conversation_id, None)
-            if error is not None:
+            if status != Message.COMPLETE:
                 upstream.cut()
-            if error is STOPPED:
-                turn.status, error = Message.STOPPED, None
-            elif error is not None:
-                turn.status = Message.ERROR
+            turn.status = status
             self._take(turn, upstream.reply, "".join(parts))
             yield self._final_event(turn, error)
         finally:
-            turn.lock.release()
+            turn.lease.release()
 
     def _relay(self, turn, chunks, parts):
-        """Yield a chunk event per piece of text and a ping per silent heartbeat; return the error, if any."""
+        """Yield a chunk event per piece of text and a ping per silent heartbeat; return (status, error)."""
         hold_until = time.monotonic() + self.lock_ttl / 3
         while True:
             try:
@@ -242,15 +220,17 @@ class ChatService:
             except queue.Empty:
                 kind, value = "ping", None
             if time.monotonic() > hold_until:
-                turn.lock.extend(self.lock_ttl)
+                turn.lease.extend(self.lock_ttl)
                 hold_until = time.monotonic() + self.lock_ttl / 3
             if kind == "ping":
                 yield sse.PING
                 continue
             if kind == "stop":
-                return STOPPED
-            if kind != "chunk":
-                return value
+                return Message.STOPPED, None
+            if kind == "error":
+                return Message.ERROR, value
+            if kind == "done":
+                return Message.COMPLETE, None
             if turn.first_token_at is None:
                 turn.first_token_at = time.monotonic()
             parts.append(value)
@@ -262,6 +242,8 @@ class ChatService:
             self.finish(turn)
         except ApiError as exc:
             error = error or exc
+        except DatabaseUnavailable:
+            error = error or DatabaseDown()
         final = {"content": "", "is_final": True, "metrics": turn.metrics(),
                  "conversation_id": turn.conversation_id, "finish_reason": turn.finish_reason}
         if error is not None:
@@ -275,8 +257,8 @@ class ChatService:
         self._take(turn, reply, content)
         try:
             self.finish(turn)
-        except ApiError as exc:
-            log.error("could not keep interrupted turn: %s", exc.code)
+        except (ApiError, DatabaseUnavailable) as exc:
+            log.error("could not keep interrupted turn: %s", type(exc).__name__)
 
     def _take(self, turn, reply, content):
         """Copy the model's reply and its figures into the turn."""
@@ -291,71 +273,49 @@ class ChatService:
 
     def finish(self, turn):
         """Save both messages in the database, then refresh the cache and let the next turn in."""
-        with stored():
-            version = save_turn(turn)
+        with connection():
+            version = save_turn(conversation_id=turn.conversation_id, owner=turn.user,
+                                message=turn.message, reply=turn.reply, status=turn.status,
+                                message_tokens=turn.message_tokens, reply_tokens=turn.reply_tokens,
+                                prompt_tokens=turn.prompt_tokens)
         if version is None:
-            raise NOT_FOUND
+            raise NotFound()
         history = (turn.history + [
             {"role": "user", "content": turn.message},
             {"role": "assistant", "content": turn.reply},
         ])[-self.history_limit:]
-        self.cache.keep(turn.conversation_id, cache.encode(version, history), turn.lock)
+        with self.round_trip() as trip:
+            self.cache.write(turn.conversation_id, cache.encode(version, history), trip)
+            turn.lease.release(trip)
 
     def cut_open_streams(self):
         """End every open stream now with a final error event (the service is shutting down)."""
         for chunks in list(self._open_streams.values()):
-            chunks.put(("error", SHUTTING_DOWN))
+            chunks.put(("error", ShuttingDown()))
 
     def stop(self, user, conversation_id):
         """Stop the reply being streamed for a conversation, from whichever process streams it."""
-        kind, _, holder = (self.cache.holder_of(conversation_id) or "").partition(" ")
-        with stored():
+        kind, _, holder = (self.coordination.holder_of(conversation_id) or "").partition(" ")
+        with connection():
             owner, _ = Conversation.state_of(conversation_id)
         # A conversation's first turn is not in the database yet: its turn's holder owns it.
         if (owner or holder) != user:
-            raise NOT_FOUND
+            raise NotFound()
         if kind != "stream":
             raise ApiError(409, "no_reply_in_progress", "no reply is being streamed for this conversation")
-        self.cache.publish_stop(conversation_id)
+        self.coordination.publish_stop(conversation_id)
 
     def listen_for_stops(self):
         """Start receiving stop signals in this process (once, after gunicorn has forked)."""
         if not self._listening:
             self._listening = True
-            self.cache.listen_for_stops(self._stop_here)
+            self.coordination.listen_for_stops(self._stop_here)
 
     def _stop_here(self, conversation_id):
         """Stop the conversation's stream if this process serves it."""
         chunks = self._open_streams.get(conversation_id)
         if chunks is not None:
             chunks.put(("stop", None))
-
-    def forget(self, user, conversation_id):
-        """Delete a conversation and its messages from the database and the cache."""
-        with stored():
-            if Conversation.owned(conversation_id, user) is None:
-                raise NOT_FOUND
-        lock = self.cache.lock(conversation_id, self.lock_ttl, f"delete {user}")
-        if lock is None:
-            raise BUSY
-        try:
-            with stored():
-                Conversation.remove([conversation_id])
-            self.cache.drop([conversation_id])
-        finally:
-            lock.release()
-
-    def prune(self, cutoff):
-        """Delete every conversation with no activity since `cutoff`; how many were deleted."""
-        with stored():
-            stale = Conversation.older_than(cutoff)
-        removed = 0
-        for start in range(0, len(stale), PRUNE_BATCH):
-            batch = stale[start:start + PRUNE_BATCH]
-            with stored():
-                removed += Conversation.remove(batch)
-            self.cache.drop(batch)
-        return removed
 
 
 def pump(upstream, chunks):

@@ -10,7 +10,7 @@ import jwt
 import pytest
 
 import models
-from chat_app import VerifiedTokens
+from auth import VerifiedTokens
 from config import VERSION
 from tests.conftest import SECRET, assert_error, bearer, token, wait_until
 from tests.fake_llm import Script
@@ -128,13 +128,13 @@ def test_verified_tokens_forget_the_oldest_when_full():
     """The kept verdicts are bounded: past the limit the oldest is forgotten, so checked again."""
     kept = VerifiedTokens(size=2)
     far = time.time() + 3600
-    kept.remember("Bearer a", "alice", far)
-    kept.remember("Bearer b", "bob", None)
-    kept.remember("Bearer c", "carol", far)
-    assert kept.user_of("Bearer a") is None
-    assert (kept.user_of("Bearer b"), kept.user_of("Bearer c")) == ("bob", "carol")
-    kept.remember("Bearer gone", "dave", time.time() - 1)
-    assert kept.user_of("Bearer gone") is None
+    kept.remember("Bearer a", {}, {"sub": "alice", "exp": far})
+    kept.remember("Bearer b", {}, {"sub": "bob"})
+    kept.remember("Bearer c", {}, {"sub": "carol", "exp": far})
+    assert kept.claims_of("Bearer a") is None
+    assert (kept.claims_of("Bearer b")[1]["sub"], kept.claims_of("Bearer c")[1]["sub"]) == ("bob", "carol")
+    kept.remember("Bearer gone", {}, {"sub": "dave", "exp": time.time() - 1})
+    assert kept.claims_of("Bearer gone") is None
 
 
 def test_status_answers_without_token(pg_client):

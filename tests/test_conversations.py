@@ -6,7 +6,6 @@ import cache
 import models
 from tests.conftest import REDIS_URL, bearer
 from tests.fake_llm import Script
-from turns import Turn
 
 
 def run(client, message, conversation_id=None, user="alice"):
@@ -34,10 +33,23 @@ def sent_messages(llm):
 def forget_cache(app):
     """Empty the conversation cache, whatever its backend."""
     conversation_cache = app.extensions["chat"].cache
-    if conversation_cache.backend == "redis":
-        conversation_cache.client.flushdb()
-    else:
-        conversation_cache._entries.clear()
+    with models.db.connection_context():
+        conversation_cache.drop([c.id for c in models.Conversation.select(models.Conversation.id)])
+
+
+def cached(app, conversation_id):
+    """The raw cached copy of a conversation, or None."""
+    service = app.extensions["chat"]
+    with service.round_trip() as trip:
+        copy = service.cache.read(conversation_id, trip)
+    return copy.value
+
+
+def cache_copy(app, conversation_id, raw):
+    """Put a raw copy of a conversation in the cache."""
+    service = app.extensions["chat"]
+    with service.round_trip() as trip:
+        service.cache.write(conversation_id, raw, trip)
 
 
 def test_run_returns_the_models_reply(client, llm):
@@ -146,7 +158,7 @@ def test_a_cached_copy_of_the_current_version_is_used(app, llm):
     run(client, "hello", "c1")
     with models.db.connection_context():
         version = models.Conversation.get_by_id("c1").version
-    app.extensions["chat"].cache.put("c1", cache.encode(version, [{"role": "user", "content": "from cache"}]))
+    cache_copy(app, "c1", cache.encode(version, [{"role": "user", "content": "from cache"}]))
     run(client, "again", "c1")
     assert [m["content"] for m in sent_messages(llm)] == ["from cache", "again"]
 
@@ -156,9 +168,9 @@ def test_a_stale_cached_copy_never_wins_over_the_database(app, llm):
     client = app.test_client()
     llm.script(Script(reply="r1"), Script(reply="r2"))
     run(client, "m1", "c1")
-    stale = app.extensions["chat"].cache.get("c1")
+    stale = cached(app, "c1")
     run(client, "m2", "c1")
-    app.extensions["chat"].cache.put("c1", stale)
+    cache_copy(app, "c1", stale)
     run(client, "m3", "c1")
     assert [m["content"] for m in sent_messages(llm)] == ["m1", "r1", "m2", "r2", "m3"]
 
@@ -187,12 +199,12 @@ def test_a_cached_copy_from_before_a_delete_is_not_reused(app, llm):
     """A conversation deleted and started again never matches a copy cached before the delete."""
     client = app.test_client()
     run(client, "old life", "c1")
-    old_copy = app.extensions["chat"].cache.get("c1")
+    old_copy = cached(app, "c1")
     with models.db.connection_context():
         models.Message.delete().execute()
         models.Conversation.delete().execute()
     run(client, "new life", "c1")
-    app.extensions["chat"].cache.put("c1", old_copy)
+    cache_copy(app, "c1", old_copy)
     run(client, "which life?", "c1")
     assert [m["content"] for m in sent_messages(llm)] == ["new life", "echo: new life", "which life?"]
 
@@ -200,7 +212,7 @@ def test_a_cached_copy_from_before_a_delete_is_not_reused(app, llm):
 def test_saving_into_a_conversation_someone_else_started_meanwhile_writes_nothing(client, llm):
     """If another user started the conversation while a turn ran, the turn's save is refused whole."""
     run(client, "mine", "c1", user="alice")
-    late = Turn(user="bob", conversation_id="c1", message="also mine?", lock=None, reply="no")
     with models.db.connection_context():
-        assert models.save_turn(late) is None
+        assert models.save_turn(conversation_id="c1", owner="bob", message="also mine?", reply="no",
+                                status="complete") is None
     assert [m["content"] for m in stored_messages("c1")] == ["mine", "echo: mine"]

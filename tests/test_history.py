@@ -9,6 +9,7 @@ import pytest
 import requests
 
 import cache
+import coordination
 import models
 from tests.conftest import assert_error, bearer
 from tests.fake_llm import Script
@@ -354,17 +355,17 @@ def test_deleting_a_missing_conversation_is_404(pg_client, llm):
 def test_delete_while_a_turn_holds_the_conversation_is_409(pg_client, llm, redis_client):
     """A conversation held by a turn (its Redis turn lock) cannot be deleted meanwhile, and stays."""
     run(pg_client, "hello", "c1")
-    redis_client.set(cache.LOCK_KEY.format("c1"), "another-turn", px=60000)
+    redis_client.set(coordination.LOCK_KEY.format("c1"), "another-turn", px=60000)
     response = pg_client.delete("/conversations/c1", headers=bearer())
     assert_error(response, 409, "conversation_busy")
     assert rows_of("c1") == (1, 2)
-    assert redis_client.get(cache.LOCK_KEY.format("c1")) == "another-turn"
+    assert redis_client.get(coordination.LOCK_KEY.format("c1")) == "another-turn"
 
 
 def test_deleting_someone_elses_busy_conversation_is_still_404(pg_client, llm, redis_client):
     """A busy conversation of alice's answers bob 404, as if it did not exist, not 409."""
     run(pg_client, "hello", "c1")
-    redis_client.set(cache.LOCK_KEY.format("c1"), "another-turn", px=60000)
+    redis_client.set(coordination.LOCK_KEY.format("c1"), "another-turn", px=60000)
     response = pg_client.delete("/conversations/c1", headers=bearer("bob"))
     assert_error(response, 404, "not_found")
 

@@ -9,6 +9,7 @@ import pytest
 import requests
 
 import cache
+import coordination
 import models
 from config import VERSION
 from tests.conftest import REDIS_URL, SECRET, assert_error, bearer, token, wait_until
@@ -182,7 +183,7 @@ def test_a_stopped_stream_logs_outcome_stopped(service, llm, redis_client):
               stream=True, timeout=(5, 20)) as response:
         stream = events(response)
         assert next(e for e in stream if e != PING)["content"] == "partial "
-        assert wait_until(lambda: redis_client.pubsub_numsub(cache.STOP_CHANNEL)[0][1] >= 1)
+        assert wait_until(lambda: redis_client.pubsub_numsub(coordination.STOP_CHANNEL)[0][1] >= 1)
         with call(service, "POST", "/chat/stop", body={"conversation_id": "c1"}) as stopping:
             assert stopping.status_code == 202
         assert [e for e in stream if e != PING][-1]["finish_reason"] == "stopped"

@@ -5,7 +5,7 @@ import contextlib
 import pytest
 import requests
 
-import cache
+import coordination
 import models
 from tests.conftest import assert_error, bearer, wait_until
 from tests.fake_llm import Script
@@ -50,7 +50,7 @@ def stop(service, conversation_id, user="alice"):
 
 def listening_for_stops(redis_client):
     """Whether some process subscribes to the stop channel."""
-    return redis_client.pubsub_numsub(cache.STOP_CHANNEL)[0][1] >= 1
+    return redis_client.pubsub_numsub(coordination.STOP_CHANNEL)[0][1] >= 1
 
 
 def rest(stream):

@@ -1,0 +1,38 @@
+"""How the service's parts are: what /status reports of the database, the cache and the model."""
+
+import logging
+import time
+
+from models import backend_name, ping, retried_once
+
+log = logging.getLogger(__name__)
+
+
+class Health:
+    """Checks each part the service depends on, with its round-trip time."""
+
+    def __init__(self, cache, describe_model):
+        """Report on `cache` and on the model `describe_model()` tells of."""
+        self.cache = cache
+        self.describe_model = describe_model
+
+    def report(self):
+        """The status of the service and of each part, as /status shows it."""
+        database = probe(lambda: retried_once(ping))
+        cache_state = probe(self.cache.ping)
+        healthy = database["state"] == cache_state["state"] == "ok"
+        return {"status": "ok" if healthy else "degraded",
+                "database": {**database, "backend": backend_name()},
+                "cache": {**cache_state, "backend": self.cache.backend},
+                "model": self.describe_model()}
+
+
+def probe(check):
+    """{"state": "ok", "round_trip_ms": ...} if `check` succeeds, else {"state": "unavailable"}."""
+    started = time.monotonic()
+    try:
+        check()
+    except Exception as exc:  # noqa: BLE001 - any failure is what /status reports
+        log.warning("status check failed: %s", type(exc).__name__)
+        return {"state": "unavailable"}
+    return {"state": "ok", "round_trip_ms": round((time.monotonic() - started) * 1000, 2)}

@@ -1,0 +1,151 @@
+"""The process's one Redis client: it fails fast after a failure, and sends several commands in one round trip.
+
+The conversation cache (cache.py) and the coordination between processes (coordination.py)
+both talk to Redis through a link. A turn's commands for both ride in the same round trip:
+each module adds its commands to a `RoundTrip` and gets a `Pending` back, whose value is
+there once the trip is sent. Without Redis (the embedded defaults), `LocalTrip` stands in:
+the in-process backends answer at once and add nothing to it.
+"""
+
+import logging
+import time
+
+import redis
+
+log = logging.getLogger(__name__)
+
+RETRY_AFTER_FAILURE = 1.0
+
+
+class RedisDown(redis.ConnectionError):
+    """Redis failed a moment ago; not tried again until RETRY_AFTER_FAILURE has passed."""
+
+
+class Pending:
+    """The answer to one command of a round trip: its value once sent, or what to do if it failed."""
+
+    def __init__(self, then=None, otherwise=None):
+        """Waiting for the answer; `then` turns the reply into the value, `otherwise` a failure."""
+        self._then, self._otherwise = then, otherwise
+        self._value, self._failure = None, None
+
+    @classmethod
+    def done(cls, value):
+        """A value that needed no round trip."""
+        pending = cls()
+        pending._value = value
+        return pending
+
+    def resolve(self, reply):
+        """The command succeeded with `reply`."""
+        self._value = self._then(reply) if self._then else reply
+
+    def fail(self, failure):
+        """The round trip failed."""
+        self._failure = failure
+        if self._otherwise is not None:
+            self._value = self._otherwise(failure)
+
+    @property
+    def value(self):
+        """The command's value; raises the round trip's failure if nothing stands in for it."""
+        if self._failure is not None and self._otherwise is None:
+            raise self._failure
+        return self._value
+
+
+class RoundTrip:
+    """Commands sent to Redis together, in one pipeline without a transaction."""
+
+    def __init__(self, link):
+        """An empty round trip over `link`."""
+        self.link = link
+        self._pipe = link.client.pipeline(transaction=False)
+        self._pending = []
+
+    def add(self, *command, then=None, otherwise=None):
+        """Queue a raw command (redis-py's helpers inspect their arguments on every call)."""
+        self._pipe.execute_command(*command)
+        pending = Pending(then, otherwise)
+        self._pending.append(pending)
+        return pending
+
+    def send(self):
+        """Send the queued commands and hand each its answer (or the failure)."""
+        if not self._pending:
+            return
+        try:
+            replies = self.link.call(self._pipe.execute, raise_on_error=False)
+        except redis.RedisError as exc:
+            for pending in self._pending:
+                pending.fail(exc)
+        else:
+            for pending, reply in zip(self._pending, replies):
+                if isinstance(reply, redis.RedisError):
+                    pending.fail(reply)
+                else:
+                    pending.resolve(reply)
+        finally:
+            self._pipe.reset()
+            self._pending = []
+
+    def __enter__(self):
+        """Queue commands in the block; they are sent when it ends."""
+        return self
+
+    def __exit__(self, kind, exc, traceback):
+        """Send the commands, unless the block failed."""
+        if kind is None:
+            self.send()
+
+
+class LocalTrip:
+    """The round trip of the in-process backends: they answer at once, so there is nothing to send."""
+
+    def send(self):
+        """Nothing to send."""
+
+    def __enter__(self):
+        """The in-process backends answer inside the block."""
+        return self
+
+    def __exit__(self, kind, exc, traceback):
+        """Nothing to send."""
+
+
+class RedisLink:
+    """The Redis client of a process, never waiting on Redis more than a second."""
+
+    def __init__(self, url):
+        """Connect lazily to the Redis at `url`."""
+        self.url = url
+        self.client = redis.Redis.from_url(url, decode_responses=True, socket_timeout=1,
+                                           socket_connect_timeout=1, health_check_interval=30)
+        self._retry_at = 0.0
+
+    def call(self, operation, *args, **kwargs):
+        """Run a Redis operation, failing fast for a second after Redis failed."""
+        if time.monotonic() < self._retry_at:
+            raise RedisDown("Redis failed a moment ago")
+        try:
+            return operation(*args, **kwargs)
+        except redis.RedisError:
+            self._retry_at = time.monotonic() + RETRY_AFTER_FAILURE
+            raise
+
+    def round_trip(self):
+        """A round trip to fill with commands."""
+        return RoundTrip(self)
+
+    def script(self, source):
+        """A Lua script, sent by its hash."""
+        return self.client.register_script(source)
+
+    def listener(self):
+        """A client of its own for a subscription, which holds its connection for ever."""
+        return redis.Redis(connection_pool=redis.ConnectionPool.from_url(
+            self.url, decode_responses=True, socket_connect_timeout=1, health_check_interval=30))
+
+    def ping(self):
+        """Raise if Redis cannot be reached."""
+        self.call(self.client.ping)
