@@ -9,7 +9,7 @@ import json
 import logging
 import threading
 import time
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 import redis
 
@@ -32,6 +32,7 @@ def decode(raw):
     return value["version"], value["messages"]
 
 
+@runtime_checkable
 class ConversationCache(Protocol):
     """What a turn needs of the cache; `trip` is the round trip the commands ride in."""
 

@@ -9,7 +9,7 @@ import logging
 import secrets
 import threading
 import time
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 import redis
 
@@ -39,6 +39,7 @@ return 0
 """
 
 
+@runtime_checkable
 class Lease(Protocol):
     """A turn's hold on a conversation."""
 
@@ -49,6 +50,7 @@ class Lease(Protocol):
         """Let the next turn in (once), in `trip` if given."""
 
 
+@runtime_checkable
 class Coordination(Protocol):
     """What the processes share; `trip` is the round trip a command rides in."""
 

@@ -1,0 +1,148 @@
+"""The cache and the coordination between processes: one contract, kept by the Redis and in-process backends."""
+
+import pytest
+
+from cache import ConversationCache, MemoryCache, RedisCache
+from coordination import Coordination, MemoryCoordination, RedisCoordination
+from redis_link import LocalTrip, RedisLink
+from tests.conftest import free_port, wait_until
+
+
+@pytest.fixture(params=["redis", "memory"])
+def shared(request):
+    """(cache, coordination, round trip) of each backend; Redis's on the emptied test database."""
+    if request.param == "memory":
+        return MemoryCache(60), MemoryCoordination(), LocalTrip
+    link = RedisLink(request.getfixturevalue("redis_url"))
+    request.getfixturevalue("redis_client")
+    return RedisCache(link, 60), RedisCoordination(link), link.round_trip
+
+
+@pytest.fixture
+def unreachable():
+    """The Redis backends on a port where nothing listens."""
+    link = RedisLink(f"redis://127.0.0.1:{free_port()}/0")
+    return RedisCache(link, 60), RedisCoordination(link), link.round_trip
+
+
+def sent(round_trip, command):
+    """The value of one command sent in a round trip of its own."""
+    with round_trip() as trip:
+        pending = command(trip)
+    return pending.value
+
+
+def test_both_backends_implement_the_protocols(shared):
+    """Each backend has every method its protocol names."""
+    conversation_cache, coordination, _ = shared
+    assert isinstance(conversation_cache, ConversationCache)
+    assert isinstance(coordination, Coordination)
+
+
+def test_a_conversation_not_cached_reads_as_none(shared):
+    """A miss is None."""
+    conversation_cache, _, round_trip = shared
+    assert sent(round_trip, lambda trip: conversation_cache.read("c1", trip)) is None
+
+
+def test_a_written_copy_reads_back_until_dropped(shared):
+    """What is written is read back, and gone once dropped."""
+    conversation_cache, _, round_trip = shared
+    sent(round_trip, lambda trip: conversation_cache.write("c1", '{"copy": 1}', trip))
+    assert sent(round_trip, lambda trip: conversation_cache.read("c1", trip)) == '{"copy": 1}'
+    conversation_cache.drop(["c1"])
+    assert sent(round_trip, lambda trip: conversation_cache.read("c1", trip)) is None
+
+
+def test_one_round_trip_carries_a_lease_and_a_copy(shared):
+    """A lease taken and a copy read in the same round trip both have their values after it."""
+    conversation_cache, coordination, round_trip = shared
+    sent(round_trip, lambda trip: conversation_cache.write("c1", "copy", trip))
+    with round_trip() as trip:
+        taken = coordination.take("c1", 10, "run alice", trip)
+        copy = conversation_cache.read("c1", trip)
+    assert taken.value is not None and copy.value == "copy"
+
+
+def test_a_held_conversation_cannot_be_taken_again(shared):
+    """While one lease holds a conversation, another take gets None; after release it succeeds."""
+    _, coordination, round_trip = shared
+    lease = sent(round_trip, lambda trip: coordination.take("c1", 10, "run alice", trip))
+    assert sent(round_trip, lambda trip: coordination.take("c1", 10, "run bob", trip)) is None
+    lease.release()
+    assert sent(round_trip, lambda trip: coordination.take("c1", 10, "run bob", trip)) is not None
+
+
+def test_a_lease_can_be_released_in_a_round_trip_with_a_write(shared):
+    """The release rides with the copy's write; both take effect."""
+    conversation_cache, coordination, round_trip = shared
+    lease = sent(round_trip, lambda trip: coordination.take("c1", 10, "run alice", trip))
+    with round_trip() as trip:
+        conversation_cache.write("c1", "after", trip)
+        lease.release(trip)
+    assert coordination.holder_of("c1") is None
+    assert sent(round_trip, lambda trip: conversation_cache.read("c1", trip)) == "after"
+
+
+def test_the_holder_is_known_while_the_lease_lasts(shared):
+    """holder_of names what the lease was taken for."""
+    _, coordination, round_trip = shared
+    lease = sent(round_trip, lambda trip: coordination.take("c1", 10, "stream alice", trip))
+    assert coordination.holder_of("c1") == "stream alice"
+    lease.release()
+    assert coordination.holder_of("c1") is None
+
+
+def test_a_lease_not_extended_expires(shared):
+    """A lease lapses after its time unless extended."""
+    _, coordination, round_trip = shared
+    sent(round_trip, lambda trip: coordination.take("c1", 0.2, "run alice", trip))
+    assert wait_until(lambda: coordination.holder_of("c1") is None, timeout=5)
+
+
+def test_an_extended_lease_outlives_its_first_expiry(shared):
+    """Extending moves the expiry."""
+    _, coordination, round_trip = shared
+    lease = sent(round_trip, lambda trip: coordination.take("c1", 0.3, "run alice", trip))
+    lease.extend(30)
+    assert not wait_until(lambda: coordination.holder_of("c1") is None, timeout=0.9)
+    assert coordination.holder_of("c1") == "run alice"
+
+
+def test_requests_are_counted_per_user(shared):
+    """Each count adds one for its user only."""
+    _, coordination, _ = shared
+    counts = [coordination.count_request("alice", 60) for _ in range(3)]
+    assert counts == [counts[0], counts[0] + 1, counts[0] + 2]
+    assert coordination.count_request("bob", 60) == 1
+
+
+def test_a_published_stop_reaches_the_listener(shared):
+    """A stop published for a conversation is delivered to the listener."""
+    _, coordination, _ = shared
+    heard = []
+    coordination.listen_for_stops(heard.append)
+    assert wait_until(lambda: (coordination.publish_stop("c1"), heard)[1], timeout=10, interval=0.2)
+    assert set(heard) == {"c1"}
+
+
+def test_without_redis_a_read_is_a_miss(unreachable):
+    """Redis down: the cache reads nothing, and nothing raises."""
+    conversation_cache, _, round_trip = unreachable
+    assert sent(round_trip, lambda trip: conversation_cache.read("c1", trip)) is None
+
+
+def test_without_redis_a_lease_is_held_in_the_process(unreachable):
+    """Redis down: a lease is still taken, and the process refuses a second one."""
+    _, coordination, round_trip = unreachable
+    lease = sent(round_trip, lambda trip: coordination.take("c1", 10, "run alice", trip))
+    assert lease is not None
+    assert sent(round_trip, lambda trip: coordination.take("c1", 10, "run bob", trip)) is None
+    lease.release()
+    assert sent(round_trip, lambda trip: coordination.take("c1", 10, "run bob", trip)) is not None
+
+
+def test_without_redis_requests_are_counted_in_the_process(unreachable):
+    """Redis down: the rate count goes on in the process."""
+    _, coordination, _ = unreachable
+    assert [coordination.count_request("alice", 60) for _ in range(2)] == [1, 2]
