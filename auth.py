@@ -2,6 +2,7 @@
 
 import math
 import os
+import re
 import secrets
 import time
 
@@ -15,6 +16,12 @@ from errors import ApiError, Unauthorized
 
 MIN_SECRET_BYTES = 32
 VERIFIED_TOKENS_KEPT = 10000
+# The characters of the memory the verified tokens may hold (tokens and what they carry).
+VERIFIED_TOKENS_CHARS = 4_000_000
+# RFC 6750's b64token; a JWT is three base64url parts joined by dots.
+BEARER = re.compile(r"Bearer ([A-Za-z0-9._~+/-]+=*)")
+USER_CHARS = 255
+RATE_WINDOW = 60
 
 
 def init_app(app):
@@ -48,17 +55,36 @@ def authenticate():
 
     Sets `g.user`. Runs once a request (a `before_request` of the blueprints that need a user).
     """
-    header = request.headers.get("Authorization", "")
-    tokens = current_app.extensions["verified_tokens"]
-    kept = tokens.claims_of(header)
-    if kept is None:
-        kept = verified_claims()
-        tokens.remember(header, *kept)
-    else:
-        restore_jwt_context(*kept)
-    g.user = kept[1]["sub"]
+    g.user = user_of_request()
     note(user=g.user)
     limit_rate(g.user)
+
+
+def user_of_request():
+    """The user the request's bearer token names; 401 for any problem with the token.
+
+    Only `Authorization: Bearer <token>` is accepted, exactly: no other scheme, no list.
+    """
+    found = BEARER.fullmatch(request.headers.get("Authorization", ""))
+    if found is None:
+        raise Unauthorized(message="send a bearer token: Authorization: Bearer <token>")
+    token = found.group(1)
+    tokens = current_app.extensions["verified_tokens"]
+    kept = tokens.claims_of(token)
+    if kept is None:
+        kept = verified_claims()
+        tokens.remember(token, *kept)
+    else:
+        restore_jwt_context(*kept)
+    return kept[1]["sub"]
+
+
+def optional_user():
+    """The user of a valid bearer token, or None (without one, or with a bad one)."""
+    try:
+        return user_of_request()
+    except Unauthorized:
+        return None
 
 
 def verified_claims():
@@ -71,9 +97,20 @@ def verified_claims():
         raise Unauthorized(message="the token has expired") from None
     except (JWTExtendedException, jwt.PyJWTError):
         raise Unauthorized() from None
-    if not isinstance(claims.get("sub"), str) or not claims["sub"]:
-        raise Unauthorized(message="the token has no subject")
+    if not usable_user(claims.get("sub")):
+        raise Unauthorized(message=f"the token's subject must be 1 to {USER_CHARS} characters of text")
     return header, claims
+
+
+def usable_user(user):
+    """Whether a token's subject can name a user: text the database can keep, not too long."""
+    if not isinstance(user, str) or not user or len(user) > USER_CHARS or "\x00" in user:
+        return False
+    try:
+        user.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate
+        return False
+    return True
 
 
 def restore_jwt_context(header, claims):
@@ -85,35 +122,52 @@ def restore_jwt_context(header, claims):
 
 
 class VerifiedTokens:
-    """Authorization headers whose token was verified, with its header and claims.
+    """Bearer tokens that were verified, with their header and claims.
 
     A client sends the same token with every request; checking its signature and claims
-    again was about 6% of a turn's CPU. Only a token that passed every check is kept,
-    and it is refused again from the moment it expires. The oldest are forgotten first.
+    again was about 6% of a turn's CPU. Only a token that passed every check is kept, and
+    it is refused again from the moment it expires. At most `size` tokens and about
+    `chars` characters are kept; the oldest are forgotten first.
     """
 
-    def __init__(self, size=VERIFIED_TOKENS_KEPT):
-        """None kept yet; at most `size`."""
+    def __init__(self, size=VERIFIED_TOKENS_KEPT, chars=VERIFIED_TOKENS_CHARS):
+        """None kept yet."""
         self.size = size
+        self.chars = chars
         self._kept = {}
+        self._held = 0
 
-    def claims_of(self, header):
-        """The (token header, claims) of an already verified header that has not expired since, else None."""
-        kept = self._kept.get(header)
+    def claims_of(self, token):
+        """The (token header, claims) of an already verified token that has not expired since, else None."""
+        kept = self._kept.get(token)
         if kept is None:
             return None
         expires, token_header, claims = kept
         if expires <= time.time():
-            self._kept.pop(header, None)
+            self._forget(token)
             return None
         return token_header, claims
 
-    def remember(self, header, token_header, claims):
-        """Keep a verified header's token until its `exp` (none: for ever)."""
-        if len(self._kept) >= self.size:
-            self._kept.pop(next(iter(self._kept)), None)
-        expires = claims.get("exp")
-        self._kept[header] = (math.inf if expires is None else expires, token_header, claims)
+    def remember(self, token, token_header, claims):
+        """Keep a verified token until its `exp` (none: for ever)."""
+        # The claims were checked, so `exp` is a number or a string of one (which PyJWT takes).
+        expires = math.inf if claims.get("exp") is None else float(claims["exp"])
+        weight = self._weight(token)
+        while self._kept and (len(self._kept) >= self.size or self._held + weight > self.chars):
+            self._forget(next(iter(self._kept)))
+        if weight <= self.chars:
+            self._kept[token] = (expires, token_header, claims)
+            self._held += weight
+
+    def _forget(self, token):
+        """Stop keeping a token."""
+        if self._kept.pop(token, None) is not None:
+            self._held -= self._weight(token)
+
+    @staticmethod
+    def _weight(token):
+        """The characters a kept token costs: itself and about as much again for its claims."""
+        return 2 * len(token)
 
 
 def note(**fields):
@@ -122,9 +176,34 @@ def note(**fields):
 
 
 def limit_rate(user):
-    """429 once `user` has made RATE_LIMIT_PER_MINUTE requests this minute (off when 0)."""
+    """429 once `user` has made more than RATE_LIMIT_PER_MINUTE requests in the last minute (off when 0)."""
     limit = current_app.config["RATE_LIMIT_PER_MINUTE"]
-    if limit and current_app.extensions["coordination"].count_request(user, 60) > limit:
-        retry_after = str(60 - int(time.time()) % 60)
+    if not limit:
+        return
+    now = time.time()
+    previous, current = current_app.extensions["coordination"].count_request(user, RATE_WINDOW, now)
+    elapsed = now % RATE_WINDOW
+    if sliding_count(previous, current, elapsed, RATE_WINDOW) > limit:
+        wait = seconds_until_room(previous, current, elapsed, RATE_WINDOW, limit)
         raise ApiError(429, "rate_limited", f"at most {limit} requests a minute",
-                       {"Retry-After": retry_after})
+                       {"Retry-After": str(wait)})
+
+
+def sliding_count(previous, current, elapsed, window):
+    """The requests of the last `window` seconds, estimated from the counts of two fixed windows.
+
+    The previous window's requests are taken as spread evenly over it, so the part of it still
+    inside the last `window` seconds counts in proportion (Cloudflare's sliding window counter).
+    """
+    return previous * (window - elapsed) / window + current
+
+
+def seconds_until_room(previous, current, elapsed, window, limit):
+    """Whole seconds until one more request would be within `limit`, if no other comes meanwhile."""
+    if current < limit and previous:
+        # Within this window: wait until enough of the previous one has slid out.
+        wait = window - elapsed - (limit - current) * window / previous
+    else:
+        # Next window: this one's `current` requests become the previous ones, sliding out.
+        wait = window - elapsed + window - (limit - 1) * window / max(current, 1)
+    return max(1, math.ceil(wait))

@@ -34,17 +34,21 @@ def decode(raw):
 
 @runtime_checkable
 class ConversationCache(Protocol):
-    """What a turn needs of the cache; `trip` is the round trip the commands ride in."""
+    """What a turn needs of the cache.
+
+    A conversation is named by `redis_link.scope(user, conversation_id)`; `trip` is the round
+    trip a command rides in.
+    """
 
     backend: str
 
-    def read(self, conversation_id, trip) -> Pending:
+    def read(self, name, trip) -> Pending:
         """The raw cached conversation (None if not cached, or if the cache failed)."""
 
-    def write(self, conversation_id, raw, trip) -> Pending:
+    def write(self, name, raw, trip) -> Pending:
         """Cache a conversation for the TTL (a failure is logged: a miss is filled later)."""
 
-    def drop(self, conversation_ids):
+    def drop(self, names):
         """Forget the cached copies of conversations (a failure is logged: they expire)."""
 
     def ping(self):
@@ -71,20 +75,20 @@ class RedisCache:
         self.link = link
         self.ttl = ttl
 
-    def read(self, conversation_id, trip):
+    def read(self, name, trip):
         """The raw cached conversation (None if not cached, or if Redis failed)."""
-        return trip.add("GET", KEY.format(conversation_id), otherwise=_missing)
+        return trip.add("GET", KEY.format(name), otherwise=_missing)
 
-    def write(self, conversation_id, raw, trip):
+    def write(self, name, raw, trip):
         """Cache a conversation for the TTL."""
-        return trip.add("SET", KEY.format(conversation_id), raw, "EX", self.ttl, otherwise=_not_written)
+        return trip.add("SET", KEY.format(name), raw, "EX", self.ttl, otherwise=_not_written)
 
-    def drop(self, conversation_ids):
+    def drop(self, names):
         """Forget the cached copies of conversations (left to expire if Redis is away now)."""
-        if not conversation_ids:
+        if not names:
             return
         try:
-            self.link.call(self.link.client.delete, *[KEY.format(c) for c in conversation_ids])
+            self.link.call(self.link.client.delete, *[KEY.format(c) for c in names])
         except redis.RedisError as exc:
             # Harmless: a cached copy is used only while the database holds its version.
             log.warning("cache unavailable, cached copies left to expire: %s", type(exc).__name__)
@@ -105,19 +109,19 @@ class MemoryCache:
         self._entries = {}
         self._mutex = threading.Lock()
 
-    def read(self, conversation_id, trip=None):
+    def read(self, name, trip=None):
         """The raw cached conversation, or None."""
-        entry = self._entries.get(conversation_id)
+        entry = self._entries.get(name)
         if entry is None or entry[1] < time.monotonic():
             return Pending.done(None)
         return Pending.done(entry[0])
 
-    def write(self, conversation_id, raw, trip=None):
+    def write(self, name, raw, trip=None):
         """Cache a conversation for the TTL."""
         with self._mutex:
             if len(self._entries) >= MEMORY_ENTRIES:
                 self._evict()
-            self._entries[conversation_id] = (raw, time.monotonic() + self.ttl)
+            self._entries[name] = (raw, time.monotonic() + self.ttl)
         return Pending.done(True)
 
     def _evict(self):
@@ -129,11 +133,11 @@ class MemoryCache:
             for key in by_expiry[:len(by_expiry) // 2]:
                 del self._entries[key]
 
-    def drop(self, conversation_ids):
+    def drop(self, names):
         """Forget the cached copies of conversations."""
         with self._mutex:
-            for conversation_id in conversation_ids:
-                self._entries.pop(conversation_id, None)
+            for name in names:
+                self._entries.pop(name, None)
 
     def ping(self):
         """Always reachable."""

@@ -33,13 +33,23 @@ CONVERSATION_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 HTTP_CODES = {400: "invalid_request", 401: "unauthorized", 404: "not_found",
               405: "method_not_allowed", 413: "too_large", 415: "unsupported_media_type"}
 PAGE_LIMIT, MAX_PAGE_LIMIT = 20, 100
+MAX_MESSAGE_ID = 2**62
 OPENAPI_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "openapi.json")
 
 chat = Blueprint("chat", __name__, url_prefix="/chat")
 conversations = Blueprint("conversations", __name__, url_prefix="/conversations")
 status = Blueprint("status", __name__)
-chat.before_request(auth.authenticate)
-conversations.before_request(auth.authenticate)
+for private in (chat, conversations):
+    private.before_request(auth.authenticate)
+
+
+@chat.after_request
+@conversations.after_request
+def private_headers(response):
+    """An answer for one user: never kept by a cache on the way, never sniffed as another type."""
+    response.headers.setdefault("Cache-Control", "no-store")
+    response.headers["X-Content-Type-Options"] = "nosniff"
+    return response
 
 
 def create_app(test_config=None):
@@ -69,21 +79,22 @@ def create_app(test_config=None):
 def wire_services(app):
     """Build the cache, the coordination between processes, the model and the services on them."""
     config = app.config
-    lock_ttl = config["LLM_TIMEOUT_SECONDS"] + 30
     if config["REDIS_URL"]:
         link = RedisLink(config["REDIS_URL"])
         conversation_cache = RedisCache(link, config["CACHE_TTL_SECONDS"])
-        coordination, round_trip = RedisCoordination(link), link.round_trip
+        coordination = RedisCoordination(link, config["LEASE_SECONDS"])
+        round_trip = link.round_trip
     else:
         conversation_cache = MemoryCache(config["CACHE_TTL_SECONDS"])
-        coordination, round_trip = MemoryCoordination(), LocalTrip
+        coordination, round_trip = MemoryCoordination(config["LEASE_SECONDS"]), LocalTrip
     service = ChatService(
         make_model(config), conversation_cache, coordination, config["CHAT_HISTORY_LIMIT"],
-        config["LLM_SYSTEM_PROMPT"], config["SSE_HEARTBEAT_SECONDS"], lock_ttl=lock_ttl,
-        context_tokens=config["LLM_CONTEXT_TOKENS"], round_trip=round_trip)
+        config["LLM_SYSTEM_PROMPT"], config["SSE_HEARTBEAT_SECONDS"],
+        context_tokens=config["LLM_CONTEXT_TOKENS"], round_trip=round_trip,
+        max_streams=config["MAX_STREAMS_PER_USER"])
     app.extensions["chat"] = service
     app.extensions["coordination"] = coordination
-    app.extensions["history"] = History(conversation_cache, coordination, round_trip, lock_ttl)
+    app.extensions["history"] = History(conversation_cache, coordination, round_trip)
     app.extensions["health"] = Health(conversation_cache, service.describe_model)
 
 
@@ -170,7 +181,7 @@ def stream():
     """Answer a chat turn as server-sent events."""
     conversation_id, message = turn_request()
     events = services("chat").stream(g.user, conversation_id, message, log_record())
-    headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no",
+    headers = {"Cache-Control": "no-cache, no-store", "X-Accel-Buffering": "no",
                "Connection": "keep-alive", "X-Conversation-Id": conversation_id}
     return Response(events, mimetype="text/event-stream", headers=headers)
 
@@ -255,10 +266,11 @@ def read_cursor(cursor, kind):
         position = json.loads(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)))
     except ValueError:
         position = None
-    if kind is int and isinstance(position, int) and not isinstance(position, bool):
+    if kind is int and isinstance(position, int) and not isinstance(position, bool) \
+            and 0 <= position <= MAX_MESSAGE_ID:
         return position
     if kind is list and isinstance(position, list) and len(position) == 2 \
-            and all(isinstance(p, str) for p in position):
+            and all(isinstance(p, str) for p in position) and CONVERSATION_ID.fullmatch(position[1]):
         try:
             return [datetime.datetime.fromisoformat(position[0]), position[1]]
         except ValueError:
@@ -270,7 +282,12 @@ def json_body():
     """The request's JSON object body."""
     if not request.is_json:
         raise ApiError(415, "unsupported_media_type", "send a JSON body with Content-Type: application/json")
-    body = request.get_json(silent=True)
+    try:
+        body = request.get_json(silent=True)
+    except RecursionError:  # nested deeper than Python's parser goes
+        body = None
+    except OSError:  # the worker's deadline on a client that sends too slowly
+        raise ApiError(408, "request_timeout", "the request body did not arrive in time") from None
     if not isinstance(body, dict):
         raise InvalidRequest(message="the body must be a JSON object")
     return body
@@ -287,10 +304,14 @@ def encodable(text):
 
 @status.get("/status")
 def service_status():
-    """Say the service is up, and how its database, cache and model are, with round-trip times."""
+    """Say whether the service and its parts are up; with a valid token, how they are, in detail."""
     report = services("health").report()
-    return jsonify(status=report["status"], version=VERSION, database=report["database"],
-                   cache=report["cache"], model=report["model"])
+    if auth.optional_user() is None:
+        return jsonify(status=report["status"], database={"state": report["database"]["state"]},
+                       cache={"state": report["cache"]["state"]})
+    response = jsonify(status=report["status"], version=VERSION, database=report["database"],
+                       cache=report["cache"], model=report["model"])
+    return private_headers(response)
 
 
 @status.get("/openapi.json")

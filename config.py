@@ -43,6 +43,10 @@ class Config:
         self.CHAT_HISTORY_LIMIT = _int("CHAT_HISTORY_LIMIT", 20)
         self.CACHE_TTL_SECONDS = _int("CACHE_TTL_SECONDS", 86400)
         self.SSE_HEARTBEAT_SECONDS = _float("SSE_HEARTBEAT_SECONDS", 10)
+        self.SSE_WRITE_TIMEOUT_SECONDS = _float("SSE_WRITE_TIMEOUT_SECONDS", 30)
+        self.CLIENT_READ_TIMEOUT_SECONDS = _float("CLIENT_READ_TIMEOUT_SECONDS", 10)
+        self.LEASE_SECONDS = _float("LEASE_SECONDS", 10)
+        self.MAX_STREAMS_PER_USER = _int("MAX_STREAMS_PER_USER", 10)
         self.MAX_MESSAGE_CHARS = _int("MAX_MESSAGE_CHARS", 32000)
         # The body holds the message and an id; JSON escapes a character outside the BMP
         # as a surrogate pair, "\ud83d\ude00": 12 bytes.

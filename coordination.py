@@ -1,8 +1,13 @@
-"""What the processes of the service agree on: who holds a conversation, stop signals, request counts.
+"""What the processes of the service agree on: who holds a conversation, open streams, stop signals, request counts.
 
 In Redis when `REDIS_URL` is set, so every process and instance shares them; else in this
 process (the embedded defaults run one process). While Redis is away, conversations are
-held in the process only, and requests are counted per process.
+held, streams and requests counted, in the process only.
+
+A turn holds its conversation with a lease, and an open stream holds one of its user's
+stream slots: each has a short expiry (LEASE_SECONDS), renewed by a keeper in the holder's
+process for as long as the holder lives, whatever its client does. A holder that dies
+stops renewing, and what it held is free again within the expiry.
 """
 
 import logging
@@ -10,14 +15,16 @@ import secrets
 import threading
 import time
 from typing import Protocol, runtime_checkable
+from urllib.parse import quote
 
 import redis
 
-from redis_link import RETRY_AFTER_FAILURE, LocalTrip, Pending, RedisDown
+from redis_link import RETRY_AFTER_FAILURE, LocalTrip, Pending
 
 log = logging.getLogger(__name__)
 
 LOCK_KEY = "chat:turn-lock:{}"
+STREAMS_KEY = "chat:streams:{}"
 RATE_KEY = "chat:rate:{}:{}"
 STOP_CHANNEL = "chat:stop"
 MEMORY_ENTRIES = 10000
@@ -40,129 +47,203 @@ return 0
 
 
 @runtime_checkable
-class Lease(Protocol):
-    """A turn's hold on a conversation."""
+class Held(Protocol):
+    """Something a process holds for a while: a conversation's lease, or a stream slot."""
 
-    def extend(self, ttl):
-        """Keep holding the conversation for `ttl` more seconds."""
+    released: bool
+
+    def renew(self, trip) -> Pending:
+        """Hold on for another expiry; the pending value is whether it was still held."""
 
     def release(self, trip=None):
-        """Let the next turn in (once), in `trip` if given."""
+        """Let go (once), in `trip` if given."""
 
 
 @runtime_checkable
 class Coordination(Protocol):
-    """What the processes share; `trip` is the round trip a command rides in."""
+    """What the processes share.
+
+    A conversation is named by `redis_link.scope(user, conversation_id)`; `trip` is the round
+    trip a command rides in.
+    """
 
     backend: str
 
-    def take(self, conversation_id, ttl, holder, trip) -> Pending:
-        """Hold the conversation for one turn: a Lease, or None if another holds it."""
+    def take(self, name, holder, trip) -> Pending:
+        """Hold the conversation for one turn: a lease (renewed until released), or None if another holds it."""
 
-    def holder_of(self, conversation_id):
+    def holder_of(self, name):
         """Who holds the conversation now (the `holder` given to take), or None."""
 
-    def publish_stop(self, conversation_id):
+    def open_stream(self, user, limit, trip) -> Pending:
+        """Take one of the user's `limit` stream slots: a slot (renewed until released), or None if all are taken."""
+
+    def publish_stop(self, name):
         """Ask whichever process streams the conversation to stop."""
 
     def listen_for_stops(self, on_stop):
-        """Call `on_stop(conversation_id)` for every stop published."""
+        """Call `on_stop(name)` for every stop published."""
 
-    def count_request(self, user, window):
-        """Count a request of `user` in the current window of `window` seconds; the count so far."""
+    def count_request(self, user, window, now):
+        """Count a request of `user` at `now`: the counts of the previous and the current window."""
+
+
+class Keeper:
+    """Renews everything this process holds, in one round trip, three times per expiry."""
+
+    def __init__(self, round_trip, seconds):
+        """Renew in round trips made by `round_trip()`, every `seconds` / 3."""
+        self.round_trip = round_trip
+        self.seconds = seconds
+        self._held = set()
+        self._started = False
+
+    def keep(self, held):
+        """Renew `held` until it is let go."""
+        self._held.add(held)
+        if not self._started:  # started in the process that holds things, after gunicorn forks
+            self._started = True
+            threading.Thread(target=self._run, daemon=True).start()
+
+    def let_go(self, held):
+        """Stop renewing `held`."""
+        self._held.discard(held)
+
+    def _run(self):
+        """Renew for ever."""
+        while True:
+            time.sleep(self.seconds / 3)
+            try:
+                self.renew()
+            except Exception:  # noqa: BLE001 - the keeper must outlive any one failure
+                log.exception("could not renew leases")
+
+    def renew(self):
+        """Extend everything held by a full expiry; stop renewing what was lost."""
+        held = list(self._held)
+        if not held:
+            return
+        with self.round_trip() as trip:
+            renewals = [(item, item.renew(trip)) for item in held]
+        for item, renewed in renewals:
+            if renewed.value is False and not item.released:
+                log.warning("a turn lost its lease (Redis lost it, or the process stalled for %g s)",
+                            self.seconds)
+                self.let_go(item)
 
 
 class RedisCoordination:
-    """Leases, stop signals and request counts in Redis, shared by every process and instance."""
+    """Leases, stream slots, stop signals and request counts in Redis, shared by every process and instance."""
 
     backend = "redis"
 
-    def __init__(self, link):
+    def __init__(self, link, lease_seconds=10):
         """Coordinate through the Redis `link`; in this process while Redis is away."""
         self.link = link
+        self.lease_seconds = lease_seconds
         self._release_if_ours = link.script(_RELEASE_IF_OURS)
-        self._extend_if_ours = link.script(_EXTEND_IF_OURS)
-        self._orphans = set()
-        self.fallback = MemoryCoordination()
+        self.keeper = Keeper(link.round_trip, lease_seconds)
+        self.fallback = MemoryCoordination(lease_seconds)
 
-    def take(self, conversation_id, ttl, holder, trip):
-        """Hold the conversation for one turn, across every process: a Lease, or None if it is held.
+    def take(self, name, holder, trip):
+        """Hold the conversation for one turn, across every process: a lease, or None if it is held.
 
-        `holder` (say "stream alice") is kept with the lease, for holder_of.
+        `holder` (say "stream") is kept with the lease, for holder_of.
         """
-        key, token = LOCK_KEY.format(conversation_id), f"{secrets.token_hex(16)} {holder}"
-        self._release_orphans()
+        key, token = LOCK_KEY.format(name), f"{secrets.token_hex(16)} {holder}"
+
+        def taken(reply):
+            """The lease, renewed from now on, if the SET took it."""
+            return self._kept(RedisLease(self, key, token)) if reply else None
 
         def held_here(failure):
-            """Redis failed: hold the conversation in this process only."""
-            if not isinstance(failure, RedisDown):
-                self._orphans.add((key, token))  # Redis may still carry the SET out later
+            """Redis failed: hold the conversation in this process only (a SET that went through expires)."""
             log.warning("cache unavailable, locking in this process only: %s", type(failure).__name__)
-            return self.fallback.take(conversation_id, ttl, holder, LocalTrip()).value
+            return self.fallback.take(name, holder, LocalTrip()).value
 
-        return trip.add("SET", key, token, "NX", "PX", int(ttl * 1000),
-                        then=lambda taken: RedisLease(self, key, token) if taken else None,
-                        otherwise=held_here)
+        return trip.add("SET", key, token, "NX", "PX", self._expiry_ms(),
+                        then=taken, otherwise=held_here)
 
-    def _release_orphans(self):
-        """Release the leases whose taking or release failed while Redis was away."""
-        for key, token in list(self._orphans):
-            try:
-                self.link.call(self._release_if_ours, keys=[key], args=[token])
-            except redis.RedisError:
-                return
-            self._orphans.discard((key, token))
+    def open_stream(self, user, limit, trip):
+        """Take one of the user's `limit` stream slots across every process: a slot, or None if all are taken."""
+        key, member = STREAMS_KEY.format(quote(user, safe="")), secrets.token_hex(8)
+        now_ms = int(time.time() * 1000)
+        trip.add("ZREMRANGEBYSCORE", key, "-inf", now_ms)  # slots of holders that died
+        trip.add("ZADD", key, now_ms + self._expiry_ms(), member)
+        trip.add("PEXPIRE", key, 2 * self._expiry_ms())
 
-    def release(self, key, token, trip=None):
-        """Release a lease if it is still ours; retried once Redis is back if this fails."""
-        def orphaned(failure):
-            """Release it later."""
-            log.warning("could not release turn lock now: %s", type(failure).__name__)
-            self._orphans.add((key, token))
+        def counted(open_streams):
+            """The slot, if the user's streams are within the limit with it."""
+            slot = RedisSlot(self, key, member)
+            if open_streams > limit:
+                slot.release()
+                return None
+            return self._kept(slot)
+
+        def counted_here(failure):
+            """Redis failed: count the user's streams in this process only."""
+            return self.fallback.open_stream(user, limit, LocalTrip()).value
+
+        return trip.add("ZCARD", key, then=counted, otherwise=counted_here)
+
+    def _kept(self, held):
+        """`held`, renewed from now on."""
+        self.keeper.keep(held)
+        return held
+
+    def _expiry_ms(self):
+        """A lease's expiry, in milliseconds."""
+        return int(self.lease_seconds * 1000)
+
+    def let_go(self, held, command, trip=None):
+        """Stop renewing `held` and send `command` to release it (if Redis is away, it expires)."""
+        self.keeper.let_go(held)
+
+        def expires(failure):
+            """Redis failed: what was held lapses by itself."""
+            log.warning("could not release a lease now; it expires within %g s: %s",
+                        self.lease_seconds, type(failure).__name__)
 
         if trip is not None:
-            trip.add("EVAL", _RELEASE_IF_OURS, 1, key, token, otherwise=orphaned)
+            trip.add(*command, otherwise=expires)
             return
         try:
-            self.link.call(self._release_if_ours, keys=[key], args=[token])
+            self.link.call(self.link.client.execute_command, *command)
         except redis.RedisError as exc:
-            orphaned(exc)
+            expires(exc)
 
-    def extend(self, key, token, ttl):
-        """Hold on for `ttl` more seconds, if still the holder."""
-        try:
-            self.link.call(self._extend_if_ours, keys=[key], args=[token, int(ttl * 1000)])
-        except redis.RedisError as exc:
-            log.warning("could not extend turn lock: %s", type(exc).__name__)
-
-    def holder_of(self, conversation_id):
+    def holder_of(self, name):
         """Who holds the conversation now (the `holder` given to take), or None."""
         try:
-            token = self.link.call(self.link.client.get, LOCK_KEY.format(conversation_id))
+            token = self.link.call(self.link.client.get, LOCK_KEY.format(name))
         except redis.RedisError:
-            return self.fallback.holder_of(conversation_id)
+            return self.fallback.holder_of(name)
         return None if token is None else token.partition(" ")[2]
 
-    def publish_stop(self, conversation_id):
+    def publish_stop(self, name):
         """Ask whichever process streams the conversation to stop."""
-        self.link.call(self.link.client.publish, STOP_CHANNEL, conversation_id)
+        self.link.call(self.link.client.publish, STOP_CHANNEL, name)
 
     def listen_for_stops(self, on_stop):
-        """Call `on_stop(conversation_id)` for every stop published, from a background thread."""
+        """Call `on_stop(name)` for every stop published, from a background thread."""
         listener = self.link.listener()
         threading.Thread(target=_receive_stops, args=(listener, on_stop), daemon=True).start()
 
-    def count_request(self, user, window):
-        """Count a request of `user` in the current window of `window` seconds; the count so far."""
-        key = RATE_KEY.format(user, int(time.time() // window))
+    def count_request(self, user, window, now):
+        """Count a request of `user` at `now` in fixed windows of `window` seconds, in one round trip.
+
+        Returns the counts of the previous window and of the current one, this request included.
+        """
+        slot, who = int(now // window), quote(user, safe="")
         trip = self.link.round_trip()
-        count = trip.add("INCR", key)
-        trip.add("EXPIRE", key, window + 1)
+        current = trip.add("INCR", RATE_KEY.format(who, slot))
+        trip.add("EXPIRE", RATE_KEY.format(who, slot), 2 * window + 1)
+        previous = trip.add("GET", RATE_KEY.format(who, slot - 1))
         trip.send()
         try:
-            return count.value
+            return int(previous.value or 0), current.value
         except redis.RedisError:
-            return self.fallback.count_request(user, window)
+            return self.fallback.count_request(user, window, now)
 
 
 def _receive_stops(listener, on_stop):
@@ -185,87 +266,135 @@ class RedisLease:
         self.coordination, self.key, self.token = coordination, key, token
         self.released = False
 
-    def extend(self, ttl):
-        """Keep holding the conversation for `ttl` more seconds."""
-        self.coordination.extend(self.key, self.token, ttl)
+    def renew(self, trip):
+        """Extend the lease if it is still ours."""
+        return trip.add("EVAL", _EXTEND_IF_OURS, 1, self.key, self.token, self.coordination._expiry_ms(),
+                        then=bool, otherwise=lambda failure: None)
 
     def release(self, trip=None):
         """Let the next turn in (once), in `trip` if given."""
         if not self.released:
             self.released = True
-            self.coordination.release(self.key, self.token, trip)
+            self.coordination.let_go(self, ("EVAL", _RELEASE_IF_OURS, 1, self.key, self.token), trip)
+
+
+class RedisSlot:
+    """One of a user's stream slots: a member of a Redis sorted set, scored by its expiry."""
+
+    def __init__(self, coordination, key, member):
+        """A held slot."""
+        self.coordination, self.key, self.member = coordination, key, member
+        self.released = False
+
+    def renew(self, trip):
+        """Move the slot's expiry on."""
+        expiry = int(time.time() * 1000) + self.coordination._expiry_ms()
+        return trip.add("ZADD", self.key, "XX", "CH", expiry, self.member,
+                        then=bool, otherwise=lambda failure: None)
+
+    def release(self, trip=None):
+        """Free the slot (once), in `trip` if given."""
+        if not self.released:
+            self.released = True
+            self.coordination.let_go(self, ("ZREM", self.key, self.member), trip)
 
 
 class MemoryCoordination:
-    """Leases, stop signals and request counts in this process."""
+    """Leases, stream slots, stop signals and request counts in this process."""
 
     backend = "memory"
 
-    def __init__(self):
-        """No conversation held, no request counted."""
+    def __init__(self, lease_seconds=10):
+        """No conversation held, no stream open, no request counted."""
+        self.lease_seconds = lease_seconds
         self._holders = {}
+        self._streams = {}
         self._counts = {}
         self._mutex = threading.Lock()
         self._on_stop = None
+        self.keeper = Keeper(LocalTrip, lease_seconds)
 
-    def take(self, conversation_id, ttl, holder="", trip=None):
-        """Hold the conversation for one turn: a Lease, or None if it is held."""
+    def take(self, name, holder="", trip=None):
+        """Hold the conversation for one turn: a lease, or None if it is held."""
         with self._mutex:
-            if self.holder_of(conversation_id) is not None:
+            if self.holder_of(name) is not None:
                 return Pending.done(None)
             token = f"{secrets.token_hex(16)} {holder}"
-            self._holders[conversation_id] = (token, time.monotonic() + ttl)
-        return Pending.done(MemoryLease(self, conversation_id, token))
+            self._holders[name] = (token, time.monotonic() + self.lease_seconds)
+        lease = MemoryHeld(self, self._holders, name, token)
+        self.keeper.keep(lease)
+        return Pending.done(lease)
 
-    def holder_of(self, conversation_id):
+    def holder_of(self, name):
         """Who holds the conversation now (the `holder` given to take), or None."""
-        held = self._holders.get(conversation_id)
+        held = self._holders.get(name)
         if held is None or held[1] <= time.monotonic():
             return None
         return held[0].partition(" ")[2]
 
-    def extend(self, conversation_id, token, ttl):
-        """Hold on for `ttl` more seconds, if still the holder."""
+    def open_stream(self, user, limit, trip=None):
+        """Take one of the user's `limit` stream slots: a slot, or None if all are taken."""
+        now = time.monotonic()
         with self._mutex:
-            if self._holders.get(conversation_id, (None,))[0] == token:
-                self._holders[conversation_id] = (token, time.monotonic() + ttl)
+            streams = self._streams.setdefault(user, {})
+            for member in [m for m, (_, until) in streams.items() if until <= now]:
+                del streams[member]  # slots of holders that died
+            if len(streams) >= limit:
+                return Pending.done(None)
+            member = secrets.token_hex(8)
+            streams[member] = (member, now + self.lease_seconds)
+        slot = MemoryHeld(self, streams, member, member)
+        self.keeper.keep(slot)
+        return Pending.done(slot)
 
-    def release(self, conversation_id, token):
-        """Let go, if still the holder."""
+    def renew(self, table, name, token):
+        """Extend a lease or slot by a full expiry, if still held; whether it was."""
         with self._mutex:
-            if self._holders.get(conversation_id, (None,))[0] == token:
-                del self._holders[conversation_id]
+            if table.get(name, (None,))[0] != token:
+                return False
+            table[name] = (token, time.monotonic() + self.lease_seconds)
+            return True
 
-    def publish_stop(self, conversation_id):
+    def release(self, held, table, name, token):
+        """Let go of a lease or slot, if still held."""
+        self.keeper.let_go(held)
+        with self._mutex:
+            if table.get(name, (None,))[0] == token:
+                del table[name]
+
+    def publish_stop(self, name):
         """Stop the conversation's stream (this process is the only one)."""
         if self._on_stop is not None:
-            self._on_stop(conversation_id)
+            self._on_stop(name)
 
     def listen_for_stops(self, on_stop):
-        """Call `on_stop(conversation_id)` for every stop published."""
+        """Call `on_stop(name)` for every stop published."""
         self._on_stop = on_stop
 
-    def count_request(self, user, window):
-        """Count a request of `user` in the current window; the count so far."""
-        slot = int(time.time() // window)
+    def count_request(self, user, window, now):
+        """Count a request of `user` at `now` in fixed windows; the counts of the previous and current one."""
+        slot = int(now // window)
         with self._mutex:
             if len(self._counts) > MEMORY_ENTRIES:
-                self._counts = {k: v for k, v in self._counts.items() if k[1] == slot}
+                self._counts = {k: v for k, v in self._counts.items() if k[1] >= slot - 1}
             self._counts[(user, slot)] = self._counts.get((user, slot), 0) + 1
-            return self._counts[(user, slot)]
+            return self._counts.get((user, slot - 1), 0), self._counts[(user, slot)]
 
 
-class MemoryLease:
-    """A turn's hold on a conversation in this process."""
+class MemoryHeld:
+    """A lease or stream slot held in this process: an entry of one of its tables, with an expiry."""
 
-    def __init__(self, coordination, conversation_id, token):
-        """A held lease."""
-        self.coordination, self.conversation_id, self.token = coordination, conversation_id, token
+    def __init__(self, coordination, table, name, token):
+        """Held: `table[name]` carries `token`."""
+        self.coordination, self.table, self.name, self.token = coordination, table, name, token
+        self.released = False
 
-    def extend(self, ttl):
-        """Keep holding the conversation for `ttl` more seconds."""
-        self.coordination.extend(self.conversation_id, self.token, ttl)
+    def renew(self, trip=None):
+        """Hold on for another expiry."""
+        return Pending.done(self.coordination.renew(self.table, self.name, self.token))
 
     def release(self, trip=None):
-        """Let the next turn in."""
-        self.coordination.release(self.conversation_id, self.token)
+        """Let go (once)."""
+        if not self.released:
+            self.released = True
+            self.coordination.release(self, self.table, self.name, self.token)

@@ -55,3 +55,13 @@ class Unauthorized(ApiError):
     """No usable bearer token: the message says what is wrong with it."""
 
     status, code, message = 401, "unauthorized", "the token is not valid"
+
+
+class TooManyStreams(ApiError):
+    """The user has as many streams open as MAX_STREAMS_PER_USER allows."""
+
+    status, code = 429, "too_many_streams"
+
+    def __init__(self, limit):
+        """At most `limit` streams at once."""
+        super().__init__(message=f"at most {limit} streams may be open at once; close one first")

@@ -7,7 +7,8 @@ import signal
 bind = f"0.0.0.0:{os.environ.get('PORT', '8000')}"
 # The in-process cache (no REDIS_URL) is one process's memory: more workers would each keep their own.
 workers = int(os.environ.get("WEB_CONCURRENCY", "2")) if os.environ.get("REDIS_URL") else 1
-worker_class = "gevent"
+# gevent's worker, with deadlines on slow clients (worker.py).
+worker_class = "worker.Worker"
 worker_connections = int(os.environ.get("WORKER_CONNECTIONS", "4000"))
 # A gevent worker heartbeats from its own loop, so this only catches a worker stuck in C code.
 timeout = int(os.environ.get("GUNICORN_TIMEOUT", "30"))

@@ -1,6 +1,7 @@
 """How the service's parts are: what /status reports of the database, the cache and the model."""
 
 import logging
+import threading
 import time
 
 from models import backend_name, ping, retried_once
@@ -9,15 +10,32 @@ log = logging.getLogger(__name__)
 
 
 class Health:
-    """Checks each part the service depends on, with its round-trip time."""
+    """Checks each part the service depends on, with its round-trip time, at most once every `every` seconds.
 
-    def __init__(self, cache, describe_model):
+    A flood of /status costs one database query and one Redis round trip a second per
+    process: requests in between get the last report, and requests that arrive while a check
+    runs wait for it rather than start their own.
+    """
+
+    def __init__(self, cache, describe_model, every=1.0):
         """Report on `cache` and on the model `describe_model()` tells of."""
         self.cache = cache
         self.describe_model = describe_model
+        self.every = every
+        self._checking = threading.Lock()
+        self._last, self._checked_at = None, -float("inf")
 
     def report(self):
         """The status of the service and of each part, as /status shows it."""
+        if time.monotonic() - self._checked_at < self.every:
+            return self._last
+        with self._checking:
+            if time.monotonic() - self._checked_at >= self.every:
+                self._last, self._checked_at = self._check(), time.monotonic()
+            return self._last
+
+    def _check(self):
+        """Check each part now."""
         database = probe(lambda: retried_once(ping))
         cache_state = probe(self.cache.ping)
         healthy = database["state"] == cache_state["state"] == "ok"

@@ -2,7 +2,7 @@
 
 from errors import ConversationBusy, NotFound
 from models import TITLE_CHARS, Conversation, Message, as_datetime, connection, utcnow
-from redis_link import LocalTrip
+from redis_link import LocalTrip, scope
 
 __all__ = ["History", "TITLE_CHARS"]
 
@@ -10,14 +10,16 @@ PRUNE_BATCH = 500
 
 
 class History:
-    """Reads and changes the kept conversations; deletion holds the conversation like a turn does."""
+    """Reads and changes the kept conversations; deletion holds the conversation like a turn does.
 
-    def __init__(self, cache, coordination, round_trip=LocalTrip, lock_ttl=60):
+    Conversation ids are per user: every operation names the user's own.
+    """
+
+    def __init__(self, cache, coordination, round_trip=LocalTrip):
         """Wire the history to the cache (copies to drop) and the coordination (leases)."""
         self.cache = cache
         self.coordination = coordination
         self.round_trip = round_trip
-        self.lock_ttl = lock_ttl
 
     def conversations(self, user, limit, after=None):
         """A page of the user's conversations, newest activity first, and the position after it (or None).
@@ -35,34 +37,36 @@ class History:
     def conversation(self, user, conversation_id, limit, after=0):
         """A conversation, a page of its messages in order, and the position after it (or None)."""
         with connection():
-            conversation = self._owned(conversation_id, user)
-            page = Message.page_of(conversation_id, limit + 1, after)
-            count = Message.count_in(conversation_id)
+            conversation = self._owned(user, conversation_id)
+            page = Message.page_of(conversation.key, limit + 1, after)
+            count = Message.count_in(conversation.key)
         following = page[limit - 1].id if len(page) > limit else None
         return conversation.as_json(count), [m.as_json() for m in page[:limit]], following
 
     def rename(self, user, conversation_id, title):
         """Give the user's conversation a new title (checked by the caller); the conversation as shown."""
         with connection():
-            conversation = self._owned(conversation_id, user)
+            conversation = self._owned(user, conversation_id)
             conversation.title = title.strip()
             conversation.save()
-            count = Message.count_in(conversation_id)
+            count = Message.count_in(conversation.key)
         return conversation.as_json(count)
 
     def delete(self, user, conversation_id):
-        """Delete the user's conversation and its messages, from the database and the cache."""
-        with connection():
-            self._owned(conversation_id, user)
+        """Delete the user's conversation and its messages, from the database and the cache.
+
+        A turn in progress (a conversation's first one included) makes it busy.
+        """
+        name = scope(user, conversation_id)
         with self.round_trip() as trip:
-            taken = self.coordination.take(conversation_id, self.lock_ttl, f"delete {user}", trip)
+            taken = self.coordination.take(name, "delete", trip)
         lease = taken.value
         if lease is None:
             raise ConversationBusy()
         try:
             with connection():
-                Conversation.remove([conversation_id])
-            self.cache.drop([conversation_id])
+                Conversation.remove([self._owned(user, conversation_id).key])
+            self.cache.drop([name])
         finally:
             lease.release()
 
@@ -74,14 +78,14 @@ class History:
         for start in range(0, len(stale), PRUNE_BATCH):
             batch = stale[start:start + PRUNE_BATCH]
             with connection():
-                removed += Conversation.remove(batch)
-            self.cache.drop(batch)
+                removed += Conversation.remove([key for key, _, _ in batch])
+            self.cache.drop([scope(owner, conversation_id) for _, owner, conversation_id in batch])
         return removed
 
     @staticmethod
-    def _owned(conversation_id, user):
-        """The user's conversation, or the 404 that also answers for anyone else's."""
-        conversation = Conversation.owned(conversation_id, user)
+    def _owned(user, conversation_id):
+        """The user's conversation of that id, or 404."""
+        conversation = Conversation.owned(user, conversation_id)
         if conversation is None:
             raise NotFound()
         return conversation

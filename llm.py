@@ -1,7 +1,9 @@
 """The language model: an OpenAI-compatible HTTP endpoint, or the built-in demo model."""
 
 import json
+import logging
 import os
+import re
 import socket
 import threading
 import time
@@ -14,6 +16,7 @@ from requests.adapters import HTTPAdapter
 
 from errors import ApiError
 
+log = logging.getLogger(__name__)
 READ_SIZE = 65536
 # Connections to the model kept open for reuse: as many as a worker's open streams.
 KEPT_CONNECTIONS = 4096
@@ -31,22 +34,84 @@ class Reply:
     chunks: list = field(default_factory=list)
 
 
+# What the database cannot keep: NUL, and a surrogate that is not half of a pair.
+UNKEEPABLE = re.compile("[\x00\ud800-\udfff]")
+MAX_TOKEN_FIGURE = 2**31 - 1
+
+
+def cleaned(text):
+    """The model's text with what cannot be kept (NUL, lone surrogates) replaced by U+FFFD."""
+    return UNKEEPABLE.sub("\ufffd", text)
+
+
+def token_figure(value):
+    """A token count the model reported, if it is a plausible whole number; else None."""
+    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= MAX_TOKEN_FIGURE:
+        return value
+    return None
+
+
+def model_name(value):
+    """The model name an answer gives, if it is short text that can be kept; else None."""
+    if isinstance(value, str) and 0 < len(value) <= 128:
+        return cleaned(value)
+    return None
+
+
+def finish_reason_of(value):
+    """The finish reason an answer gives, if it is a short word; else None."""
+    if isinstance(value, str) and re.fullmatch(r"[A-Za-z_-]{1,32}", value):
+        return value
+    return None
+
+
 def estimate_tokens(text):
     """A cheap token estimate (about four characters a token) for when the model reports none."""
     return max(1, (len(text) + 3) // 4) if text else 0
 
 
-def upstream_error(status, body, retry_after=None):
-    """The ApiError for a model that answered with an HTTP error status."""
-    detail = ""
-    try:
-        detail = json.loads(body)["error"]["message"]
-    except (ValueError, KeyError, TypeError):
-        pass
-    message = f"the model answered HTTP {status}" + (f": {detail[:200]}" if detail else "")
+# What may be a secret in the text a model server sends back: bearer tokens, API keys and
+# the password of a URL. An upstream error quotes what it received (the Authorization header
+# included) and its own configuration, so its text goes to the log only after these are masked.
+SECRETS = re.compile(r"(?i)(bearer\s+)[^\s\"',;]+|\b(sk|pk|rk|key|api[-_]?key)-[A-Za-z0-9_-]{6,}"
+                     r"|(\b[a-z][a-z0-9+.-]*://[^\s:/@\"']*:)[^\s@/\"']+(@)")
+LOGGED_BODY_CHARS = 500
+HTTP_DATE = re.compile(r"[A-Za-z]{3}, \d{2} [A-Za-z]{3} \d{4} \d{2}:\d{2}:\d{2} GMT")
+
+
+def masked(text, known=()):
+    """`text` with anything that looks like a secret (and every `known` one) masked, cut to a bound."""
+    for secret in known:
+        if secret:
+            text = text.replace(secret, "[masked]")
+    text = SECRETS.sub(lambda m: (m.group(1) or m.group(3) or "") + "[masked]" + (m.group(4) or ""), text)
+    return text[:LOGGED_BODY_CHARS] + ("..." if len(text) > LOGGED_BODY_CHARS else "")
+
+
+def retry_after_of(value):
+    """A Retry-After worth passing on: a small number of seconds or an HTTP date, else None."""
+    if value is None:
+        return None
+    value = value.strip()
+    if re.fullmatch(r"[0-9]{1,5}", value) or HTTP_DATE.fullmatch(value):
+        return value
+    return None
+
+
+def upstream_error(status, body, retry_after=None, known_secrets=()):
+    """The ApiError for a model that answered with an HTTP error status.
+
+    The caller gets our own message and the upstream status only; the upstream body goes to the
+    log, masked and cut short.
+    """
+    log.warning("the model answered HTTP %s: %s", status, masked(body, known_secrets))
+    message = f"the model answered HTTP {status}"
     if status == 429:
+        retry_after = retry_after_of(retry_after)
         headers = {"Retry-After": retry_after} if retry_after else None
         return ApiError(503, "llm_rate_limited", message, headers)
+    if status == 401 or status == 403:
+        message += " (check LLM_API_KEY)"
     return ApiError(502, "llm_error", message)
 
 
@@ -106,6 +171,8 @@ class OpenAIChatModel:
         self.base_url = without_credentials(base_url)
         self.model = model
         self.timeout = timeout
+        # Secrets an upstream error may echo back: the key, and credentials in the URL.
+        self.known_secrets = tuple(filter(None, [api_key, urlsplit(base_url).password]))
         session = requests.Session()
         # Read the proxy and CA settings of the environment once, not on every request.
         session.trust_env = False
@@ -146,7 +213,8 @@ class OpenAIChatModel:
             except (urllib3.exceptions.HTTPError, OSError):
                 text = ""
             discard(response)
-            raise upstream_error(response.status, text, response.headers.get("Retry-After"))
+            raise upstream_error(response.status, text, response.headers.get("Retry-After"),
+                                 self.known_secrets)
         return response
 
     def complete(self, messages):
@@ -163,11 +231,11 @@ class OpenAIChatModel:
             raise unreachable(exc, self.timeout) from None
         except (ValueError, KeyError, IndexError, TypeError):
             raise ApiError(502, "llm_bad_response", "the model's answer was not a chat completion") from None
-        usage = answer.get("usage") or {}
-        return Reply(content=content, model=answer.get("model") or self.model,
-                     prompt_tokens=usage.get("prompt_tokens"),
-                     completion_tokens=usage.get("completion_tokens"),
-                     finish_reason=choice.get("finish_reason"))
+        usage = answer.get("usage") if isinstance(answer.get("usage"), dict) else {}
+        return Reply(content=cleaned(content), model=model_name(answer.get("model")) or self.model,
+                     prompt_tokens=token_figure(usage.get("prompt_tokens")),
+                     completion_tokens=token_figure(usage.get("completion_tokens")),
+                     finish_reason=finish_reason_of(choice.get("finish_reason")))
 
     def open_stream(self, messages):
         """Start a streamed reply: raises ApiError unless the model answered 200."""
@@ -229,18 +297,18 @@ class ReplyStream:
         """Record one event's usage and finish reason; return its text."""
         try:
             event = json.loads(payload)
-            if event.get("usage"):
-                self.reply.prompt_tokens = event["usage"].get("prompt_tokens")
-                self.reply.completion_tokens = event["usage"].get("completion_tokens")
-            self.reply.model = event.get("model") or self.reply.model
+            if isinstance(event.get("usage"), dict):
+                self.reply.prompt_tokens = token_figure(event["usage"].get("prompt_tokens"))
+                self.reply.completion_tokens = token_figure(event["usage"].get("completion_tokens"))
+            self.reply.model = model_name(event.get("model")) or self.reply.model
             if not event.get("choices"):
                 return ""
             choice = event["choices"][0]
-            self.reply.finish_reason = choice.get("finish_reason") or self.reply.finish_reason
+            self.reply.finish_reason = finish_reason_of(choice.get("finish_reason")) or self.reply.finish_reason
             text = (choice.get("delta") or {}).get("content") or ""
             if not isinstance(text, str):
                 raise TypeError("content is not a string")
-            return text
+            return cleaned(text)
         except (ValueError, KeyError, IndexError, TypeError, AttributeError):
             raise ApiError(502, "llm_bad_response",
                            "the model sent a chunk that is not a chat completion chunk") from None

@@ -7,7 +7,7 @@ import os
 import secrets
 from urllib.parse import urlsplit
 
-from peewee import (CharField, DatabaseProxy, DateTimeField, ForeignKeyField,
+from peewee import (AutoField, CharField, DatabaseProxy, DateTimeField, ForeignKeyField,
                     IntegerField, Model, PeeweeException, PostgresqlDatabase,
                     TextField, fn)
 from playhouse.db_url import connect, register_database
@@ -21,6 +21,7 @@ db = DatabaseProxy()
 DATABASE_ERRORS = (PeeweeException, MaxConnectionsExceeded, OSError)
 
 TITLE_CHARS = 200
+OWNER_CHARS = 255
 AUTO_TITLE_CHARS = 80
 
 
@@ -129,10 +130,15 @@ class BaseModel(Model):
 
 
 class Conversation(BaseModel):
-    """A conversation, owned by the user who started it."""
+    """A conversation, owned by the user who started it; its id is the user's own name for it.
 
-    id = CharField(primary_key=True, max_length=128)
-    owner = CharField(max_length=255, index=True)
+    Ids are per user: alice's "demo-1" and bob's "demo-1" are two conversations that never meet.
+    `key` is the row's own number, which messages refer to.
+    """
+
+    key = AutoField()
+    id = CharField(max_length=128)
+    owner = CharField(max_length=OWNER_CHARS)
     title = CharField(max_length=TITLE_CHARS, default="")
     created_at = DateTimeField(default=utcnow)
     updated_at = DateTimeField(default=utcnow)
@@ -141,20 +147,21 @@ class Conversation(BaseModel):
     version = CharField(max_length=32, default="")
 
     class Meta:
-        indexes = ((("owner", "updated_at"), False),)
+        table_name = "chat_conversation"
+        indexes = ((("owner", "id"), True), (("owner", "updated_at"), False))
 
     @classmethod
-    def state_of(cls, conversation_id):
-        """The (owner, version) of a conversation, or (None, None) if it does not exist."""
+    def state_of(cls, owner, conversation_id):
+        """The (key, version) of the owner's conversation, or (None, None) if it does not exist."""
         # Written out: it runs before every turn, and peewee's query building costs more than the read.
-        row = db.execute_sql(f"SELECT owner, version FROM conversation WHERE id = {db.param}",
-                             (conversation_id,)).fetchone()
+        row = db.execute_sql(f"SELECT key, version FROM chat_conversation WHERE owner = {db.param} AND id = {db.param}",
+                             (owner, conversation_id)).fetchone()
         return row or (None, None)
 
     @classmethod
-    def owned(cls, conversation_id, owner):
-        """The conversation if `owner` owns it, else None."""
-        return cls.select().where((cls.id == conversation_id) & (cls.owner == owner)).first()
+    def owned(cls, owner, conversation_id):
+        """The owner's conversation of that id, else None."""
+        return cls.select().where((cls.owner == owner) & (cls.id == conversation_id)).first()
 
     @classmethod
     def page_of(cls, owner, limit, after=None):
@@ -162,7 +169,7 @@ class Conversation(BaseModel):
 
         `after` is the (updated_at, id) of the last conversation of the previous page.
         """
-        count = (Message.select(fn.COUNT(Message.id)).where(Message.conversation == cls.id))
+        count = (Message.select(fn.COUNT(Message.id)).where(Message.conversation == cls.key))
         query = cls.select(cls, count.alias("message_count")).where(cls.owner == owner)
         if after is not None:
             updated_at, conversation_id = after
@@ -172,15 +179,15 @@ class Conversation(BaseModel):
 
     @classmethod
     def older_than(cls, cutoff):
-        """The ids of conversations with no activity since `cutoff`."""
-        return [c.id for c in cls.select(cls.id).where(cls.updated_at < cutoff)]
+        """The (key, owner, id) of conversations with no activity since `cutoff`."""
+        return list(cls.select(cls.key, cls.owner, cls.id).where(cls.updated_at < cutoff).tuples())
 
     @classmethod
-    def remove(cls, conversation_ids):
-        """Delete conversations and their messages in one transaction; how many were deleted."""
+    def remove(cls, keys):
+        """Delete conversations (by key) and their messages in one transaction; how many were deleted."""
         with db.atomic():
-            Message.delete().where(Message.conversation.in_(conversation_ids)).execute()
-            return cls.delete().where(cls.id.in_(conversation_ids)).execute()
+            Message.delete().where(Message.conversation.in_(keys)).execute()
+            return cls.delete().where(cls.key.in_(keys)).execute()
 
     def as_json(self, message_count=None):
         """The conversation as the history API shows it."""
@@ -194,7 +201,8 @@ class Message(BaseModel):
 
     COMPLETE, INTERRUPTED, ERROR, STOPPED = "complete", "interrupted", "error", "stopped"
 
-    conversation = ForeignKeyField(Conversation, backref="messages", on_delete="CASCADE")
+    conversation = ForeignKeyField(Conversation, field=Conversation.key, column_name="conversation_key",
+                                   backref="messages", on_delete="CASCADE")
     role = CharField(max_length=16)
     content = TextField()
     status = CharField(max_length=16, default=COMPLETE)
@@ -203,18 +211,19 @@ class Message(BaseModel):
     created_at = DateTimeField(default=utcnow)
 
     class Meta:
+        table_name = "chat_message"
         indexes = ((("conversation", "id"), False),)
 
     @classmethod
-    def page_of(cls, conversation_id, limit, after=0):
+    def page_of(cls, conversation_key, limit, after=0):
         """A page of a conversation's messages, oldest first, after message id `after`."""
-        return list(cls.select().where((cls.conversation == conversation_id) & (cls.id > after))
+        return list(cls.select().where((cls.conversation == conversation_key) & (cls.id > after))
                     .order_by(cls.id).limit(limit))
 
     @classmethod
-    def count_in(cls, conversation_id):
+    def count_in(cls, conversation_key):
         """How many messages a conversation has."""
-        return cls.select().where(cls.conversation == conversation_id).count()
+        return cls.select().where(cls.conversation == conversation_key).count()
 
     def as_json(self):
         """The message as the history API shows it."""
@@ -223,31 +232,29 @@ class Message(BaseModel):
                 "prompt_tokens": self.prompt_tokens}
 
     @classmethod
-    def recent(cls, conversation_id, limit):
+    def recent(cls, conversation_key, limit):
         """The last `limit` messages of a conversation, oldest first."""
         query = (cls.select(cls.role, cls.content)
-                 .where(cls.conversation == conversation_id)
+                 .where(cls.conversation == conversation_key)
                  .order_by(cls.id.desc()).limit(limit))
         return [{"role": m.role, "content": m.content} for m in reversed(list(query))]
 
 
-# A turn in one statement: create the conversation or, if it is the user's, mark its new
-# version; then insert both messages (none if the conversation is someone else's). `n`
-# keeps the user's message first. BEGIN rides along, so the turn costs two round trips
-# (this and COMMIT) where peewee's atomic() costs three; a connection lost before COMMIT
-# writes nothing. The one transaction peewee does not know of: save_turn refuses to run
-# inside one of peewee's, whose COMMIT it would otherwise end early.
+# A turn in one statement: create the user's conversation or mark its new version, then
+# insert both messages; `n` keeps the user's message first. BEGIN rides along, so the turn
+# costs two round trips (this and COMMIT) where peewee's atomic() costs three; a connection
+# lost before COMMIT writes nothing. The one transaction peewee does not know of: save_turn
+# refuses to run inside one of peewee's, whose COMMIT it would otherwise end early.
 SAVE_TURN_SQL = """
 BEGIN;
 WITH claimed AS (
-    INSERT INTO conversation (id, owner, title, created_at, updated_at, version)
+    INSERT INTO chat_conversation (id, owner, title, created_at, updated_at, version)
     VALUES (%(id)s, %(owner)s, %(title)s, %(now)s, %(now)s, %(version)s)
-    ON CONFLICT (id) DO UPDATE SET updated_at = EXCLUDED.updated_at, version = EXCLUDED.version
-    WHERE conversation.owner = EXCLUDED.owner
-    RETURNING id
+    ON CONFLICT (owner, id) DO UPDATE SET updated_at = EXCLUDED.updated_at, version = EXCLUDED.version
+    RETURNING key
 )
-INSERT INTO message (conversation_id, role, content, status, token_count, prompt_tokens, created_at)
-SELECT claimed.id, m.role, m.content, m.status, m.token_count, m.prompt_tokens, %(now)s
+INSERT INTO chat_message (conversation_key, role, content, status, token_count, prompt_tokens, created_at)
+SELECT claimed.key, m.role, m.content, m.status, m.token_count, m.prompt_tokens, %(now)s
 FROM claimed, (VALUES
     (1, 'user', %(message)s, 'complete', %(message_tokens)s::integer, NULL::integer),
     (2, 'assistant', %(reply)s, %(status)s, %(reply_tokens)s::integer, %(prompt_tokens)s::integer)
@@ -258,10 +265,9 @@ ORDER BY m.n
 
 def save_turn(*, conversation_id, owner, message, reply, status, message_tokens=None,
               reply_tokens=None, prompt_tokens=None):
-    """Write a finished turn (the user message and the reply) all or nothing.
+    """Write a finished turn (the user message and the reply) all or nothing; the conversation's new version.
 
-    Creates the conversation on its first turn. Returns the conversation's new version, or
-    None, writing nothing, when it belongs to someone else (started by another user meanwhile).
+    Creates the owner's conversation on its first turn.
     """
     if db.in_transaction():
         raise RuntimeError("save_turn runs its own transaction; it cannot be nested in another")
@@ -269,44 +275,74 @@ def save_turn(*, conversation_id, owner, message, reply, status, message_tokens=
            "title": " ".join(message.split())[:AUTO_TITLE_CHARS], "message": message,
            "message_tokens": message_tokens, "reply": reply, "status": status,
            "reply_tokens": reply_tokens, "prompt_tokens": prompt_tokens}
-    saved = _save_on_postgres(row) if backend_name() == "postgresql" else _save_with_peewee(row)
-    return row["version"] if saved else None
+    if backend_name() == "postgresql":
+        _save_on_postgres(row)
+    else:
+        _save_with_peewee(row)
+    return row["version"]
 
 
 def _save_on_postgres(row):
-    """The turn in one statement and a COMMIT; whether the conversation was the owner's."""
+    """The turn in one statement and a COMMIT."""
     try:
-        saved = db.execute_sql(SAVE_TURN_SQL, row).rowcount
+        db.execute_sql(SAVE_TURN_SQL, row)
         db.execute_sql("COMMIT")
     except BaseException:
         with contextlib.suppress(*DATABASE_ERRORS):
             db.execute_sql("ROLLBACK")
         raise
-    return bool(saved)
 
 
 def _save_with_peewee(row):
-    """The turn in peewee's transaction (SQLite has no data-modifying CTE); whether it was the owner's."""
+    """The turn in peewee's transaction (SQLite has no data-modifying CTE)."""
     with db.atomic():
-        claimed = (Conversation.insert(id=row["id"], owner=row["owner"], title=row["title"],
-                                       created_at=row["now"], updated_at=row["now"], version=row["version"])
-                   .on_conflict(conflict_target=[Conversation.id],
-                                update={Conversation.updated_at: row["now"], Conversation.version: row["version"]},
-                                where=(Conversation.owner == row["owner"]))
-                   .returning(Conversation.id).execute())
-        if not list(claimed):
-            return False
+        key = (Conversation.insert(id=row["id"], owner=row["owner"], title=row["title"],
+                                   created_at=row["now"], updated_at=row["now"], version=row["version"])
+               .on_conflict(conflict_target=[Conversation.owner, Conversation.id],
+                            update={Conversation.updated_at: row["now"], Conversation.version: row["version"]})
+               .returning(Conversation.key).tuples().execute())
+        key = list(key)[0][0]
         Message.insert_many([
-            {"conversation": row["id"], "role": "user", "content": row["message"],
+            {"conversation": key, "role": "user", "content": row["message"],
              "status": Message.COMPLETE, "token_count": row["message_tokens"],
              "prompt_tokens": None, "created_at": row["now"]},
-            {"conversation": row["id"], "role": "assistant", "content": row["reply"],
+            {"conversation": key, "role": "assistant", "content": row["reply"],
              "status": row["status"], "token_count": row["reply_tokens"],
              "prompt_tokens": row["prompt_tokens"], "created_at": row["now"]},
         ]).execute()
-    return True
 
 
 def create_tables():
-    """Create the tables and indexes if they do not exist."""
-    db.create_tables([Conversation, Message], safe=True)
+    """Create the tables and indexes if they do not exist, and move over what an earlier layout kept.
+
+    Safe to run again: once moved, the earlier tables are gone.
+    """
+    with db.atomic():
+        db.create_tables([Conversation, Message], safe=True)
+        if {"conversation", "message"} <= set(db.get_tables()):
+            _move_global_ids()
+
+
+# Until 0.5, a conversation id was one name for all users (tables `conversation`, keyed by
+# id, and `message`). Each conversation keeps its id and owner, each message its id, so
+# cursors and links stay valid.
+MOVE_GLOBAL_IDS_SQL = [
+    """INSERT INTO chat_conversation (id, owner, title, created_at, updated_at, version)
+       SELECT id, owner, title, created_at, updated_at, version FROM conversation""",
+    """INSERT INTO chat_message (id, conversation_key, role, content, status, token_count,
+                                 prompt_tokens, created_at)
+       SELECT m.id, c.key, m.role, m.content, m.status, m.token_count, m.prompt_tokens, m.created_at
+       FROM message m JOIN conversation old ON old.id = m.conversation_id
+       JOIN chat_conversation c ON c.owner = old.owner AND c.id = old.id""",
+    "DROP TABLE message",
+    "DROP TABLE conversation",
+]
+
+
+def _move_global_ids():
+    """Copy the conversations and messages of the earlier layout, then drop its tables."""
+    for statement in MOVE_GLOBAL_IDS_SQL:
+        db.execute_sql(statement)
+    if backend_name() == "postgresql":
+        db.execute_sql("SELECT setval(pg_get_serial_sequence('chat_message', 'id'), "
+                       "COALESCE(MAX(id), 0) + 1, false) FROM chat_message")

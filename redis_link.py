@@ -9,12 +9,21 @@ the in-process backends answer at once and add nothing to it.
 
 import logging
 import time
+from urllib.parse import quote
 
 import redis
 
 log = logging.getLogger(__name__)
 
 RETRY_AFTER_FAILURE = 1.0
+
+
+def scope(user, conversation_id):
+    """The name of a user's conversation in what processes share (Redis keys, in-process tables).
+
+    Conversation ids are per user. The user is quoted, so no ':' in it can make two names meet.
+    """
+    return f"{quote(user, safe='')}:{conversation_id}"
 
 
 class RedisDown(redis.ConnectionError):

@@ -9,11 +9,12 @@ from dataclasses import dataclass, field
 
 import cache
 import sse
-from errors import ApiError, ConversationBusy, DatabaseDown, NotFound, ShuttingDown
+from errors import (ApiError, ConversationBusy, DatabaseDown, NotFound, ShuttingDown,
+                    TooManyStreams)
 from llm import estimate_tokens
 from models import (Conversation, DatabaseUnavailable, Message, connection, retried_once,
                     save_turn)
-from redis_link import LocalTrip
+from redis_link import LocalTrip, scope
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +34,8 @@ class Turn:
     conversation_id: str
     message: str
     lease: object
+    slot: object = None
+    name: str = ""
     record: dict = field(default_factory=dict)
     history: list = field(default_factory=list)
     prompt: list = field(default_factory=list)
@@ -44,6 +47,12 @@ class Turn:
     prompt_tokens: int = None
     reply_tokens: int = None
     finish_reason: str = None
+
+    def let_go(self, trip=None):
+        """Release the conversation and the stream slot (each once), in `trip` if given."""
+        self.lease.release(trip)
+        if self.slot is not None:
+            self.slot.release(trip)
 
     @property
     def message_tokens(self):
@@ -76,7 +85,7 @@ class ChatService:
     """Runs chat turns against the cache, the coordination between processes, the database and the model."""
 
     def __init__(self, model, conversation_cache, coordination, history_limit, system_prompt,
-                 heartbeat, lock_ttl, context_tokens, round_trip=LocalTrip):
+                 heartbeat, context_tokens, round_trip=LocalTrip, max_streams=10):
         """Wire the service to its model, cache and coordination (`round_trip` makes their round trips)."""
         self.model = model
         self.cache = conversation_cache
@@ -85,7 +94,7 @@ class ChatService:
         self.history_limit = history_limit
         self.system_prompt = system_prompt
         self.heartbeat = heartbeat
-        self.lock_ttl = lock_ttl
+        self.max_streams = max_streams
         self.context_tokens = context_tokens
         self._open_streams = {}
         self._listening = False
@@ -103,7 +112,7 @@ class ChatService:
             self.finish(turn)
             return turn.reply
         finally:
-            turn.lease.release()
+            turn.let_go()
 
     def stream(self, user, conversation_id, message, record=None):
         """Start a streamed turn: the SSE events, or ApiError before any event if the model refuses."""
@@ -112,7 +121,7 @@ class ChatService:
         try:
             upstream = self._asked(turn, self.model.open_stream)
         except BaseException:
-            turn.lease.release()
+            turn.let_go()
             raise
         # Read the model from the moment it answers, while the response to the client starts.
         chunks = queue.Queue()
@@ -134,37 +143,40 @@ class ChatService:
             raise ApiError(413, "context_too_large",
                            f"the message alone exceeds the model's context budget of "
                            f"{self.context_tokens} tokens")
+        name = scope(user, conversation_id)
         with self.round_trip() as trip:
-            taken = self.coordination.take(conversation_id, self.lock_ttl, f"{kind} {user}", trip)
-            cached = self.cache.read(conversation_id, trip)
-        lease = taken.value
-        if lease is None:
-            raise ConversationBusy()
+            taken = self.coordination.take(name, kind, trip)
+            cached = self.cache.read(name, trip)
+            opened = self.coordination.open_stream(user, self.max_streams, trip) if kind == "stream" else None
+        lease, slot = taken.value, opened and opened.value
+        if lease is None or (opened and slot is None):
+            for held in (lease, slot):
+                if held is not None:
+                    held.release()
+            raise ConversationBusy() if lease is None else TooManyStreams(self.max_streams)
         turn = Turn(user=user, conversation_id=conversation_id, message=message, lease=lease,
-                    record=record if record is not None else {})
+                    slot=slot, name=name, record=record if record is not None else {})
         try:
-            owner, turn.history = self._load(conversation_id, cached.value)
-            if owner is not None and owner != user:
-                raise NotFound()
+            turn.history = self._load(user, conversation_id, cached.value)
             turn.prompt = self._prompt(turn)
         except BaseException:
-            lease.release()
+            turn.let_go()
             raise
         return turn
 
-    def _load(self, conversation_id, raw):
-        """The owner and recent messages of a conversation: the cached ones (`raw`) if they are the database's."""
+    def _load(self, user, conversation_id, raw):
+        """The recent messages of the user's conversation: the cached ones (`raw`) if they are the database's."""
         cached = None if raw is None else cache.decode(raw)
-        return retried_once(lambda: self._stored(conversation_id, cached))
+        return retried_once(lambda: self._stored(user, conversation_id, cached))
 
-    def _stored(self, conversation_id, cached):
-        """The owner and recent messages from the database, or from `cached` if it is current."""
-        owner, version = Conversation.state_of(conversation_id)
-        if owner is None:
-            return None, []
+    def _stored(self, user, conversation_id, cached):
+        """The recent messages from the database, or from `cached` if it is current."""
+        key, version = Conversation.state_of(user, conversation_id)
+        if key is None:
+            return []
         if cached is not None and cached[0] == version:
-            return owner, cached[1]
-        return owner, Message.recent(conversation_id, self.history_limit)
+            return cached[1]
+        return Message.recent(key, self.history_limit)
 
     def _head(self):
         """The system prompt, as the first messages of every request."""
@@ -192,7 +204,7 @@ class ChatService:
 
     def _events(self, turn, upstream, chunks):
         """Yield the SSE events of the turn: chunks, pings while the model is silent, one final event."""
-        self._open_streams[turn.conversation_id] = chunks
+        self._open_streams[turn.name] = chunks
         parts = []
         try:
             try:
@@ -202,26 +214,22 @@ class ChatService:
                 self._keep_interrupted(turn, upstream.reply, "".join(parts))
                 raise
             finally:
-                self._open_streams.pop(turn.conversation_id, None)
+                self._open_streams.pop(turn.name, None)
             if status != Message.COMPLETE:
                 upstream.cut()
             turn.status = status
             self._take(turn, upstream.reply, "".join(parts))
             yield self._final_event(turn, error)
         finally:
-            turn.lease.release()
+            turn.let_go()
 
     def _relay(self, turn, chunks, parts):
         """Yield a chunk event per piece of text and a ping per silent heartbeat; return (status, error)."""
-        hold_until = time.monotonic() + self.lock_ttl / 3
         while True:
             try:
                 kind, value = chunks.get(timeout=self.heartbeat)
             except queue.Empty:
                 kind, value = "ping", None
-            if time.monotonic() > hold_until:
-                turn.lease.extend(self.lock_ttl)
-                hold_until = time.monotonic() + self.lock_ttl / 3
             if kind == "ping":
                 yield sse.PING
                 continue
@@ -278,15 +286,13 @@ class ChatService:
                                 message=turn.message, reply=turn.reply, status=turn.status,
                                 message_tokens=turn.message_tokens, reply_tokens=turn.reply_tokens,
                                 prompt_tokens=turn.prompt_tokens)
-        if version is None:
-            raise NotFound()
         history = (turn.history + [
             {"role": "user", "content": turn.message},
             {"role": "assistant", "content": turn.reply},
         ])[-self.history_limit:]
         with self.round_trip() as trip:
-            self.cache.write(turn.conversation_id, cache.encode(version, history), trip)
-            turn.lease.release(trip)
+            self.cache.write(turn.name, cache.encode(version, history), trip)
+            turn.let_go(trip)
 
     def cut_open_streams(self):
         """End every open stream now with a final error event (the service is shutting down)."""
@@ -294,16 +300,17 @@ class ChatService:
             chunks.put(("error", ShuttingDown()))
 
     def stop(self, user, conversation_id):
-        """Stop the reply being streamed for a conversation, from whichever process streams it."""
-        kind, _, holder = (self.coordination.holder_of(conversation_id) or "").partition(" ")
-        with connection():
-            owner, _ = Conversation.state_of(conversation_id)
-        # A conversation's first turn is not in the database yet: its turn's holder owns it.
-        if (owner or holder) != user:
-            raise NotFound()
+        """Stop the reply being streamed for the user's conversation, from whichever process streams it."""
+        name = scope(user, conversation_id)
+        kind = self.coordination.holder_of(name)
         if kind != "stream":
+            with connection():
+                key, _ = Conversation.state_of(user, conversation_id)
+            # A conversation's first turn is not in the database yet, but its lease is held.
+            if key is None and kind is None:
+                raise NotFound()
             raise ApiError(409, "no_reply_in_progress", "no reply is being streamed for this conversation")
-        self.coordination.publish_stop(conversation_id)
+        self.coordination.publish_stop(name)
 
     def listen_for_stops(self):
         """Start receiving stop signals in this process (once, after gunicorn has forked)."""
@@ -311,9 +318,9 @@ class ChatService:
             self._listening = True
             self.coordination.listen_for_stops(self._stop_here)
 
-    def _stop_here(self, conversation_id):
+    def _stop_here(self, name):
         """Stop the conversation's stream if this process serves it."""
-        chunks = self._open_streams.get(conversation_id)
+        chunks = self._open_streams.get(name)
         if chunks is not None:
             chunks.put(("stop", None))
 

@@ -1,0 +1,95 @@
+"""The gunicorn worker: gevent's, with deadlines on what a client sends and on what it reads.
+
+gunicorn's gevent worker waits on a client as long as the client likes: a request whose
+headers or body never finish holds its connection, and a client that stops reading holds
+the turn that writes to it. Here a request must arrive whole within
+CLIENT_READ_TIMEOUT_SECONDS of its first byte, and each write to a client must be taken
+within SSE_WRITE_TIMEOUT_SECONDS; past either, the client is treated as gone.
+"""
+
+import errno
+import logging
+import socket
+import time
+
+import gunicorn.http.wsgi
+from gunicorn.http.errors import NoMoreData
+from gunicorn.workers.ggevent import GeventWorker
+
+log = logging.getLogger(__name__)
+
+# The Server header names the software; the service does not say what it runs on.
+gunicorn.http.wsgi.SERVER = "chat-api"
+
+
+class ClientTooSlow(NoMoreData):
+    """The client did not send its request in time (gunicorn drops such a connection quietly)."""
+
+    def __str__(self):
+        """What happened, for gunicorn's debug log."""
+        return "the request did not arrive in time"
+
+
+class ClientConnection:
+    """A client's socket, with a deadline on each request it sends and on each write it must take."""
+
+    def __init__(self, sock, read_seconds, write_seconds):
+        """Wrap gunicorn's client `sock`."""
+        self._sock = sock
+        self.read_seconds = read_seconds
+        self.write_seconds = write_seconds
+        self._deadline = None
+
+    def recv(self, size, *flags):
+        """Read what the client sent: a new request may take its time to begin, not to arrive."""
+        if self._deadline is None:
+            # Waiting for a request to begin: gunicorn bounds this by its keep-alive timeout.
+            self._sock.settimeout(None)
+            data = self._sock.recv(size, *flags)
+            self._deadline = time.monotonic() + self.read_seconds
+            return data
+        left = self._deadline - time.monotonic()
+        if left <= 0:
+            raise ClientTooSlow()
+        self._sock.settimeout(left)
+        try:
+            return self._sock.recv(size, *flags)
+        except socket.timeout:
+            raise ClientTooSlow() from None
+
+    def sendall(self, data, *flags):
+        """Write to the client, which must take it within the write deadline, else it is gone."""
+        if self._sock.timeout != self.write_seconds:
+            self._sock.settimeout(self.write_seconds)
+        try:
+            return self._sock.sendall(data, *flags)
+        except socket.timeout:
+            log.info("the client read nothing for %g s; treated as gone", self.write_seconds)
+            raise BrokenPipeError(errno.EPIPE, "the client stopped reading") from None
+
+    def answered(self):
+        """The request has been answered: the next one starts a new deadline."""
+        self._deadline = None
+
+    def __getattr__(self, name):
+        """Everything else is the socket's."""
+        return getattr(self._sock, name)
+
+
+class Worker(GeventWorker):
+    """gunicorn's gevent worker, its clients held to the deadlines the app is configured with."""
+
+    def handle(self, listener, client, addr):
+        """Serve a connection through a ClientConnection."""
+        client.setblocking(1)
+        config = self.wsgi.config
+        connection = ClientConnection(client, config["CLIENT_READ_TIMEOUT_SECONDS"],
+                                      config["SSE_WRITE_TIMEOUT_SECONDS"])
+        super(GeventWorker, self).handle(listener, connection, addr)
+
+    def handle_request(self, listener_name, req, sock, addr):
+        """Serve one request, then let the next one on the connection begin."""
+        try:
+            return super().handle_request(listener_name, req, sock, addr)
+        finally:
+            sock.answered()
