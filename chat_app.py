@@ -11,7 +11,7 @@ import click
 from flask import Blueprint, Flask, Response, current_app, g, jsonify, request
 from flask.cli import with_appcontext
 from flask_jwt_extended import create_access_token
-from werkzeug.exceptions import HTTPException
+from werkzeug.exceptions import ClientDisconnected, HTTPException
 
 import auth
 import logs
@@ -286,7 +286,7 @@ def json_body():
         body = request.get_json(silent=True)
     except RecursionError:  # nested deeper than Python's parser goes
         body = None
-    except OSError:  # the worker's deadline on a client that sends too slowly
+    except ClientDisconnected:  # the worker's deadline on a client that sends too slowly
         raise ApiError(408, "request_timeout", "the request body did not arrive in time") from None
     if not isinstance(body, dict):
         raise InvalidRequest(message="the body must be a JSON object")

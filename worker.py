@@ -39,9 +39,12 @@ class ClientConnection:
         self.read_seconds = read_seconds
         self.write_seconds = write_seconds
         self._deadline = None
+        self._too_slow = False
 
     def recv(self, size, *flags):
         """Read what the client sent: a new request may take its time to begin, not to arrive."""
+        if self._too_slow:
+            raise ClientTooSlow()
         if self._deadline is None:
             # Waiting for a request to begin: gunicorn bounds this by its keep-alive timeout.
             self._sock.settimeout(None)
@@ -49,12 +52,14 @@ class ClientConnection:
             self._deadline = time.monotonic() + self.read_seconds
             return data
         left = self._deadline - time.monotonic()
-        if left <= 0:
-            raise ClientTooSlow()
-        self._sock.settimeout(left)
         try:
+            if left <= 0:
+                raise socket.timeout()
+            self._sock.settimeout(left)
             return self._sock.recv(size, *flags)
         except socket.timeout:
+            # The rest of this request never comes, so the connection can carry no other.
+            self._too_slow = True
             raise ClientTooSlow() from None
 
     def sendall(self, data, *flags):

@@ -67,6 +67,10 @@ class Script:
     model: str | None = None
     close_delimited: bool = False
     gzip: bool = False
+    error_message: str | None = None
+    usage_value: object = None
+    raw: list[bytes] | None = None
+    raw_delay: float = 0
 
     def text_for(self, request: dict) -> str:
         """The full reply text for this request."""
@@ -264,7 +268,10 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             return
         self._wait(script.header_delay)
         if script.status != 200:
-            self._send_error(script.status, f"Scripted failure with status {script.status}", script.retry_after)
+            self._send_error(script.status, script.error_message or f"Scripted failure with status {script.status}",
+                             script.retry_after)
+        elif script.raw is not None:
+            self._send_raw(script, streaming)
         elif streaming:
             self._stream(script, request)
         else:
@@ -282,6 +289,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         }
         if script.usage:
             completion["usage"] = usage_for(request, len(text.split()))
+        if script.usage_value is not None:
+            completion["usage"] = script.usage_value
         if script.gzip and "gzip" in self.headers.get("Accept-Encoding", ""):
             self._send_json(200, completion, compress=True)
         else:
@@ -316,11 +325,30 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             self._emit(script, sse({**meta, "choices": [_choice({"content": chunks[sent]})]}))
         self._emit(script, sse({**meta, "choices": [_choice({}, "stop")]}))
         if script.usage and wants_stream_usage(request):
-            self._emit(script, sse({**meta, "choices": [], "usage": usage_for(request, len(chunks))}))
+            usage = usage_for(request, len(chunks)) if script.usage_value is None else script.usage_value
+            self._emit(script, sse({**meta, "choices": [], "usage": usage}))
         if not script.no_done:
             self._emit(script, DONE_EVENT)
         if self._chunked:
             self._send(LAST_CHUNK)
+
+    def _send_raw(self, script: Script, streaming: bool) -> None:
+        """Send the scripted bytes exactly, each piece in its own HTTP chunk (a real server's quirks)."""
+        if streaming:
+            self._start_stream(script.close_delimited)
+            for number, piece in enumerate(script.raw):
+                if number:
+                    self._wait(script.raw_delay)
+                self._write_body(piece)
+            if self._chunked:
+                self._send(LAST_CHUNK)
+            return
+        data = b"".join(script.raw)
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self._end_headers()
+        self._send(data)
 
     def _start_stream(self, close_delimited: bool) -> None:
         """Send the headers of an event stream, chunked or delimited by closing."""
