@@ -23,6 +23,7 @@ from coordination import MemoryCoordination, RedisCoordination
 from errors import ApiError, DatabaseDown, InvalidRequest, NotFound
 from health import Health
 from history import TITLE_CHARS, History
+from journal import NoJournal, RedisJournal
 from llm import make_model
 from redis_link import LocalTrip, RedisLink
 from turns import ChatService, new_conversation_id
@@ -30,6 +31,7 @@ from turns import ChatService, new_conversation_id
 log = logging.getLogger("chat_app")
 
 CONVERSATION_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+EVENT_ID = re.compile(r"([0-9a-f]{16}):([0-9]{1,9})")
 HTTP_CODES = {400: "invalid_request", 401: "unauthorized", 404: "not_found",
               405: "method_not_allowed", 413: "too_large", 415: "unsupported_media_type"}
 PAGE_LIMIT, MAX_PAGE_LIMIT = 20, 100
@@ -83,18 +85,21 @@ def wire_services(app):
         link = RedisLink(config["REDIS_URL"])
         conversation_cache = RedisCache(link, config["CACHE_TTL_SECONDS"])
         coordination = RedisCoordination(link, config["LEASE_SECONDS"])
+        journal = RedisJournal(link, config["STREAM_RETAIN_SECONDS"])
         round_trip = link.round_trip
     else:
         conversation_cache = MemoryCache(config["CACHE_TTL_SECONDS"])
-        coordination, round_trip = MemoryCoordination(config["LEASE_SECONDS"]), LocalTrip
+        coordination, journal = MemoryCoordination(config["LEASE_SECONDS"]), NoJournal()
+        round_trip = LocalTrip
     service = ChatService(
         make_model(config), conversation_cache, coordination, config["CHAT_HISTORY_LIMIT"],
         config["LLM_SYSTEM_PROMPT"], config["SSE_HEARTBEAT_SECONDS"],
         context_tokens=config["LLM_CONTEXT_TOKENS"], round_trip=round_trip,
-        max_streams=config["MAX_STREAMS_PER_USER"])
+        max_streams=config["MAX_STREAMS_PER_USER"], journal=journal,
+        grace=config["STREAM_RESUME_GRACE_SECONDS"], retain=config["STREAM_RETAIN_SECONDS"])
     app.extensions["chat"] = service
     app.extensions["coordination"] = coordination
-    app.extensions["history"] = History(conversation_cache, coordination, round_trip)
+    app.extensions["history"] = History(conversation_cache, coordination, round_trip, journal)
     app.extensions["health"] = Health(conversation_cache, service.describe_model)
 
 
@@ -181,9 +186,35 @@ def stream():
     """Answer a chat turn as server-sent events."""
     conversation_id, message = turn_request()
     events = services("chat").stream(g.user, conversation_id, message, log_record())
+    return event_stream(events, conversation_id)
+
+
+@chat.get("/stream/<conversation_id>")
+def resume(conversation_id):
+    """Stream the conversation's current or last turn from after the Last-Event-ID: replay, then live."""
+    note(conversation_id=conversation_id)
+    events = services("chat").resume(g.user, valid_path_id(conversation_id), last_event_id())
+    if events is None:
+        return "", 204
+    return event_stream(events, conversation_id)
+
+
+def event_stream(events, conversation_id):
+    """A server-sent events response."""
     headers = {"Cache-Control": "no-cache, no-store", "X-Accel-Buffering": "no",
                "Connection": "keep-alive", "X-Conversation-Id": conversation_id}
     return Response(events, mimetype="text/event-stream", headers=headers)
+
+
+def last_event_id():
+    """The (turn id, event number) of the Last-Event-ID header, None without one; 400 if it is not one of ours."""
+    given = request.headers.get("Last-Event-ID")
+    if given is None or not given.strip():
+        return None
+    found = EVENT_ID.fullmatch(given.strip())
+    if found is None:
+        raise InvalidRequest(message="Last-Event-ID must be the id of an event of this service (turn:number)")
+    return found.group(1), int(found.group(2))
 
 
 def log_record():

@@ -47,6 +47,8 @@ class Config:
         self.CLIENT_READ_TIMEOUT_SECONDS = _float("CLIENT_READ_TIMEOUT_SECONDS", 10)
         self.LEASE_SECONDS = _float("LEASE_SECONDS", 10)
         self.MAX_STREAMS_PER_USER = _int("MAX_STREAMS_PER_USER", 10)
+        self.STREAM_RETAIN_SECONDS = _float("STREAM_RETAIN_SECONDS", 300)
+        self.STREAM_RESUME_GRACE_SECONDS = _float("STREAM_RESUME_GRACE_SECONDS", 20)
         self.MAX_MESSAGE_CHARS = _int("MAX_MESSAGE_CHARS", 32000)
         # The body holds the message and an id; JSON escapes a character outside the BMP
         # as a surrogate pair, "\ud83d\ude00": 12 bytes.

@@ -25,6 +25,7 @@ log = logging.getLogger(__name__)
 
 LOCK_KEY = "chat:turn-lock:{}"
 STREAMS_KEY = "chat:streams:{}"
+WATCHERS_KEY = "chat:watchers:{}"
 RATE_KEY = "chat:rate:{}:{}"
 STOP_CHANNEL = "chat:stop"
 MEMORY_ENTRIES = 10000
@@ -83,6 +84,12 @@ class Coordination(Protocol):
 
     def listen_for_stops(self, on_stop):
         """Call `on_stop(name)` for every stop published."""
+
+    def watch(self, turn_id, trip) -> Pending:
+        """Note a reader of the turn in this process: a slot, renewed until released."""
+
+    def watched(self, turn_id):
+        """Whether any process has a reader of the turn."""
 
     def count_request(self, user, window, now):
         """Count a request of `user` at `now`: the counts of the previous and the current window."""
@@ -154,35 +161,54 @@ class RedisCoordination:
 
         def taken(reply):
             """The lease, renewed from now on, if the SET took it."""
-            return self._kept(RedisLease(self, key, token)) if reply else None
+            return self._kept(pending.asked) if reply else None
 
         def held_here(failure):
             """Redis failed: hold the conversation in this process only (a SET that went through expires)."""
             log.warning("cache unavailable, locking in this process only: %s", type(failure).__name__)
             return self.fallback.take(name, holder, LocalTrip()).value
 
-        return trip.add("SET", key, token, "NX", "PX", self._expiry_ms(),
-                        then=taken, otherwise=held_here)
+        pending = trip.add("SET", key, token, "NX", "PX", self._expiry_ms(), then=taken, otherwise=held_here)
+        pending.asked = RedisLease(self, key, token)  # what the SET asks for, known before it is sent
+        return pending
 
     def open_stream(self, user, limit, trip):
         """Take one of the user's `limit` stream slots across every process: a slot, or None if all are taken."""
-        key, member = STREAMS_KEY.format(quote(user, safe="")), secrets.token_hex(8)
+        return self._slot(STREAMS_KEY.format(quote(user, safe="")), limit, trip,
+                          lambda: self.fallback.open_stream(user, limit, LocalTrip()).value)
+
+    def watch(self, turn_id, trip):
+        """Note a reader of the turn in this process, for watched(); a slot to release when it leaves."""
+        return self._slot(WATCHERS_KEY.format(turn_id), None, trip,
+                          lambda: self.fallback.watch(turn_id, LocalTrip()).value)
+
+    def watched(self, turn_id):
+        """Whether any process has a reader of the turn."""
+        try:
+            return self.link.call(self.link.client.zcount, WATCHERS_KEY.format(turn_id),
+                                  int(time.time() * 1000), "+inf") > 0
+        except redis.RedisError:
+            return self.fallback.watched(turn_id)
+
+    def _slot(self, key, limit, trip, fallback):
+        """Take a slot of the sorted set `key`, of at most `limit` (None: any number), renewed until released."""
+        member = secrets.token_hex(8)
         now_ms = int(time.time() * 1000)
         trip.add("ZREMRANGEBYSCORE", key, "-inf", now_ms)  # slots of holders that died
         trip.add("ZADD", key, now_ms + self._expiry_ms(), member)
         trip.add("PEXPIRE", key, 2 * self._expiry_ms())
 
-        def counted(open_streams):
-            """The slot, if the user's streams are within the limit with it."""
+        def counted(taken):
+            """The slot, if the set is within the limit with it."""
             slot = RedisSlot(self, key, member)
-            if open_streams > limit:
+            if limit is not None and taken > limit:
                 slot.release()
                 return None
             return self._kept(slot)
 
         def counted_here(failure):
-            """Redis failed: count the user's streams in this process only."""
-            return self.fallback.open_stream(user, limit, LocalTrip()).value
+            """Redis failed: count in this process only."""
+            return fallback()
 
         return trip.add("ZCARD", key, then=counted, otherwise=counted_here)
 
@@ -309,6 +335,7 @@ class MemoryCoordination:
         self.lease_seconds = lease_seconds
         self._holders = {}
         self._streams = {}
+        self._watchers = {}
         self._counts = {}
         self._mutex = threading.Lock()
         self._on_stop = None
@@ -318,12 +345,16 @@ class MemoryCoordination:
         """Hold the conversation for one turn: a lease, or None if it is held."""
         with self._mutex:
             if self.holder_of(name) is not None:
-                return Pending.done(None)
+                busy = Pending.done(None)
+                busy.asked = None
+                return busy
             token = f"{secrets.token_hex(16)} {holder}"
             self._holders[name] = (token, time.monotonic() + self.lease_seconds)
         lease = MemoryHeld(self, self._holders, name, token)
         self.keeper.keep(lease)
-        return Pending.done(lease)
+        pending = Pending.done(lease)
+        pending.asked = lease
+        return pending
 
     def holder_of(self, name):
         """Who holds the conversation now (the `holder` given to take), or None."""
@@ -334,18 +365,30 @@ class MemoryCoordination:
 
     def open_stream(self, user, limit, trip=None):
         """Take one of the user's `limit` stream slots: a slot, or None if all are taken."""
+        return Pending.done(self._slot(self._streams.setdefault(user, {}), limit))
+
+    def watch(self, turn_id, trip=None):
+        """Note a reader of the turn: a slot, renewed until released."""
+        return Pending.done(self._slot(self._watchers.setdefault(turn_id, {}), None))
+
+    def watched(self, turn_id):
+        """Whether the turn has a reader."""
+        now = time.monotonic()
+        return any(until > now for _, until in self._watchers.get(turn_id, {}).values())
+
+    def _slot(self, slots, limit):
+        """Take a slot of the table `slots`, of at most `limit` (None: any number); None if all are taken."""
         now = time.monotonic()
         with self._mutex:
-            streams = self._streams.setdefault(user, {})
-            for member in [m for m, (_, until) in streams.items() if until <= now]:
-                del streams[member]  # slots of holders that died
-            if len(streams) >= limit:
-                return Pending.done(None)
+            for member in [m for m, (_, until) in slots.items() if until <= now]:
+                del slots[member]  # slots of holders that died
+            if limit is not None and len(slots) >= limit:
+                return None
             member = secrets.token_hex(8)
-            streams[member] = (member, now + self.lease_seconds)
-        slot = MemoryHeld(self, streams, member, member)
+            slots[member] = (member, now + self.lease_seconds)
+        slot = MemoryHeld(self, slots, member, member)
         self.keeper.keep(slot)
-        return Pending.done(slot)
+        return slot
 
     def renew(self, table, name, token):
         """Extend a lease or slot by a full expiry, if still held; whether it was."""

@@ -2,6 +2,7 @@
 
 from errors import ConversationBusy, NotFound
 from models import TITLE_CHARS, Conversation, Message, as_datetime, connection, utcnow
+from journal import NoJournal
 from redis_link import LocalTrip, scope
 
 __all__ = ["History", "TITLE_CHARS"]
@@ -15,11 +16,12 @@ class History:
     Conversation ids are per user: every operation names the user's own.
     """
 
-    def __init__(self, cache, coordination, round_trip=LocalTrip):
-        """Wire the history to the cache (copies to drop) and the coordination (leases)."""
+    def __init__(self, cache, coordination, round_trip=LocalTrip, journal=None):
+        """Wire the history to the cache and the journal (what to drop) and the coordination (leases)."""
         self.cache = cache
         self.coordination = coordination
         self.round_trip = round_trip
+        self.journal = journal or NoJournal()
 
     def conversations(self, user, limit, after=None):
         """A page of the user's conversations, newest activity first, and the position after it (or None).
@@ -67,6 +69,7 @@ class History:
             with connection():
                 Conversation.remove([self._owned(user, conversation_id).key])
             self.cache.drop([name])
+            self.journal.drop([name])
         finally:
             lease.release()
 
@@ -79,7 +82,9 @@ class History:
             batch = stale[start:start + PRUNE_BATCH]
             with connection():
                 removed += Conversation.remove([key for key, _, _ in batch])
-            self.cache.drop([scope(owner, conversation_id) for _, owner, conversation_id in batch])
+            names = [scope(owner, conversation_id) for _, owner, conversation_id in batch]
+            self.cache.drop(names)
+            self.journal.drop(names)
         return removed
 
     @staticmethod

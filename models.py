@@ -209,6 +209,8 @@ class Message(BaseModel):
     token_count = IntegerField(null=True)
     prompt_tokens = IntegerField(null=True)
     created_at = DateTimeField(default=utcnow)
+    # The turn that wrote the message: a turn saved after its process died is saved once.
+    turn = CharField(max_length=32, null=True, index=True)
 
     class Meta:
         table_name = "chat_message"
@@ -219,6 +221,11 @@ class Message(BaseModel):
         """A page of a conversation's messages, oldest first, after message id `after`."""
         return list(cls.select().where((cls.conversation == conversation_key) & (cls.id > after))
                     .order_by(cls.id).limit(limit))
+
+    @classmethod
+    def turn_saved(cls, turn_id):
+        """Whether the turn's messages are already kept."""
+        return cls.select(cls.id).where(cls.turn == turn_id).exists()
 
     @classmethod
     def count_in(cls, conversation_key):
@@ -253,8 +260,8 @@ WITH claimed AS (
     ON CONFLICT (owner, id) DO UPDATE SET updated_at = EXCLUDED.updated_at, version = EXCLUDED.version
     RETURNING key
 )
-INSERT INTO chat_message (conversation_key, role, content, status, token_count, prompt_tokens, created_at)
-SELECT claimed.key, m.role, m.content, m.status, m.token_count, m.prompt_tokens, %(now)s
+INSERT INTO chat_message (conversation_key, role, content, status, token_count, prompt_tokens, created_at, turn)
+SELECT claimed.key, m.role, m.content, m.status, m.token_count, m.prompt_tokens, %(now)s, %(turn)s
 FROM claimed, (VALUES
     (1, 'user', %(message)s, 'complete', %(message_tokens)s::integer, NULL::integer),
     (2, 'assistant', %(reply)s, %(status)s, %(reply_tokens)s::integer, %(prompt_tokens)s::integer)
@@ -264,7 +271,7 @@ ORDER BY m.n
 
 
 def save_turn(*, conversation_id, owner, message, reply, status, message_tokens=None,
-              reply_tokens=None, prompt_tokens=None):
+              reply_tokens=None, prompt_tokens=None, turn_id=None):
     """Write a finished turn (the user message and the reply) all or nothing; the conversation's new version.
 
     Creates the owner's conversation on its first turn.
@@ -274,7 +281,7 @@ def save_turn(*, conversation_id, owner, message, reply, status, message_tokens=
     row = {"id": conversation_id, "owner": owner, "now": utcnow(), "version": secrets.token_hex(16),
            "title": " ".join(message.split())[:AUTO_TITLE_CHARS], "message": message,
            "message_tokens": message_tokens, "reply": reply, "status": status,
-           "reply_tokens": reply_tokens, "prompt_tokens": prompt_tokens}
+           "reply_tokens": reply_tokens, "prompt_tokens": prompt_tokens, "turn": turn_id}
     if backend_name() == "postgresql":
         _save_on_postgres(row)
     else:
@@ -305,10 +312,10 @@ def _save_with_peewee(row):
         Message.insert_many([
             {"conversation": key, "role": "user", "content": row["message"],
              "status": Message.COMPLETE, "token_count": row["message_tokens"],
-             "prompt_tokens": None, "created_at": row["now"]},
+             "prompt_tokens": None, "created_at": row["now"], "turn": row["turn"]},
             {"conversation": key, "role": "assistant", "content": row["reply"],
              "status": row["status"], "token_count": row["reply_tokens"],
-             "prompt_tokens": row["prompt_tokens"], "created_at": row["now"]},
+             "prompt_tokens": row["prompt_tokens"], "created_at": row["now"], "turn": row["turn"]},
         ]).execute()
 
 

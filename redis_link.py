@@ -33,6 +33,8 @@ class RedisDown(redis.ConnectionError):
 class Pending:
     """The answer to one command of a round trip: its value once sent, or what to do if it failed."""
 
+    asked = None  # what the command asks for, where the caller needs it before the trip is sent
+
     def __init__(self, then=None, otherwise=None):
         """Waiting for the answer; `then` turns the reply into the value, `otherwise` a failure."""
         self._then, self._otherwise = then, otherwise

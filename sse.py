@@ -3,18 +3,31 @@
 import json
 
 PING = b": ping\n\n"
+# Valid in SSE, but line breaks to Python's str.splitlines() and to JavaScript: escaped.
+LINE_SEPARATORS = str.maketrans({"\u2028": "\\u2028", "\u2029": "\\u2029", "\u0085": "\\u0085"})
 
 
-def event(payload):
-    """One SSE event carrying `payload` as JSON (newlines in strings stay escaped)."""
-    try:
-        text = json.dumps(payload, ensure_ascii=False, separators=(", ", ": "))
-        return b"data: " + text.encode("utf-8") + b"\n\n"
-    except UnicodeEncodeError:
-        # A lone surrogate from the model cannot be UTF-8; \u escapes can carry it.
-        return b"data: " + json.dumps(payload).encode("ascii") + b"\n\n"
+def data(payload):
+    """The `data:` text of an event carrying `payload` as JSON (line breaks in strings stay escaped).
+
+    Text from the model reaches here cleaned (llm.cleaned): no lone surrogate, so it is UTF-8.
+    """
+    text = json.dumps(payload, ensure_ascii=False, separators=(", ", ": "))
+    if "\u2028" in text or "\u2029" in text or "\u0085" in text:
+        text = text.translate(LINE_SEPARATORS)
+    return text
 
 
-def chunk(content):
-    """The event for one piece of the reply."""
-    return event({"content": content, "is_final": False, "metrics": None})
+def frame(event_id, text):
+    """One event: its id line and its `data:` line of JSON text."""
+    return f"id: {event_id}\ndata: {text}\n\n".encode("utf-8")
+
+
+def chunk_data(content):
+    """The `data:` text of the event for one piece of the reply."""
+    return data({"content": content, "is_final": False, "metrics": None})
+
+
+def content_of(text):
+    """The content of a chunk event, from its `data:` text."""
+    return json.loads(text)["content"]

@@ -1,7 +1,13 @@
-"""A chat turn: hold the conversation, load its history, ask the model, keep both messages."""
+"""A chat turn: hold the conversation, load its history, ask the model, keep both messages.
+
+A streamed turn runs on its own (a runner reads the model into a `relay.TurnRun`), so it
+outlives the connection that asked for it: its readers come and go, and any instance can
+replay it from the journal. A turn whose process died is saved by the next request that
+finds its journal unfinished.
+"""
 
 import logging
-import queue
+import secrets
 import threading
 import time
 import uuid
@@ -11,19 +17,30 @@ import cache
 import sse
 from errors import (ApiError, ConversationBusy, DatabaseDown, NotFound, ShuttingDown,
                     TooManyStreams)
+from journal import JournalUnavailable, NoJournal, Record
 from llm import estimate_tokens
 from models import (Conversation, DatabaseUnavailable, Message, connection, retried_once,
                     save_turn)
 from redis_link import LocalTrip, scope
+from relay import TurnRun
 
 log = logging.getLogger(__name__)
 
 MESSAGE_OVERHEAD_TOKENS = 4
+# How often a turn with no reader checks whether one came back, on any instance.
+ALONE_CHECK_SECONDS = 0.5
 
 
 def new_conversation_id():
     """A fresh conversation id."""
     return str(uuid.uuid4())
+
+
+class ResumeUnavailable(ApiError):
+    """The journal cannot be read, so no instance can replay the turn now."""
+
+    status, code = 503, "resume_unavailable"
+    message = "the stream cannot be resumed right now (its journal is unavailable); the reply will be in the history"
 
 
 @dataclass
@@ -34,8 +51,10 @@ class Turn:
     conversation_id: str
     message: str
     lease: object
+    turn_id: str = ""
     slot: object = None
     name: str = ""
+    journaled: bool = False
     record: dict = field(default_factory=dict)
     history: list = field(default_factory=list)
     prompt: list = field(default_factory=list)
@@ -80,53 +99,293 @@ class Turn:
             metrics["time_to_first_token"] = round(self.first_token_at - self.started, 4)
         return metrics
 
+    def final_data(self, error=None):
+        """The `data:` text of the final event, with the error if the turn or its saving failed."""
+        final = {"content": "", "is_final": True, "metrics": self.metrics(),
+                 "conversation_id": self.conversation_id, "finish_reason": self.finish_reason}
+        if error is not None:
+            final["error"] = error.body()["error"]
+        return sse.data(final)
+
 
 class ChatService:
-    """Runs chat turns against the cache, the coordination between processes, the database and the model."""
+    """Runs chat turns against the cache, the coordination between processes, the journal, the database and the model."""
 
     def __init__(self, model, conversation_cache, coordination, history_limit, system_prompt,
-                 heartbeat, context_tokens, round_trip=LocalTrip, max_streams=10):
-        """Wire the service to its model, cache and coordination (`round_trip` makes their round trips)."""
+                 heartbeat, context_tokens, round_trip=LocalTrip, max_streams=10, journal=None,
+                 grace=20, retain=300):
+        """Wire the service to its model, cache, coordination and journal (`round_trip` makes their round trips).
+
+        A stream with no reader goes on for `grace` seconds; without a shared journal, this
+        process keeps an ended turn for resume `retain` seconds.
+        """
         self.model = model
         self.cache = conversation_cache
         self.coordination = coordination
+        self.journal = journal or NoJournal()
         self.round_trip = round_trip
         self.history_limit = history_limit
         self.system_prompt = system_prompt
         self.heartbeat = heartbeat
         self.max_streams = max_streams
         self.context_tokens = context_tokens
-        self._open_streams = {}
+        self.grace = grace
+        self.retain = retain
+        self._runs = {}
+        self._ended = {}
         self._listening = False
 
     def describe_model(self):
         """Where replies come from (never the key)."""
         return self.model.describe()
 
+    # A turn in one piece
+
     def run(self, user, conversation_id, message, record=None):
         """Answer a turn in one piece and keep it; returns the reply."""
         turn = self.begin(user, conversation_id, message, record, kind="run")
         try:
             reply = self._asked(turn, self.model.complete)
-            self._take(turn, reply, reply.content)
-            self.finish(turn)
-            return turn.reply
+        except BaseException:
+            self._abandon(turn)
+            raise
+        self._take(turn, reply, reply.content)
+        run = TurnRun(turn.turn_id, turn.name, conversation_id)
+        run.add(sse.chunk_data(turn.reply))  # so a reader who resumes it gets the reply too
+        try:
+            error = self.finish(turn, run)
         finally:
             turn.let_go()
+        if error is not None:
+            raise error
+        return turn.reply
+
+    # A streamed turn
 
     def stream(self, user, conversation_id, message, record=None):
-        """Start a streamed turn: the SSE events, or ApiError before any event if the model refuses."""
+        """Start a streamed turn: its SSE events, or ApiError before any event if the model refuses."""
         self.listen_for_stops()
         turn = self.begin(user, conversation_id, message, record, kind="stream")
         try:
             upstream = self._asked(turn, self.model.open_stream)
         except BaseException:
-            turn.let_go()
+            self._abandon(turn)
             raise
+        run = TurnRun(turn.turn_id, turn.name, conversation_id)
+        run.upstream = upstream
+        self._runs[turn.name] = run
+        if turn.journaled:
+            self.journal.keep(run)
         # Read the model from the moment it answers, while the response to the client starts.
-        chunks = queue.Queue()
-        threading.Thread(target=pump, args=(upstream, chunks), daemon=True).start()
-        return self._events(turn, upstream, chunks)
+        threading.Thread(target=self._run, args=(turn, run, upstream), daemon=True).start()
+        return self._read(run, 0, turn.slot, wait_for_end=True)
+
+    def _run(self, turn, run, upstream):
+        """Relay the model's chunks into the run until the reply ends, then keep the turn and end the run."""
+        status, error, parts = Message.COMPLETE, None, []
+        try:
+            for text in upstream:
+                if turn.first_token_at is None:
+                    turn.first_token_at = time.monotonic()
+                parts.append(text)
+                run.add(sse.chunk_data(text))
+        except ApiError as exc:
+            status, error = Message.ERROR, exc
+            upstream.close()
+        except Exception:
+            log.exception("model stream failed")
+            status, error = Message.ERROR, ApiError(502, "llm_unavailable", "the model's stream failed")
+            upstream.close()
+        else:
+            upstream.finish()
+        if run.cut_reason is not None:  # the cut, not what it broke, is how the turn ended
+            status, error = {"stopped": (Message.STOPPED, None), "interrupted": (Message.INTERRUPTED, None),
+                             "shutting_down": (Message.ERROR, ShuttingDown())}[run.cut_reason]
+        turn.status = status
+        self._take(turn, upstream.reply, "".join(parts))
+        try:
+            self.finish(turn, run, error)
+        finally:
+            self._runs.pop(turn.name, None)
+            if not self.journal.shared:
+                self._keep_ended(run)
+            run.done.set()
+
+    def _read(self, run, after, slot=None, wait_for_end=False):
+        """Yield the run's events after event `after` to one reader; when it leaves, see whether anyone is left.
+
+        The turn's own request waits for the turn to end (`wait_for_end`), so its log line says how it ended.
+        """
+        run.attach()
+        try:
+            yield from run.read(after, self.heartbeat)
+        finally:
+            if slot is not None:
+                slot.release()
+            if run.detach():
+                self._alone(run)
+            if wait_for_end:
+                run.done.wait(self.grace + 3600)
+
+    def _alone(self, run):
+        """The run's last reader here left: stop the model now (no grace), or once no reader came back in time."""
+        if self.grace <= 0:
+            self._cut(run, "interrupted")
+        else:
+            threading.Thread(target=self._wait_for_a_reader, args=(run,), daemon=True).start()
+
+    def _wait_for_a_reader(self, run):
+        """Cut the run if no reader, here or on another instance, comes within the grace period."""
+        while not run.ended and run.readers == 0 and run.alone_since is not None:
+            if time.monotonic() - run.alone_since >= self.grace:
+                if not self.coordination.watched(run.turn_id):
+                    self._cut(run, "interrupted")
+                    return
+                run.alone_since = time.monotonic()  # a reader on another instance: wait on
+            time.sleep(ALONE_CHECK_SECONDS)
+
+    def _cut(self, run, reason):
+        """End the run's model request now, for `reason` (stopped, interrupted, shutting_down)."""
+        run.cut(reason)
+        run.upstream.cut()
+
+    def _keep_ended(self, run):
+        """Keep an ended run in this process for resume (the embedded defaults have no shared journal)."""
+        now = time.monotonic()
+        self._ended = {name: kept for name, kept in self._ended.items() if kept[1] > now}
+        self._ended[run.name] = (run, now + self.retain)
+
+    # Resume
+
+    def resume(self, user, conversation_id, last_event_id=None):
+        """The events of the conversation's current or last turn after `last_event_id` ("turn:n"), live
+        until the final one; None when there is nothing to send. Raises NotFound, ResumeUnavailable."""
+        name = scope(user, conversation_id)
+        after_turn, after = last_event_id or (None, 0)
+        run = self._runs.get(name) or self._kept_run(name)
+        if run is not None:
+            after = after if after_turn == run.turn_id else 0
+            if run.ended and after >= len(run.framed):
+                return None
+            return self._read(run, after, self._stream_slot(user))
+        try:
+            record = self.journal.read(name) if self.journal.shared else None
+        except JournalUnavailable:
+            raise ResumeUnavailable() from None
+        if record is None:
+            with connection():
+                known = Conversation.state_of(user, conversation_id)[0] is not None
+            if not known and self.coordination.holder_of(name) is None:
+                raise NotFound()
+            return None
+        after = after if after_turn == record.turn_id else 0
+        if record.final is not None and after >= record.final[0]:
+            return None
+        return self._follow(user, conversation_id, name, record, after, self._stream_slot(user))
+
+    def _kept_run(self, name):
+        """An ended run this process keeps for resume, if it has not expired."""
+        kept = self._ended.get(name)
+        return kept[0] if kept is not None and kept[1] > time.monotonic() else None
+
+    def _stream_slot(self, user):
+        """One of the user's stream slots, or 429."""
+        with self.round_trip() as trip:
+            opened = self.coordination.open_stream(user, self.max_streams, trip)
+        if opened.value is None:
+            raise TooManyStreams(self.max_streams)
+        return opened.value
+
+    def _follow(self, user, conversation_id, name, record, after, slot):
+        """Replay a journaled turn after event `after`, then follow it live until its final event."""
+        with self.round_trip() as trip:
+            watching = self.coordination.watch(record.turn_id, trip)
+        sent, last_ping = after, time.monotonic()
+        try:
+            while True:
+                if record.gap:
+                    yield self._gap_event(record, conversation_id)
+                    return
+                for number, text in record.events:
+                    if number > sent:
+                        yield sse.frame(f"{record.turn_id}:{number}", text)
+                        sent = number
+                if record.final is not None:
+                    yield sse.frame(f"{record.turn_id}:{record.final[0]}", record.final[1])
+                    return
+                entries = self.journal.follow(name, record.last_entry, min(1.0, self.heartbeat))
+                if entries:
+                    record.take(entries)
+                    continue
+                if time.monotonic() - last_ping >= self.heartbeat:
+                    last_ping = time.monotonic()
+                    yield sse.PING
+                if self.coordination.holder_of(name) is None:
+                    # Nobody runs the turn: its process died. Save it and end its journal, or stop here
+                    # if the journal went (the conversation was deleted).
+                    self.recover(user, conversation_id)
+                    if self.journal.read(name) is None:
+                        yield self._gap_event(record, conversation_id, "the turn's journal is gone")
+                        return
+        except JournalUnavailable:
+            yield self._gap_event(record, conversation_id, "the journal became unavailable")
+        finally:
+            watching.value.release()
+            slot.release()
+
+    @staticmethod
+    def _gap_event(record, conversation_id, why="part of this reply was not kept for resuming"):
+        """A final event saying the replay cannot go on, and where the reply is."""
+        error = ResumeUnavailable(message=f"{why}; read it in /conversations/{conversation_id}")
+        final = {"content": "", "is_final": True, "metrics": None, "conversation_id": conversation_id,
+                 "finish_reason": "error", "error": error.body()["error"]}
+        return sse.frame(f"{record.turn_id}:{record.next_number()}", sse.data(final))
+
+    # Recovery of a turn whose process died
+
+    def recover(self, user, conversation_id):
+        """If the conversation's journal holds a turn that never ended and nobody holds the conversation,
+        save its user message and partial reply (interrupted) and end its journal."""
+        name = scope(user, conversation_id)
+        with self.round_trip() as trip:
+            taken = self.coordination.take(name, "recover", trip)
+        if taken.value is None:
+            return
+        try:
+            self._recover(user, conversation_id, name)
+        finally:
+            taken.value.release()
+
+    def _recover(self, user, conversation_id, name):
+        """Save what the journal holds of an unended turn, once, and end the journal (the caller holds the lease)."""
+        record = self.journal.read(name)
+        if record is None or record.final is not None:
+            return
+        reply = self._recovered_reply(record)
+        with connection():
+            if not Message.turn_saved(record.turn_id):
+                save_turn(conversation_id=conversation_id, owner=user, message=record.message, reply=reply,
+                          status=Message.INTERRUPTED, message_tokens=estimate_tokens(record.message),
+                          reply_tokens=estimate_tokens(reply), turn_id=record.turn_id)
+                log.info("kept the turn a stopped process left: %d characters of reply", len(reply))
+        final = {"content": "", "is_final": True, "conversation_id": conversation_id,
+                 "finish_reason": Message.INTERRUPTED,
+                 "metrics": {"token_count": estimate_tokens(reply), "processing_time": None,
+                             "prompt_tokens": None, "completion_tokens": estimate_tokens(reply), "model": None}}
+        with self.round_trip() as trip:
+            self.journal.end(name, record.turn_id, None, (record.next_number(), sse.data(final)), trip)
+
+    @staticmethod
+    def _recovered_reply(record):
+        """The reply a journal holds: its chunks, up to the first gap."""
+        parts = []
+        for expected, (number, text) in enumerate(record.events, start=1):
+            if number != expected:
+                break
+            parts.append(sse.content_of(text))
+        return "".join(parts)
+
+    # The parts of every turn
 
     def _asked(self, turn, ask):
         """Ask the model (`complete` or `open_stream`) for the turn; a refusal goes in the request log."""
@@ -138,16 +397,20 @@ class ChatService:
             raise
 
     def begin(self, user, conversation_id, message, record=None, kind="run"):
-        """Hold the conversation, load its history (cache, else database) and check the owner."""
+        """Hold the conversation, journal the message, load the history (cache, else database).
+
+        The lease, the cached copy, a stream slot and the journal's start ride in one round trip.
+        """
         if self._cost(self._head()) + self._cost([{"content": message}]) > self.context_tokens:
             raise ApiError(413, "context_too_large",
                            f"the message alone exceeds the model's context budget of "
                            f"{self.context_tokens} tokens")
-        name = scope(user, conversation_id)
+        name, turn_id = scope(user, conversation_id), secrets.token_hex(8)
         with self.round_trip() as trip:
             taken = self.coordination.take(name, kind, trip)
             cached = self.cache.read(name, trip)
             opened = self.coordination.open_stream(user, self.max_streams, trip) if kind == "stream" else None
+            started = self.journal.start(name, turn_id, message, taken.asked, trip) if taken.asked else None
         lease, slot = taken.value, opened and opened.value
         if lease is None or (opened and slot is None):
             for held in (lease, slot):
@@ -155,14 +418,34 @@ class ChatService:
                     held.release()
             raise ConversationBusy() if lease is None else TooManyStreams(self.max_streams)
         turn = Turn(user=user, conversation_id=conversation_id, message=message, lease=lease,
-                    slot=slot, name=name, record=record if record is not None else {})
+                    turn_id=turn_id, slot=slot, name=name, record=record if record is not None else {})
         try:
+            turn.journaled = self._journal_started(turn, started)
             turn.history = self._load(user, conversation_id, cached.value)
             turn.prompt = self._prompt(turn)
         except BaseException:
-            turn.let_go()
+            self._abandon(turn)
             raise
         return turn
+
+    def _abandon(self, turn):
+        """Let go of a turn that was refused (the client is told): nothing of it is kept, journal included."""
+        with self.round_trip() as trip:
+            if turn.journaled:
+                self.journal.discard(turn.name, trip)
+            turn.let_go(trip)
+
+    def _journal_started(self, turn, started):
+        """Whether the turn's journal is open; a turn a dead process left is saved first."""
+        if started is None:
+            return False
+        state = started.value
+        if state == "unfinished":
+            self._recover(turn.user, turn.conversation_id, turn.name)
+            with self.round_trip() as trip:
+                again = self.journal.start(turn.name, turn.turn_id, turn.message, turn.lease, trip)
+            state = again.value
+        return state == "started"
 
     def _load(self, user, conversation_id, raw):
         """The recent messages of the user's conversation: the cached ones (`raw`) if they are the database's."""
@@ -202,72 +485,6 @@ class ChatService:
             kept.pop(0)  # a reply without the message it answered is a turn cut in half
         return head + kept + new
 
-    def _events(self, turn, upstream, chunks):
-        """Yield the SSE events of the turn: chunks, pings while the model is silent, one final event."""
-        self._open_streams[turn.name] = chunks
-        parts = []
-        try:
-            try:
-                status, error = yield from self._relay(turn, chunks, parts)
-            except GeneratorExit:
-                upstream.cut()
-                self._keep_interrupted(turn, upstream.reply, "".join(parts))
-                raise
-            finally:
-                self._open_streams.pop(turn.name, None)
-            if status != Message.COMPLETE:
-                upstream.cut()
-            turn.status = status
-            self._take(turn, upstream.reply, "".join(parts))
-            yield self._final_event(turn, error)
-        finally:
-            turn.let_go()
-
-    def _relay(self, turn, chunks, parts):
-        """Yield a chunk event per piece of text and a ping per silent heartbeat; return (status, error)."""
-        while True:
-            try:
-                kind, value = chunks.get(timeout=self.heartbeat)
-            except queue.Empty:
-                kind, value = "ping", None
-            if kind == "ping":
-                yield sse.PING
-                continue
-            if kind == "stop":
-                return Message.STOPPED, None
-            if kind == "error":
-                return Message.ERROR, value
-            if kind == "done":
-                return Message.COMPLETE, None
-            if turn.first_token_at is None:
-                turn.first_token_at = time.monotonic()
-            parts.append(value)
-            yield sse.chunk(value)
-
-    def _final_event(self, turn, error):
-        """Keep the turn and frame the final event, with an error if the turn or its saving failed."""
-        try:
-            self.finish(turn)
-        except ApiError as exc:
-            error = error or exc
-        except DatabaseUnavailable:
-            error = error or DatabaseDown()
-        final = {"content": "", "is_final": True, "metrics": turn.metrics(),
-                 "conversation_id": turn.conversation_id, "finish_reason": turn.finish_reason}
-        if error is not None:
-            final["error"] = error.body()["error"]
-            turn.record["error"] = error.code
-        return sse.event(final)
-
-    def _keep_interrupted(self, turn, reply, content):
-        """Keep the turn of a client that left; nobody is left to tell if that fails."""
-        turn.status = Message.INTERRUPTED
-        self._take(turn, reply, content)
-        try:
-            self.finish(turn)
-        except (ApiError, DatabaseUnavailable) as exc:
-            log.error("could not keep interrupted turn: %s", type(exc).__name__)
-
     def _take(self, turn, reply, content):
         """Copy the model's reply and its figures into the turn."""
         turn.reply = content
@@ -279,25 +496,38 @@ class ChatService:
                               else turn.status)
         turn.record.update(turn.log_fields())
 
-    def finish(self, turn):
-        """Save both messages in the database, then refresh the cache and let the next turn in."""
-        with connection():
-            version = save_turn(conversation_id=turn.conversation_id, owner=turn.user,
-                                message=turn.message, reply=turn.reply, status=turn.status,
-                                message_tokens=turn.message_tokens, reply_tokens=turn.reply_tokens,
-                                prompt_tokens=turn.prompt_tokens)
-        history = (turn.history + [
-            {"role": "user", "content": turn.message},
-            {"role": "assistant", "content": turn.reply},
-        ])[-self.history_limit:]
+    def finish(self, turn, run, error=None):
+        """Save both messages, then, in one round trip, refresh the cache, let the next turn in and end the
+        journal; then end the run with the final event. Returns the final event's error: the turn's
+        own, or a failure to save."""
+        try:
+            with connection():
+                version = save_turn(conversation_id=turn.conversation_id, owner=turn.user,
+                                    message=turn.message, reply=turn.reply, status=turn.status,
+                                    message_tokens=turn.message_tokens, reply_tokens=turn.reply_tokens,
+                                    prompt_tokens=turn.prompt_tokens, turn_id=turn.turn_id)
+        except DatabaseUnavailable:
+            version, error = None, error or DatabaseDown()
+        if error is not None:
+            turn.record["error"] = error.code
+        final = turn.final_data(error)
         with self.round_trip() as trip:
-            self.cache.write(turn.name, cache.encode(version, history), trip)
+            if version is not None:
+                history = (turn.history + [{"role": "user", "content": turn.message},
+                                           {"role": "assistant", "content": turn.reply}])[-self.history_limit:]
+                self.cache.write(turn.name, cache.encode(version, history), trip)
+            if turn.journaled:
+                self.journal.end(turn.name, turn.turn_id, run, (len(run.framed) + 1, final), trip)
             turn.let_go(trip)
+        run.end(final)
+        return error
+
+    # Stop and shutdown
 
     def cut_open_streams(self):
         """End every open stream now with a final error event (the service is shutting down)."""
-        for chunks in list(self._open_streams.values()):
-            chunks.put(("error", ShuttingDown()))
+        for run in list(self._runs.values()):
+            self._cut(run, "shutting_down")
 
     def stop(self, user, conversation_id):
         """Stop the reply being streamed for the user's conversation, from whichever process streams it."""
@@ -319,24 +549,8 @@ class ChatService:
             self.coordination.listen_for_stops(self._stop_here)
 
     def _stop_here(self, name):
-        """Stop the conversation's stream if this process serves it."""
-        chunks = self._open_streams.get(name)
-        if chunks is not None:
-            chunks.put(("stop", None))
+        """Stop the conversation's stream if this process runs it, with or without a reader."""
+        run = self._runs.get(name)
+        if run is not None:
+            self._cut(run, "stopped")
 
-
-def pump(upstream, chunks):
-    """Move the model's chunks into a queue, ending with ("done", None) or ("error", ApiError)."""
-    try:
-        for text in upstream:
-            chunks.put(("chunk", text))
-    except ApiError as exc:
-        upstream.close()
-        chunks.put(("error", exc))
-    except Exception:
-        log.exception("model stream failed")
-        upstream.close()
-        chunks.put(("error", ApiError(502, "llm_unavailable", "the model's stream failed")))
-    else:
-        chunks.put(("done", None))
-        upstream.finish()

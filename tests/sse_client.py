@@ -1,24 +1,32 @@
-"""A server-sent events reader for tests: events as dicts, heartbeats as PING."""
+"""A server-sent events reader for tests: events as dicts, heartbeats as PING, ids on request."""
 
 import json
 
 PING = "ping"
 
 
-def events(response):
-    """Yield each event of a streamed `requests` response: a dict per `data:` event, PING per comment."""
-    data = []
+def events_with_ids(response):
+    """Yield (id, payload) for each event of a streamed `requests` response, and (None, PING) per comment."""
+    data, event_id = [], None
     for line in response.iter_lines(chunk_size=1, decode_unicode=False):
         line = line.decode("utf-8")
         if line.startswith(":"):
-            yield PING
+            yield None, PING
+        elif line.startswith("id: "):
+            event_id = line[4:]
         elif line.startswith("data: "):
             data.append(line[6:])
         elif line == "" and data:
-            yield json.loads("\n".join(data))
-            data = []
+            yield event_id, json.loads("\n".join(data))
+            data, event_id = [], None
         elif line:
             raise AssertionError(f"not an SSE line: {line!r}")
+
+
+def events(response):
+    """Yield each event of a streamed `requests` response: a dict per `data:` event, PING per comment."""
+    for _, payload in events_with_ids(response):
+        yield payload
 
 
 def data_events(response):

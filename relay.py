@@ -1,0 +1,90 @@
+"""A streamed turn in this process: its runner adds the events, and any number of readers follow them.
+
+The turn lives apart from any one connection. Its first reader is the client that asked for
+it; a client that reconnects (GET /chat/stream/{id}) is another, and so is a second tab. When
+the last reader leaves, the turn waits STREAM_RESUME_GRACE_SECONDS for a new one before the
+model is stopped.
+"""
+
+import threading
+import time
+
+import sse
+
+
+class TurnRun:
+    """The events of one streamed turn, framed once, as its runner adds them."""
+
+    def __init__(self, turn_id, name, conversation_id):
+        """A turn with no event yet and no reader."""
+        self.turn_id = turn_id
+        self.name = name
+        self.conversation_id = conversation_id
+        self.framed = []  # event n (from 1) is framed[n - 1]
+        self.unjournaled = []  # (n, data) not yet in the journal
+        self.journal_lock = threading.Lock()
+        self.ended = False
+        self.done = threading.Event()
+        self.readers = 0
+        self.alone_since = None
+        self.cut_reason = None
+        self.upstream = None  # the model's stream, which a cut closes
+        self._news = threading.Event()
+
+    def add(self, text):
+        """Add the event whose `data:` is `text`; its number."""
+        number = len(self.framed) + 1
+        self.framed.append(sse.frame(f"{self.turn_id}:{number}", text))
+        self.unjournaled.append((number, text))
+        self._wake()
+        return number
+
+    def end(self, text):
+        """Add the final event; no other follows."""
+        number = self.add(text)
+        self.ended = True
+        self._wake()
+        return number
+
+    def _wake(self):
+        """Wake every reader waiting for news."""
+        news, self._news = self._news, threading.Event()
+        news.set()
+
+    def take_unjournaled(self):
+        """The events not yet journaled, handed over to the journal."""
+        taken, self.unjournaled = self.unjournaled, []
+        return taken
+
+    def read(self, after, heartbeat):
+        """Yield the framed events after event number `after` as they come (those ready together in
+        one piece), and a ping whenever none came for `heartbeat` seconds; stop after the final one."""
+        sent = after
+        while True:
+            news = self._news
+            if sent < len(self.framed):
+                ready = self.framed[sent:]
+                sent += len(ready)
+                yield ready[0] if len(ready) == 1 else b"".join(ready)
+            elif self.ended:
+                return
+            elif not news.wait(heartbeat):
+                yield sse.PING
+
+    def attach(self):
+        """A reader begins."""
+        self.readers += 1
+        self.alone_since = None
+
+    def detach(self):
+        """A reader leaves; whether none is left."""
+        self.readers -= 1
+        if self.readers == 0 and not self.ended:
+            self.alone_since = time.monotonic()
+            return True
+        return False
+
+    def cut(self, reason):
+        """Note why the turn is being cut short (the first reason given wins)."""
+        if self.cut_reason is None:
+            self.cut_reason = reason
