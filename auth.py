@@ -12,6 +12,7 @@ from flask_jwt_extended import JWTManager, verify_jwt_in_request
 from flask_jwt_extended.exceptions import JWTExtendedException, NoAuthorizationError
 
 import logs
+from config import ConfigError
 from errors import ApiError, Unauthorized
 
 MIN_SECRET_BYTES = 32
@@ -30,8 +31,8 @@ def init_app(app):
     if not secret and app.config["APP_ENV"] == "development":
         secret = local_secret(app.instance_path)
     if not secret or len(secret.encode()) < MIN_SECRET_BYTES:
-        raise RuntimeError(f"JWT_SECRET_KEY must be set to at least {MIN_SECRET_BYTES} bytes "
-                           "(or APP_ENV=development to generate a local one)")
+        raise ConfigError(f"JWT_SECRET_KEY must be set to at least {MIN_SECRET_BYTES} bytes "
+                          "(or APP_ENV=development to generate a local one)")
     app.config.update(JWT_SECRET_KEY=secret, JWT_ALGORITHM="HS256",
                       JWT_DECODE_ALGORITHMS=["HS256"], JWT_TOKEN_LOCATION=["headers"])
     JWTManager(app)

@@ -2,6 +2,7 @@
 
 import base64
 import datetime
+import functools
 import json
 import logging
 import os
@@ -382,11 +383,24 @@ def unexpected_error(error):
     return api_error(ApiError())
 
 
+def plain_failures(command):
+    """A CLI command whose failure is one clear line (`Error: ...`) and exit status 1, never a traceback."""
+    @functools.wraps(command)
+    def run(*args, **kwargs):
+        """Run the command."""
+        try:
+            return command(*args, **kwargs)
+        except models.DatabaseUnavailable as exc:
+            raise click.ClickException(f"the database cannot be used ({exc}); check DATABASE_URL") from None
+    return run
+
+
 @click.command("init-db")
 @with_appcontext
+@plain_failures
 def init_db_command():
-    """Create the database tables."""
-    with models.db.connection_context():
+    """Create the database tables (and move an earlier layout's data into them)."""
+    with models.connection():
         models.create_tables()
     click.echo("database tables are ready")
 
@@ -396,8 +410,11 @@ def init_db_command():
 @click.option("--expires-in", default=86400, show_default=True, type=click.IntRange(min=0),
               help="Seconds until the token expires; 0 for a token that never expires.")
 @with_appcontext
+@plain_failures
 def create_token_command(user, expires_in):
     """Print an access token for USER."""
+    if not auth.usable_user(user):
+        raise click.BadParameter(f"must be 1 to {auth.USER_CHARS} characters of text", param_hint="USER")
     expires = datetime.timedelta(seconds=expires_in) if expires_in > 0 else False
     click.echo(create_access_token(identity=user, expires_delta=expires))
 
@@ -405,8 +422,18 @@ def create_token_command(user, expires_in):
 @click.command("prune")
 @click.option("--older-than", "days", type=click.IntRange(min=0), required=True,
               help="Delete conversations with no activity for this many days.")
+@click.option("--yes", is_flag=True, help="Delete without asking.")
 @with_appcontext
-def prune_command(days):
-    """Delete old conversations and their messages."""
-    removed = services("history").prune(datetime.timedelta(days=days))
+@plain_failures
+def prune_command(days, yes):
+    """Delete old conversations and their messages (says what first, and asks unless --yes)."""
+    idle = datetime.timedelta(days=days)
+    conversations_count, messages_count = services("history").stale(idle)
+    click.echo(f"{conversations_count} conversations ({messages_count} messages) have had no activity "
+               f"for {days} days")
+    if conversations_count == 0:
+        return
+    if not yes:
+        click.confirm("Delete them?", abort=True)
+    removed = services("history").prune(idle)
     click.echo(f"deleted {removed} conversations with no activity for {days} days")

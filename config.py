@@ -2,19 +2,34 @@
 
 import os
 
+import click
+
 VERSION = "0.5.0"
 HERE = os.path.dirname(os.path.abspath(__file__))
 INSTANCE_DIR = os.path.join(HERE, "instance")
 
 
+class ConfigError(click.ClickException):
+    """A setting the service cannot start with: one clear line (`Error: ...`) from the CLI, exit status 1."""
+
+
 def _int(name, default):
     """Read an integer environment variable."""
-    return int(os.environ.get(name, default))
+    return _number(name, default, int)
 
 
 def _float(name, default):
     """Read a float environment variable."""
-    return float(os.environ.get(name, default))
+    return _number(name, default, float)
+
+
+def _number(name, default, kind):
+    """Read a number from the environment; a clear error if it is not one."""
+    raw = os.environ.get(name, default)
+    try:
+        return kind(raw)
+    except ValueError:
+        raise ConfigError(f"{name} must be a {'whole ' if kind is int else ''}number, not {raw!r}") from None
 
 
 class Config:

@@ -73,6 +73,11 @@ class History:
         finally:
             lease.release()
 
+    def stale(self, idle):
+        """How many conversations, and messages in them, have had no activity for `idle` (a timedelta)."""
+        with connection():
+            return Conversation.count_stale(utcnow() - idle)
+
     def prune(self, idle):
         """Delete every conversation with no activity for `idle` (a timedelta); how many were deleted."""
         with connection():

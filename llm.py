@@ -18,6 +18,7 @@ from errors import ApiError
 
 log = logging.getLogger(__name__)
 READ_SIZE = 65536
+LINE_BREAK = re.compile(rb"\r\n|\r|\n")
 # Connections to the model kept open for reuse: as many as a worker's open streams.
 KEPT_CONNECTIONS = 4096
 
@@ -76,6 +77,12 @@ def estimate_tokens(text):
 SECRETS = re.compile(r"(?i)(bearer\s+)[^\s\"',;]+|\b(sk|pk|rk|key|api[-_]?key)-[A-Za-z0-9_-]{6,}"
                      r"|(\b[a-z][a-z0-9+.-]*://[^\s:/@\"']*:)[^\s@/\"']+(@)")
 LOGGED_BODY_CHARS = 500
+# How model servers say the context is too long: OpenAI's and LiteLLM's code, the wording of
+# OpenAI, vLLM and llama-cpp-python ("maximum context length"), llama.cpp's server
+# ("exceeds the available context size") and others'.
+CONTEXT_TOO_LONG = re.compile(r"(?i)context_length_exceeded|maximum context length|context length|"
+                              r"context window|exceed_context_size|exceeds? the available context|"
+                              r"prompt is too long|too many tokens")
 HTTP_DATE = re.compile(r"[A-Za-z]{3}, \d{2} [A-Za-z]{3} \d{4} \d{2}:\d{2}:\d{2} GMT")
 
 
@@ -98,6 +105,19 @@ def retry_after_of(value):
     return None
 
 
+class ContextTooLong(ApiError):
+    """The model says what was sent does not fit its context window."""
+
+    status, code = 413, "context_too_large"
+    message = "the message does not fit in the model's context window, even without history"
+
+
+class EmptyStream(ApiError):
+    """The model answered 200 and sent no event at all (llama-cpp-python, when the prompt does not fit)."""
+
+    status, code, message = 502, "llm_incomplete", "the model's stream ended before its first event"
+
+
 def upstream_error(status, body, retry_after=None, known_secrets=()):
     """The ApiError for a model that answered with an HTTP error status.
 
@@ -106,6 +126,8 @@ def upstream_error(status, body, retry_after=None, known_secrets=()):
     """
     log.warning("the model answered HTTP %s: %s", status, masked(body, known_secrets))
     message = f"the model answered HTTP {status}"
+    if 400 <= status < 500 and CONTEXT_TOO_LONG.search(body):
+        return ContextTooLong()
     if status == 429:
         retry_after = retry_after_of(retry_after)
         headers = {"Retry-After": retry_after} if retry_after else None
@@ -194,9 +216,9 @@ class OpenAIChatModel:
         """Where replies come from, for /status and the startup log (never the key)."""
         return {"backend": self.backend, "model": self.model, "base_url": self.base_url}
 
-    def _post(self, messages, stream):
+    def _post(self, messages, stream, **options):
         """Send the request and return the response once its status line is in."""
-        body = {"model": self.model, "messages": messages, "stream": stream}
+        body = {"model": self.model, "messages": messages, "stream": stream, **options}
         headers = dict(self.headers)
         if stream:
             body["stream_options"] = {"include_usage": True}
@@ -222,6 +244,8 @@ class OpenAIChatModel:
         response = self._post(messages, stream=False)
         try:
             answer = json.loads(response.read(decode_content=True))
+            if isinstance(answer, dict) and answer.get("error") is not None:
+                raise stream_error(json.dumps(answer["error"]), self.known_secrets)
             choice = answer["choices"][0]
             content = choice["message"]["content"] or ""
             if not isinstance(content, str):
@@ -237,47 +261,123 @@ class OpenAIChatModel:
                      completion_tokens=token_figure(usage.get("completion_tokens")),
                      finish_reason=finish_reason_of(choice.get("finish_reason")))
 
+    def fits(self, messages):
+        """Whether `messages` fit the model's context: asked for one token, it does not refuse them."""
+        try:
+            discard(self._post(messages, stream=False, max_tokens=1))
+        except ContextTooLong:
+            return False
+        except ApiError:
+            pass  # it failed some other way: not known not to fit
+        return True
+
     def open_stream(self, messages):
         """Start a streamed reply: raises ApiError unless the model answered 200."""
-        return ReplyStream(self._post(messages, stream=True), self.model, self.timeout)
+        return ReplyStream(self._post(messages, stream=True), self.model, self.timeout, self.known_secrets)
+
+
+class EventDecoder:
+    """Server-sent events as the WHATWG rules read them: ("data", text) or ("error", text) per event.
+
+    Lines end in CR, LF or CRLF; a byte-order mark before the first line is dropped; `data:`
+    lines are joined with newlines; an event dispatches at a blank line. An event named `error`
+    and an `error:` field line (llama.cpp) are errors; comments and other fields are skipped.
+    """
+
+    def __init__(self):
+        """Nothing read yet."""
+        self._buffer = b""
+        self._started = False
+        self._data = []
+        self._event = ""
+        self._error = None
+        self.events = 0
+
+    def feed(self, block):
+        """The events completed by `block`, in order."""
+        buffer = self._buffer + block
+        if not self._started:
+            if len(buffer) < 3 and b"\xef\xbb\xbf".startswith(buffer):
+                self._buffer = buffer
+                return []
+            self._started = True
+            buffer = buffer.removeprefix(b"\xef\xbb\xbf")
+        if buffer.endswith(b"\r"):  # maybe the first half of a CRLF: keep it for the next block
+            lines = LINE_BREAK.split(buffer[:-1])
+            self._buffer = lines.pop() + b"\r"
+        else:
+            lines = LINE_BREAK.split(buffer)
+            self._buffer = lines.pop()
+        completed = []
+        for line in lines:
+            event = self._line(line)
+            if event is not None:
+                completed.append(event)
+        return completed
+
+    def _line(self, line):
+        """Take one line; the event it completes, if any."""
+        if not line:
+            return self._dispatch()
+        if line.startswith(b":"):
+            return None
+        name, _, value = line.partition(b":")
+        value = value[1:] if value.startswith(b" ") else value
+        if name == b"data":
+            self._data.append(value)
+        elif name == b"event":
+            self._event = value.decode("utf-8", "replace")
+        elif name == b"error":
+            self._error = value
+        return None
+
+    def _dispatch(self):
+        """The event the lines so far make, and a fresh start."""
+        data, event, error = self._data, self._event, self._error
+        self._data, self._event, self._error = [], "", None
+        if error is not None:
+            self.events += 1
+            return "error", error.decode("utf-8", "replace")
+        if not data:
+            return None
+        self.events += 1
+        text = b"\n".join(data).decode("utf-8", "replace")
+        return ("error" if event == "error" else "data"), text
+
+
+def stream_error(upstream_text, known_secrets=()):
+    """The ApiError for an error the model reported inside its stream (its text goes to the log, masked)."""
+    log.warning("the model reported an error mid-stream: %s", masked(upstream_text, known_secrets))
+    return ApiError(502, "llm_error", "the model reported an error while answering")
 
 
 class ReplyStream:
     """The chunks of a streamed reply, parsed from the model's server-sent events."""
 
-    def __init__(self, response, model, timeout):
+    def __init__(self, response, model, timeout, known_secrets=()):
         """Wrap an open streaming response."""
         self.response = response
         self.timeout = timeout
+        self.known_secrets = known_secrets
         self.reply = Reply(model=model)
         self._guard = threading.Lock()
         self._done_with = False
 
     def __iter__(self):
-        """Yield each piece of text as the model sends it; raise ApiError if the stream breaks."""
-        for payload in self._events():
-            if payload == "[DONE]":
-                return
-            text = self._apply(payload)
-            if text:
-                yield text
-        raise ApiError(502, "llm_incomplete", "the model's stream ended before it was done")
-
-    def _events(self):
-        """Yield the data of each server-sent event (comments and other fields are skipped)."""
-        buffer = b""
-        data = []
+        """Yield each piece of text as the model sends it; raise ApiError if the stream breaks or reports an error."""
+        decoder = EventDecoder()
         for block in self._blocks():
-            buffer += block
-            *lines, buffer = buffer.split(b"\n")
-            for line in lines:
-                line = line.rstrip(b"\r")
-                if not line:
-                    if data:
-                        yield b"\n".join(data).decode("utf-8", "replace")
-                        data = []
-                elif line.startswith(b"data:"):
-                    data.append(line[6:] if line[5:6] == b" " else line[5:])
+            for kind, payload in decoder.feed(block):
+                if kind == "error":
+                    raise stream_error(payload, self.known_secrets)
+                if payload.strip() == "[DONE]":
+                    return
+                text = self._apply(payload)
+                if text:
+                    yield text
+        if decoder.events == 0:
+            raise EmptyStream()
+        raise ApiError(502, "llm_incomplete", "the model's stream ended before it was done")
 
     def _blocks(self):
         """Yield bytes as they arrive, each wait bounded by the timeout."""
@@ -297,6 +397,8 @@ class ReplyStream:
         """Record one event's usage and finish reason; return its text."""
         try:
             event = json.loads(payload)
+            if event.get("error") is not None:  # vLLM, OpenRouter: an error object in a data event
+                raise stream_error(payload, self.known_secrets)
             if isinstance(event.get("usage"), dict):
                 self.reply.prompt_tokens = token_figure(event["usage"].get("prompt_tokens"))
                 self.reply.completion_tokens = token_figure(event["usage"].get("completion_tokens"))
@@ -304,6 +406,8 @@ class ReplyStream:
             if not event.get("choices"):
                 return ""
             choice = event["choices"][0]
+            if choice.get("finish_reason") == "error":
+                raise stream_error(payload, self.known_secrets)
             self.reply.finish_reason = finish_reason_of(choice.get("finish_reason")) or self.reply.finish_reason
             text = (choice.get("delta") or {}).get("content") or ""
             if not isinstance(text, str):
@@ -381,6 +485,10 @@ class DemoModel:
         reply.chunks = []
         return reply
 
+    def fits(self, messages):
+        """The demo model takes any message."""
+        return True
+
     def open_stream(self, messages):
         """A streamed reply, one word at a time."""
         return DemoStream(self._reply(messages), self.word_delay)
@@ -392,17 +500,18 @@ class DemoStream:
     def __init__(self, reply, word_delay):
         """Stream `reply` with `word_delay` between words."""
         self.words = reply.chunks
-        self.reply = Reply(model=reply.model, prompt_tokens=reply.prompt_tokens,
-                           completion_tokens=reply.completion_tokens, finish_reason="stop")
+        self.reply = Reply(model=reply.model, prompt_tokens=reply.prompt_tokens, completion_tokens=0,
+                           finish_reason="stop")
         self.word_delay = word_delay
         self.cut_short = False
 
     def __iter__(self):
-        """Yield each word after a short pause, until cut."""
+        """Yield each word after a short pause, until cut; the reply counts the words sent."""
         for word in self.words:
             time.sleep(self.word_delay)
             if self.cut_short:
                 return
+            self.reply.completion_tokens += 1
             yield word
 
     def finish(self):

@@ -183,6 +183,12 @@ class Conversation(BaseModel):
         return list(cls.select(cls.key, cls.owner, cls.id).where(cls.updated_at < cutoff).tuples())
 
     @classmethod
+    def count_stale(cls, cutoff):
+        """(conversations, messages in them) with no activity since `cutoff`."""
+        stale = cls.select(cls.key).where(cls.updated_at < cutoff)
+        return stale.count(), Message.select().where(Message.conversation.in_(stale)).count()
+
+    @classmethod
     def remove(cls, keys):
         """Delete conversations (by key) and their messages in one transaction; how many were deleted."""
         with db.atomic():

@@ -18,7 +18,7 @@ import sse
 from errors import (ApiError, ConversationBusy, DatabaseDown, NotFound, ShuttingDown,
                     TooManyStreams)
 from journal import JournalUnavailable, NoJournal, Record
-from llm import estimate_tokens
+from llm import ContextTooLong, EmptyStream, Reply, estimate_tokens
 from models import (Conversation, DatabaseUnavailable, Message, connection, retried_once,
                     save_turn)
 from redis_link import LocalTrip, scope
@@ -57,6 +57,7 @@ class Turn:
     journaled: bool = False
     record: dict = field(default_factory=dict)
     history: list = field(default_factory=list)
+    kept: list = field(default_factory=list)  # the history sent to the model
     prompt: list = field(default_factory=list)
     started: float = field(default_factory=time.monotonic)
     first_token_at: float = None
@@ -94,6 +95,7 @@ class Turn:
             "prompt_tokens": self.prompt_tokens,
             "completion_tokens": self.reply_tokens,
             "model": self.model,
+            "history_messages": len(self.kept),
         }
         if self.first_token_at is not None:
             metrics["time_to_first_token"] = round(self.first_token_at - self.started, 4)
@@ -182,27 +184,13 @@ class ChatService:
 
     def _run(self, turn, run, upstream):
         """Relay the model's chunks into the run until the reply ends, then keep the turn and end the run."""
-        status, error, parts = Message.COMPLETE, None, []
-        try:
-            for text in upstream:
-                if turn.first_token_at is None:
-                    turn.first_token_at = time.monotonic()
-                parts.append(text)
-                run.add(sse.chunk_data(text))
-        except ApiError as exc:
-            status, error = Message.ERROR, exc
-            upstream.close()
-        except Exception:
-            log.exception("model stream failed")
-            status, error = Message.ERROR, ApiError(502, "llm_unavailable", "the model's stream failed")
-            upstream.close()
-        else:
-            upstream.finish()
+        parts = []
+        status, error, upstream = self._relay(turn, run, upstream, parts)
         if run.cut_reason is not None:  # the cut, not what it broke, is how the turn ended
             status, error = {"stopped": (Message.STOPPED, None), "interrupted": (Message.INTERRUPTED, None),
                              "shutting_down": (Message.ERROR, ShuttingDown())}[run.cut_reason]
         turn.status = status
-        self._take(turn, upstream.reply, "".join(parts))
+        self._take(turn, upstream.reply if upstream is not None else None, "".join(parts))
         try:
             self.finish(turn, run, error)
         finally:
@@ -210,6 +198,49 @@ class ChatService:
             if not self.journal.shared:
                 self._keep_ended(run)
             run.done.set()
+
+    def _relay(self, turn, run, upstream, parts):
+        """Add each chunk of the model's reply to the run; (status, error, the stream it came from).
+
+        A stream that sends nothing at all may be the model's way of saying the prompt is too
+        long (llama-cpp-python): if so, the oldest history is left out and the model asked again.
+        """
+        while True:
+            try:
+                for text in upstream:
+                    if turn.first_token_at is None:
+                        turn.first_token_at = time.monotonic()
+                    parts.append(text)
+                    run.add(sse.chunk_data(text))
+            except EmptyStream as exc:
+                upstream.close()
+                try:
+                    if parts or run.cut_reason or not self._refit(turn):
+                        return Message.ERROR, exc, upstream
+                    upstream = run.upstream = self._asked(turn, self.model.open_stream)
+                except ApiError as refused:
+                    return Message.ERROR, refused, upstream
+                continue
+            except ApiError as exc:
+                upstream.close()
+                return Message.ERROR, exc, upstream
+            except Exception:
+                log.exception("model stream failed")
+                upstream.close()
+                return Message.ERROR, ApiError(502, "llm_unavailable", "the model's stream failed"), upstream
+            upstream.finish()
+            return Message.COMPLETE, None, upstream
+
+    def _refit(self, turn):
+        """After an empty stream: whether the prompt did not fit and a shorter one is ready.
+
+        Raises ContextTooLong when even the message alone does not fit.
+        """
+        if self.model.fits(turn.prompt):
+            return False
+        if not self._shorten(turn):
+            raise ContextTooLong()
+        return True
 
     def _read(self, run, after, slot=None, wait_for_end=False):
         """Yield the run's events after event `after` to one reader; when it leaves, see whether anyone is left.
@@ -388,13 +419,34 @@ class ChatService:
     # The parts of every turn
 
     def _asked(self, turn, ask):
-        """Ask the model (`complete` or `open_stream`) for the turn; a refusal goes in the request log."""
-        try:
-            return ask(turn.prompt)
-        except ApiError as exc:
+        """Ask the model (`complete` or `open_stream`) for the turn; a refusal goes in the request log.
+
+        While the model says the context is too long, the oldest turn of history is left out and
+        the model asked again, down to the new message alone.
+        """
+        while True:
+            try:
+                return ask(turn.prompt)
+            except ContextTooLong as exc:
+                if self._shorten(turn):
+                    continue
+                failure = exc
+            except ApiError as exc:
+                failure = exc
             turn.record.update(model=getattr(self.model, "model", None), outcome=Message.ERROR,
-                               error=exc.code)
-            raise
+                               error=failure.code)
+            raise failure
+
+    def _shorten(self, turn):
+        """Leave the oldest turn of history out of the prompt; False if there is none left to leave out."""
+        if not turn.kept:
+            return False
+        turn.kept = turn.kept[1:]
+        while turn.kept and turn.kept[0]["role"] == "assistant":
+            turn.kept = turn.kept[1:]
+        turn.prompt = self._head() + turn.kept + [{"role": "user", "content": turn.message}]
+        log.info("the model's context was too long; asking again with %d messages of history", len(turn.kept))
+        return True
 
     def begin(self, user, conversation_id, message, record=None, kind="run"):
         """Hold the conversation, journal the message, load the history (cache, else database).
@@ -422,7 +474,8 @@ class ChatService:
         try:
             turn.journaled = self._journal_started(turn, started)
             turn.history = self._load(user, conversation_id, cached.value)
-            turn.prompt = self._prompt(turn)
+            turn.kept = self._fitting_history(turn)
+            turn.prompt = self._head() + turn.kept + [{"role": "user", "content": message}]
         except BaseException:
             self._abandon(turn)
             raise
@@ -470,8 +523,8 @@ class ChatService:
         """The estimated tokens of messages, with a few for each message's framing."""
         return sum(estimate_tokens(m["content"]) + MESSAGE_OVERHEAD_TOKENS for m in messages)
 
-    def _prompt(self, turn):
-        """The messages sent to the model: system prompt, the recent history that fits the budget, the new message."""
+    def _fitting_history(self, turn):
+        """The recent history that fits the budget beside the system prompt and the new message."""
         head, new = self._head(), [{"role": "user", "content": turn.message}]
         room = self.context_tokens - self._cost(head) - self._cost(new)
         kept = []
@@ -483,10 +536,11 @@ class ChatService:
         kept.reverse()
         while kept and kept[0]["role"] == "assistant":
             kept.pop(0)  # a reply without the message it answered is a turn cut in half
-        return head + kept + new
+        return kept
 
     def _take(self, turn, reply, content):
         """Copy the model's reply and its figures into the turn."""
+        reply = reply or Reply()
         turn.reply = content
         turn.model = reply.model or getattr(self.model, "model", None)
         turn.prompt_tokens = reply.prompt_tokens or self._cost(turn.prompt)
