@@ -2,7 +2,7 @@
 
 Usage, from the repository root, with the project's virtualenv:
 
-    .venv/bin/python bench/run.py [--quick] [--out bench/results] [--profile]
+    .venv/bin/python bench/run.py [--quick] [--out bench/results] [--phases turns,latency] [--profile]
 
 It needs PostgreSQL and Redis (``--database-url``, default
 postgresql://root@127.0.0.1:5432/chat_bench, created if missing and its tables recreated;
@@ -34,7 +34,10 @@ The run raises its limit on open files to the hard limit; every process it start
 
 ``--quick`` (about 70 s, used by tests/test_bench.py) runs fewer requests, stream levels of
 50 and 100, and 3 s windows; the full run takes about 3 minutes on 2 cores. ``--levels
-500,1000`` replaces the mode's stream levels. ``--profile`` adds a phase that samples the
+500,1000`` replaces the mode's stream levels. ``--phases`` runs only some of the phases,
+``latency`` (the first two above), ``turns`` (CPU per turn and scaling) and ``streams`` (open
+streams and memory), so that a change can be tried quickly on the figures it is about; only
+their figures are reported. ``--profile`` adds a phase that samples the
 worker with py-spy under the same /chat/run load (py-spy must be installed in the
 virtualenv) and lists its top functions by self and cumulative time (raw samples in
 ``--out/profile-raw.txt``).
@@ -87,6 +90,7 @@ FULL = {"latency_n": 400, "latency_warmup": 20, "levels": [500, 1000, 2000, 3000
         "turns_seconds": 10.0, "turns_warmup": 2.0, "connections": 48, "profile_seconds": 10}
 QUICK = {"latency_n": 40, "latency_warmup": 10, "levels": [50, 100],
          "turns_seconds": 3.0, "turns_warmup": 1.0, "connections": 32, "profile_seconds": 3}
+PHASES = ("latency", "turns", "streams")
 
 
 def log(message):
@@ -507,7 +511,9 @@ class Bench:
         now = int(time.time())
         self.tokens = [jwt.encode({"sub": f"bench-{n}", "iat": now, "exp": now + 3600}, SECRET, "HS256")
                        for n in range(USERS)]
+        self.phases = args.phases
         self.results = {"phases": {}}
+        self.figures = {}
         self.notes = []
 
     def close(self):
@@ -624,7 +630,7 @@ class Bench:
 
     def stream_level(self, fake, level):
         """`level` concurrent slow streams on a fresh one-worker service."""
-        service = Service(self.processes, f"service-streams-{level}", self, 1, fake.url)
+        service = self.service(f"service-streams-{level}", 1, fake.url)
         try:
             service.warm_up(self.tokens)
             worker = service.workers()[0]
@@ -709,49 +715,74 @@ class Bench:
 
     # the whole run
 
+    def service(self, name, workers, llm_url):
+        """Start the service; the first one started tells the worker's limit on open files."""
+        service = Service(self.processes, name, self, workers, llm_url)
+        self.results["settings"].setdefault("worker_open_files_limit", open_files_limit(service.workers()[0]))
+        return service
+
     def run(self):
-        """Every phase, in order; the results."""
+        """The phases asked for, in order; the results."""
         started = time.monotonic()
         log(f"preparing {self.database_url} and {self.redis_url}")
         self.prepare_stores()
         whole = CpuWatch(self.database_name)
         run_before = whole.snapshot()
-
-        log("starting the instant fake model")
-        instant = FakeModel(self.processes, "fake-instant", "--reply", INSTANT_REPLY)
-        service = Service(self.processes, "service-1-worker", self, 1, instant.url)
-        service.warm_up(self.tokens)
+        self.results["phases_run"] = list(self.phases) + (["profile"] if self.args.profile else [])
         self.results["settings"] = {
             **self.settings, "client_processes": CLIENT_PROCESSES, "users": USERS,
             "stream_chunk_delay_s": STREAM_CHUNK_DELAY, "stream_chunks": STREAM_CHUNKS,
             "stream_gap_limit_ms": STREAM_CHUNK_DELAY * 1000 + GAP_SLACK_MS,
             "stream_open_rate_per_s": STREAM_OPEN_RATE, "database_pool_size": POOL_SIZE,
-            "worker_open_files_limit": open_files_limit(service.workers()[0]),
             "database_url": self.database_url, "redis_url": self.redis_url,
         }
-        log(f"latency: {self.settings['latency_n']} streamed turns, direct and through /chat/stream")
-        self.results["phases"]["ttft"] = self.latency(service, instant, "stream")
-        log(f"latency: {self.settings['latency_n']} turns, direct and through /chat/run")
-        self.results["phases"]["run"] = self.latency(service, instant, "run")
-        log(f"CPU per turn: {self.settings['connections']} connections, 1 worker")
-        self.results["phases"]["turns_1"] = self.turns(service, instant, "turns-1-worker")
-        service.stop()
+        if {"latency", "turns"} & set(self.phases) or self.args.profile:
+            self.instant_phases()
+        if "streams" in self.phases:
+            self.stream_phases()
+        run_after = whole.snapshot()
+        self.results["phases"]["whole_run"] = {
+            k: v for k, v in CpuWatch.between(run_before, run_after).items()
+            if k in ("wall_s", "postgres_s", "redis_s", "machine_busy_cores")}
+        self.results["duration_s"] = time.monotonic() - started
+        return self.report()
 
-        service = Service(self.processes, "service-2-workers", self, 2, instant.url)
-        service.warm_up(self.tokens, turns=40)
-        log(f"scaling: {self.settings['connections']} connections, 2 workers")
-        self.results["phases"]["turns_2"] = self.turns(service, instant, "turns-2-workers")
-        service.stop()
+    def instant_phases(self):
+        """Latency, CPU per turn, scaling and the profile, against a model that answers at once."""
+        phases = self.results["phases"]
+        log("starting the instant fake model")
+        instant = FakeModel(self.processes, "fake-instant", "--reply", INSTANT_REPLY)
+        if "latency" in self.phases or "turns" in self.phases:
+            service = self.service("service-1-worker", 1, instant.url)
+            service.warm_up(self.tokens)
+            if "latency" in self.phases:
+                log(f"latency: {self.settings['latency_n']} streamed turns, direct and through /chat/stream")
+                phases["ttft"] = self.latency(service, instant, "stream")
+                log(f"latency: {self.settings['latency_n']} turns, direct and through /chat/run")
+                phases["run"] = self.latency(service, instant, "run")
+            if "turns" in self.phases:
+                log(f"CPU per turn: {self.settings['connections']} connections, 1 worker")
+                phases["turns_1"] = self.turns(service, instant, "turns-1-worker")
+            service.stop()
+
+        if "turns" in self.phases:
+            service = self.service("service-2-workers", 2, instant.url)
+            service.warm_up(self.tokens, turns=40)
+            log(f"scaling: {self.settings['connections']} connections, 2 workers")
+            phases["turns_2"] = self.turns(service, instant, "turns-2-workers")
+            service.stop()
 
         if self.args.profile:
-            service = Service(self.processes, "service-profile", self, 1, instant.url)
+            service = self.service("service-profile", 1, instant.url)
             service.warm_up(self.tokens)
             log(f"profile: py-spy on the worker for {self.settings['profile_seconds']} s of turns")
-            self.results["phases"]["profile"] = self.turns(
-                service, instant, "turns-profile", profile_seconds=self.settings["profile_seconds"])
+            phases["profile"] = self.turns(service, instant, "turns-profile",
+                                           profile_seconds=self.settings["profile_seconds"])
             service.stop()
         instant.stop()
 
+    def stream_phases(self):
+        """Open streams of a slow model, level by level, until a level is not clean."""
         log("starting the slow fake model (a chunk every 500 ms for 20 s)")
         slow = FakeModel(self.processes, "fake-slow", "--chunk-delay", str(STREAM_CHUNK_DELAY),
                          "--chunks", str(STREAM_CHUNKS))
@@ -767,90 +798,102 @@ class Bench:
         self.results["phases"]["streams"] = levels
         slow.stop()
 
-        run_after = whole.snapshot()
-        self.results["phases"]["whole_run"] = {
-            k: v for k, v in CpuWatch.between(run_before, run_after).items()
-            if k in ("wall_s", "postgres_s", "redis_s", "machine_busy_cores")}
-        self.results["duration_s"] = time.monotonic() - started
-        return self.report()
-
-    def report(self):
-        """The figures against their targets, and everything around them."""
+    def note_noise(self):
+        """A note naming the phases during which other processes kept the cores busy."""
         phases = self.results["phases"]
-        ttft, run, one, two, levels = (phases["ttft"], phases["run"], phases["turns_1"], phases["turns_2"],
-                                       phases["streams"])
         busy = [(name, phases[key]) for name, key in (("latency (streamed)", "ttft"), ("latency (/chat/run)", "run"),
-                                                      ("CPU, 1 worker", "turns_1"), ("scaling, 2 workers", "turns_2"))]
-        busy += [(f"{level['level']} streams", level) for level in levels]
+                                                      ("CPU, 1 worker", "turns_1"), ("scaling, 2 workers", "turns_2"))
+                if key in phases]
+        busy += [(f"{level['level']} streams", level) for level in phases.get("streams", [])]
         noisy = [f"{name} {phase['other_busy_cores']:.2f}" for name, phase in busy
                  if phase["other_busy_cores"] > NOISE_CORES]
         if noisy:
             self.notes.append("other processes on this machine kept cores busy during some phases, so those "
                               f"figures are noisier (cores busy outside the benchmark): {', '.join(noisy)}")
-        clean = [level for level in levels if level["clean"]]
-        carried = clean[-1] if clean else None
-        measured = carried or levels[0]
-        if carried is None:
-            self.notes.append(f"no stream level was clean; memory per stream is from the {levels[0]['level']} level")
-        figures = {}
 
-        def figure(key, name, value, unit, target=None, op=None):
-            value = float(value)
-            if not math.isfinite(value):
-                # Nothing was measured (every request failed): no number, and the run fails.
-                self.notes.append(f"{name}: nothing measured")
-                value = None
-            ok = None
-            if op is not None:
-                ok = value is not None and (value <= target if op == "<=" else value >= target)
-            figures[key] = {"figure": name, "value": None if value is None else round(value, 3), "unit": unit,
-                            "target": None if op is None else f"{op} {target:g}", "pass": ok}
+    def figure(self, key, name, value, unit, target=None, op=None):
+        """Report a figure, against its target if it has one."""
+        value = float(value)
+        if not math.isfinite(value):
+            # Nothing was measured (every request failed): no number, and the run fails.
+            self.notes.append(f"{name}: nothing measured")
+            value = None
+        ok = None
+        if op is not None:
+            ok = value is not None and (value <= target if op == "<=" else value >= target)
+        self.figures[key] = {"figure": name, "value": None if value is None else round(value, 3), "unit": unit,
+                             "target": None if op is None else f"{op} {target:g}", "pass": ok}
 
-        for q, target in ((50, 2), (95, 5), (99, None)):
-            figure(f"ttft_added_p{q}_ms", f"added time to first token p{q}", ttft[f"added_p{q}_ms"], "ms",
-                   target, "<=" if target else None)
-        for side in ("direct", "service"):
-            for q in (50, 95, 99):
-                figure(f"ttft_{side}_p{q}_ms", f"time to first token p{q}, {side}", ttft[f"{side}_p{q}_ms"], "ms")
-        for q in (50, 95):
-            figure(f"run_added_p{q}_ms", f"added total time of /chat/run p{q}", run[f"added_p{q}_ms"], "ms")
-        for side in ("direct", "service"):
-            for q in (50, 95):
-                figure(f"run_{side}_p{q}_ms", f"total time p{q}, {side}", run[f"{side}_p{q}_ms"], "ms")
-        figure("open_streams_per_worker", "open streams one worker carries (largest clean level)",
-               carried["level"] if carried else 0, "streams", 2000, ">=")
-        figure("streams_failed", "streams failed at that level",
-               carried["failed"] if carried else levels[0]["failed"], "streams", 0, "<=")
-        figure("stream_gap_p95_ms", "chunk gap p95 at that level (upstream: 500 ms)",
-               measured["gap_p95_ms"], "ms", STREAM_CHUNK_DELAY * 1000 + GAP_SLACK_MS, "<=")
-        figure("memory_per_stream_kb", "memory per open stream", measured["rss_per_stream_kb"], "KB", 100, "<=")
-        figure("cpu_per_turn_ms", "worker CPU per turn (1 worker)", one["worker_cpu_per_turn_ms"], "ms", 1.5, "<=")
-        figure("turns_per_s_1_worker", "turns per second, 1 worker", one["turns_per_s"], "turns/s")
-        figure("turns_per_s_2_workers", "turns per second, 2 workers", two["turns_per_s"], "turns/s")
-        figure("scaling_ratio", "scaling, 2 workers / 1 worker",
-               two["turns_per_s"] / one["turns_per_s"] if one["turns_per_s"] else float("nan"), "x", 1.7, ">=")
-        helpers = helpers_cpu_per_turn_ms(one)
-        figure("helpers_cpu_per_turn_ms", "CPU per turn of everything else on the machine (context)", helpers, "ms")
-        figure("scaling_ceiling", "highest scaling these cores allow (context)",
-               scaling_ceiling(one, helpers, machine()["nproc"]), "x")
-        figure("postgres_cpu_per_turn_ms", "PostgreSQL CPU per turn (context)",
-               one.get("postgres_cpu_per_turn_ms", float("nan")), "ms")
-        figure("redis_cpu_per_turn_ms", "Redis CPU per turn (context)",
-               one.get("redis_cpu_per_turn_ms", float("nan")), "ms")
-        figure("postgres_cpu_s_run", "PostgreSQL CPU over the whole run (context)",
-               phases["whole_run"]["postgres_s"], "s")
-        figure("redis_cpu_s_run", "Redis CPU over the whole run (context)", phases["whole_run"]["redis_s"], "s")
-
+    def report(self):
+        """The figures of the phases that ran, against their targets, and everything around them."""
+        phases = self.results["phases"]
+        self.note_noise()
+        if "ttft" in phases:
+            self.latency_figures(phases["ttft"], phases["run"])
+        if "streams" in phases:
+            self.stream_figures(phases["streams"])
+        if "turns_1" in phases:
+            self.turn_figures(phases["turns_1"], phases["turns_2"])
+        self.figure("postgres_cpu_s_run", "PostgreSQL CPU over the whole run (context)",
+                    phases["whole_run"]["postgres_s"], "s")
+        self.figure("redis_cpu_s_run", "Redis CPU over the whole run (context)", phases["whole_run"]["redis_s"], "s")
         self.results.update({
             "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
             "mode": "quick" if self.args.quick else "full",
             "command": " ".join([sys.executable] + sys.argv),
             "machine": machine(),
-            "figures": figures,
+            "figures": self.figures,
             "notes": self.notes,
         })
         return self.results
 
+    def latency_figures(self, ttft, run):
+        """Added time to first token and added total time of /chat/run."""
+        for q, target in ((50, 2), (95, 5), (99, None)):
+            self.figure(f"ttft_added_p{q}_ms", f"added time to first token p{q}", ttft[f"added_p{q}_ms"], "ms",
+                        target, "<=" if target else None)
+        for side in ("direct", "service"):
+            for q in (50, 95, 99):
+                self.figure(f"ttft_{side}_p{q}_ms", f"time to first token p{q}, {side}", ttft[f"{side}_p{q}_ms"],
+                            "ms")
+        for q in (50, 95):
+            self.figure(f"run_added_p{q}_ms", f"added total time of /chat/run p{q}", run[f"added_p{q}_ms"], "ms")
+        for side in ("direct", "service"):
+            for q in (50, 95):
+                self.figure(f"run_{side}_p{q}_ms", f"total time p{q}, {side}", run[f"{side}_p{q}_ms"], "ms")
+
+    def stream_figures(self, levels):
+        """Open streams one worker carries, and memory per stream."""
+        clean = [level for level in levels if level["clean"]]
+        carried = clean[-1] if clean else None
+        measured = carried or levels[0]
+        if carried is None:
+            self.notes.append(f"no stream level was clean; memory per stream is from the {levels[0]['level']} level")
+        self.figure("open_streams_per_worker", "open streams one worker carries (largest clean level)",
+                    carried["level"] if carried else 0, "streams", 2000, ">=")
+        self.figure("streams_failed", "streams failed at that level",
+                    carried["failed"] if carried else levels[0]["failed"], "streams", 0, "<=")
+        self.figure("stream_gap_p95_ms", "chunk gap p95 at that level (upstream: 500 ms)",
+                    measured["gap_p95_ms"], "ms", STREAM_CHUNK_DELAY * 1000 + GAP_SLACK_MS, "<=")
+        self.figure("memory_per_stream_kb", "memory per open stream", measured["rss_per_stream_kb"], "KB", 100, "<=")
+
+    def turn_figures(self, one, two):
+        """CPU per turn, turns per second with 1 and 2 workers, and what shares the cores with them."""
+        self.figure("cpu_per_turn_ms", "worker CPU per turn (1 worker)", one["worker_cpu_per_turn_ms"], "ms",
+                    1.5, "<=")
+        self.figure("turns_per_s_1_worker", "turns per second, 1 worker", one["turns_per_s"], "turns/s")
+        self.figure("turns_per_s_2_workers", "turns per second, 2 workers", two["turns_per_s"], "turns/s")
+        self.figure("scaling_ratio", "scaling, 2 workers / 1 worker",
+                    two["turns_per_s"] / one["turns_per_s"] if one["turns_per_s"] else float("nan"), "x", 1.7, ">=")
+        helpers = helpers_cpu_per_turn_ms(one)
+        self.figure("helpers_cpu_per_turn_ms", "CPU per turn of everything else on the machine (context)",
+                    helpers, "ms")
+        self.figure("scaling_ceiling", "highest scaling these cores allow (context)",
+                    scaling_ceiling(one, helpers, machine()["nproc"]), "x")
+        self.figure("postgres_cpu_per_turn_ms", "PostgreSQL CPU per turn (context)",
+                    one.get("postgres_cpu_per_turn_ms", float("nan")), "ms")
+        self.figure("redis_cpu_per_turn_ms", "Redis CPU per turn (context)",
+                    one.get("redis_cpu_per_turn_ms", float("nan")), "ms")
 
 def helpers_cpu_per_turn_ms(phase):
     """CPU per turn, in the 1-worker phase, of what shares the cores with the workers: the fake
@@ -968,44 +1011,73 @@ def machine():
 
 
 def markdown(results):
-    """The results as a Markdown document."""
+    """The results as a Markdown document: the figures, then a section for each phase that ran."""
     m = results["machine"]
     lines = [f"# Chat API benchmark ({results['mode']})", "",
              f"- date: {results['date']}",
              f"- machine: {m['nproc']} CPUs ({m['cpu_model']}), Python {m['python']}, {m['platform']}",
              f"- command: `{results['command']}`",
+             f"- phases: {', '.join(results.get('phases_run', PHASES))}",
              f"- duration: {results['duration_s']:.0f} s", "",
              "| figure | value | target | result |", "|---|---|---|---|"]
-    settings = results.get("settings", {})
     for figure in results["figures"].values():
         verdict = "—" if figure["pass"] is None else ("pass" if figure["pass"] else "FAIL")
         value = "n/a" if figure["value"] is None else f"{figure['value']:g}"
         lines.append(f"| {figure['figure']} | {value} {figure['unit']} | "
                      f"{figure['target'] or '(report)'} | {verdict} |")
     phases = results["phases"]
-    if settings:
-        lines += ["", "## How", "",
-                  (f"- Latency: {settings['latency_n']} requests each way (after {settings['latency_warmup']} "
-                   "discarded), one at a time on keep-alive connections, direct to the fake model and through "
-                   "the service (1 worker), interleaved; a new conversation per turn."),
-                  (f"- Streams: a fake model sending {settings['stream_chunks']} chunks "
-                   f"{settings['stream_chunk_delay_s'] * 1000:.0f} ms apart; a fresh one-worker service per level; "
-                   f"streams opened at {settings['stream_open_rate_per_s']}/s by {settings['client_processes']} "
-                   f"gevent client processes; a level is clean with no failure and a chunk-gap p95 of at most "
-                   f"{settings['stream_gap_limit_ms']:.0f} ms. Levels: {settings['levels']}."),
-                  (f"- CPU and scaling: an instant fake model; {settings['connections']} keep-alive client "
-                   f"connections in {settings['client_processes']} processes, closed loop on /chat/run; "
-                   f"{settings['turns_warmup']:g} s of warm-up, then a {settings['turns_seconds']:g} s window "
-                   "over which /proc gives each process's utime+stime."),
-                  (f"- The worker's limit on open files: {settings['worker_open_files_limit']}; "
-                   f"DATABASE_POOL_SIZE={settings['database_pool_size']} connections per worker. "
-                   f"{settings['users']} users, a new conversation for every turn.")]
-    lines += ["", "## Open streams, level by level (one worker, fresh for each level)", "",
-              ("| streams | peak open | failed | gap p50 / p95 / p99 / max ms | first chunk p50 / p95 ms | "
-               "RSS before → peak MB | KB/stream | worker cores busy (busiest second) | "
-               "fake / clients / PostgreSQL CPU s | machine / other cores busy |"),
-              "|---|---|---|---|---|---|---|---|---|---|"]
-    for level in phases["streams"]:
+    if results.get("settings"):
+        lines += ["", "## How", ""] + how(results["settings"], phases)
+    if "streams" in phases:
+        lines += stream_table(phases["streams"])
+    if any(key in phases for key in ("turns_1", "turns_2", "profile")):
+        lines += turns_table(phases)
+    if "ttft" in phases:
+        lines += latency_table(phases["ttft"], phases["run"])
+    whole = phases["whole_run"]
+    lines += ["", (f"PostgreSQL used {whole['postgres_s']:.1f} s and Redis {whole['redis_s']:.1f} s of CPU over "
+                   f"the {whole['wall_s']:.0f} s run (all their processes, from /proc; other users of the same "
+                   "servers count too). None of it is counted as the worker's."), ""]
+    profile = (phases.get("profile") or {}).get("profile")
+    if profile:
+        lines += profile_lists(profile)
+    if results["notes"]:
+        lines += ["## Notes", ""] + [f"- {note}" for note in results["notes"]] + [""]
+    return "\n".join(lines)
+
+
+def how(settings, phases):
+    """How each phase that ran was measured, one bullet each."""
+    lines = []
+    if "ttft" in phases:
+        lines.append(f"- Latency: {settings['latency_n']} requests each way (after {settings['latency_warmup']} "
+                     "discarded), one at a time on keep-alive connections, direct to the fake model and through "
+                     "the service (1 worker), interleaved; a new conversation per turn.")
+    if "streams" in phases:
+        lines.append(f"- Streams: a fake model sending {settings['stream_chunks']} chunks "
+                     f"{settings['stream_chunk_delay_s'] * 1000:.0f} ms apart; a fresh one-worker service per level; "
+                     f"streams opened at {settings['stream_open_rate_per_s']}/s by {settings['client_processes']} "
+                     f"gevent client processes; a level is clean with no failure and a chunk-gap p95 of at most "
+                     f"{settings['stream_gap_limit_ms']:.0f} ms. Levels: {settings['levels']}.")
+    if "turns_1" in phases or "profile" in phases:
+        lines.append(f"- CPU and scaling: an instant fake model; {settings['connections']} keep-alive client "
+                     f"connections in {settings['client_processes']} processes, closed loop on /chat/run; "
+                     f"{settings['turns_warmup']:g} s of warm-up, then a {settings['turns_seconds']:g} s window "
+                     "over which /proc gives each process's utime+stime.")
+    lines.append(f"- The worker's limit on open files: {settings.get('worker_open_files_limit', 'n/a')}; "
+                 f"DATABASE_POOL_SIZE={settings['database_pool_size']} connections per worker. "
+                 f"{settings['users']} users, a new conversation for every turn.")
+    return lines
+
+
+def stream_table(levels):
+    """The open-streams levels, one row each."""
+    lines = ["", "## Open streams, level by level (one worker, fresh for each level)", "",
+             ("| streams | peak open | failed | gap p50 / p95 / p99 / max ms | first chunk p50 / p95 ms | "
+              "RSS before → peak MB | KB/stream | worker cores busy (busiest second) | "
+              "fake / clients / PostgreSQL CPU s | machine / other cores busy |"),
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for level in levels:
         lines.append(
             f"| {level['level']} | {level['peak_concurrent']} | {level['failed']} {level['failures'] or ''} | "
             f"{level['gap_p50_ms']:.0f} / {level['gap_p95_ms']:.0f} / {level['gap_p99_ms']:.0f} / "
@@ -1015,11 +1087,16 @@ def markdown(results):
             f"({level['worker_peak_busy_cores']:.2f}) | "
             f"{level['fake_cpu_s']:.1f} / {level['clients_cpu_s']:.1f} / {level['postgres_cpu_s']:.1f} | "
             f"{level['machine_busy_cores']:.2f} / {level['other_busy_cores']:.2f} |")
-    lines += ["", "## Closed-loop /chat/run at saturation", "",
-              ("| workers | turns/s | latency p50 / p95 ms | worker CPU per turn ms | worker cores busy "
-               "(each worker's CPU s) | fake / clients CPU s | PostgreSQL / Redis CPU per turn ms | "
-               "machine / other cores busy |"),
-              "|---|---|---|---|---|---|---|---|"]
+    return lines
+
+
+def turns_table(phases):
+    """The closed-loop /chat/run phases, one row each."""
+    lines = ["", "## Closed-loop /chat/run at saturation", "",
+             ("| workers | turns/s | latency p50 / p95 ms | worker CPU per turn ms | worker cores busy "
+              "(each worker's CPU s) | fake / clients CPU s | PostgreSQL / Redis CPU per turn ms | "
+              "machine / other cores busy |"),
+             "|---|---|---|---|---|---|---|---|"]
     for key in ("turns_1", "turns_2", "profile"):
         phase = phases.get(key)
         if not phase:
@@ -1033,31 +1110,32 @@ def markdown(results):
             f"{phase.get('postgres_cpu_per_turn_ms', float('nan')):.2f} / "
             f"{phase.get('redis_cpu_per_turn_ms', float('nan')):.2f} | "
             f"{phase['machine_busy_cores']:.2f} / {phase['other_busy_cores']:.2f} |")
-    ttft, run = phases["ttft"], phases["run"]
-    lines += ["", "## Latency, one request at a time (ms)", "",
-              ("| request | n | direct p50 / p95 / p99 | service p50 / p95 / p99 | added p50 / p95 / p99 | "
-               "paired difference p50 | machine / other cores busy |"), "|---|---|---|---|---|---|---|"]
+    return lines
+
+
+def latency_table(ttft, run):
+    """Direct, through the service and added, for the streamed and the whole answer."""
+    lines = ["", "## Latency, one request at a time (ms)", "",
+             ("| request | n | direct p50 / p95 / p99 | service p50 / p95 / p99 | added p50 / p95 / p99 | "
+              "paired difference p50 | machine / other cores busy |"), "|---|---|---|---|---|---|---|"]
     for name, phase in (("streamed, to first token", ttft), ("/chat/run, whole answer", run)):
         cells = [" / ".join(f"{phase[f'{side}_p{q}_ms']:.2f}" for q in (50, 95, 99))
                  for side in ("direct", "service", "added")]
         lines.append(f"| {name} | {phase['n']} | {' | '.join(cells)} | {phase['paired_difference_p50_ms']:.2f} | "
                      f"{phase['machine_busy_cores']:.2f} / {phase['other_busy_cores']:.2f} |")
-    whole = phases["whole_run"]
-    lines += ["", (f"PostgreSQL used {whole['postgres_s']:.1f} s and Redis {whole['redis_s']:.1f} s of CPU over "
-                   f"the {whole['wall_s']:.0f} s run (all their processes, from /proc; other users of the same "
-                   "servers count too). None of it is counted as the worker's."), ""]
-    profile = (phases.get("profile") or {}).get("profile")
-    if profile:
-        lines += [f"## py-spy, one worker under /chat/run load ({profile['samples']} samples)", ""]
-        for kind, title in (("self_by_package", "Self time by package"), ("self", "Top functions by self time"),
-                            ("cumulative", "Top functions by cumulative time"),
-                            ("service_cumulative", "The service's own functions by cumulative time")):
-            lines += [f"{title}:", "", "| % | function |", "|---|---|"]
-            lines += [f"| {row['percent']} | `{row['function']}` |" for row in profile[kind]]
-            lines.append("")
-    if results["notes"]:
-        lines += ["## Notes", ""] + [f"- {note}" for note in results["notes"]] + [""]
-    return "\n".join(lines)
+    return lines
+
+
+def profile_lists(profile):
+    """py-spy's summary: top functions by package, self and cumulative time."""
+    lines = [f"## py-spy, one worker under /chat/run load ({profile['samples']} samples)", ""]
+    for kind, title in (("self_by_package", "Self time by package"), ("self", "Top functions by self time"),
+                        ("cumulative", "Top functions by cumulative time"),
+                        ("service_cumulative", "The service's own functions by cumulative time")):
+        lines += [f"{title}:", "", "| % | function |", "|---|---|"]
+        lines += [f"| {row['percent']} | `{row['function']}` |" for row in profile[kind]]
+        lines.append("")
+    return lines
 
 
 def finite(value):
@@ -1081,6 +1159,14 @@ def write(results, out):
     return text
 
 
+def phase_list(text):
+    """The phases named in a comma-separated list, in the order they run."""
+    named = {name.strip() for name in text.split(",") if name.strip()}
+    if not named or named - set(PHASES):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a list of phases ({', '.join(PHASES)})")
+    return [phase for phase in PHASES if phase in named]
+
+
 def parse_args(argv=None):
     """The command line."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -1089,6 +1175,8 @@ def parse_args(argv=None):
                         help="where results.md, results.json and logs/ go")
     parser.add_argument("--profile", action="store_true", help="also profile one worker with py-spy")
     parser.add_argument("--levels", help="comma-separated stream levels instead of the mode's")
+    parser.add_argument("--phases", default=",".join(PHASES), type=phase_list,
+                        help=f"comma-separated phases to run, of {', '.join(PHASES)} (default: all)")
     parser.add_argument("--database-url", default="postgresql://root@127.0.0.1:5432/chat_bench")
     parser.add_argument("--redis-url", default="redis://127.0.0.1:6379/9")
     return parser.parse_args(argv)

@@ -8,6 +8,8 @@ import subprocess
 import sys
 from urllib.parse import urlsplit, urlunsplit
 
+import pytest
+
 from tests.conftest import ROOT
 
 FIGURES = {
@@ -21,13 +23,15 @@ FIGURES = {
     "postgres_cpu_per_turn_ms", "redis_cpu_per_turn_ms", "postgres_cpu_s_run", "redis_cpu_s_run",
     "helpers_cpu_per_turn_ms", "scaling_ceiling",
 }
+# The benchmark's own database and Redis database; by default those of the servers the tests use.
+BENCH_DATABASE = os.environ.get("TEST_BENCH_DATABASE", "chat_bench")
+BENCH_REDIS_DB = os.environ.get("TEST_BENCH_REDIS_DB", "9")
 
 
 def test_quick_benchmark_reports_every_figure(tmp_path, postgres_url, redis_url):
     """`bench/run.py --quick` exits 0 and writes results.json with every figure numeric (targets may miss)."""
-    # The benchmark's own database and Redis database, on the servers the tests use.
-    database_url = urlunsplit(urlsplit(postgres_url)._replace(path="/chat_bench"))
-    bench_redis_url = urlunsplit(urlsplit(redis_url)._replace(path="/9"))
+    database_url = urlunsplit(urlsplit(postgres_url)._replace(path=f"/{BENCH_DATABASE}"))
+    bench_redis_url = urlunsplit(urlsplit(redis_url)._replace(path=f"/{BENCH_REDIS_DB}"))
     command = [sys.executable, os.path.join("bench", "run.py"), "--quick", "--out", str(tmp_path),
                "--database-url", database_url, "--redis-url", bench_redis_url]
     finished = subprocess.run(command, check=False, cwd=ROOT, capture_output=True, text=True, timeout=300)
@@ -75,3 +79,18 @@ def test_client_comparison_prints_a_time_for_every_client():
     assert set(rows) == {"raw socket", "http.client", "urllib3", "service"}
     for name, (p50, p95) in rows.items():
         assert 0 < float(p50) <= float(p95), (name, p50, p95)
+
+
+def test_phases_option_keeps_the_running_order():
+    """`--phases turns,latency` runs latency first, as the full run does; no option runs every phase."""
+    bench = bench_module()
+    assert bench.parse_args(["--phases", "turns,latency"]).phases == ["latency", "turns"]
+    assert bench.parse_args([]).phases == list(bench.PHASES)
+
+
+@pytest.mark.parametrize("phases", ["turns,latncy", ",", ""])
+def test_phases_option_refuses_what_is_not_a_phase(phases):
+    """A misspelt or empty list of phases is a usage error, not a run of nothing."""
+    with pytest.raises(SystemExit) as exit_status:
+        bench_module().parse_args(["--phases", phases])
+    assert exit_status.value.code == 2
