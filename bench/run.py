@@ -2,7 +2,7 @@
 
 Usage, from the repository root, with the project's virtualenv:
 
-    .venv/bin/python bench/run.py [--quick] [--out bench/results] [--phases turns,latency] [--profile]
+    .venv/bin/python bench/run.py [--quick] [--out bench/results] [--phases relay,latency] [--profile]
 
 It needs PostgreSQL and Redis (``--database-url``, default
 postgresql://root@127.0.0.1:5432/chat_bench, created if missing and its tables recreated;
@@ -26,18 +26,25 @@ It measures, and writes as results.md and results.json in --out (with the logs i
   per stream (each level runs on a freshly started worker);
 - CPU per turn: the worker's utime+stime over a window of closed-loop /chat/run load at
   saturation, divided by the turns completed in it;
-- scaling: turns per second with 1 and 2 workers.
+- scaling: turns per second with 1 and 2 workers;
+- worker CPU per relayed chunk: 200 concurrent /chat/stream streams on one worker, each 100
+  chunks of a paced model 20 ms apart; the worker's utime+stime over the window in which every
+  stream is relaying, divided by the chunks the clients received in it;
+- the chunk delay the service adds: the same streams straight from the model and through the
+  service, one after the other with the same client code; each chunk's lateness against its
+  stream's 20 ms schedule, p50/p99 of each and the difference.
 
 PostgreSQL's and Redis's CPU is reported for context, never counted as the worker's. Targets
 that are missed are reported, not asserted: the exit status is 0 unless something crashed.
 The run raises its limit on open files to the hard limit; every process it starts inherits it.
 
-``--quick`` (about 70 s, used by tests/test_bench.py) runs fewer requests, stream levels of
-50 and 100, and 3 s windows; the full run takes about 3 minutes on 2 cores. ``--levels
-500,1000`` replaces the mode's stream levels. ``--phases`` runs only some of the phases,
-``latency`` (the first two above), ``turns`` (CPU per turn and scaling) and ``streams`` (open
-streams and memory), so that a change can be tried quickly on the figures it is about; only
-their figures are reported. ``--profile`` adds a phase that samples the
+``--quick`` (about 80 s, used by tests/test_bench.py) runs fewer requests, stream levels of
+50 and 100, 3 s windows and 50 relayed streams of 60 chunks; the full run takes about 3 minutes
+on 2 cores. ``--levels 500,1000`` replaces the mode's stream levels. ``--phases`` runs only some
+of the phases, ``latency`` (the first two above), ``turns`` (CPU per turn and scaling),
+``streams`` (open streams and memory) and ``relay`` (the last two), so that a change can be
+tried quickly on the figures it is about (``--phases relay`` takes about 30 s); only their
+figures are reported. ``--profile`` adds a phase that samples the
 worker with py-spy under the same /chat/run load (py-spy must be installed in the
 virtualenv) and lists its top functions by self and cumulative time (raw samples in
 ``--out/profile-raw.txt``).
@@ -80,6 +87,14 @@ STREAM_OPEN_RATE = 250
 # Database connections per worker: sized to the load, as a deployment would. With the default
 # 10, turns at saturation queue for a connection, and the waiting costs about 8% more CPU a turn.
 POOL_SIZE = 32
+RELAY_CHUNK_DELAY = 0.02
+# Relayed streams open at this rate, and the model holds each stream's first chunk for a while, so
+# that (unless the worker is slow to set them up) the first streams do not relay while the last
+# are still being set up. The CPU window starts after the last first chunk in any case.
+RELAY_OPEN_RATE = 400
+RELAY_FIRST_CHUNK_DELAY = 1.0
+# How often the relay phases read every part's CPU, to pick the window afterwards.
+SAMPLE_INTERVAL = 0.05
 # Cores busy with other processes above which a phase's figures are flagged as noisy.
 NOISE_CORES = 0.25
 INSTANT_REPLY = ("Sure. Here is a short answer of about forty words, streamed word by word, so "
@@ -87,10 +102,12 @@ INSTANT_REPLY = ("Sure. Here is a short answer of about forty words, streamed wo
                  "event, and keeping the whole reply in the database at the end of the turn.")
 
 FULL = {"latency_n": 400, "latency_warmup": 20, "levels": [500, 1000, 2000, 3000],
-        "turns_seconds": 10.0, "turns_warmup": 2.0, "connections": 48, "profile_seconds": 10}
+        "turns_seconds": 10.0, "turns_warmup": 2.0, "connections": 48, "profile_seconds": 10,
+        "relay_streams": 200, "relay_chunks": 100}
 QUICK = {"latency_n": 40, "latency_warmup": 10, "levels": [50, 100],
-         "turns_seconds": 3.0, "turns_warmup": 1.0, "connections": 32, "profile_seconds": 3}
-PHASES = ("latency", "turns", "streams")
+         "turns_seconds": 3.0, "turns_warmup": 1.0, "connections": 32, "profile_seconds": 3,
+         "relay_streams": 50, "relay_chunks": 60}
+PHASES = ("latency", "turns", "streams", "relay")
 
 
 def log(message):
@@ -713,6 +730,36 @@ class Bench:
             return None
         return summarise_profile(raw)
 
+    def relay(self, fake, service=None):
+        """Concurrent streams of the paced model, straight from it or (given a service) through one worker.
+
+        The CPU of every part is sampled all along; relay_summary() keeps the window in which every
+        stream was relaying.
+        """
+        streams, chunks = self.settings["relay_streams"], self.settings["relay_chunks"]
+        target = "direct" if service is None else "service"
+        ramp = streams / RELAY_OPEN_RATE
+        start_at = time.monotonic() + 2.0
+        deadline = start_at + ramp + RELAY_FIRST_CHUNK_DELAY + chunks * RELAY_CHUNK_DELAY + 30
+        configs = [{"mode": "relay", "target": target, "service_url": service and service.url,
+                    "upstream_url": fake.url, "model": MODEL, "tokens": self.tokens,
+                    "prefix": f"relay-{uuid_hex()}", "first": n, "stride": CLIENT_PROCESSES, "total": streams,
+                    "start_at": start_at, "ramp": ramp, "expect_chunks": chunks, "timeout": 30,
+                    "deadline": deadline} for n in range(CLIENT_PROCESSES)]
+        clients = Clients(self.processes, self.work_dir, f"relay-{target}", configs)
+        watch = CpuWatch(self.database_name, service.workers() if service else [], fake.process.pid,
+                         clients.pids(), master=service and service.process.pid)
+        samples = [watch.snapshot()]
+        while clients.running() and time.monotonic() < deadline + 10:
+            time.sleep(SAMPLE_INTERVAL)
+            samples.append(watch.snapshot())
+        summary = relay_summary(clients.collect(30), samples, RELAY_CHUNK_DELAY)
+        if summary["failed"]:
+            self.notes.append(f"relay ({target}): {summary['failed']} streams failed: {summary['failures']}")
+        if not summary["window_chunks"]:
+            self.notes.append(f"relay ({target}): the streams were never all relaying at once")
+        return summary
+
     # the whole run
 
     def service(self, name, workers, llm_url):
@@ -733,13 +780,17 @@ class Bench:
             **self.settings, "client_processes": CLIENT_PROCESSES, "users": USERS,
             "stream_chunk_delay_s": STREAM_CHUNK_DELAY, "stream_chunks": STREAM_CHUNKS,
             "stream_gap_limit_ms": STREAM_CHUNK_DELAY * 1000 + GAP_SLACK_MS,
-            "stream_open_rate_per_s": STREAM_OPEN_RATE, "database_pool_size": POOL_SIZE,
+            "stream_open_rate_per_s": STREAM_OPEN_RATE, "relay_chunk_delay_s": RELAY_CHUNK_DELAY,
+            "relay_open_rate_per_s": RELAY_OPEN_RATE, "relay_first_chunk_delay_s": RELAY_FIRST_CHUNK_DELAY,
+            "sample_interval_s": SAMPLE_INTERVAL, "database_pool_size": POOL_SIZE,
             "database_url": self.database_url, "redis_url": self.redis_url,
         }
         if {"latency", "turns"} & set(self.phases) or self.args.profile:
             self.instant_phases()
         if "streams" in self.phases:
             self.stream_phases()
+        if "relay" in self.phases:
+            self.relay_phases()
         run_after = whole.snapshot()
         self.results["phases"]["whole_run"] = {
             k: v for k, v in CpuWatch.between(run_before, run_after).items()
@@ -798,6 +849,25 @@ class Bench:
         self.results["phases"]["streams"] = levels
         slow.stop()
 
+    def relay_phases(self):
+        """The same streams of a paced model straight from it, then through one worker."""
+        streams, chunks = self.settings["relay_streams"], self.settings["relay_chunks"]
+        log(f"starting the paced fake model ({chunks} chunks {RELAY_CHUNK_DELAY * 1000:.0f} ms apart)")
+        paced = FakeModel(self.processes, "fake-relay", "--paced", "--chunks", str(chunks),
+                          "--chunk-delay", str(RELAY_CHUNK_DELAY), "--first-chunk-delay", str(RELAY_FIRST_CHUNK_DELAY))
+        log(f"relay: {streams} streams straight from the model")
+        direct = self.relay(paced)
+        service = self.service("service-relay", 1, paced.url)
+        service.warm_up(self.tokens)
+        log(f"relay: {streams} streams through one worker")
+        through = self.relay(paced, service)
+        service.stop()
+        paced.stop()
+        log(f"  worker CPU {through['worker_cpu_per_chunk_us']:.1f} µs per relayed chunk "
+            f"({through['window_chunks']} chunks in {through['window_s']:.2f} s); chunk lateness p99 "
+            f"{direct['lateness_p99_ms']:.1f} ms direct, {through['lateness_p99_ms']:.1f} ms through the service")
+        self.results["phases"]["relay"] = {"streams": streams, "chunks": chunks, "direct": direct, "service": through}
+
     def note_noise(self):
         """A note naming the phases during which other processes kept the cores busy."""
         phases = self.results["phases"]
@@ -805,6 +875,8 @@ class Bench:
                                                       ("CPU, 1 worker", "turns_1"), ("scaling, 2 workers", "turns_2"))
                 if key in phases]
         busy += [(f"{level['level']} streams", level) for level in phases.get("streams", [])]
+        if "relay" in phases:
+            busy += [(f"relay, {side}", phases["relay"][side]) for side in ("direct", "service")]
         noisy = [f"{name} {phase['other_busy_cores']:.2f}" for name, phase in busy
                  if phase["other_busy_cores"] > NOISE_CORES]
         if noisy:
@@ -834,6 +906,8 @@ class Bench:
             self.stream_figures(phases["streams"])
         if "turns_1" in phases:
             self.turn_figures(phases["turns_1"], phases["turns_2"])
+        if "relay" in phases:
+            self.relay_figures(phases["relay"])
         self.figure("postgres_cpu_s_run", "PostgreSQL CPU over the whole run (context)",
                     phases["whole_run"]["postgres_s"], "s")
         self.figure("redis_cpu_s_run", "Redis CPU over the whole run (context)", phases["whole_run"]["redis_s"], "s")
@@ -894,6 +968,81 @@ class Bench:
                     one.get("postgres_cpu_per_turn_ms", float("nan")), "ms")
         self.figure("redis_cpu_per_turn_ms", "Redis CPU per turn (context)",
                     one.get("redis_cpu_per_turn_ms", float("nan")), "ms")
+
+    def relay_figures(self, relay):
+        """Worker CPU per relayed chunk, and the delay the service adds to each chunk."""
+        direct, service = relay["direct"], relay["service"]
+        shape = f"{relay['streams']} streams × {relay['chunks']} chunks, {RELAY_CHUNK_DELAY * 1000:.0f} ms apart"
+        self.figure("relay_cpu_per_chunk_us", f"worker CPU per relayed chunk ({shape})",
+                    service["worker_cpu_per_chunk_us"], "µs", 35, "<=")
+        self.figure("relay_chunks_in_window", "chunks relayed in the window CPU was measured over",
+                    service["window_chunks"], "chunks")
+        self.figure("relay_streams_failed", "relayed streams failed (direct and through the service)",
+                    direct["failed"] + service["failed"], "streams")
+        for q, target in ((50, None), (99, 5)):
+            self.figure(f"relay_delay_added_p{q}_ms", f"added chunk delay p{q} (lateness, service − direct)",
+                        service[f"lateness_p{q}_ms"] - direct[f"lateness_p{q}_ms"], "ms",
+                        target, "<=" if target else None)
+        for side, phase in (("direct", direct), ("service", service)):
+            for q in (50, 99):
+                self.figure(f"relay_delay_{side}_p{q}_ms", f"chunk lateness p{q}, {side}", phase[f"lateness_p{q}_ms"],
+                            "ms")
+        self.figure("relay_fake_cpu_per_chunk_us", "fake model CPU per chunk, through the service (context)",
+                    service["fake_cpu_per_chunk_us"], "µs")
+        self.figure("relay_clients_cpu_per_chunk_us", "clients' CPU per chunk, through the service (context)",
+                    service["clients_cpu_per_chunk_us"], "µs")
+
+
+def relay_summary(results, samples, delay):
+    """What one relay run measured: its failures, how late and how far apart the chunks came, and each
+    part's CPU per chunk over the window in which every stream was relaying."""
+    failures = {}
+    for result in results:
+        for key, count in result["failures"].items():
+            failures[key] = failures.get(key, 0) + count
+    streams = [stream for result in results for stream in result["arrivals"]]
+    late = [ms for stream in streams for ms in lateness_ms(stream, delay)]
+    gaps = [(later - earlier) * 1000 for stream in streams for earlier, later in zip(stream, stream[1:])]
+    summary = {"complete": len(streams), "failed": sum(failures.values()), "failures": failures,
+               "chunks_received": sum(map(len, streams)),
+               "lateness_p50_ms": percentile(late, 50), "lateness_p99_ms": percentile(late, 99),
+               "lateness_max_ms": max(late, default=float("nan")),
+               "gap_p50_ms": percentile(gaps, 50), "gap_p99_ms": percentile(gaps, 99),
+               # How far apart the streams started relaying: the window is the stream's length less this.
+               "first_chunk_spread_s": (max(stream[0] for stream in streams) - min(stream[0] for stream in streams)
+                                        if streams else float("nan"))}
+    summary.update(relaying_cpu(streams, samples))
+    return summary
+
+
+def lateness_ms(arrivals, delay):
+    """How late each chunk of a stream came (ms) against one chunk every `delay` s, the schedule set by
+    the stream's least late chunk: what was added on the way beyond the stream's best transit time."""
+    origin = min(at - k * delay for k, at in enumerate(arrivals))
+    return [(at - k * delay - origin) * 1000 for k, at in enumerate(arrivals)]
+
+
+def relaying_cpu(streams, samples):
+    """Each part's CPU per chunk between the first and the last sample taken while every stream was
+    relaying (its first chunk in, its last not yet), with the chunks the clients received in between."""
+    opened = max((stream[0] for stream in streams), default=float("nan"))
+    closing = min((stream[-1] for stream in streams), default=float("nan"))
+    inside = [sample for sample in samples if opened <= sample["at"] <= closing] or samples[:1]
+    before, after = inside[0], inside[-1]
+    chunks = sum(before["at"] < at <= after["at"] for stream in streams for at in stream)
+    cpu = CpuWatch.between(before, after)
+
+    def per_chunk(seconds):
+        return seconds / chunks * 1e6 if chunks else float("nan")
+
+    return {"window_s": cpu["wall_s"], "window_chunks": chunks,
+            "worker_cpu_s": cpu["worker_total_s"], "worker_cpu_per_chunk_us": per_chunk(cpu["worker_total_s"]),
+            "worker_busy_cores": cpu["worker_total_s"] / cpu["wall_s"] if cpu["wall_s"] else float("nan"),
+            "fake_cpu_s": cpu["fake_s"], "fake_cpu_per_chunk_us": per_chunk(cpu["fake_s"]),
+            "clients_cpu_s": cpu["clients_s"], "clients_cpu_per_chunk_us": per_chunk(cpu["clients_s"]),
+            "postgres_cpu_s": cpu["postgres_s"], "redis_cpu_s": cpu["redis_s"],
+            "machine_busy_cores": cpu["machine_busy_cores"], "other_busy_cores": cpu["other_busy_cores"]}
+
 
 def helpers_cpu_per_turn_ms(phase):
     """CPU per turn, in the 1-worker phase, of what shares the cores with the workers: the fake
@@ -1034,6 +1183,8 @@ def markdown(results):
         lines += turns_table(phases)
     if "ttft" in phases:
         lines += latency_table(phases["ttft"], phases["run"])
+    if "relay" in phases:
+        lines += relay_table(phases["relay"])
     whole = phases["whole_run"]
     lines += ["", (f"PostgreSQL used {whole['postgres_s']:.1f} s and Redis {whole['redis_s']:.1f} s of CPU over "
                    f"the {whole['wall_s']:.0f} s run (all their processes, from /proc; other users of the same "
@@ -1064,6 +1215,20 @@ def how(settings, phases):
                      f"connections in {settings['client_processes']} processes, closed loop on /chat/run; "
                      f"{settings['turns_warmup']:g} s of warm-up, then a {settings['turns_seconds']:g} s window "
                      "over which /proc gives each process's utime+stime.")
+    if "relay" in phases:
+        delay_ms = settings["relay_chunk_delay_s"] * 1000
+        lines.append(f"- Relay: a paced fake model sending {settings['relay_chunks']} chunks {delay_ms:.0f} ms apart "
+                     f"(chunk k due k × {delay_ms:.0f} ms after the first, which it holds "
+                     f"{settings['relay_first_chunk_delay_s']:g} s so that every stream is open before any chunk "
+                     f"flows); {settings['relay_streams']} streams opened at {settings['relay_open_rate_per_s']}/s "
+                     f"by {settings['client_processes']} gevent client processes, first straight from the model, "
+                     "then through /chat/stream on one worker, with the same client code. Every part's CPU is "
+                     f"read every {settings['sample_interval_s'] * 1000:.0f} ms; the window runs from the first "
+                     "reading after the last stream's first chunk to the last reading before the first stream's "
+                     "last chunk, and CPU per chunk is a part's utime+stime over it divided by the content chunks "
+                     "the clients received in it. A chunk's lateness is its arrival against its stream's "
+                     f"{delay_ms:.0f} ms schedule, set by the stream's least late chunk; the added delay is the "
+                     "service's lateness percentile minus the direct one.")
     lines.append(f"- The worker's limit on open files: {settings.get('worker_open_files_limit', 'n/a')}; "
                  f"DATABASE_POOL_SIZE={settings['database_pool_size']} connections per worker. "
                  f"{settings['users']} users, a new conversation for every turn.")
@@ -1123,6 +1288,28 @@ def latency_table(ttft, run):
                  for side in ("direct", "service", "added")]
         lines.append(f"| {name} | {phase['n']} | {' | '.join(cells)} | {phase['paired_difference_p50_ms']:.2f} | "
                      f"{phase['machine_busy_cores']:.2f} / {phase['other_busy_cores']:.2f} |")
+    return lines
+
+
+def relay_table(relay):
+    """The relayed streams, straight from the model and through the service."""
+    lines = ["", (f"## Relayed streams ({relay['streams']} streams × {relay['chunks']} chunks, "
+                  f"{RELAY_CHUNK_DELAY * 1000:.0f} ms apart)"), "",
+             ("| path | streams complete / failed | chunks received | window s | chunks in window | "
+              "worker CPU µs/chunk (cores busy) | fake / clients CPU µs/chunk | chunk lateness p50 / p99 / max ms | "
+              "gap p50 / p99 ms | machine / other cores busy |"),
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for side in ("direct", "service"):
+        phase = relay[side]
+        worker = "—" if side == "direct" else (f"{phase['worker_cpu_per_chunk_us']:.1f} "
+                                               f"({phase['worker_busy_cores']:.2f})")
+        lines.append(
+            f"| {side} | {phase['complete']} / {phase['failed']} {phase['failures'] or ''} | "
+            f"{phase['chunks_received']} | {phase['window_s']:.2f} | {phase['window_chunks']} | {worker} | "
+            f"{phase['fake_cpu_per_chunk_us']:.1f} / {phase['clients_cpu_per_chunk_us']:.1f} | "
+            f"{phase['lateness_p50_ms']:.2f} / {phase['lateness_p99_ms']:.2f} / {phase['lateness_max_ms']:.2f} | "
+            f"{phase['gap_p50_ms']:.2f} / {phase['gap_p99_ms']:.2f} | "
+            f"{phase['machine_busy_cores']:.2f} / {phase['other_busy_cores']:.2f} |")
     return lines
 
 
