@@ -758,6 +758,12 @@ class Bench:
             self.notes.append(f"relay ({target}): {summary['failed']} streams failed: {summary['failures']}")
         if not summary["window_chunks"]:
             self.notes.append(f"relay ({target}): the streams were never all relaying at once")
+        elif summary["schedule_share"] < 0.95 or summary["batched_share"] > 0.1:
+            self.notes.append(
+                f"relay ({target}): the clients received {summary['schedule_share']:.0%} of the scheduled chunks "
+                f"in the window, and {summary['batched_share']:.0%} of all chunks in the same read as the one "
+                "before: the model, the service or the clients fell behind (see the cores busy), so chunks went "
+                "through in batches, which costs less CPU per chunk than one at a time and adds lateness")
         return summary
 
     # the whole run
@@ -1010,8 +1016,12 @@ def relay_summary(results, samples, delay):
                "gap_p50_ms": percentile(gaps, 50), "gap_p99_ms": percentile(gaps, 99),
                # How far apart the streams started relaying: the window is the stream's length less this.
                "first_chunk_spread_s": (max(stream[0] for stream in streams) - min(stream[0] for stream in streams)
-                                        if streams else float("nan"))}
+                                        if streams else float("nan")),
+               # Chunks read together with the one before them: someone on the way fell behind.
+               "batched_share": sum(gap == 0 for gap in gaps) / len(gaps) if gaps else float("nan")}
     summary.update(relaying_cpu(streams, samples))
+    scheduled = summary["window_s"] * len(streams) / delay
+    summary["schedule_share"] = summary["window_chunks"] / scheduled if scheduled else float("nan")
     return summary
 
 
@@ -1295,20 +1305,21 @@ def relay_table(relay):
     """The relayed streams, straight from the model and through the service."""
     lines = ["", (f"## Relayed streams ({relay['streams']} streams × {relay['chunks']} chunks, "
                   f"{RELAY_CHUNK_DELAY * 1000:.0f} ms apart)"), "",
-             ("| path | streams complete / failed | chunks received | window s | chunks in window | "
+             ("| path | streams complete / failed | chunks received | window s | chunks in window (of scheduled) | "
               "worker CPU µs/chunk (cores busy) | fake / clients CPU µs/chunk | chunk lateness p50 / p99 / max ms | "
-              "gap p50 / p99 ms | machine / other cores busy |"),
-             "|---|---|---|---|---|---|---|---|---|---|"]
+              "gap p50 / p99 ms | read with the one before | machine / other cores busy |"),
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for side in ("direct", "service"):
         phase = relay[side]
         worker = "—" if side == "direct" else (f"{phase['worker_cpu_per_chunk_us']:.1f} "
                                                f"({phase['worker_busy_cores']:.2f})")
         lines.append(
             f"| {side} | {phase['complete']} / {phase['failed']} {phase['failures'] or ''} | "
-            f"{phase['chunks_received']} | {phase['window_s']:.2f} | {phase['window_chunks']} | {worker} | "
+            f"{phase['chunks_received']} | {phase['window_s']:.2f} | "
+            f"{phase['window_chunks']} ({phase['schedule_share']:.0%}) | {worker} | "
             f"{phase['fake_cpu_per_chunk_us']:.1f} / {phase['clients_cpu_per_chunk_us']:.1f} | "
             f"{phase['lateness_p50_ms']:.2f} / {phase['lateness_p99_ms']:.2f} / {phase['lateness_max_ms']:.2f} | "
-            f"{phase['gap_p50_ms']:.2f} / {phase['gap_p99_ms']:.2f} | "
+            f"{phase['gap_p50_ms']:.2f} / {phase['gap_p99_ms']:.2f} | {phase['batched_share']:.0%} | "
             f"{phase['machine_busy_cores']:.2f} / {phase['other_busy_cores']:.2f} |")
     return lines
 

@@ -128,6 +128,20 @@ def test_relay_cpu_counts_only_while_every_stream_relays():
     assert math.isclose(cpu["worker_cpu_per_chunk_us"], 5 / bench.CLOCK_TICKS / 10 * 1e6)
 
 
+def test_relay_summary_tells_chunks_read_together_and_the_share_of_the_schedule_received():
+    """Chunks that came in one read, and fewer chunks than scheduled, show that something fell behind."""
+    bench = bench_module()
+    on_time = [round(1.0 + k / 10, 1) for k in range(11)]
+    bunched = [1.5, 1.6, 1.8, 1.8, 2.0, 2.0, 2.1, 2.2, 2.3, 2.4, 2.5]  # those due at 1.7 and 1.9 came with the next
+    samples = [cpu_sample(bench, at / 2, at) for at in range(7)]
+
+    summary = bench.relay_summary([{"failures": {}, "arrivals": [on_time, bunched]}], samples, 0.1)
+
+    assert summary["batched_share"] == 2 / 20
+    assert summary["schedule_share"] == 1.0  # 1.6 to 2.0 s: 5 chunks of each stream, as scheduled
+    assert [round(summary[f"lateness_p{q}_ms"], 6) for q in (50, 99)] == [0.0, 100.0]
+
+
 def test_relay_cpu_is_not_measured_when_the_streams_never_all_relayed():
     """Streams that never overlap leave no window: no chunks, and no CPU per chunk rather than a wrong one."""
     bench = bench_module()
@@ -159,7 +173,7 @@ def test_report_of_a_relay_only_run_has_only_the_relay():
             "worker_cpu_per_chunk_us": 60.0, "worker_busy_cores": 0.5, "fake_cpu_per_chunk_us": 50.0,
             "clients_cpu_per_chunk_us": 20.0, "lateness_p50_ms": 1.0, "lateness_p99_ms": 4.0,
             "lateness_max_ms": 5.0, "gap_p50_ms": 20.0, "gap_p99_ms": 24.0, "machine_busy_cores": 1.5,
-            "other_busy_cores": 0.1}
+            "other_busy_cores": 0.1, "schedule_share": 1.0, "batched_share": 0.0}
     runner = bench.Bench.__new__(bench.Bench)
     runner.args = bench.parse_args(["--phases", "relay"])
     runner.notes, runner.figures = [], {}
