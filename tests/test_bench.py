@@ -22,7 +22,7 @@ FIGURES = {
     "cpu_per_turn_ms", "turns_per_s_1_worker", "turns_per_s_2_workers", "scaling_ratio",
     "postgres_cpu_per_turn_ms", "redis_cpu_per_turn_ms", "postgres_cpu_s_run", "redis_cpu_s_run",
     "helpers_cpu_per_turn_ms", "scaling_ceiling",
-    "relay_cpu_per_chunk_us", "relay_chunks_in_window", "relay_streams_failed",
+    "relay_cpu_per_chunk_us", "relay_chunks_in_window", "relay_cpu_per_chunk_whole_us", "relay_streams_failed",
     "relay_delay_added_p50_ms", "relay_delay_added_p99_ms",
     "relay_delay_direct_p50_ms", "relay_delay_direct_p99_ms", "relay_delay_service_p50_ms",
     "relay_delay_service_p99_ms", "relay_fake_cpu_per_chunk_us", "relay_clients_cpu_per_chunk_us",
@@ -59,7 +59,8 @@ def assert_relay_figures_are_measurements(results):
     figures = {key: figure["value"] for key, figure in results["figures"].items()}
     most_chunks = results["settings"]["relay_streams"] * results["settings"]["relay_chunks"]
     assert 0 < figures["relay_chunks_in_window"] <= most_chunks
-    for key in ("relay_cpu_per_chunk_us", "relay_fake_cpu_per_chunk_us", "relay_clients_cpu_per_chunk_us"):
+    for key in ("relay_cpu_per_chunk_us", "relay_cpu_per_chunk_whole_us", "relay_fake_cpu_per_chunk_us",
+                "relay_clients_cpu_per_chunk_us"):
         assert 0 < figures[key] < 5000, (key, figures[key])
     for side in ("direct", "service"):
         assert 0 <= figures[f"relay_delay_{side}_p50_ms"] <= figures[f"relay_delay_{side}_p99_ms"] < 10_000, side
@@ -173,7 +174,8 @@ def test_report_of_a_relay_only_run_has_only_the_relay():
             "worker_cpu_per_chunk_us": 60.0, "worker_busy_cores": 0.5, "fake_cpu_per_chunk_us": 50.0,
             "clients_cpu_per_chunk_us": 20.0, "lateness_p50_ms": 1.0, "lateness_p99_ms": 4.0,
             "lateness_max_ms": 5.0, "gap_p50_ms": 20.0, "gap_p99_ms": 24.0, "machine_busy_cores": 1.5,
-            "other_busy_cores": 0.1, "schedule_share": 1.0, "batched_share": 0.0}
+            "other_busy_cores": 0.1, "schedule_share": 1.0, "batched_share": 0.0,
+            "worker_cpu_per_chunk_whole_us": 90.0}
     runner = bench.Bench.__new__(bench.Bench)
     runner.args = bench.parse_args(["--phases", "relay"])
     runner.notes, runner.figures = [], {}
