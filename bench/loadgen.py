@@ -14,6 +14,9 @@ CONFIG["mode"] is one of
   the gaps between consecutive content chunks, failures, and when each stream opened and closed.
 - ``turns``: a closed loop of ``/chat/run`` on C keep-alive connections; counts the turns
   completed inside a measurement window.
+- ``relay``: N concurrent streams, started evenly over a ramp, either straight from the model
+  (``target: direct``, the request the service would send) or through ``/chat/stream``
+  (``target: service``); records when each content chunk of each stream arrived.
 
 Every time is ``time.monotonic()``, which is one clock for every process on the machine, so
 run.py can hand out start times and measurement windows. Every wait is bounded by a socket
@@ -346,6 +349,88 @@ def streams(config):
     }
 
 
+# --- relay -------------------------------------------------------------------------------
+
+
+def model_event(payload):
+    """(content, is the end, error) of one event of the model's own stream."""
+    if payload == b"[DONE]":
+        return None, True, None
+    choices = json.loads(payload).get("choices") or []
+    return (choices[0].get("delta") or {}).get("content") if choices else None, False, None
+
+
+def service_event(payload):
+    """(content, is the end, error) of one event of /chat/stream."""
+    event = json.loads(payload)
+    if event.get("is_final"):
+        error = event.get("error")
+        return None, True, error and f"final event error: {error.get('code')}"
+    return event.get("content"), False, None
+
+
+def relay_request(config, index):
+    """(url, path, body, headers, event parser) of stream `index`: to the model, or to the service."""
+    message = f"stream {index}, tell me a long story"
+    if config["target"] == "direct":
+        path = urlsplit(config["upstream_url"]).path.rstrip("/") + "/chat/completions"
+        body = {"model": config["model"], "messages": [{"role": "user", "content": message}], "stream": True,
+                "stream_options": {"include_usage": True}}
+        headers = {"Content-Type": "application/json", "Accept-Encoding": "identity"}
+        return config["upstream_url"], path, body, headers, model_event
+    body = {"message": message, "conversation_id": f"{config['prefix']}-{index}"}
+    headers = bearer(config["tokens"][index % len(config["tokens"])])
+    return config["service_url"], "/chat/stream", body, headers, service_event
+
+
+def relay_stream(config, index, record):
+    """Open one stream at its slot in the ramp and note when each of its content chunks arrives."""
+    start = config["start_at"] + index * config["ramp"] / max(1, config["total"])
+    gevent.sleep(max(0.0, start - time.monotonic()))
+    url, path, body, headers, parse = relay_request(config, index)
+    connection = Connection(url, config["timeout"])
+    try:
+        connection.send("POST", path, json.dumps(body).encode(), headers)
+        status, head = connection.read_head()
+        if status != 200:
+            connection.read_all(head)
+            record["error"] = f"http {status}"
+            return
+        for payload, arrived in sse_data(connection.body(head)):
+            content, ended, error = parse(payload)
+            if ended:
+                record["ended"], record["error"] = arrived, error
+            elif content:
+                record["arrivals"].append(arrived)
+        if record["ended"] is None and record["error"] is None:
+            record["error"] = "no end of stream"
+        elif record["error"] is None and len(record["arrivals"]) != config["expect_chunks"]:
+            record["error"] = f"{len(record['arrivals'])} chunks, not {config['expect_chunks']}"
+    except TimeoutError:
+        record["error"] = "timeout"
+    except (OSError, EOFError, ProtocolError, ValueError) as exc:
+        record["error"] = type(exc).__name__
+    finally:
+        connection.close()
+
+
+def relay(config):
+    """Run this process's share of the relayed streams: every complete stream's chunk arrival times."""
+    indexes = range(config["first"], config["total"], config["stride"])
+    records = [{"arrivals": [], "ended": None, "error": None} for _ in indexes]
+    greenlets = [gevent.spawn(relay_stream, config, index, record) for index, record in zip(indexes, records)]
+    gevent.joinall(greenlets, timeout=max(1.0, config["deadline"] - time.monotonic()))
+    gevent.killall([g for g in greenlets if not g.dead], block=True, timeout=5)
+    failures = collections.Counter()
+    for record in records:
+        if record["error"] is None and record["ended"] is None:
+            record["error"] = "unfinished at the deadline"
+        if record["error"] is not None:
+            failures[record["error"]] += 1
+    return {"streams": len(records), "failures": dict(failures),
+            "arrivals": [[round(t, 6) for t in r["arrivals"]] for r in records if r["error"] is None]}
+
+
 # --- turns ---------------------------------------------------------------------------------
 
 
@@ -406,6 +491,8 @@ def main(config_path, result_path):
         result = streams(config)
     elif mode == "turns":
         result = turns(config)
+    elif mode == "relay":
+        result = relay(config)
     else:
         raise SystemExit(f"unknown mode {mode!r}")
     usage = resource.getrusage(resource.RUSAGE_SELF)

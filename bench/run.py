@@ -2,7 +2,7 @@
 
 Usage, from the repository root, with the project's virtualenv:
 
-    .venv/bin/python bench/run.py [--quick] [--out bench/results] [--profile]
+    .venv/bin/python bench/run.py [--quick] [--out bench/results] [--phases relay,latency] [--profile]
 
 It needs PostgreSQL and Redis (``--database-url``, default
 postgresql://root@127.0.0.1:5432/chat_bench, created if missing and its tables recreated;
@@ -26,15 +26,25 @@ It measures, and writes as results.md and results.json in --out (with the logs i
   per stream (each level runs on a freshly started worker);
 - CPU per turn: the worker's utime+stime over a window of closed-loop /chat/run load at
   saturation, divided by the turns completed in it;
-- scaling: turns per second with 1 and 2 workers.
+- scaling: turns per second with 1 and 2 workers;
+- worker CPU per relayed chunk: 200 concurrent /chat/stream streams on one worker, each 100
+  chunks of a paced model 20 ms apart; the worker's utime+stime over the window in which every
+  stream is relaying, divided by the chunks the clients received in it;
+- the chunk delay the service adds: the same streams straight from the model and through the
+  service, one after the other with the same client code; each chunk's lateness against its
+  stream's 20 ms schedule, p50/p99 of each and the difference.
 
 PostgreSQL's and Redis's CPU is reported for context, never counted as the worker's. Targets
 that are missed are reported, not asserted: the exit status is 0 unless something crashed.
 The run raises its limit on open files to the hard limit; every process it starts inherits it.
 
-``--quick`` (about 70 s, used by tests/test_bench.py) runs fewer requests, stream levels of
-50 and 100, and 3 s windows; the full run takes about 3 minutes on 2 cores. ``--levels
-500,1000`` replaces the mode's stream levels. ``--profile`` adds a phase that samples the
+``--quick`` (about 80 s, used by tests/test_bench.py) runs fewer requests, stream levels of
+50 and 100, 3 s windows and 50 relayed streams of 60 chunks; the full run takes about 3 minutes
+on 2 cores. ``--levels 500,1000`` replaces the mode's stream levels. ``--phases`` runs only some
+of the phases, ``latency`` (the first two above), ``turns`` (CPU per turn and scaling),
+``streams`` (open streams and memory) and ``relay`` (the last two), so that a change can be
+tried quickly on the figures it is about (``--phases relay`` takes about 30 s); only their
+figures are reported. ``--profile`` adds a phase that samples the
 worker with py-spy under the same /chat/run load (py-spy must be installed in the
 virtualenv) and lists its top functions by self and cumulative time (raw samples in
 ``--out/profile-raw.txt``).
@@ -77,6 +87,14 @@ STREAM_OPEN_RATE = 250
 # Database connections per worker: sized to the load, as a deployment would. With the default
 # 10, turns at saturation queue for a connection, and the waiting costs about 8% more CPU a turn.
 POOL_SIZE = 32
+RELAY_CHUNK_DELAY = 0.02
+# Relayed streams open at this rate, and the model holds each stream's first chunk for a while, so
+# that (unless the worker is slow to set them up) the first streams do not relay while the last
+# are still being set up. The CPU window starts after the last first chunk in any case.
+RELAY_OPEN_RATE = 400
+RELAY_FIRST_CHUNK_DELAY = 1.0
+# How often the relay phases read every part's CPU, to pick the window afterwards.
+SAMPLE_INTERVAL = 0.05
 # Cores busy with other processes above which a phase's figures are flagged as noisy.
 NOISE_CORES = 0.25
 INSTANT_REPLY = ("Sure. Here is a short answer of about forty words, streamed word by word, so "
@@ -84,9 +102,12 @@ INSTANT_REPLY = ("Sure. Here is a short answer of about forty words, streamed wo
                  "event, and keeping the whole reply in the database at the end of the turn.")
 
 FULL = {"latency_n": 400, "latency_warmup": 20, "levels": [500, 1000, 2000, 3000],
-        "turns_seconds": 10.0, "turns_warmup": 2.0, "connections": 48, "profile_seconds": 10}
+        "turns_seconds": 10.0, "turns_warmup": 2.0, "connections": 48, "profile_seconds": 10,
+        "relay_streams": 200, "relay_chunks": 100}
 QUICK = {"latency_n": 40, "latency_warmup": 10, "levels": [50, 100],
-         "turns_seconds": 3.0, "turns_warmup": 1.0, "connections": 32, "profile_seconds": 3}
+         "turns_seconds": 3.0, "turns_warmup": 1.0, "connections": 32, "profile_seconds": 3,
+         "relay_streams": 50, "relay_chunks": 60}
+PHASES = ("latency", "turns", "streams", "relay")
 
 
 def log(message):
@@ -507,7 +528,9 @@ class Bench:
         now = int(time.time())
         self.tokens = [jwt.encode({"sub": f"bench-{n}", "iat": now, "exp": now + 3600}, SECRET, "HS256")
                        for n in range(USERS)]
+        self.phases = args.phases
         self.results = {"phases": {}}
+        self.figures = {}
         self.notes = []
 
     def close(self):
@@ -624,7 +647,7 @@ class Bench:
 
     def stream_level(self, fake, level):
         """`level` concurrent slow streams on a fresh one-worker service."""
-        service = Service(self.processes, f"service-streams-{level}", self, 1, fake.url)
+        service = self.service(f"service-streams-{level}", 1, fake.url)
         try:
             service.warm_up(self.tokens)
             worker = service.workers()[0]
@@ -707,51 +730,116 @@ class Bench:
             return None
         return summarise_profile(raw)
 
+    def relay(self, fake, service=None):
+        """Concurrent streams of the paced model, straight from it or (given a service) through one worker.
+
+        The CPU of every part is sampled all along; relay_summary() keeps the window in which every
+        stream was relaying.
+        """
+        streams, chunks = self.settings["relay_streams"], self.settings["relay_chunks"]
+        target = "direct" if service is None else "service"
+        ramp = streams / RELAY_OPEN_RATE
+        start_at = time.monotonic() + 2.0
+        deadline = start_at + ramp + RELAY_FIRST_CHUNK_DELAY + chunks * RELAY_CHUNK_DELAY + 30
+        configs = [{"mode": "relay", "target": target, "service_url": service and service.url,
+                    "upstream_url": fake.url, "model": MODEL, "tokens": self.tokens,
+                    "prefix": f"relay-{uuid_hex()}", "first": n, "stride": CLIENT_PROCESSES, "total": streams,
+                    "start_at": start_at, "ramp": ramp, "expect_chunks": chunks, "timeout": 30,
+                    "deadline": deadline} for n in range(CLIENT_PROCESSES)]
+        clients = Clients(self.processes, self.work_dir, f"relay-{target}", configs)
+        watch = CpuWatch(self.database_name, service.workers() if service else [], fake.process.pid,
+                         clients.pids(), master=service and service.process.pid)
+        samples = [watch.snapshot()]
+        while clients.running() and time.monotonic() < deadline + 10:
+            time.sleep(SAMPLE_INTERVAL)
+            samples.append(watch.snapshot())
+        summary = relay_summary(clients.collect(30), samples, RELAY_CHUNK_DELAY)
+        if summary["failed"]:
+            self.notes.append(f"relay ({target}): {summary['failed']} streams failed: {summary['failures']}")
+        if not summary["window_chunks"]:
+            self.notes.append(f"relay ({target}): the streams were never all relaying at once")
+        elif summary["schedule_share"] < 0.95 or summary["batched_share"] > 0.1:
+            self.notes.append(
+                f"relay ({target}): the clients received {summary['schedule_share']:.0%} of the scheduled chunks "
+                f"in the window, and {summary['batched_share']:.0%} of all chunks in the same read as the one "
+                "before: the model, the service or the clients fell behind (see the cores busy), so chunks went "
+                "through in batches, which costs less CPU per chunk than one at a time and adds lateness")
+        return summary
+
     # the whole run
 
+    def service(self, name, workers, llm_url):
+        """Start the service; the first one started tells the worker's limit on open files."""
+        service = Service(self.processes, name, self, workers, llm_url)
+        self.results["settings"].setdefault("worker_open_files_limit", open_files_limit(service.workers()[0]))
+        return service
+
     def run(self):
-        """Every phase, in order; the results."""
+        """The phases asked for, in order; the results."""
         started = time.monotonic()
         log(f"preparing {self.database_url} and {self.redis_url}")
         self.prepare_stores()
         whole = CpuWatch(self.database_name)
         run_before = whole.snapshot()
-
-        log("starting the instant fake model")
-        instant = FakeModel(self.processes, "fake-instant", "--reply", INSTANT_REPLY)
-        service = Service(self.processes, "service-1-worker", self, 1, instant.url)
-        service.warm_up(self.tokens)
+        self.results["phases_run"] = list(self.phases) + (["profile"] if self.args.profile else [])
         self.results["settings"] = {
             **self.settings, "client_processes": CLIENT_PROCESSES, "users": USERS,
             "stream_chunk_delay_s": STREAM_CHUNK_DELAY, "stream_chunks": STREAM_CHUNKS,
             "stream_gap_limit_ms": STREAM_CHUNK_DELAY * 1000 + GAP_SLACK_MS,
-            "stream_open_rate_per_s": STREAM_OPEN_RATE, "database_pool_size": POOL_SIZE,
-            "worker_open_files_limit": open_files_limit(service.workers()[0]),
+            "stream_open_rate_per_s": STREAM_OPEN_RATE, "relay_chunk_delay_s": RELAY_CHUNK_DELAY,
+            "relay_open_rate_per_s": RELAY_OPEN_RATE, "relay_first_chunk_delay_s": RELAY_FIRST_CHUNK_DELAY,
+            "sample_interval_s": SAMPLE_INTERVAL, "database_pool_size": POOL_SIZE,
             "database_url": self.database_url, "redis_url": self.redis_url,
         }
-        log(f"latency: {self.settings['latency_n']} streamed turns, direct and through /chat/stream")
-        self.results["phases"]["ttft"] = self.latency(service, instant, "stream")
-        log(f"latency: {self.settings['latency_n']} turns, direct and through /chat/run")
-        self.results["phases"]["run"] = self.latency(service, instant, "run")
-        log(f"CPU per turn: {self.settings['connections']} connections, 1 worker")
-        self.results["phases"]["turns_1"] = self.turns(service, instant, "turns-1-worker")
-        service.stop()
+        if {"latency", "turns"} & set(self.phases) or self.args.profile:
+            self.instant_phases()
+        if "streams" in self.phases:
+            self.stream_phases()
+        if "relay" in self.phases:
+            self.relay_phases()
+        run_after = whole.snapshot()
+        self.results["phases"]["whole_run"] = {
+            k: v for k, v in CpuWatch.between(run_before, run_after).items()
+            if k in ("wall_s", "postgres_s", "redis_s", "machine_busy_cores")}
+        self.results["duration_s"] = time.monotonic() - started
+        return self.report()
 
-        service = Service(self.processes, "service-2-workers", self, 2, instant.url)
-        service.warm_up(self.tokens, turns=40)
-        log(f"scaling: {self.settings['connections']} connections, 2 workers")
-        self.results["phases"]["turns_2"] = self.turns(service, instant, "turns-2-workers")
-        service.stop()
+    def instant_phases(self):
+        """Latency, CPU per turn, scaling and the profile, against a model that answers at once."""
+        phases = self.results["phases"]
+        log("starting the instant fake model")
+        instant = FakeModel(self.processes, "fake-instant", "--reply", INSTANT_REPLY)
+        if "latency" in self.phases or "turns" in self.phases:
+            service = self.service("service-1-worker", 1, instant.url)
+            service.warm_up(self.tokens)
+            if "latency" in self.phases:
+                log(f"latency: {self.settings['latency_n']} streamed turns, direct and through /chat/stream")
+                phases["ttft"] = self.latency(service, instant, "stream")
+                log(f"latency: {self.settings['latency_n']} turns, direct and through /chat/run")
+                phases["run"] = self.latency(service, instant, "run")
+            if "turns" in self.phases:
+                log(f"CPU per turn: {self.settings['connections']} connections, 1 worker")
+                phases["turns_1"] = self.turns(service, instant, "turns-1-worker")
+            service.stop()
+
+        if "turns" in self.phases:
+            service = self.service("service-2-workers", 2, instant.url)
+            service.warm_up(self.tokens, turns=40)
+            log(f"scaling: {self.settings['connections']} connections, 2 workers")
+            phases["turns_2"] = self.turns(service, instant, "turns-2-workers")
+            service.stop()
 
         if self.args.profile:
-            service = Service(self.processes, "service-profile", self, 1, instant.url)
+            service = self.service("service-profile", 1, instant.url)
             service.warm_up(self.tokens)
             log(f"profile: py-spy on the worker for {self.settings['profile_seconds']} s of turns")
-            self.results["phases"]["profile"] = self.turns(
-                service, instant, "turns-profile", profile_seconds=self.settings["profile_seconds"])
+            phases["profile"] = self.turns(service, instant, "turns-profile",
+                                           profile_seconds=self.settings["profile_seconds"])
             service.stop()
         instant.stop()
 
+    def stream_phases(self):
+        """Open streams of a slow model, level by level, until a level is not clean."""
         log("starting the slow fake model (a chunk every 500 ms for 20 s)")
         slow = FakeModel(self.processes, "fake-slow", "--chunk-delay", str(STREAM_CHUNK_DELAY),
                          "--chunks", str(STREAM_CHUNKS))
@@ -767,89 +855,210 @@ class Bench:
         self.results["phases"]["streams"] = levels
         slow.stop()
 
-        run_after = whole.snapshot()
-        self.results["phases"]["whole_run"] = {
-            k: v for k, v in CpuWatch.between(run_before, run_after).items()
-            if k in ("wall_s", "postgres_s", "redis_s", "machine_busy_cores")}
-        self.results["duration_s"] = time.monotonic() - started
-        return self.report()
+    def relay_phases(self):
+        """The same streams of a paced model straight from it, then through one worker."""
+        streams, chunks = self.settings["relay_streams"], self.settings["relay_chunks"]
+        log(f"starting the paced fake model ({chunks} chunks {RELAY_CHUNK_DELAY * 1000:.0f} ms apart)")
+        paced = FakeModel(self.processes, "fake-relay", "--paced", "--chunks", str(chunks),
+                          "--chunk-delay", str(RELAY_CHUNK_DELAY), "--first-chunk-delay", str(RELAY_FIRST_CHUNK_DELAY))
+        log(f"relay: {streams} streams straight from the model")
+        direct = self.relay(paced)
+        service = self.service("service-relay", 1, paced.url)
+        service.warm_up(self.tokens)
+        log(f"relay: {streams} streams through one worker")
+        through = self.relay(paced, service)
+        service.stop()
+        paced.stop()
+        log(f"  worker CPU {through['worker_cpu_per_chunk_us']:.1f} µs per relayed chunk "
+            f"({through['window_chunks']} chunks in {through['window_s']:.2f} s); chunk lateness p99 "
+            f"{direct['lateness_p99_ms']:.1f} ms direct, {through['lateness_p99_ms']:.1f} ms through the service")
+        self.results["phases"]["relay"] = {"streams": streams, "chunks": chunks, "direct": direct, "service": through}
 
-    def report(self):
-        """The figures against their targets, and everything around them."""
+    def note_noise(self):
+        """A note naming the phases during which other processes kept the cores busy."""
         phases = self.results["phases"]
-        ttft, run, one, two, levels = (phases["ttft"], phases["run"], phases["turns_1"], phases["turns_2"],
-                                       phases["streams"])
         busy = [(name, phases[key]) for name, key in (("latency (streamed)", "ttft"), ("latency (/chat/run)", "run"),
-                                                      ("CPU, 1 worker", "turns_1"), ("scaling, 2 workers", "turns_2"))]
-        busy += [(f"{level['level']} streams", level) for level in levels]
+                                                      ("CPU, 1 worker", "turns_1"), ("scaling, 2 workers", "turns_2"))
+                if key in phases]
+        busy += [(f"{level['level']} streams", level) for level in phases.get("streams", [])]
+        if "relay" in phases:
+            busy += [(f"relay, {side}", phases["relay"][side]) for side in ("direct", "service")]
         noisy = [f"{name} {phase['other_busy_cores']:.2f}" for name, phase in busy
                  if phase["other_busy_cores"] > NOISE_CORES]
         if noisy:
             self.notes.append("other processes on this machine kept cores busy during some phases, so those "
                               f"figures are noisier (cores busy outside the benchmark): {', '.join(noisy)}")
-        clean = [level for level in levels if level["clean"]]
-        carried = clean[-1] if clean else None
-        measured = carried or levels[0]
-        if carried is None:
-            self.notes.append(f"no stream level was clean; memory per stream is from the {levels[0]['level']} level")
-        figures = {}
 
-        def figure(key, name, value, unit, target=None, op=None):
-            value = float(value)
-            if not math.isfinite(value):
-                # Nothing was measured (every request failed): no number, and the run fails.
-                self.notes.append(f"{name}: nothing measured")
-                value = None
-            ok = None
-            if op is not None:
-                ok = value is not None and (value <= target if op == "<=" else value >= target)
-            figures[key] = {"figure": name, "value": None if value is None else round(value, 3), "unit": unit,
-                            "target": None if op is None else f"{op} {target:g}", "pass": ok}
+    def figure(self, key, name, value, unit, target=None, op=None):
+        """Report a figure, against its target if it has one."""
+        value = float(value)
+        if not math.isfinite(value):
+            # Nothing was measured (every request failed): no number, and the run fails.
+            self.notes.append(f"{name}: nothing measured")
+            value = None
+        ok = None
+        if op is not None:
+            ok = value is not None and (value <= target if op == "<=" else value >= target)
+        self.figures[key] = {"figure": name, "value": None if value is None else round(value, 3), "unit": unit,
+                             "target": None if op is None else f"{op} {target:g}", "pass": ok}
 
-        for q, target in ((50, 2), (95, 5), (99, None)):
-            figure(f"ttft_added_p{q}_ms", f"added time to first token p{q}", ttft[f"added_p{q}_ms"], "ms",
-                   target, "<=" if target else None)
-        for side in ("direct", "service"):
-            for q in (50, 95, 99):
-                figure(f"ttft_{side}_p{q}_ms", f"time to first token p{q}, {side}", ttft[f"{side}_p{q}_ms"], "ms")
-        for q in (50, 95):
-            figure(f"run_added_p{q}_ms", f"added total time of /chat/run p{q}", run[f"added_p{q}_ms"], "ms")
-        for side in ("direct", "service"):
-            for q in (50, 95):
-                figure(f"run_{side}_p{q}_ms", f"total time p{q}, {side}", run[f"{side}_p{q}_ms"], "ms")
-        figure("open_streams_per_worker", "open streams one worker carries (largest clean level)",
-               carried["level"] if carried else 0, "streams", 2000, ">=")
-        figure("streams_failed", "streams failed at that level",
-               carried["failed"] if carried else levels[0]["failed"], "streams", 0, "<=")
-        figure("stream_gap_p95_ms", "chunk gap p95 at that level (upstream: 500 ms)",
-               measured["gap_p95_ms"], "ms", STREAM_CHUNK_DELAY * 1000 + GAP_SLACK_MS, "<=")
-        figure("memory_per_stream_kb", "memory per open stream", measured["rss_per_stream_kb"], "KB", 100, "<=")
-        figure("cpu_per_turn_ms", "worker CPU per turn (1 worker)", one["worker_cpu_per_turn_ms"], "ms", 1.5, "<=")
-        figure("turns_per_s_1_worker", "turns per second, 1 worker", one["turns_per_s"], "turns/s")
-        figure("turns_per_s_2_workers", "turns per second, 2 workers", two["turns_per_s"], "turns/s")
-        figure("scaling_ratio", "scaling, 2 workers / 1 worker",
-               two["turns_per_s"] / one["turns_per_s"] if one["turns_per_s"] else float("nan"), "x", 1.7, ">=")
-        helpers = helpers_cpu_per_turn_ms(one)
-        figure("helpers_cpu_per_turn_ms", "CPU per turn of everything else on the machine (context)", helpers, "ms")
-        figure("scaling_ceiling", "highest scaling these cores allow (context)",
-               scaling_ceiling(one, helpers, machine()["nproc"]), "x")
-        figure("postgres_cpu_per_turn_ms", "PostgreSQL CPU per turn (context)",
-               one.get("postgres_cpu_per_turn_ms", float("nan")), "ms")
-        figure("redis_cpu_per_turn_ms", "Redis CPU per turn (context)",
-               one.get("redis_cpu_per_turn_ms", float("nan")), "ms")
-        figure("postgres_cpu_s_run", "PostgreSQL CPU over the whole run (context)",
-               phases["whole_run"]["postgres_s"], "s")
-        figure("redis_cpu_s_run", "Redis CPU over the whole run (context)", phases["whole_run"]["redis_s"], "s")
-
+    def report(self):
+        """The figures of the phases that ran, against their targets, and everything around them."""
+        phases = self.results["phases"]
+        self.note_noise()
+        if "ttft" in phases:
+            self.latency_figures(phases["ttft"], phases["run"])
+        if "streams" in phases:
+            self.stream_figures(phases["streams"])
+        if "turns_1" in phases:
+            self.turn_figures(phases["turns_1"], phases["turns_2"])
+        if "relay" in phases:
+            self.relay_figures(phases["relay"])
+        self.figure("postgres_cpu_s_run", "PostgreSQL CPU over the whole run (context)",
+                    phases["whole_run"]["postgres_s"], "s")
+        self.figure("redis_cpu_s_run", "Redis CPU over the whole run (context)", phases["whole_run"]["redis_s"], "s")
         self.results.update({
             "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
             "mode": "quick" if self.args.quick else "full",
             "command": " ".join([sys.executable] + sys.argv),
             "machine": machine(),
-            "figures": figures,
+            "figures": self.figures,
             "notes": self.notes,
         })
         return self.results
+
+    def latency_figures(self, ttft, run):
+        """Added time to first token and added total time of /chat/run."""
+        for q, target in ((50, 2), (95, 5), (99, None)):
+            self.figure(f"ttft_added_p{q}_ms", f"added time to first token p{q}", ttft[f"added_p{q}_ms"], "ms",
+                        target, "<=" if target else None)
+        for side in ("direct", "service"):
+            for q in (50, 95, 99):
+                self.figure(f"ttft_{side}_p{q}_ms", f"time to first token p{q}, {side}", ttft[f"{side}_p{q}_ms"],
+                            "ms")
+        for q in (50, 95):
+            self.figure(f"run_added_p{q}_ms", f"added total time of /chat/run p{q}", run[f"added_p{q}_ms"], "ms")
+        for side in ("direct", "service"):
+            for q in (50, 95):
+                self.figure(f"run_{side}_p{q}_ms", f"total time p{q}, {side}", run[f"{side}_p{q}_ms"], "ms")
+
+    def stream_figures(self, levels):
+        """Open streams one worker carries, and memory per stream."""
+        clean = [level for level in levels if level["clean"]]
+        carried = clean[-1] if clean else None
+        measured = carried or levels[0]
+        if carried is None:
+            self.notes.append(f"no stream level was clean; memory per stream is from the {levels[0]['level']} level")
+        self.figure("open_streams_per_worker", "open streams one worker carries (largest clean level)",
+                    carried["level"] if carried else 0, "streams", 2000, ">=")
+        self.figure("streams_failed", "streams failed at that level",
+                    carried["failed"] if carried else levels[0]["failed"], "streams", 0, "<=")
+        self.figure("stream_gap_p95_ms", "chunk gap p95 at that level (upstream: 500 ms)",
+                    measured["gap_p95_ms"], "ms", STREAM_CHUNK_DELAY * 1000 + GAP_SLACK_MS, "<=")
+        self.figure("memory_per_stream_kb", "memory per open stream", measured["rss_per_stream_kb"], "KB", 100, "<=")
+
+    def turn_figures(self, one, two):
+        """CPU per turn, turns per second with 1 and 2 workers, and what shares the cores with them."""
+        self.figure("cpu_per_turn_ms", "worker CPU per turn (1 worker)", one["worker_cpu_per_turn_ms"], "ms",
+                    1.5, "<=")
+        self.figure("turns_per_s_1_worker", "turns per second, 1 worker", one["turns_per_s"], "turns/s")
+        self.figure("turns_per_s_2_workers", "turns per second, 2 workers", two["turns_per_s"], "turns/s")
+        self.figure("scaling_ratio", "scaling, 2 workers / 1 worker",
+                    two["turns_per_s"] / one["turns_per_s"] if one["turns_per_s"] else float("nan"), "x", 1.7, ">=")
+        helpers = helpers_cpu_per_turn_ms(one)
+        self.figure("helpers_cpu_per_turn_ms", "CPU per turn of everything else on the machine (context)",
+                    helpers, "ms")
+        self.figure("scaling_ceiling", "highest scaling these cores allow (context)",
+                    scaling_ceiling(one, helpers, machine()["nproc"]), "x")
+        self.figure("postgres_cpu_per_turn_ms", "PostgreSQL CPU per turn (context)",
+                    one.get("postgres_cpu_per_turn_ms", float("nan")), "ms")
+        self.figure("redis_cpu_per_turn_ms", "Redis CPU per turn (context)",
+                    one.get("redis_cpu_per_turn_ms", float("nan")), "ms")
+
+    def relay_figures(self, relay):
+        """Worker CPU per relayed chunk, and the delay the service adds to each chunk."""
+        direct, service = relay["direct"], relay["service"]
+        shape = f"{relay['streams']} streams × {relay['chunks']} chunks, {RELAY_CHUNK_DELAY * 1000:.0f} ms apart"
+        self.figure("relay_cpu_per_chunk_us", f"worker CPU per relayed chunk ({shape})",
+                    service["worker_cpu_per_chunk_us"], "µs", 35, "<=")
+        self.figure("relay_chunks_in_window", "chunks relayed in the window CPU was measured over",
+                    service["window_chunks"], "chunks")
+        self.figure("relay_cpu_per_chunk_whole_us",
+                    "worker CPU per chunk over the whole streams, setting up and saving included (context)",
+                    service["worker_cpu_per_chunk_whole_us"], "µs")
+        self.figure("relay_streams_failed", "relayed streams failed (direct and through the service)",
+                    direct["failed"] + service["failed"], "streams")
+        for q, target in ((50, None), (99, 5)):
+            self.figure(f"relay_delay_added_p{q}_ms", f"added chunk delay p{q} (lateness, service − direct)",
+                        service[f"lateness_p{q}_ms"] - direct[f"lateness_p{q}_ms"], "ms",
+                        target, "<=" if target else None)
+        for side, phase in (("direct", direct), ("service", service)):
+            for q in (50, 99):
+                self.figure(f"relay_delay_{side}_p{q}_ms", f"chunk lateness p{q}, {side}", phase[f"lateness_p{q}_ms"],
+                            "ms")
+        self.figure("relay_fake_cpu_per_chunk_us", "fake model CPU per chunk, through the service (context)",
+                    service["fake_cpu_per_chunk_us"], "µs")
+        self.figure("relay_clients_cpu_per_chunk_us", "clients' CPU per chunk, through the service (context)",
+                    service["clients_cpu_per_chunk_us"], "µs")
+
+
+def relay_summary(results, samples, delay):
+    """What one relay run measured: its failures, how late and how far apart the chunks came, and each
+    part's CPU per chunk over the window in which every stream was relaying."""
+    failures = {}
+    for result in results:
+        for key, count in result["failures"].items():
+            failures[key] = failures.get(key, 0) + count
+    streams = [stream for result in results for stream in result["arrivals"]]
+    late = [ms for stream in streams for ms in lateness_ms(stream, delay)]
+    gaps = [(later - earlier) * 1000 for stream in streams for earlier, later in zip(stream, stream[1:])]
+    summary = {"complete": len(streams), "failed": sum(failures.values()), "failures": failures,
+               "chunks_received": sum(map(len, streams)),
+               "lateness_p50_ms": percentile(late, 50), "lateness_p99_ms": percentile(late, 99),
+               "lateness_max_ms": max(late, default=float("nan")),
+               "gap_p50_ms": percentile(gaps, 50), "gap_p99_ms": percentile(gaps, 99),
+               # How far apart the streams started relaying: the window is the stream's length less this.
+               "first_chunk_spread_s": (max(stream[0] for stream in streams) - min(stream[0] for stream in streams)
+                                        if streams else float("nan")),
+               # Chunks read together with the one before them: someone on the way fell behind.
+               "batched_share": sum(gap == 0 for gap in gaps) / len(gaps) if gaps else float("nan")}
+    summary.update(relaying_cpu(streams, samples))
+    # The whole run of the streams, setting them up and saving them included, for comparison.
+    whole = CpuWatch.between(samples[0], samples[-1])
+    summary["worker_cpu_per_chunk_whole_us"] = (whole["worker_total_s"] / summary["chunks_received"] * 1e6
+                                                if summary["chunks_received"] else float("nan"))
+    scheduled = summary["window_s"] * len(streams) / delay
+    summary["schedule_share"] = summary["window_chunks"] / scheduled if scheduled else float("nan")
+    return summary
+
+
+def lateness_ms(arrivals, delay):
+    """How late each chunk of a stream came (ms) against one chunk every `delay` s, the schedule set by
+    the stream's least late chunk: what was added on the way beyond the stream's best transit time."""
+    origin = min(at - k * delay for k, at in enumerate(arrivals))
+    return [(at - k * delay - origin) * 1000 for k, at in enumerate(arrivals)]
+
+
+def relaying_cpu(streams, samples):
+    """Each part's CPU per chunk between the first and the last sample taken while every stream was
+    relaying (its first chunk in, its last not yet), with the chunks the clients received in between."""
+    opened = max((stream[0] for stream in streams), default=float("nan"))
+    closing = min((stream[-1] for stream in streams), default=float("nan"))
+    inside = [sample for sample in samples if opened <= sample["at"] <= closing] or samples[:1]
+    before, after = inside[0], inside[-1]
+    chunks = sum(before["at"] < at <= after["at"] for stream in streams for at in stream)
+    cpu = CpuWatch.between(before, after)
+
+    def per_chunk(seconds):
+        return seconds / chunks * 1e6 if chunks else float("nan")
+
+    return {"window_s": cpu["wall_s"], "window_chunks": chunks,
+            "worker_cpu_s": cpu["worker_total_s"], "worker_cpu_per_chunk_us": per_chunk(cpu["worker_total_s"]),
+            "worker_busy_cores": cpu["worker_total_s"] / cpu["wall_s"] if cpu["wall_s"] else float("nan"),
+            "fake_cpu_s": cpu["fake_s"], "fake_cpu_per_chunk_us": per_chunk(cpu["fake_s"]),
+            "clients_cpu_s": cpu["clients_s"], "clients_cpu_per_chunk_us": per_chunk(cpu["clients_s"]),
+            "postgres_cpu_s": cpu["postgres_s"], "redis_cpu_s": cpu["redis_s"],
+            "machine_busy_cores": cpu["machine_busy_cores"], "other_busy_cores": cpu["other_busy_cores"]}
 
 
 def helpers_cpu_per_turn_ms(phase):
@@ -968,44 +1177,89 @@ def machine():
 
 
 def markdown(results):
-    """The results as a Markdown document."""
+    """The results as a Markdown document: the figures, then a section for each phase that ran."""
     m = results["machine"]
     lines = [f"# Chat API benchmark ({results['mode']})", "",
              f"- date: {results['date']}",
              f"- machine: {m['nproc']} CPUs ({m['cpu_model']}), Python {m['python']}, {m['platform']}",
              f"- command: `{results['command']}`",
+             f"- phases: {', '.join(results.get('phases_run', PHASES))}",
              f"- duration: {results['duration_s']:.0f} s", "",
              "| figure | value | target | result |", "|---|---|---|---|"]
-    settings = results.get("settings", {})
     for figure in results["figures"].values():
         verdict = "—" if figure["pass"] is None else ("pass" if figure["pass"] else "FAIL")
         value = "n/a" if figure["value"] is None else f"{figure['value']:g}"
         lines.append(f"| {figure['figure']} | {value} {figure['unit']} | "
                      f"{figure['target'] or '(report)'} | {verdict} |")
     phases = results["phases"]
-    if settings:
-        lines += ["", "## How", "",
-                  (f"- Latency: {settings['latency_n']} requests each way (after {settings['latency_warmup']} "
-                   "discarded), one at a time on keep-alive connections, direct to the fake model and through "
-                   "the service (1 worker), interleaved; a new conversation per turn."),
-                  (f"- Streams: a fake model sending {settings['stream_chunks']} chunks "
-                   f"{settings['stream_chunk_delay_s'] * 1000:.0f} ms apart; a fresh one-worker service per level; "
-                   f"streams opened at {settings['stream_open_rate_per_s']}/s by {settings['client_processes']} "
-                   f"gevent client processes; a level is clean with no failure and a chunk-gap p95 of at most "
-                   f"{settings['stream_gap_limit_ms']:.0f} ms. Levels: {settings['levels']}."),
-                  (f"- CPU and scaling: an instant fake model; {settings['connections']} keep-alive client "
-                   f"connections in {settings['client_processes']} processes, closed loop on /chat/run; "
-                   f"{settings['turns_warmup']:g} s of warm-up, then a {settings['turns_seconds']:g} s window "
-                   "over which /proc gives each process's utime+stime."),
-                  (f"- The worker's limit on open files: {settings['worker_open_files_limit']}; "
-                   f"DATABASE_POOL_SIZE={settings['database_pool_size']} connections per worker. "
-                   f"{settings['users']} users, a new conversation for every turn.")]
-    lines += ["", "## Open streams, level by level (one worker, fresh for each level)", "",
-              ("| streams | peak open | failed | gap p50 / p95 / p99 / max ms | first chunk p50 / p95 ms | "
-               "RSS before → peak MB | KB/stream | worker cores busy (busiest second) | "
-               "fake / clients / PostgreSQL CPU s | machine / other cores busy |"),
-              "|---|---|---|---|---|---|---|---|---|---|"]
-    for level in phases["streams"]:
+    if results.get("settings"):
+        lines += ["", "## How", ""] + how(results["settings"], phases)
+    if "streams" in phases:
+        lines += stream_table(phases["streams"])
+    if any(key in phases for key in ("turns_1", "turns_2", "profile")):
+        lines += turns_table(phases)
+    if "ttft" in phases:
+        lines += latency_table(phases["ttft"], phases["run"])
+    if "relay" in phases:
+        lines += relay_table(phases["relay"])
+    whole = phases["whole_run"]
+    lines += ["", (f"PostgreSQL used {whole['postgres_s']:.1f} s and Redis {whole['redis_s']:.1f} s of CPU over "
+                   f"the {whole['wall_s']:.0f} s run (all their processes, from /proc; other users of the same "
+                   "servers count too). None of it is counted as the worker's."), ""]
+    profile = (phases.get("profile") or {}).get("profile")
+    if profile:
+        lines += profile_lists(profile)
+    if results["notes"]:
+        lines += ["## Notes", ""] + [f"- {note}" for note in results["notes"]] + [""]
+    return "\n".join(lines)
+
+
+def how(settings, phases):
+    """How each phase that ran was measured, one bullet each."""
+    lines = []
+    if "ttft" in phases:
+        lines.append(f"- Latency: {settings['latency_n']} requests each way (after {settings['latency_warmup']} "
+                     "discarded), one at a time on keep-alive connections, direct to the fake model and through "
+                     "the service (1 worker), interleaved; a new conversation per turn.")
+    if "streams" in phases:
+        lines.append(f"- Streams: a fake model sending {settings['stream_chunks']} chunks "
+                     f"{settings['stream_chunk_delay_s'] * 1000:.0f} ms apart; a fresh one-worker service per level; "
+                     f"streams opened at {settings['stream_open_rate_per_s']}/s by {settings['client_processes']} "
+                     f"gevent client processes; a level is clean with no failure and a chunk-gap p95 of at most "
+                     f"{settings['stream_gap_limit_ms']:.0f} ms. Levels: {settings['levels']}.")
+    if "turns_1" in phases or "profile" in phases:
+        lines.append(f"- CPU and scaling: an instant fake model; {settings['connections']} keep-alive client "
+                     f"connections in {settings['client_processes']} processes, closed loop on /chat/run; "
+                     f"{settings['turns_warmup']:g} s of warm-up, then a {settings['turns_seconds']:g} s window "
+                     "over which /proc gives each process's utime+stime.")
+    if "relay" in phases:
+        delay_ms = settings["relay_chunk_delay_s"] * 1000
+        lines.append(f"- Relay: a paced fake model sending {settings['relay_chunks']} chunks {delay_ms:.0f} ms apart "
+                     f"(chunk k due k × {delay_ms:.0f} ms after the first, which it holds "
+                     f"{settings['relay_first_chunk_delay_s']:g} s so that every stream is open before any chunk "
+                     f"flows); {settings['relay_streams']} streams opened at {settings['relay_open_rate_per_s']}/s "
+                     f"by {settings['client_processes']} gevent client processes, first straight from the model, "
+                     "then through /chat/stream on one worker, with the same client code. Every part's CPU is "
+                     f"read every {settings['sample_interval_s'] * 1000:.0f} ms; the window runs from the first "
+                     "reading after the last stream's first chunk to the last reading before the first stream's "
+                     "last chunk, and CPU per chunk is a part's utime+stime over it divided by the content chunks "
+                     "the clients received in it. A chunk's lateness is its arrival against its stream's "
+                     f"{delay_ms:.0f} ms schedule, set by the stream's least late chunk; the added delay is the "
+                     "service's lateness percentile minus the direct one.")
+    lines.append(f"- The worker's limit on open files: {settings.get('worker_open_files_limit', 'n/a')}; "
+                 f"DATABASE_POOL_SIZE={settings['database_pool_size']} connections per worker. "
+                 f"{settings['users']} users, a new conversation for every turn.")
+    return lines
+
+
+def stream_table(levels):
+    """The open-streams levels, one row each."""
+    lines = ["", "## Open streams, level by level (one worker, fresh for each level)", "",
+             ("| streams | peak open | failed | gap p50 / p95 / p99 / max ms | first chunk p50 / p95 ms | "
+              "RSS before → peak MB | KB/stream | worker cores busy (busiest second) | "
+              "fake / clients / PostgreSQL CPU s | machine / other cores busy |"),
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for level in levels:
         lines.append(
             f"| {level['level']} | {level['peak_concurrent']} | {level['failed']} {level['failures'] or ''} | "
             f"{level['gap_p50_ms']:.0f} / {level['gap_p95_ms']:.0f} / {level['gap_p99_ms']:.0f} / "
@@ -1015,11 +1269,16 @@ def markdown(results):
             f"({level['worker_peak_busy_cores']:.2f}) | "
             f"{level['fake_cpu_s']:.1f} / {level['clients_cpu_s']:.1f} / {level['postgres_cpu_s']:.1f} | "
             f"{level['machine_busy_cores']:.2f} / {level['other_busy_cores']:.2f} |")
-    lines += ["", "## Closed-loop /chat/run at saturation", "",
-              ("| workers | turns/s | latency p50 / p95 ms | worker CPU per turn ms | worker cores busy "
-               "(each worker's CPU s) | fake / clients CPU s | PostgreSQL / Redis CPU per turn ms | "
-               "machine / other cores busy |"),
-              "|---|---|---|---|---|---|---|---|"]
+    return lines
+
+
+def turns_table(phases):
+    """The closed-loop /chat/run phases, one row each."""
+    lines = ["", "## Closed-loop /chat/run at saturation", "",
+             ("| workers | turns/s | latency p50 / p95 ms | worker CPU per turn ms | worker cores busy "
+              "(each worker's CPU s) | fake / clients CPU s | PostgreSQL / Redis CPU per turn ms | "
+              "machine / other cores busy |"),
+             "|---|---|---|---|---|---|---|---|"]
     for key in ("turns_1", "turns_2", "profile"):
         phase = phases.get(key)
         if not phase:
@@ -1033,31 +1292,57 @@ def markdown(results):
             f"{phase.get('postgres_cpu_per_turn_ms', float('nan')):.2f} / "
             f"{phase.get('redis_cpu_per_turn_ms', float('nan')):.2f} | "
             f"{phase['machine_busy_cores']:.2f} / {phase['other_busy_cores']:.2f} |")
-    ttft, run = phases["ttft"], phases["run"]
-    lines += ["", "## Latency, one request at a time (ms)", "",
-              ("| request | n | direct p50 / p95 / p99 | service p50 / p95 / p99 | added p50 / p95 / p99 | "
-               "paired difference p50 | machine / other cores busy |"), "|---|---|---|---|---|---|---|"]
+    return lines
+
+
+def latency_table(ttft, run):
+    """Direct, through the service and added, for the streamed and the whole answer."""
+    lines = ["", "## Latency, one request at a time (ms)", "",
+             ("| request | n | direct p50 / p95 / p99 | service p50 / p95 / p99 | added p50 / p95 / p99 | "
+              "paired difference p50 | machine / other cores busy |"), "|---|---|---|---|---|---|---|"]
     for name, phase in (("streamed, to first token", ttft), ("/chat/run, whole answer", run)):
         cells = [" / ".join(f"{phase[f'{side}_p{q}_ms']:.2f}" for q in (50, 95, 99))
                  for side in ("direct", "service", "added")]
         lines.append(f"| {name} | {phase['n']} | {' | '.join(cells)} | {phase['paired_difference_p50_ms']:.2f} | "
                      f"{phase['machine_busy_cores']:.2f} / {phase['other_busy_cores']:.2f} |")
-    whole = phases["whole_run"]
-    lines += ["", (f"PostgreSQL used {whole['postgres_s']:.1f} s and Redis {whole['redis_s']:.1f} s of CPU over "
-                   f"the {whole['wall_s']:.0f} s run (all their processes, from /proc; other users of the same "
-                   "servers count too). None of it is counted as the worker's."), ""]
-    profile = (phases.get("profile") or {}).get("profile")
-    if profile:
-        lines += [f"## py-spy, one worker under /chat/run load ({profile['samples']} samples)", ""]
-        for kind, title in (("self_by_package", "Self time by package"), ("self", "Top functions by self time"),
-                            ("cumulative", "Top functions by cumulative time"),
-                            ("service_cumulative", "The service's own functions by cumulative time")):
-            lines += [f"{title}:", "", "| % | function |", "|---|---|"]
-            lines += [f"| {row['percent']} | `{row['function']}` |" for row in profile[kind]]
-            lines.append("")
-    if results["notes"]:
-        lines += ["## Notes", ""] + [f"- {note}" for note in results["notes"]] + [""]
-    return "\n".join(lines)
+    return lines
+
+
+def relay_table(relay):
+    """The relayed streams, straight from the model and through the service."""
+    lines = ["", (f"## Relayed streams ({relay['streams']} streams × {relay['chunks']} chunks, "
+                  f"{RELAY_CHUNK_DELAY * 1000:.0f} ms apart)"), "",
+             ("| path | streams complete / failed | chunks received | window s | chunks in window (of scheduled) | "
+              "worker CPU µs/chunk in the window (cores busy); over the whole streams | fake / clients CPU µs/chunk | "
+              "chunk lateness p50 / p99 / max ms | "
+              "gap p50 / p99 ms | read with the one before | machine / other cores busy |"),
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for side in ("direct", "service"):
+        phase = relay[side]
+        worker = "—" if side == "direct" else (f"{phase['worker_cpu_per_chunk_us']:.1f} "
+                                               f"({phase['worker_busy_cores']:.2f}); "
+                                               f"{phase['worker_cpu_per_chunk_whole_us']:.1f}")
+        lines.append(
+            f"| {side} | {phase['complete']} / {phase['failed']} {phase['failures'] or ''} | "
+            f"{phase['chunks_received']} | {phase['window_s']:.2f} | "
+            f"{phase['window_chunks']} ({phase['schedule_share']:.0%}) | {worker} | "
+            f"{phase['fake_cpu_per_chunk_us']:.1f} / {phase['clients_cpu_per_chunk_us']:.1f} | "
+            f"{phase['lateness_p50_ms']:.2f} / {phase['lateness_p99_ms']:.2f} / {phase['lateness_max_ms']:.2f} | "
+            f"{phase['gap_p50_ms']:.2f} / {phase['gap_p99_ms']:.2f} | {phase['batched_share']:.0%} | "
+            f"{phase['machine_busy_cores']:.2f} / {phase['other_busy_cores']:.2f} |")
+    return lines
+
+
+def profile_lists(profile):
+    """py-spy's summary: top functions by package, self and cumulative time."""
+    lines = [f"## py-spy, one worker under /chat/run load ({profile['samples']} samples)", ""]
+    for kind, title in (("self_by_package", "Self time by package"), ("self", "Top functions by self time"),
+                        ("cumulative", "Top functions by cumulative time"),
+                        ("service_cumulative", "The service's own functions by cumulative time")):
+        lines += [f"{title}:", "", "| % | function |", "|---|---|"]
+        lines += [f"| {row['percent']} | `{row['function']}` |" for row in profile[kind]]
+        lines.append("")
+    return lines
 
 
 def finite(value):
@@ -1081,6 +1366,14 @@ def write(results, out):
     return text
 
 
+def phase_list(text):
+    """The phases named in a comma-separated list, in the order they run."""
+    named = {name.strip() for name in text.split(",") if name.strip()}
+    if not named or named - set(PHASES):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a list of phases ({', '.join(PHASES)})")
+    return [phase for phase in PHASES if phase in named]
+
+
 def parse_args(argv=None):
     """The command line."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -1089,6 +1382,8 @@ def parse_args(argv=None):
                         help="where results.md, results.json and logs/ go")
     parser.add_argument("--profile", action="store_true", help="also profile one worker with py-spy")
     parser.add_argument("--levels", help="comma-separated stream levels instead of the mode's")
+    parser.add_argument("--phases", default=",".join(PHASES), type=phase_list,
+                        help=f"comma-separated phases to run, of {', '.join(PHASES)} (default: all)")
     parser.add_argument("--database-url", default="postgresql://root@127.0.0.1:5432/chat_bench")
     parser.add_argument("--redis-url", default="redis://127.0.0.1:6379/9")
     return parser.parse_args(argv)

@@ -6,7 +6,7 @@ Standard library only, so it runs inside the unpatched pytest process too.
 
 Standalone, for curl checks and benchmarks:
     python -m tests.fake_llm --port 8001 [--chunk-delay 0.05] [--reply TEXT] [--gevent]
-        [--chunks N] [--first-chunk-delay 0.2]
+        [--chunks N] [--first-chunk-delay 0.2] [--paced]
 """
 
 from __future__ import annotations
@@ -57,6 +57,9 @@ class Script:
     header_delay: float = 0
     first_chunk_delay: float = 0
     chunk_delay: float = 0
+    # Content chunk k leaves k * chunk_delay after the first, however late the one before it went
+    # out: a model's token rate does not wait for its writer, so lateness does not add up.
+    paced: bool = False
     hang: bool = False
     silence_after: int | None = None
     break_after: int | None = None
@@ -308,6 +311,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         self._start_stream(script.close_delimited)
         self._wait(script.first_chunk_delay)
         self._emit(script, sse({**meta, "choices": [_choice({"role": "assistant", "content": ""})]}))
+        first_at = time.monotonic()
         for sent in range(len(chunks) + 1):
             if sent == script.garbage_after:
                 self._emit(script, GARBAGE_EVENT)
@@ -321,7 +325,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             if sent == len(chunks):
                 break
             if sent:
-                self._wait(script.chunk_delay)
+                self._wait(first_at + sent * script.chunk_delay - time.monotonic() if script.paced
+                           else script.chunk_delay)
             self._emit(script, sse({**meta, "choices": [_choice({"content": chunks[sent]})]}))
         self._emit(script, sse({**meta, "choices": [_choice({}, "stop")]}))
         if script.usage and wants_stream_usage(request):
@@ -689,6 +694,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="stream exactly N content chunks: the reply's words (or filler words) repeated")
     parser.add_argument("--first-chunk-delay", type=float, default=0,
                         help="seconds between a stream's headers and its first event")
+    parser.add_argument("--paced", action="store_true",
+                        help="keep content chunk k at k * chunk-delay after the first, however late the last went")
     parser.add_argument("--gevent", action="store_true", help="monkey-patch with gevent for thousands of streams")
     args = parser.parse_args(argv)
     if args.chunks is not None and args.chunks < 1:
@@ -720,7 +727,8 @@ FILLER = "The quick brown fox jumps over the lazy dog while the model keeps on t
 
 def standalone_script(args: argparse.Namespace) -> Script:
     """The one script a standalone server answers every request with, from its command line."""
-    script = Script(reply=args.reply, chunk_delay=args.chunk_delay, first_chunk_delay=args.first_chunk_delay)
+    script = Script(reply=args.reply, chunk_delay=args.chunk_delay, first_chunk_delay=args.first_chunk_delay,
+                    paced=args.paced)
     if args.chunks is not None:
         words = split_words(args.reply or FILLER)
         # Every word after the first carries a leading space, so the chunks join back into text.

@@ -8,6 +8,8 @@ import subprocess
 import sys
 from urllib.parse import urlsplit, urlunsplit
 
+import pytest
+
 from tests.conftest import ROOT
 
 FIGURES = {
@@ -20,14 +22,20 @@ FIGURES = {
     "cpu_per_turn_ms", "turns_per_s_1_worker", "turns_per_s_2_workers", "scaling_ratio",
     "postgres_cpu_per_turn_ms", "redis_cpu_per_turn_ms", "postgres_cpu_s_run", "redis_cpu_s_run",
     "helpers_cpu_per_turn_ms", "scaling_ceiling",
+    "relay_cpu_per_chunk_us", "relay_chunks_in_window", "relay_cpu_per_chunk_whole_us", "relay_streams_failed",
+    "relay_delay_added_p50_ms", "relay_delay_added_p99_ms",
+    "relay_delay_direct_p50_ms", "relay_delay_direct_p99_ms", "relay_delay_service_p50_ms",
+    "relay_delay_service_p99_ms", "relay_fake_cpu_per_chunk_us", "relay_clients_cpu_per_chunk_us",
 }
+# The benchmark's own database and Redis database; by default those of the servers the tests use.
+BENCH_DATABASE = os.environ.get("TEST_BENCH_DATABASE", "chat_bench")
+BENCH_REDIS_DB = os.environ.get("TEST_BENCH_REDIS_DB", "9")
 
 
 def test_quick_benchmark_reports_every_figure(tmp_path, postgres_url, redis_url):
     """`bench/run.py --quick` exits 0 and writes results.json with every figure numeric (targets may miss)."""
-    # The benchmark's own database and Redis database, on the servers the tests use.
-    database_url = urlunsplit(urlsplit(postgres_url)._replace(path="/chat_bench"))
-    bench_redis_url = urlunsplit(urlsplit(redis_url)._replace(path="/9"))
+    database_url = urlunsplit(urlsplit(postgres_url)._replace(path=f"/{BENCH_DATABASE}"))
+    bench_redis_url = urlunsplit(urlsplit(redis_url)._replace(path=f"/{BENCH_REDIS_DB}"))
     command = [sys.executable, os.path.join("bench", "run.py"), "--quick", "--out", str(tmp_path),
                "--database-url", database_url, "--redis-url", bench_redis_url]
     finished = subprocess.run(command, check=False, cwd=ROOT, capture_output=True, text=True, timeout=300)
@@ -40,9 +48,23 @@ def test_quick_benchmark_reports_every_figure(tmp_path, postgres_url, redis_url)
         assert isinstance(value, (int, float)) and not isinstance(value, bool), (key, figure)
         assert math.isfinite(value), (key, figure)
         assert figure["pass"] in (True, False, None), (key, figure)
+    assert_relay_figures_are_measurements(results)
     assert {"nproc", "cpu_model", "python"} <= set(results["machine"])
     assert results["mode"] == "quick"
     assert (tmp_path / "results.md").read_text().startswith("# Chat API benchmark (quick)")
+
+
+def assert_relay_figures_are_measurements(results):
+    """The relay figures fall where only a measuring bug would put them outside, not merely exist."""
+    figures = {key: figure["value"] for key, figure in results["figures"].items()}
+    most_chunks = results["settings"]["relay_streams"] * results["settings"]["relay_chunks"]
+    assert 0 < figures["relay_chunks_in_window"] <= most_chunks
+    for key in ("relay_cpu_per_chunk_us", "relay_cpu_per_chunk_whole_us", "relay_fake_cpu_per_chunk_us",
+                "relay_clients_cpu_per_chunk_us"):
+        assert 0 < figures[key] < 5000, (key, figures[key])
+    for side in ("direct", "service"):
+        assert 0 <= figures[f"relay_delay_{side}_p50_ms"] <= figures[f"relay_delay_{side}_p99_ms"] < 10_000, side
+    assert figures["relay_streams_failed"] == 0, results["notes"]
 
 
 def bench_module():
@@ -75,3 +97,101 @@ def test_client_comparison_prints_a_time_for_every_client():
     assert set(rows) == {"raw socket", "http.client", "urllib3", "service"}
     for name, (p50, p95) in rows.items():
         assert 0 < float(p50) <= float(p95), (name, p50, p95)
+
+
+def test_chunk_lateness_counts_from_the_least_late_chunk_of_the_stream():
+    """A chunk's lateness is against the 20 ms schedule its stream's least late chunk sets, never negative."""
+    bench = bench_module()
+    # Due at 10.000, 10.020, 10.040, 10.060; the first came 3 ms late, the third 8 ms.
+    lateness = bench.lateness_ms([10.003, 10.020, 10.048, 10.060], 0.02)
+    assert [round(ms, 6) for ms in lateness] == [3.0, 0.0, 8.0, 0.0]
+
+
+def cpu_sample(bench, at, worker_ticks):
+    """A CpuWatch snapshot at `at` with only the worker's CPU moving."""
+    return {"at": at, "workers": {1: worker_ticks}, "fake": {}, "clients": {}, "master": {}, "postgres": {},
+            "backends": {}, "redis": {}, "machine": (worker_ticks, 2 * bench.CLOCK_TICKS * at)}
+
+
+def test_relay_cpu_counts_only_while_every_stream_relays():
+    """Setting streams up and finishing them is outside the window: CPU per chunk is the relaying's alone."""
+    bench = bench_module()
+    early = [round(1.0 + k / 10, 1) for k in range(11)]  # relaying from 1.0 s to 2.0 s
+    late = [round(1.5 + k / 10, 1) for k in range(11)]  # from 1.5 s to 2.5 s
+    # 100 ticks of setting up before 1.5 s and of finishing after 2.0 s; 5 ticks in between.
+    ticks = {0.0: 0, 0.5: 0, 1.0: 50, 1.5: 100, 2.0: 105, 2.5: 155, 3.0: 205}
+    samples = [cpu_sample(bench, at, n) for at, n in ticks.items()]
+
+    cpu = bench.relaying_cpu([early, late], samples)
+
+    assert cpu["window_s"] == 0.5
+    assert cpu["window_chunks"] == 10  # 1.6 to 2.0 s of each stream
+    assert math.isclose(cpu["worker_cpu_per_chunk_us"], 5 / bench.CLOCK_TICKS / 10 * 1e6)
+
+
+def test_relay_summary_tells_chunks_read_together_and_the_share_of_the_schedule_received():
+    """Chunks that came in one read, and fewer chunks than scheduled, show that something fell behind."""
+    bench = bench_module()
+    on_time = [round(1.0 + k / 10, 1) for k in range(11)]
+    bunched = [1.5, 1.6, 1.8, 1.8, 2.0, 2.0, 2.1, 2.2, 2.3, 2.4, 2.5]  # those due at 1.7 and 1.9 came with the next
+    samples = [cpu_sample(bench, at / 2, at) for at in range(7)]
+
+    summary = bench.relay_summary([{"failures": {}, "arrivals": [on_time, bunched]}], samples, 0.1)
+
+    assert summary["batched_share"] == 2 / 20
+    assert summary["schedule_share"] == 1.0  # 1.6 to 2.0 s: 5 chunks of each stream, as scheduled
+    assert [round(summary[f"lateness_p{q}_ms"], 6) for q in (50, 99)] == [0.0, 100.0]
+
+
+def test_relay_cpu_is_not_measured_when_the_streams_never_all_relayed():
+    """Streams that never overlap leave no window: no chunks, and no CPU per chunk rather than a wrong one."""
+    bench = bench_module()
+    samples = [cpu_sample(bench, at / 10, at) for at in range(40)]
+    cpu = bench.relaying_cpu([[1.0, 1.5], [2.0, 2.5]], samples)
+    assert cpu["window_chunks"] == 0
+    assert math.isnan(cpu["worker_cpu_per_chunk_us"])
+
+
+def test_phases_option_keeps_the_running_order():
+    """`--phases relay,latency` runs latency first, as the full run does; no option runs every phase."""
+    bench = bench_module()
+    assert bench.parse_args(["--phases", "relay,latency"]).phases == ["latency", "relay"]
+    assert bench.parse_args([]).phases == list(bench.PHASES)
+
+
+@pytest.mark.parametrize("phases", ["relay,latncy", ",", ""])
+def test_phases_option_refuses_what_is_not_a_phase(phases):
+    """A misspelt or empty list of phases is a usage error, not a run of nothing."""
+    with pytest.raises(SystemExit) as exit_status:
+        bench_module().parse_args(["--phases", phases])
+    assert exit_status.value.code == 2
+
+
+def test_report_of_a_relay_only_run_has_only_the_relay():
+    """With `--phases relay`, results.md has the relay's figures and table, and nothing of the other phases."""
+    bench = bench_module()
+    side = {"complete": 2, "failed": 0, "failures": {}, "chunks_received": 8, "window_s": 0.5, "window_chunks": 4,
+            "worker_cpu_per_chunk_us": 60.0, "worker_busy_cores": 0.5, "fake_cpu_per_chunk_us": 50.0,
+            "clients_cpu_per_chunk_us": 20.0, "lateness_p50_ms": 1.0, "lateness_p99_ms": 4.0,
+            "lateness_max_ms": 5.0, "gap_p50_ms": 20.0, "gap_p99_ms": 24.0, "machine_busy_cores": 1.5,
+            "other_busy_cores": 0.1, "schedule_share": 1.0, "batched_share": 0.0,
+            "worker_cpu_per_chunk_whole_us": 90.0}
+    runner = bench.Bench.__new__(bench.Bench)
+    runner.args = bench.parse_args(["--phases", "relay"])
+    runner.notes, runner.figures = [], {}
+    runner.results = {"phases_run": ["relay"], "duration_s": 30.0, "phases": {
+        "relay": {"streams": 2, "chunks": 4, "direct": side, "service": {**side, "lateness_p99_ms": 10.0}},
+        "whole_run": {"wall_s": 30.0, "postgres_s": 0.5, "redis_s": 0.1, "machine_busy_cores": 1.0}}}
+
+    results = runner.report()
+    text = bench.markdown(results)
+
+    assert {key for key in results["figures"] if not key.endswith("_s_run")} == {
+        key for key in FIGURES if key.startswith("relay_")}
+    assert results["figures"]["relay_delay_added_p99_ms"] == {
+        "figure": "added chunk delay p99 (lateness, service − direct)", "value": 6.0, "unit": "ms",
+        "target": "<= 5", "pass": False}
+    assert results["figures"]["relay_cpu_per_chunk_us"]["pass"] is False
+    assert "## Relayed streams" in text and "- phases: relay" in text
+    for other in ("## Open streams", "## Closed-loop", "## Latency", "time to first token"):
+        assert other not in text

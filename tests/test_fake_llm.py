@@ -339,6 +339,15 @@ def test_chunk_delay_spaces_the_content_chunks(llm):
     assert time.monotonic() - started >= 0.2
 
 
+def test_paced_chunks_leave_k_chunk_delays_after_the_first(llm):
+    llm.script(Script(chunks=["a", "b", "c", "d", "e"], chunk_delay=0.05, paced=True))
+    response = post(llm, chat(stream=True), stream=True)
+    arrivals = [time.monotonic() for line in response.iter_lines() if contents([line.decode()])]
+    assert len(arrivals) == 5
+    for k, arrived in enumerate(arrivals):
+        assert abs(arrived - arrivals[0] - k * 0.05) < 0.03, (k, arrived - arrivals[0])
+
+
 def test_hang_sends_nothing_until_release_then_closes(llm, raw):
     llm.script(Script(hang=True), Script(hang=True))
     raw.send_chat(chat())
@@ -582,6 +591,10 @@ def test_chunks_option_streams_exactly_n_chunks_that_read_as_text():
 def test_first_chunk_delay_and_chunk_delay_options_reach_the_script():
     script = standalone("--first-chunk-delay", "0.2", "--chunk-delay", "0.5")
     assert (script.first_chunk_delay, script.chunk_delay, script.chunks, script.reply) == (0.2, 0.5, None, None)
+
+
+def test_paced_option_reaches_the_script():
+    assert standalone("--paced").paced and not standalone().paced
 
 
 def test_standalone_chunks_option_over_http():
