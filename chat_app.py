@@ -22,6 +22,7 @@ from werkzeug.exceptions import HTTPException
 import cache
 import logs
 import models
+import web
 from config import INSTANCE_DIR, VERSION, Config
 from errors import ApiError
 from llm import make_model
@@ -44,7 +45,7 @@ status = Blueprint("status", __name__)
 
 def create_app(test_config=None):
     """Build the app from the environment (or `test_config`) and wire its services."""
-    app = Flask(__name__, instance_path=INSTANCE_DIR)
+    app = Flask(__name__, instance_path=INSTANCE_DIR, static_folder=None)
     app.config.from_mapping(Config().as_dict())
     if test_config:
         app.config.from_mapping(test_config)
@@ -61,6 +62,7 @@ def create_app(test_config=None):
     app.register_blueprint(chat)
     app.register_blueprint(conversations)
     app.register_blueprint(status)
+    web.init_app(app)
     app.wsgi_app = logs.RequestLog(app.wsgi_app)
     app.register_error_handler(ApiError, api_error)
     app.register_error_handler(HTTPException, http_error)
