@@ -468,11 +468,17 @@ def init_db_command():
 @click.argument("user")
 @click.option("--expires-in", default=86400, show_default=True, type=click.IntRange(min=0),
               help="Seconds until the token expires; 0 for a token that never expires.")
+@click.option("--link", is_flag=True, help="Print a sign-in link to the chat page instead of the bare token.")
+@click.option("--base-url", help="The page's address for --link (implies it)  [default: http://localhost:PORT]")
 @with_appcontext
-def create_token_command(user, expires_in):
-    """Print an access token for USER."""
+def create_token_command(user, expires_in, link, base_url):
+    """Print an access token for USER, or a sign-in link to the chat page holding it."""
     expires = datetime.timedelta(seconds=expires_in) if expires_in > 0 else False
-    click.echo(create_access_token(identity=user, expires_delta=expires))
+    token = create_access_token(identity=user, expires_delta=expires)
+    if link or base_url:
+        click.echo(web.sign_in_link(token, base_url or f"http://localhost:{current_app.config['PORT']}"))
+    else:
+        click.echo(token)
 
 
 @click.command("prune")
