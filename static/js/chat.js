@@ -160,8 +160,11 @@ export class ChatView {
     this.empty.hidden = false;
   }
 
-  /** Show a conversation's messages; they are returned, or null if it could not be read. */
-  async open(id, title = "") {
+  /**
+   * Show a conversation's messages; they are returned, or null if it could not be read.
+   * When `resuming`, a conversation not saved yet (its first reply still running) is no error.
+   */
+  async open(id, title = "", { resuming = false } = {}) {
     this.leave();
     const opening = ++this.openings;
     this.conversationId = id;
@@ -171,6 +174,10 @@ export class ChatView {
       history = await api.readConversation(id);
     } catch (error) {
       if (opening !== this.openings || error.status === 401) return null;
+      if (resuming && error.status === 404) {
+        this.title.textContent = title || "New chat";
+        return [];
+      }
       this.showNew();
       this.notice(error.status === 404 ? "That conversation is no longer there."
         : `The conversation could not be loaded: ${error.message}.`);
@@ -240,7 +247,7 @@ export class ChatView {
 
   /** Pick up a reply that was streaming when the page went away, without repeating its text. */
   async resume(saved) {
-    const history = await this.open(saved.conversationId);
+    const history = await this.open(saved.conversationId, saved.message, { resuming: true });
     if (!history || alreadySaved(history, saved)) {
       replyInProgress.forget();
       return;

@@ -131,6 +131,10 @@ $("sign-out").addEventListener("click", () => {
   showSignIn("You signed out. This browser no longer keeps your token.");
 });
 
+$("skip-link").addEventListener("click", (event) => {
+  event.preventDefault();
+  $("message").focus();
+});
 $("new-chat").addEventListener("click", newChat);
 $("toggle-sidebar").addEventListener("click", () => toggleSidebar(document.body.dataset.sidebar !== "open"));
 document.addEventListener("keydown", (event) => {
