@@ -121,6 +121,15 @@ def test_a_pasted_sign_in_link_signs_in(chat, expect):
     expect(chat.box).to_be_focused()
 
 
+def test_a_sign_in_link_opened_on_the_sign_in_form_signs_in(chat, expect):
+    """A link opened in a tab already showing the page (only the fragment changes) still signs in."""
+    chat.page.goto(chat.service.url + "/")
+    expect(chat.page.locator("#sign-in")).to_be_visible()
+    chat.open_link(token("alice"))
+    expect(chat.page.locator("#app")).to_be_visible()
+    assert chat.page.url == chat.service.url + "/"
+
+
 def test_an_expired_token_returns_the_page_to_sign_in_with_a_sentence(chat, expect):
     """A token that expired while the page was open sends the user back to sign in, saying why."""
     chat.sign_in()

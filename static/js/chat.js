@@ -108,7 +108,7 @@ class MessageView {
   finish(final) {
     if (this.typing) this.typing.hidden = true;
     this.note(metricsLine(final));
-    if (final.error) this.fail(sentenceFor({ status: 200, ...final.error }));
+    if (final.error) this.fail(`The reply broke off: ${final.error.message}.`);
   }
 
   /** Show what went wrong where the reply is. */

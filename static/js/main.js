@@ -21,13 +21,14 @@ const list = new ConversationList({
   },
 });
 
-/** Keep a token that came in the address (#token=...) and take it out of the address bar. */
+/** Keep a token that came in the address (#token=...), take it out of the address bar; whether one came. */
 function takeTokenFromAddress() {
   const fragment = new URLSearchParams(location.hash.slice(1));
-  if (!fragment.has("token")) return;
+  if (!fragment.has("token")) return false;
   history.replaceState(null, "", location.pathname + location.search);
   const token = fragment.get("token").trim();
   if (token) api.token.set(token);
+  return Boolean(token);
 }
 
 /** The token in what was pasted: a bare token, or a whole sign-in link. */
@@ -139,6 +140,14 @@ $("new-chat").addEventListener("click", newChat);
 $("toggle-sidebar").addEventListener("click", () => toggleSidebar(document.body.dataset.sidebar !== "open"));
 document.addEventListener("keydown", (event) => {
   if (event.key === "Escape") closeSidebar();
+});
+
+// A sign-in link opened in a tab already showing the page only changes the fragment.
+window.addEventListener("hashchange", () => {
+  if (takeTokenFromAddress()) {
+    chat.abandonAll();
+    start(true);
+  }
 });
 
 takeTokenFromAddress();
