@@ -8,6 +8,7 @@ const $ = (id) => document.getElementById(id);
 const IN_PROGRESS_KEY = "chat.replyInProgress";
 const MAX_RESUMES = 3;
 const STATUS_NOTES = { stopped: "Stopped", interrupted: "Interrupted", error: "Ended by an error" };
+const FINISHED = new Set(["complete", ...Object.keys(STATUS_NOTES)]);
 
 /** The reply streaming in this tab, kept in sessionStorage so a reloaded page can pick it up. */
 export const replyInProgress = {
@@ -149,6 +150,9 @@ export class ChatView {
       // The page is going (a reload, say): its streams are cut, but the reply goes on.
       this.unloading = true;
       if (this.turn && !this.turn.done) replyInProgress.remember(this.turn);
+    });
+    window.addEventListener("pageshow", (event) => {
+      if (event.persisted) this.unloading = false;
     });
   }
 
@@ -434,10 +438,10 @@ function parsed(data) {
   }
 }
 
-/** Whether the history already holds the turn a reload interrupted (its message, then a reply). */
+/** Whether the history already holds the turn a reload interrupted: its message, then a finished reply. */
 function alreadySaved(history, saved) {
   const count = history.length;
   return count >= 2 && count >= (saved.messagesBefore || 0) + 2
-    && history[count - 1].role === "assistant"
+    && history[count - 1].role === "assistant" && FINISHED.has(history[count - 1].status)
     && history[count - 2].role === "user" && history[count - 2].content === saved.message;
 }

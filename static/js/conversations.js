@@ -25,9 +25,10 @@ export class ConversationList {
     this.selected = null;
     this.target = null;
     this.more.addEventListener("click", () => this.loadMore());
-    new IntersectionObserver((seen) => {
+    this.watcher = new IntersectionObserver((seen) => {
       if (seen.some((entry) => entry.isIntersecting)) this.loadMore();
-    }).observe(this.more);
+    });
+    this.watcher.observe(this.more);
     this.wireRenameDialog();
     this.wireDeleteDialog();
   }
@@ -61,7 +62,12 @@ export class ConversationList {
         if (error.status === 401) throw error;
         this.status.textContent = `Could not load your conversations: ${error.message}.`;
       })
-      .finally(() => { this.loading = null; });
+      .finally(() => {
+        this.loading = null;
+        // Watch afresh: if the end of the list is still in sight, the next page loads too.
+        this.watcher.unobserve(this.more);
+        this.watcher.observe(this.more);
+      });
     return this.loading;
   }
 
