@@ -60,7 +60,10 @@ def tab(browser, request, tmp_path):
 
 @pytest.fixture
 def chat(service, tab):
-    """The chat page of the service, not yet signed in (the tab closes first: gunicorn waits for its connections)."""
+    """The chat page of the service, not yet signed in.
+
+    The service comes first so the tab closes first: gunicorn waits for the browser's open connections.
+    """
     return ChatPage(tab, service)
 
 
@@ -136,7 +139,8 @@ def test_an_expired_token_returns_the_page_to_sign_in_with_a_sentence(chat, expe
     chat.page.evaluate("expired => localStorage.setItem('chat.token', expired)", token("alice", lifetime=-60))
     chat.send("hello?")
     expect(chat.page.locator("#sign-in")).to_be_visible()
-    expect(chat.page.locator("#sign-in-reason")).to_have_text(re.compile("signed out because the token has expired"))
+    reason = chat.page.locator("#sign-in-reason")
+    expect(reason).to_have_text(re.compile("signed out because the token has expired"))
     assert chat.page.evaluate("localStorage.getItem('chat.token')") is None
 
 
@@ -218,7 +222,7 @@ def test_a_reload_mid_reply_continues_it_without_repeating_text(chat, llm, expec
 
 
 def test_the_page_resumes_after_the_last_event_id_it_kept(chat, expect):
-    """The page's side of the resume contract: after a reload it sends Last-Event-ID and appends only what follows.
+    """The page's side of the resume contract: reloaded, it sends Last-Event-ID and appends only what follows.
 
     The endpoint is stood in for (page.route) until issue 11 serves it; the test above is the real one.
     """
