@@ -17,6 +17,7 @@ from werkzeug.exceptions import ClientDisconnected, HTTPException
 import auth
 import logs
 import models
+import web
 from auth import note
 from cache import MemoryCache, RedisCache
 from config import INSTANCE_DIR, VERSION, Config
@@ -57,7 +58,7 @@ def private_headers(response):
 
 def create_app(test_config=None):
     """Build the app from the environment (or `test_config`) and wire its services."""
-    app = Flask(__name__, instance_path=INSTANCE_DIR)
+    app = Flask(__name__, instance_path=INSTANCE_DIR, static_folder=None)
     app.config.from_mapping(Config().as_dict())
     if test_config:
         app.config.from_mapping(test_config)
@@ -69,6 +70,7 @@ def create_app(test_config=None):
     app.register_blueprint(chat)
     app.register_blueprint(conversations)
     app.register_blueprint(status)
+    web.init_app(app)
     app.wsgi_app = logs.RequestLog(app.wsgi_app)
     app.register_error_handler(ApiError, api_error)
     app.register_error_handler(models.DatabaseUnavailable, database_unavailable)
@@ -409,14 +411,20 @@ def init_db_command():
 @click.argument("user")
 @click.option("--expires-in", default=86400, show_default=True, type=click.IntRange(min=0),
               help="Seconds until the token expires; 0 for a token that never expires.")
+@click.option("--link", is_flag=True, help="Print a sign-in link to the chat page instead of the bare token.")
+@click.option("--base-url", help="The page's address for --link (implies it)  [default: http://localhost:PORT]")
 @with_appcontext
 @plain_failures
-def create_token_command(user, expires_in):
-    """Print an access token for USER."""
+def create_token_command(user, expires_in, link, base_url):
+    """Print an access token for USER, or a sign-in link to the chat page holding it."""
     if not auth.usable_user(user):
         raise click.BadParameter(f"must be 1 to {auth.USER_CHARS} characters of text", param_hint="USER")
     expires = datetime.timedelta(seconds=expires_in) if expires_in > 0 else False
-    click.echo(create_access_token(identity=user, expires_delta=expires))
+    token = create_access_token(identity=user, expires_delta=expires)
+    if link or base_url:
+        click.echo(web.sign_in_link(token, base_url or f"http://localhost:{current_app.config['PORT']}"))
+    else:
+        click.echo(token)
 
 
 @click.command("prune")

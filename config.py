@@ -68,6 +68,7 @@ class Config:
         # The body holds the message and an id; JSON escapes a character outside the BMP
         # as a surrogate pair, "\ud83d\ude00": 12 bytes.
         self.MAX_CONTENT_LENGTH = _int("MAX_CONTENT_LENGTH", self.MAX_MESSAGE_CHARS * 12 + 1024)
+        self.WEB_UI = os.environ.get("WEB_UI", "on").strip().lower() not in ("off", "0", "false", "no")
 
     def as_dict(self):
         """The settings as a plain dict, for `app.config.from_mapping`."""

@@ -303,3 +303,20 @@ def start_service(llm, postgres, redis_client):
 def service(start_service):
     """One gunicorn + gevent service on PostgreSQL, Redis and the fake model."""
     return start_service()
+
+
+PHASE_REPORTS = pytest.StashKey[dict]()
+
+
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_runtest_makereport(item, call):
+    """Keep each phase's report on the test, so a fixture can tell at teardown whether it failed."""
+    report = yield
+    item.stash.setdefault(PHASE_REPORTS, {})[report.when] = report
+    return report
+
+
+def phase_failed(request):
+    """Whether the test of `request` failed (for a fixture's teardown)."""
+    reports = request.node.stash.get(PHASE_REPORTS, {})
+    return any(report.failed for report in reports.values())

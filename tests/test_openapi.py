@@ -12,6 +12,8 @@ from config import VERSION
 from tests.conftest import ROOT, token
 
 UNDOCUMENTED_METHODS = {"HEAD", "OPTIONS"}
+# The chat page (web.py) and its files are not part of the API.
+PAGE_ENDPOINTS = ("static", "web.")
 
 
 def document():
@@ -29,7 +31,7 @@ def documented_operations():
 def routed_operations(app):
     """(method, path) of every route the app serves, in OpenAPI's path syntax."""
     return {(method, re.sub(r"<(?:\w+:)?(\w+)>", r"{\1}", rule.rule))
-            for rule in app.url_map.iter_rules() if rule.endpoint != "static"
+            for rule in app.url_map.iter_rules() if not rule.endpoint.startswith(PAGE_ENDPOINTS)
             for method in rule.methods - UNDOCUMENTED_METHODS}
 
 
