@@ -20,7 +20,7 @@ import requests
 
 import cache
 import models
-from tests.conftest import free_port, wait_until
+from tests.helpers import free_port, wait_until
 
 BUFFER = 65536
 

@@ -12,7 +12,7 @@ import pytest
 import models
 from auth import VerifiedTokens
 from config import VERSION
-from tests.conftest import SECRET, assert_error, bearer, token, wait_until
+from tests.helpers import SECRET, assert_error, bearer, token, wait_until
 from tests.fake_llm import Script
 
 VALID_BODY = {"message": "hi"}

@@ -8,7 +8,7 @@ import subprocess
 import sys
 from urllib.parse import urlsplit, urlunsplit
 
-from tests.conftest import ROOT
+from tests.helpers import ROOT
 
 FIGURES = {
     "ttft_added_p50_ms", "ttft_added_p95_ms", "ttft_added_p99_ms",

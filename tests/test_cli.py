@@ -10,7 +10,7 @@ from flask.cli import FlaskGroup
 
 import chat_app
 import models
-from tests.conftest import SECRET, bearer
+from tests.helpers import SECRET, bearer
 
 TABLES = {"conversation", "message"}
 

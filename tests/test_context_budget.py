@@ -7,7 +7,7 @@
 import pytest
 
 import models
-from tests.conftest import REDIS_URL, assert_error, bearer
+from tests.helpers import REDIS_URL, assert_error, bearer
 from tests.fake_llm import Script
 
 SYSTEM = "Be brief."

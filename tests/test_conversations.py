@@ -4,7 +4,7 @@ import json
 
 import cache
 import models
-from tests.conftest import REDIS_URL, bearer
+from tests.helpers import REDIS_URL, bearer
 from tests.fake_llm import Script
 
 

@@ -7,7 +7,7 @@ that one; the machine's shared Redis is never touched.
 import pytest
 
 import models
-from tests.conftest import stored_messages, wait_until
+from tests.helpers import stored_messages, wait_until
 from tests.fake_llm import Script
 from tests.faults import (
     RedisServer,

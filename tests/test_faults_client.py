@@ -12,7 +12,7 @@ import socket
 import time
 
 
-from tests.conftest import stored_messages, token, wait_until
+from tests.helpers import stored_messages, token, wait_until
 from tests.fake_llm import Script
 from tests.sse_client import data_events
 

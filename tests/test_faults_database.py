@@ -12,7 +12,7 @@ import psycopg2
 import pytest
 import requests
 
-from tests.conftest import POSTGRES_URL, stored_messages, wait_until
+from tests.helpers import POSTGRES_URL, stored_messages, wait_until
 from tests.fake_llm import Script
 from tests.faults import (
     TcpProxy,

@@ -11,7 +11,7 @@ import time
 import pytest
 
 import models
-from tests.conftest import free_port, stored_messages, wait_until
+from tests.helpers import free_port, stored_messages, wait_until
 from tests.fake_llm import Script
 from tests.sse_client import PING, data_events, events
 

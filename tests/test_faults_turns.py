@@ -12,7 +12,7 @@ import threading
 import pytest
 
 import models
-from tests.conftest import stored_messages, wait_until
+from tests.helpers import stored_messages, wait_until
 from tests.fake_llm import Script
 from tests.sse_client import data_events
 

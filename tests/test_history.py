@@ -11,7 +11,7 @@ import requests
 import cache
 import coordination
 import models
-from tests.conftest import assert_error, bearer
+from tests.helpers import assert_error, bearer
 from tests.fake_llm import Script
 from tests.sse_client import PING, data_events, events
 

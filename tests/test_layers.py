@@ -6,7 +6,7 @@ from flask_jwt_extended import get_jwt
 
 import auth
 import models
-from tests.conftest import bearer
+from tests.helpers import bearer
 
 
 def test_save_turn_refuses_to_run_inside_another_transaction(app):

@@ -9,7 +9,7 @@ import sys
 import requests
 
 from config import VERSION
-from tests.conftest import ROOT, token
+from tests.helpers import ROOT, token
 
 UNDOCUMENTED_METHODS = {"HEAD", "OPTIONS"}
 

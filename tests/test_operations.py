@@ -12,7 +12,7 @@ import cache
 import coordination
 import models
 from config import VERSION
-from tests.conftest import REDIS_URL, SECRET, assert_error, bearer, token, wait_until
+from tests.helpers import REDIS_URL, SECRET, assert_error, bearer, token, wait_until
 from tests.fake_llm import Script
 from tests.sse_client import PING, data_events, events
 

@@ -9,7 +9,7 @@ import jwt
 import requests
 
 import models
-from tests.conftest import ROOT, SECRET, free_port, wait_until
+from tests.helpers import ROOT, SECRET, free_port, wait_until
 
 
 def procfile():

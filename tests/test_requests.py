@@ -6,7 +6,7 @@ import uuid
 import pytest
 
 import models
-from tests.conftest import REDIS_URL, assert_error, bearer, free_port
+from tests.helpers import REDIS_URL, assert_error, bearer, free_port
 from tests.fake_llm import Script
 
 JSON = "application/json"

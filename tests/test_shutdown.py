@@ -14,7 +14,7 @@ import time
 import requests
 
 import models
-from tests.conftest import bearer, wait_until
+from tests.helpers import bearer, wait_until
 from tests.fake_llm import Script
 from tests.sse_client import PING, events
 

@@ -7,7 +7,7 @@ import requests
 
 import coordination
 import models
-from tests.conftest import assert_error, bearer, wait_until
+from tests.helpers import assert_error, bearer, wait_until
 from tests.fake_llm import Script
 from tests.sse_client import PING, events
 

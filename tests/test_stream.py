@@ -10,7 +10,7 @@ import requests
 
 import cache
 import models
-from tests.conftest import POSTGRES_URL, bearer, stored_messages, wait_until
+from tests.helpers import POSTGRES_URL, bearer, stored_messages, wait_until
 from tests.fake_llm import Script
 from tests.sse_client import PING, data_events, events
 
