@@ -1,5 +1,6 @@
 """Fixtures: real PostgreSQL and Redis, a fake OpenAI-compatible model over HTTP, the app and gunicorn."""
 
+import signal
 from urllib.parse import urlsplit, urlunsplit
 
 import psycopg2
@@ -10,6 +11,16 @@ import models
 from chat_app import create_app
 from tests.fake_llm import FakeLLM
 from tests.helpers import POSTGRES_URL, REDIS_URL, SECRET, Service, reset_database, service_missing
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item, call):
+    """The report of a failed test carries the log of every service it started."""
+    report = yield
+    if report.failed:
+        for service in getattr(item, "services", []):
+            report.sections.append((f"gunicorn log of {service.url}", service.output()[-20000:]))
+    return report
 
 
 @pytest.fixture(scope="session")
@@ -127,9 +138,9 @@ def pg_client(pg_app):
 
 
 @pytest.fixture
-def start_service(llm, postgres, redis_client):
+def start_service(request, llm, postgres, redis_client):
     """Start services on PostgreSQL, Redis and the fake model; settings override the defaults."""
-    started = []
+    started = request.node.services = []
 
     def start(workers=1, **settings):
         """A running service with `settings` in its environment."""
@@ -143,7 +154,9 @@ def start_service(llm, postgres, redis_client):
 
     yield start
     for service in started:
-        service.stop(timeout=10)
+        # Nothing is checked after the test, so no graceful stop: SIGTERM would wait out the
+        # gevent worker's one-second loop, SIGQUIT ends gunicorn at once.
+        service.stop(signal.SIGQUIT, timeout=10)
 
 
 @pytest.fixture
