@@ -8,6 +8,8 @@ import subprocess
 import sys
 from urllib.parse import urlsplit, urlunsplit
 
+import pytest
+
 from tests.helpers import ROOT
 
 FIGURES = {
@@ -23,6 +25,7 @@ FIGURES = {
 }
 
 
+@pytest.mark.slow
 def test_quick_benchmark_reports_every_figure(tmp_path, postgres_url, redis_url):
     """`bench/run.py --quick` exits 0 and writes results.json with every figure numeric (targets may miss)."""
     # The benchmark's own database and Redis database, on the servers the tests use.
