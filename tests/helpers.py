@@ -1,5 +1,6 @@
-"""What the tests share: the test settings, tokens, the one error shape, reads of the database, the service under gunicorn."""
+"""What the tests share: the test settings, tokens, the one error shape, what the stores hold, the service under gunicorn."""
 
+import json
 import os
 import signal
 import socket
@@ -9,10 +10,15 @@ import tempfile
 import time
 
 import jwt
+import psycopg2
 import pytest
 import requests
 
+import cache
+import coordination
 import models
+from tests.fake_llm import Script
+from tests.sse_client import data_events
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 IN_CI = os.environ.get("CI", "").lower() == "true"
@@ -27,58 +33,6 @@ def service_missing(name, error):
     if IN_CI:
         pytest.fail(message)
     pytest.skip(message)
-
-
-def token(sub="alice", secret=SECRET, algorithm="HS256", lifetime=3600, **claims):
-    """A bearer token minted the way any other system with the secret would."""
-    now = int(time.time())
-    payload = {"iat": now, "exp": now + lifetime, **claims}
-    if sub is not None:
-        payload["sub"] = sub
-    return jwt.encode(payload, secret, algorithm=algorithm)
-
-
-def bearer(sub="alice", **claims):
-    """Authorization headers for `sub`."""
-    return {"Authorization": f"Bearer {token(sub, **claims)}"}
-
-
-def assert_error(response, status, code):
-    """The response is the one error shape with `status` and `code`, leaking nothing."""
-    assert response.status_code == status, response.get_data(as_text=True)
-    assert response.is_json
-    body = response.get_json()
-    assert set(body) == {"error"}
-    assert set(body["error"]) == {"code", "message"}
-    assert body["error"]["code"] == code
-    assert isinstance(body["error"]["message"], str) and body["error"]["message"]
-    text = response.get_data(as_text=True)
-    assert "Traceback" not in text
-    assert SECRET not in text
-
-
-def stored_messages(conversation_id):
-    """The (role, content, status) of each message the database keeps for a conversation, oldest first."""
-    with models.db.connection_context():
-        query = (models.Message.select().where(models.Message.conversation == conversation_id)
-                 .order_by(models.Message.id))
-        return [(m.role, m.content, m.status) for m in query]
-
-
-FRESH_SCHEMA = set()
-
-
-def reset_database(url):
-    """Bind the models to `url` with empty tables (recreated once a run, so the schema is current)."""
-    database = models.open_database(url, 4, 5)
-    with database.connection_context():
-        if url not in FRESH_SCHEMA:
-            database.drop_tables([models.Message, models.Conversation], safe=True)
-            FRESH_SCHEMA.add(url)
-        models.create_tables()
-        models.Message.delete().execute()
-        models.Conversation.delete().execute()
-    return database
 
 
 def free_port():
@@ -96,6 +50,165 @@ def wait_until(condition, timeout=20, interval=0.05):
             return True
         time.sleep(interval)
     return False
+
+
+def answers(url):
+    """True if `url` answers 200."""
+    try:
+        return requests.get(url, timeout=1).status_code == 200
+    except requests.RequestException:
+        return False
+
+
+# Tokens and the one error shape
+
+def token(sub="alice", secret=SECRET, algorithm="HS256", lifetime=3600, **claims):
+    """A bearer token minted the way any other system with the secret would."""
+    now = int(time.time())
+    payload = {"iat": now, "exp": now + lifetime, **claims}
+    if sub is not None:
+        payload["sub"] = sub
+    return jwt.encode(payload, secret, algorithm=algorithm)
+
+
+def bearer(sub="alice", **claims):
+    """Authorization headers for `sub`."""
+    return {"Authorization": f"Bearer {token(sub, **claims)}"}
+
+
+def claims_of(printed):
+    """The verified claims of a token a command printed."""
+    return jwt.decode(printed.strip(), SECRET, algorithms=["HS256"])
+
+
+def assert_error(response, status, code, mentions=None):
+    """The response (Flask's or requests') is the one JSON error shape with `status` and `code`, leaking nothing."""
+    text = response.text if isinstance(response, requests.Response) else response.get_data(as_text=True)
+    assert response.status_code == status, text
+    assert response.headers["Content-Type"] == "application/json"
+    body = json.loads(text)
+    assert set(body) == {"error"}
+    assert set(body["error"]) == {"code", "message"}
+    assert body["error"]["code"] == code, body
+    assert isinstance(body["error"]["message"], str) and body["error"]["message"]
+    if mentions is not None:
+        assert mentions in body["error"]["message"], body
+    assert "Traceback" not in text
+    assert SECRET not in text
+
+
+# What the database and the cache hold
+
+FRESH_SCHEMA = set()
+
+
+def reset_database(url):
+    """Bind the models to `url` with empty tables (recreated once a run, so the schema is current)."""
+    database = models.open_database(url, 4, 5)
+    with database.connection_context():
+        if url not in FRESH_SCHEMA:
+            database.drop_tables([models.Message, models.Conversation], safe=True)
+            FRESH_SCHEMA.add(url)
+        models.create_tables()
+        models.Message.delete().execute()
+        models.Conversation.delete().execute()
+    return database
+
+
+def message_rows(conversation_id):
+    """Every column of each message the database keeps for a conversation, as dicts, oldest first."""
+    with models.db.connection_context():
+        query = (models.Message.select().where(models.Message.conversation == conversation_id)
+                 .order_by(models.Message.id))
+        return list(query.dicts())
+
+
+def stored_messages(conversation_id):
+    """The (role, content, status) of each message the database keeps for a conversation, oldest first."""
+    return [(row["role"], row["content"], row["status"]) for row in message_rows(conversation_id)]
+
+
+def complete(*pairs):
+    """The stored form of finished turns: (user message, reply) pairs, each saved as complete."""
+    rows = []
+    for message, reply in pairs:
+        rows += [("user", message, "complete"), ("assistant", reply, "complete")]
+    return rows
+
+
+def stored_counts():
+    """How many (conversations, messages) the database holds."""
+    with models.db.connection_context():
+        return models.Conversation.select().count(), models.Message.select().count()
+
+
+def conversation_exists(conversation_id):
+    """Whether the database has a row for the conversation."""
+    with models.db.connection_context():
+        return models.Conversation.select().where(models.Conversation.id == conversation_id).exists()
+
+
+def cached_messages(redis_client, conversation_id):
+    """The (version, messages) Redis holds for a conversation, or None if it holds nothing."""
+    raw = redis_client.get(cache.KEY.format(conversation_id))
+    return None if raw is None else cache.decode(raw)
+
+
+def database_backends(postgres_url, waiting_on_a_lock=False):
+    """How many backends serve the test database (only those waiting on a lock, if asked)."""
+    server, name = postgres_url.rsplit("/", 1)
+    query = "SELECT count(*) FROM pg_stat_activity WHERE datname = %s"
+    if waiting_on_a_lock:
+        query += " AND wait_event_type = 'Lock'"
+    admin = psycopg2.connect(server + "/postgres")
+    try:
+        with admin.cursor() as cursor:
+            cursor.execute(query, (name,))
+            return cursor.fetchone()[0]
+    finally:
+        admin.close()
+
+
+def lock_waiters(postgres_url):
+    """How many backends of the test database wait on a lock."""
+    return database_backends(postgres_url, waiting_on_a_lock=True)
+
+
+def listening_for_stops(redis_client):
+    """Whether some process subscribes to the stop channel."""
+    return redis_client.pubsub_numsub(coordination.STOP_CHANNEL)[0][1] >= 1
+
+
+# What the model was sent
+
+def contents(messages):
+    """The contents of chat messages (dicts with a "content"), in order."""
+    return [m["content"] for m in messages]
+
+
+def sent_to_model(llm):
+    """The messages of the fake model's latest request."""
+    return llm.requests[-1]["json"]["messages"]
+
+
+def seen_by_model(llm):
+    """The contents of the messages of the fake model's latest request."""
+    return contents(sent_to_model(llm))
+
+
+# Turns
+
+def turn_body(message, conversation_id=None):
+    """A chat request body, naming the conversation if one is given."""
+    return {"message": message} if conversation_id is None else {"message": message,
+                                                                 "conversation_id": conversation_id}
+
+
+def run(client, message, conversation_id=None, user="alice"):
+    """POST /chat/run through a Flask test client as `user`, asserting 200; the JSON reply."""
+    response = client.post("/chat/run", json=turn_body(message, conversation_id), headers=bearer(user))
+    assert response.status_code == 200, response.get_json()
+    return response.get_json()
 
 
 class Service:
@@ -124,10 +237,7 @@ class Service:
         """True once /status answers; raise if gunicorn exited."""
         if self.process.poll() is not None:
             raise RuntimeError(f"gunicorn exited:\n{self.output()}")
-        try:
-            return requests.get(self.url + "/status", timeout=1).status_code == 200
-        except requests.RequestException:
-            return False
+        return answers(self.url + "/status")
 
     def output(self):
         """What gunicorn logged so far."""
@@ -144,17 +254,52 @@ class Service:
                 self.process.kill()
                 self.process.wait()
 
-    def post(self, path, body, user="alice", **kwargs):
-        """POST JSON to the service as `user`, on a connection closed after the answer.
+    def request(self, method, path, body=None, user="alice", headers=None, **kwargs):
+        """A request with a JSON body as `user` (no token if None), on a connection closed after the answer.
 
         An idle keep-alive connection left open by a test would hold the worker at shutdown
         (gunicorn's gevent worker waits for every open connection until GRACEFUL_TIMEOUT).
         """
         kwargs.setdefault("timeout", 30)
-        headers = {**bearer(user), "Connection": "close"}
-        return requests.post(self.url + path, json=body, headers=headers, **kwargs)
+        headers = {**(bearer(user) if user else {}), "Connection": "close", **(headers or {})}
+        return requests.request(method, self.url + path, json=body, headers=headers, **kwargs)
 
-    def stream(self, message, conversation_id, user="alice"):
-        """Start a streamed turn and return the open response."""
-        return self.post("/chat/stream", {"message": message, "conversation_id": conversation_id},
-                         user=user, stream=True, timeout=(5, 20))
+    def post(self, path, body, user="alice", **kwargs):
+        """POST JSON to the service as `user`."""
+        return self.request("POST", path, body, user, **kwargs)
+
+    def run(self, message, conversation_id=None, user="alice", **kwargs):
+        """A whole /chat/run turn; the response."""
+        return self.post("/chat/run", turn_body(message, conversation_id), user, **kwargs)
+
+    def stream(self, message, conversation_id=None, user="alice", timeout=(5, 20)):
+        """Start a /chat/stream turn; the open response."""
+        return self.post("/chat/stream", turn_body(message, conversation_id), user, stream=True, timeout=timeout)
+
+    def turn(self, path, message, conversation_id):
+        """A turn on `path` ("run" or "stream"), read to the end."""
+        if path == "run":
+            return self.run(message, conversation_id)
+        response = self.stream(message, conversation_id)
+        response.content  # noqa: B018 - read it all, so the turn is over when this returns
+        return response
+
+    def status(self):
+        """The /status document (it must answer 200 whatever is down)."""
+        response = requests.get(self.url + "/status", timeout=10)
+        assert response.status_code == 200
+        return response.json()
+
+
+def assert_next_turn_sees(service, llm, conversation_id, history):
+    """The next streamed turn works (the conversation was let go) and the model gets `history` first."""
+    requests_before = len(llm.requests)
+    llm.script(Script(reply="welcome back"))
+    response = service.stream("are you there?", conversation_id)
+    assert response.status_code == 200, response.text
+    received = data_events(response)
+    assert "error" not in received[-1], received[-1]["error"]
+    assert "".join(e["content"] for e in received[:-1]) == "welcome back"
+    assert len(llm.requests) == requests_before + 1
+    assert seen_by_model(llm) == history + ["are you there?"]
+    assert stored_messages(conversation_id)[-2:] == complete(("are you there?", "welcome back"))

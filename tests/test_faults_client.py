@@ -11,10 +11,8 @@ import re
 import socket
 import time
 
-
-from tests.helpers import stored_messages, token, wait_until
 from tests.fake_llm import Script
-from tests.sse_client import data_events
+from tests.helpers import assert_next_turn_sees, complete, stored_messages, token, wait_until
 
 DATA_EVENT = re.compile(rb"data: ([^\r\n]*)\n\n")
 PING_FRAME = b": ping\n\n"
@@ -59,25 +57,6 @@ class RawStream:
     def close(self):
         """Hang up."""
         self.sock.close()
-
-
-
-
-
-
-def assert_next_turn_sees(service, llm, conversation_id, history):
-    """The next streamed turn works (the conversation was let go) and the model gets `history` first."""
-    requests_before = len(llm.requests)
-    llm.script(Script(reply="welcome back"))
-    response = service.stream("are you there?", conversation_id)
-    assert response.status_code == 200, response.text
-    received = data_events(response)
-    assert "error" not in received[-1], received[-1]["error"]
-    assert "".join(e["content"] for e in received[:-1]) == "welcome back"
-    assert len(llm.requests) == requests_before + 1
-    assert [m["content"] for m in llm.requests[-1]["json"]["messages"]] == history + ["are you there?"]
-    assert stored_messages(conversation_id)[-2:] == [("user", "are you there?", "complete"),
-                                                     ("assistant", "welcome back", "complete")]
 
 
 def kept_interrupted(conversation_id):
@@ -136,5 +115,5 @@ def test_raw_client_reading_to_the_end_gets_the_whole_reply(start_service, llm):
     received = client.events()
     assert [e["content"] for e in received] == ["a ", "b ", "c", ""]
     assert received[-1]["is_final"] is True and "error" not in received[-1]
-    assert stored_messages("c3") == [("user", "hi", "complete"), ("assistant", "a b c", "complete")]
+    assert stored_messages("c3") == complete(("hi", "a b c"))
     assert llm.disconnects == 0

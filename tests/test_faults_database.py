@@ -12,18 +12,19 @@ import psycopg2
 import pytest
 import requests
 
-from tests.helpers import POSTGRES_URL, stored_messages, wait_until
+import cache
 from tests.fake_llm import Script
-from tests.faults import (
-    TcpProxy,
+from tests.faults import TcpProxy
+from tests.helpers import (
+    POSTGRES_URL,
     cached_messages,
     complete,
     contents,
     conversation_exists,
-    run,
+    lock_waiters,
     seen_by_model,
-    status,
-    stream,
+    stored_messages,
+    wait_until,
 )
 from tests.sse_client import PING, data_events, events
 
@@ -46,17 +47,6 @@ def through(proxy):
     return parts._replace(netloc=f"{user}127.0.0.1:{proxy.port}").geturl()
 
 
-def lock_waiters(postgres_url):
-    """How many backends of the test database wait on a lock."""
-    with psycopg2.connect(postgres_url.rsplit("/", 1)[0] + "/postgres") as admin:
-        with admin.cursor() as cursor:
-            cursor.execute("SELECT count(*) FROM pg_stat_activity WHERE datname = %s "
-                           "AND wait_event_type = 'Lock'", (postgres_url.rsplit("/", 1)[1],))
-            count = cursor.fetchone()[0]
-    admin.close()
-    return count
-
-
 def fill_pool(service, postgres_url, size):
     """Make the service's pool open `size` connections at once: as many new conversations wait on a locked table."""
     answers = []
@@ -64,7 +54,7 @@ def fill_pool(service, postgres_url, size):
     try:
         with locker.cursor() as cursor:
             cursor.execute("LOCK TABLE conversation IN ACCESS EXCLUSIVE MODE")
-            turns = [threading.Thread(target=lambda: answers.append(run(service, "fill", f"fill-{uuid.uuid4()}")))
+            turns = [threading.Thread(target=lambda: answers.append(service.run("fill", f"fill-{uuid.uuid4()}")))
                      for _ in range(size)]
             for turn in turns:
                 turn.start()
@@ -81,32 +71,32 @@ def test_database_refusing_connections_is_503_and_the_service_recovers_by_itself
                                                                                   redis_client):
     """While PostgreSQL refuses connections turns are JSON 503s and nothing is half-written; then all works again."""
     service = start_service(DATABASE_URL=through(pg_proxy), DATABASE_POOL_SIZE=2)
-    assert run(service, "one", "c1").status_code == 200
+    assert service.run("one", "c1").status_code == 200
     pg_proxy.refuse()
     pg_proxy.cut()
 
     # A cached conversation: whether or not the model answered, the turn cannot be kept.
-    response = run(service, "lost", "c1")
+    response = service.run("lost", "c1")
     assert response.status_code == 503
     assert response.headers["Content-Type"] == "application/json"
     assert response.json() == DATABASE_UNAVAILABLE
     # Conversations not cached: their history cannot be read, so the model is not asked.
     calls = len(llm.requests)
-    response = run(service, "hi", "c2")
+    response = service.run("hi", "c2")
     assert response.status_code == 503 and response.json() == DATABASE_UNAVAILABLE
-    opened = stream(service, "hi", "c3")
+    opened = service.stream("hi", "c3")
     assert opened.status_code == 503
     assert opened.headers["Content-Type"] == "application/json"
     assert opened.json() == DATABASE_UNAVAILABLE
     assert len(llm.requests) == calls
 
-    about = status(service)
+    about = service.status()
     assert about["status"] == "degraded"
     assert about["database"] == {"state": "unavailable", "backend": "postgresql"}
     assert about["cache"]["state"] == "ok"
 
     pg_proxy.accept()
-    response = run(service, "two", "c1")
+    response = service.run("two", "c1")
     assert response.status_code == 200
     assert response.json() == {"response": "echo: two", "conversation_id": "c1"}
     assert seen_by_model(llm) == ["one", "echo: one", "two"]
@@ -114,9 +104,9 @@ def test_database_refusing_connections_is_503_and_the_service_recovers_by_itself
     assert contents(cached_messages(redis_client, "c1")[1]) == ["one", "echo: one", "two", "echo: two"]
     assert not conversation_exists("c2") and not conversation_exists("c3")
     assert cached_messages(redis_client, "c2") is None and cached_messages(redis_client, "c3") is None
-    assert status(service)["status"] == "ok"
+    assert service.status()["status"] == "ok"
 
-    final = data_events(stream(service, "hi again", "c3"))[-1]
+    final = data_events(service.stream("hi again", "c3"))[-1]
     assert final["is_final"] is True and "error" not in final
     assert stored_messages("c3") == complete(("hi again", "echo: hi again"))
 
@@ -130,16 +120,16 @@ def test_connections_dropped_while_pooled_are_replaced(start_service, llm, pg_pr
 
     pg_proxy.cut()
     assert pg_proxy.open_connections == 0
-    response = run(service, "after the cut", "c1")
+    response = service.run("after the cut", "c1")
     assert response.status_code == 200, response.text
     assert pg_proxy.connections_accepted > accepted
     assert stored_messages("c1") == complete(("after the cut", "echo: after the cut"))
     assert contents(cached_messages(redis_client, "c1")[1]) == ["after the cut", "echo: after the cut"]
 
     pg_proxy.cut()
-    assert status(service)["database"]["state"] == "ok"
-    redis_client.delete("chat:conversation:c1")
-    final = data_events(stream(service, "and again", "c1"))[-1]
+    assert service.status()["database"]["state"] == "ok"
+    redis_client.delete(cache.KEY.format("c1"))
+    final = data_events(service.stream("and again", "c1"))[-1]
     assert final["is_final"] is True and "error" not in final
     assert seen_by_model(llm) == ["after the cut", "echo: after the cut", "and again"]
     assert stored_messages("c1") == complete(("after the cut", "echo: after the cut"),
@@ -150,10 +140,10 @@ def test_database_failing_at_the_end_of_a_stream_is_in_the_final_event(start_ser
                                                                        redis_client):
     """If PostgreSQL goes while the model streams, the final event says database_unavailable; nothing is half-kept."""
     service = start_service(DATABASE_URL=through(pg_proxy), LLM_TIMEOUT_SECONDS=20)
-    assert run(service, "turn 1", "s1").status_code == 200
+    assert service.run("turn 1", "s1").status_code == 200
 
     llm.script(Script(chunks=["a", "b"], chunk_delay=30))
-    opened = stream(service, "turn 2", "s1")
+    opened = service.stream("turn 2", "s1")
     assert opened.status_code == 200
     received = events(opened)
     assert next(received)["content"] == "a"
@@ -170,7 +160,7 @@ def test_database_failing_at_the_end_of_a_stream_is_in_the_final_event(start_ser
     # Neither message of turn 2 was kept, and the cache still matches the database.
     assert stored_messages("s1") == complete(("turn 1", "echo: turn 1"))
     assert contents(cached_messages(redis_client, "s1")[1]) == ["turn 1", "echo: turn 1"]
-    response = run(service, "turn 3", "s1")
+    response = service.run("turn 3", "s1")
     assert response.status_code == 200
     assert seen_by_model(llm) == ["turn 1", "echo: turn 1", "turn 3"]
     assert stored_messages("s1") == complete(("turn 1", "echo: turn 1"), ("turn 3", "echo: turn 3"))
@@ -182,36 +172,36 @@ def test_no_broken_connection_is_left_in_the_pool(start_service, llm, pg_proxy, 
     fill_pool(service, postgres_url, 2)
     pg_proxy.refuse()
     pg_proxy.cut()
-    assert run(service, "down", "n1").status_code == 503
-    assert status(service)["database"]["state"] == "unavailable"
+    assert service.run("down", "n1").status_code == 503
+    assert service.status()["database"]["state"] == "unavailable"
     pg_proxy.accept()
 
     for n in range(20):
         if n % 2:
-            opened = stream(service, f"turn {n}", "n1")
+            opened = service.stream(f"turn {n}", "n1")
             assert opened.status_code == 200, (n, opened.text)
             final = data_events(opened)[-1]
             assert final["is_final"] is True and "error" not in final, (n, final)
         else:
-            response = run(service, f"turn {n}", "n1")
+            response = service.run(f"turn {n}", "n1")
             assert response.status_code == 200, (n, response.text)
     assert stored_messages("n1") == complete(*[(f"turn {n}", f"echo: turn {n}") for n in range(20)])
     assert pg_proxy.open_connections <= 2
     fill_pool(service, postgres_url, 2)
-    assert status(service)["status"] == "ok"
+    assert service.status()["status"] == "ok"
 
 
 def test_connection_cut_while_saving_a_turn_keeps_neither_message(start_service, llm, pg_proxy, postgres_url,
                                                                   redis_client):
     """A connection cut in the middle of the turn's transaction is a 503 that leaves the conversation as it was."""
     service = start_service(DATABASE_URL=through(pg_proxy))
-    assert run(service, "turn 1", "t1").status_code == 200
+    assert service.run("turn 1", "t1").status_code == 200
     answers = []
     locker = psycopg2.connect(postgres_url)
     try:
         with locker.cursor() as cursor:
             cursor.execute("LOCK TABLE message IN ACCESS EXCLUSIVE MODE")
-            saving = threading.Thread(target=lambda: answers.append(run(service, "turn 2", "t1")))
+            saving = threading.Thread(target=lambda: answers.append(service.run("turn 2", "t1")))
             saving.start()
             # The history came from the cache; the transaction is open and waits to insert the messages.
             assert wait_until(lambda: lock_waiters(postgres_url) == 1, timeout=10)
@@ -226,7 +216,7 @@ def test_connection_cut_while_saving_a_turn_keeps_neither_message(start_service,
     assert stored_messages("t1") == complete(("turn 1", "echo: turn 1"))
     assert contents(cached_messages(redis_client, "t1")[1]) == ["turn 1", "echo: turn 1"]
 
-    response = run(service, "turn 3", "t1")
+    response = service.run("turn 3", "t1")
     assert response.status_code == 200
     assert seen_by_model(llm) == ["turn 1", "echo: turn 1", "turn 3"]
     assert stored_messages("t1") == complete(("turn 1", "echo: turn 1"), ("turn 3", "echo: turn 3"))
@@ -246,17 +236,17 @@ def test_database_that_stops_answering_is_503_not_a_hang(start_service, llm, pg_
     # Each wait on the database is bounded; a checkout may try every pooled connection once.
     service = start_service(DATABASE_URL=through(pg_proxy), DATABASE_POOL_SIZE=2, DATABASE_POOL_TIMEOUT=2,
                             DATABASE_TIMEOUT_SECONDS=1)
-    assert run(service, "one", "c1").status_code == 200
+    assert service.run("one", "c1").status_code == 200
 
     pg_proxy.stall()
-    response = answered(service.post, "/chat/run", {"message": "hi", "conversation_id": "c2"}, timeout=10)
+    response = answered(service.run, "hi", "c2", timeout=10)
     assert response.status_code == 503 and response.json() == DATABASE_UNAVAILABLE
     about = answered(requests.get, service.url + "/status", timeout=10)
     assert about.status_code == 200 and about.json()["database"]["state"] == "unavailable"
 
     pg_proxy.flow()
     pg_proxy.cut()
-    assert run(service, "two", "c1").status_code == 200
+    assert service.run("two", "c1").status_code == 200
     assert seen_by_model(llm) == ["one", "echo: one", "two"]
     assert stored_messages("c1") == complete(("one", "echo: one"), ("two", "echo: two"))
     assert not conversation_exists("c2")
