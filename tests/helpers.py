@@ -1,5 +1,6 @@
 """What the tests share: the test settings, tokens, the one error shape, what the stores hold, the service under gunicorn."""
 
+import contextlib
 import json
 import os
 import signal
@@ -18,13 +19,14 @@ import cache
 import coordination
 import models
 from tests.fake_llm import Script
-from tests.sse_client import data_events
+from tests.sse_client import data_events, events, next_data
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 IN_CI = os.environ.get("CI", "").lower() == "true"
 POSTGRES_URL = os.environ.get("TEST_DATABASE_URL", "postgresql://root@127.0.0.1:5432/chat_test")
 REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
 SECRET = "test-secret-that-is-long-enough-for-hs256-0123456789"
+SLOW_REPLY = Script(chunks=["partial ", "rest of it"], chunk_delay=30)
 
 
 def service_missing(name, error):
@@ -272,9 +274,10 @@ class Service:
         """A whole /chat/run turn; the response."""
         return self.post("/chat/run", turn_body(message, conversation_id), user, **kwargs)
 
-    def stream(self, message, conversation_id=None, user="alice", timeout=(5, 20)):
+    def stream(self, message, conversation_id=None, user="alice", **kwargs):
         """Start a /chat/stream turn; the open response."""
-        return self.post("/chat/stream", turn_body(message, conversation_id), user, stream=True, timeout=timeout)
+        kwargs.setdefault("timeout", (5, 20))
+        return self.post("/chat/stream", turn_body(message, conversation_id), user, stream=True, **kwargs)
 
     def turn(self, path, message, conversation_id):
         """A turn on `path` ("run" or "stream"), read to the end."""
@@ -289,6 +292,17 @@ class Service:
         response = requests.get(self.url + "/status", timeout=10)
         assert response.status_code == 200
         return response.json()
+
+
+@contextlib.contextmanager
+def slow_stream(service, llm, conversation_id, message="second", user="alice", **kwargs):
+    """A stream whose model sends "partial " and then waits for llm.release(): its events after that chunk."""
+    llm.script(SLOW_REPLY)
+    with service.stream(message, conversation_id, user, **kwargs) as response:
+        assert response.status_code == 200, response.text
+        received = events(response)
+        assert next_data(received)["content"] == "partial "
+        yield received
 
 
 def assert_next_turn_sees(service, llm, conversation_id, history):

@@ -21,6 +21,16 @@ def events(response):
             raise AssertionError(f"not an SSE line: {line!r}")
 
 
+def next_data(received):
+    """The next `data:` event of an iterator of events, pings skipped."""
+    return next(event for event in received if event != PING)
+
+
+def rest_of(received):
+    """The remaining `data:` events of an iterator of events, pings left out."""
+    return [event for event in received if event != PING]
+
+
 def data_events(response):
     """The `data:` events of a whole stream, pings left out."""
-    return [event for event in events(response) if event != PING]
+    return rest_of(events(response))

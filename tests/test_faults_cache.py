@@ -10,7 +10,7 @@ import models
 from tests.fake_llm import Script
 from tests.faults import RedisServer
 from tests.helpers import cached_messages, complete, contents, seen_by_model, stored_messages, wait_until
-from tests.sse_client import PING, data_events, events
+from tests.sse_client import data_events, events, rest_of
 
 
 @pytest.fixture
@@ -207,7 +207,7 @@ def test_turn_lock_falls_back_to_the_process_when_redis_is_down(start_service, l
     assert len(llm.requests) == calls + 1
 
     llm.release()
-    rest = [event for event in first_events if event != PING]
+    rest = rest_of(first_events)
     assert [event["content"] for event in rest] == ["wins", ""]
     assert rest[-1]["is_final"] is True and "error" not in rest[-1]
     assert stored_messages("c1") == complete(("hello", "echo: hello"), ("one", "first wins"))

@@ -26,7 +26,7 @@ from tests.helpers import (
     stored_messages,
     wait_until,
 )
-from tests.sse_client import PING, data_events, events
+from tests.sse_client import data_events, events, rest_of
 
 DATABASE_UNAVAILABLE = {"error": {"code": "database_unavailable", "message": "the database is unavailable"}}
 
@@ -150,7 +150,7 @@ def test_database_failing_at_the_end_of_a_stream_is_in_the_final_event(start_ser
     pg_proxy.refuse()
     pg_proxy.cut()
     llm.release()
-    rest = [event for event in received if event != PING]
+    rest = rest_of(received)
     assert [event["content"] for event in rest] == ["b", ""]
     final = rest[-1]
     assert final["is_final"] is True and final["conversation_id"] == "s1"

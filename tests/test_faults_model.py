@@ -19,7 +19,7 @@ from tests.helpers import (
     stored_messages,
     wait_until,
 )
-from tests.sse_client import PING, data_events, events
+from tests.sse_client import data_events, events, rest_of
 
 CHUNKS = ["one ", "two ", "three ", "four"]
 
@@ -134,7 +134,7 @@ def test_silent_model_mid_stream_is_cut_off_upstream(start_service, llm):
     """When the model goes silent past LLM_TIMEOUT_SECONDS the service also closes its request to the model."""
     service = start_service(LLM_TIMEOUT_SECONDS=1)
     llm.script(Script(chunks=CHUNKS, silence_after=1))
-    received = [e for e in events(service.stream("tell me", "c1")) if e != PING]
+    received = rest_of(events(service.stream("tell me", "c1")))
     assert received[-1]["error"]["code"] == "llm_timeout"
     assert llm.wait_for_disconnects(1, timeout=5)
     assert wait_until(lambda: llm.active_streams == 0, timeout=5)
