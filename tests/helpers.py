@@ -144,6 +144,12 @@ def stored_counts():
         return models.Conversation.select().count(), models.Message.select().count()
 
 
+def stored_conversation(conversation_id):
+    """The database's row of a conversation."""
+    with models.db.connection_context():
+        return models.Conversation.get_by_id(conversation_id)
+
+
 def conversation_exists(conversation_id):
     """Whether the database has a row for the conversation."""
     with models.db.connection_context():

@@ -9,15 +9,12 @@ import subprocess
 import sys
 import time
 import urllib.parse
-from pathlib import Path
 
 import pytest
 import requests
 
 from tests.fake_llm import FakeLLM, Script, parse_args, split_words, standalone_script
-
-ROOT = Path(__file__).resolve().parent.parent
-
+from tests.helpers import ROOT
 
 @pytest.fixture
 def llm():

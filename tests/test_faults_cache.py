@@ -6,10 +6,17 @@ that one; the machine's shared Redis is never touched.
 
 import pytest
 
-import models
 from tests.fake_llm import Script
 from tests.faults import RedisServer
-from tests.helpers import cached_messages, complete, contents, seen_by_model, stored_messages, wait_until
+from tests.helpers import (
+    cached_messages,
+    complete,
+    contents,
+    seen_by_model,
+    stored_conversation,
+    stored_messages,
+    wait_until,
+)
 from tests.sse_client import data_events, events, rest_of
 
 
@@ -69,8 +76,7 @@ def test_redis_stopped_turns_read_the_database_and_the_cache_comes_back(start_se
     assert seen_by_model(llm) == ["I am Bo.", "echo: I am Bo.", "Who am I?", "echo: Who am I?",
                                   "Sure?", "Still Bo.", "And now?"]
     version, cached = cached_messages(redis_probe, "c1")
-    with models.db.connection_context():
-        assert version == models.Conversation.get_by_id("c1").version
+    assert version == stored_conversation("c1").version
     assert contents(cached) == ["I am Bo.", "echo: I am Bo.", "Who am I?", "echo: Who am I?",
                                 "Sure?", "Still Bo.", "And now?", "echo: And now?"]
     assert len(stored_messages("c1")) == 8

@@ -6,8 +6,16 @@ import uuid
 import pytest
 
 import models
-from tests.helpers import REDIS_URL, assert_error, bearer, free_port
 from tests.fake_llm import Script
+from tests.helpers import (
+    REDIS_URL,
+    assert_error,
+    bearer,
+    free_port,
+    seen_by_model,
+    stored_counts,
+    stored_messages,
+)
 
 JSON = "application/json"
 
@@ -22,16 +30,10 @@ def post_json(client, body):
     return client.post("/chat/run", json=body, headers=bearer())
 
 
-def stored_count(model=models.Message):
-    """How many rows of `model` the bound database holds."""
+def stored_contents(role):
+    """The contents of every message of `role` in the database."""
     with models.db.connection_context():
-        return model.select().count()
-
-
-def stored_user_messages():
-    """The contents of every user message in the bound database."""
-    with models.db.connection_context():
-        return [m.content for m in models.Message.select().where(models.Message.role == "user")]
+        return [m.content for m in models.Message.select().where(models.Message.role == role)]
 
 
 def body(**fields):
@@ -174,8 +176,7 @@ def test_two_new_conversations_get_different_ids(pg_client):
 def test_new_conversation_id_is_the_stored_one(pg_client):
     """The fresh conversation id returned is the id the turn was stored under."""
     conversation_id = post_json(pg_client, {"message": "hi"}).get_json()["conversation_id"]
-    with models.db.connection_context():
-        assert models.Message.select().where(models.Message.conversation == conversation_id).count() == 2
+    assert len(stored_messages(conversation_id)) == 2
 
 
 def test_run_reply_has_exactly_response_and_conversation_id(pg_client, llm):
@@ -211,14 +212,14 @@ TRICKY_TEXTS = {
 def test_message_reaches_the_model_byte_exact(pg_client, llm, text):
     """The user's message is sent to the model unchanged."""
     assert post_json(pg_client, {"message": text}).status_code == 200
-    assert llm.requests[-1]["json"]["messages"][-1]["content"] == text
+    assert seen_by_model(llm)[-1] == text
 
 
 @pytest.mark.parametrize("text", TRICKY_TEXTS.values(), ids=TRICKY_TEXTS.keys())
 def test_message_is_stored_byte_exact(pg_client, text):
     """The user's message is stored unchanged."""
     assert post_json(pg_client, {"message": text}).status_code == 200
-    assert stored_user_messages() == [text]
+    assert stored_contents("user") == [text]
 
 
 @pytest.mark.parametrize("text", TRICKY_TEXTS.values(), ids=TRICKY_TEXTS.keys())
@@ -233,9 +234,7 @@ def test_model_reply_is_stored_byte_exact(pg_client, llm, text):
     """The model's reply is stored unchanged."""
     llm.script(Script(reply=text))
     assert post_json(pg_client, {"message": "hi"}).status_code == 200
-    with models.db.connection_context():
-        replies = [m.content for m in models.Message.select().where(models.Message.role == "assistant")]
-    assert replies == [text]
+    assert stored_contents("assistant") == [text]
 
 
 CLOSED_PORT = object()
@@ -275,8 +274,7 @@ def test_model_failure_gets_its_status_and_code(failing_run, settings, script, s
 def test_model_failure_stores_nothing(failing_run, settings, script, status, code):
     """A turn the model failed leaves no message and no conversation behind."""
     assert failing_run(settings, script).status_code == status
-    assert stored_count(models.Message) == 0
-    assert stored_count(models.Conversation) == 0
+    assert stored_counts() == (0, 0)
 
 
 def test_model_error_message_names_the_upstream_status(failing_run):

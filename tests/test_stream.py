@@ -19,6 +19,7 @@ from tests.helpers import (
     database_backends,
     lock_waiters,
     seen_by_model,
+    stored_conversation,
     stored_messages,
     wait_until,
 )
@@ -106,8 +107,7 @@ def test_stream_saves_both_messages_and_caches_them(service, llm, redis_client):
     data_events(service.stream("Does it work?", "c1"))
     assert stored_messages("c1") == complete(("Does it work?", "It works."))
     version, messages = cached_messages(redis_client, "c1")
-    with models.db.connection_context():
-        assert version == models.Conversation.get_by_id("c1").version
+    assert version == stored_conversation("c1").version
     assert messages[-1] == {"role": "assistant", "content": "It works."}
 
 
@@ -232,8 +232,7 @@ def test_bad_token_on_stream_is_401_json(service, llm):
 def test_stream_of_another_user_token_works_with_its_own_sub(service, llm):
     """Each user's stream is answered for that user (the token's sub)."""
     data_events(service.stream("hello", "b1", user="bob"))
-    with models.db.connection_context():
-        assert models.Conversation.get_by_id("b1").owner == "bob"
+    assert stored_conversation("b1").owner == "bob"
 
 
 def test_a_blocked_query_does_not_stall_the_worker(service, llm, postgres_url):
