@@ -162,6 +162,12 @@ def cached_messages(redis_client, conversation_id):
     return None if raw is None else cache.decode(raw)
 
 
+def cached_contents(redis_client, conversation_id):
+    """The contents of the messages Redis holds for a conversation (None if it holds nothing)."""
+    cached = cached_messages(redis_client, conversation_id)
+    return None if cached is None else contents(cached[1])
+
+
 def database_backends(postgres_url, waiting_on_a_lock=False):
     """How many backends serve the test database (only those waiting on a lock, if asked)."""
     server, name = postgres_url.rsplit("/", 1)

@@ -9,6 +9,7 @@ import pytest
 from tests.fake_llm import Script
 from tests.faults import RedisServer
 from tests.helpers import (
+    cached_contents,
     cached_messages,
     complete,
     contents,
@@ -46,7 +47,7 @@ def test_redis_stopped_turns_read_the_database_and_the_cache_comes_back(start_se
     """With Redis stopped, run and stream still answer from the database's history; restarted, Redis is used again."""
     service = start_service(REDIS_URL=private_redis.url)
     assert service.run("I am Bo.", "c1").status_code == 200
-    assert contents(cached_messages(redis_probe, "c1")[1]) == ["I am Bo.", "echo: I am Bo."]
+    assert cached_contents(redis_probe, "c1") == ["I am Bo.", "echo: I am Bo."]
 
     private_redis.stop()
     response = service.run("Who am I?", "c1")
@@ -101,12 +102,12 @@ def test_redis_paused_turns_still_answer_and_the_cache_comes_back(start_service,
     assert wait_until(lambda: cache_is(service, "ok"), timeout=10)
     # Redis is used again: a new conversation is cached.
     assert service.run("fresh", "c2").status_code == 200
-    assert contents(cached_messages(redis_probe, "c2")[1]) == ["fresh", "echo: fresh"]
+    assert cached_contents(redis_probe, "c2") == ["fresh", "echo: fresh"]
     # And the conversation whose turn was taken while Redis hung goes on.
     response = service.run("three", "c1")
     assert response.status_code == 200, response.text
     assert seen_by_model(llm) == ["one", "echo: one", "two", "echo: two", "three"]
-    assert contents(cached_messages(redis_probe, "c1")[1]) == ["one", "echo: one", "two", "echo: two",
+    assert cached_contents(redis_probe, "c1") == ["one", "echo: one", "two", "echo: two",
                                                                "three", "echo: three"]
 
 
@@ -114,14 +115,14 @@ def test_a_stale_cache_entry_never_wins_over_the_database(start_service, llm, pr
     """A turn whose cache write failed leaves Redis holding an old copy; later turns read the database's history."""
     service = start_service(REDIS_URL=private_redis.url)
     assert service.run("turn 1", "c1").status_code == 200
-    assert contents(cached_messages(redis_probe, "c1")[1]) == ["turn 1", "echo: turn 1"]
+    assert cached_contents(redis_probe, "c1") == ["turn 1", "echo: turn 1"]
 
     private_redis.pause()
     assert service.run("turn 2", "c1").status_code == 200
     assert stored_messages("c1") == complete(("turn 1", "echo: turn 1"), ("turn 2", "echo: turn 2"))
     private_redis.resume()
     # The premise: Redis kept its old entry, which misses turn 2.
-    assert contents(cached_messages(redis_probe, "c1")[1]) == ["turn 1", "echo: turn 1"]
+    assert cached_contents(redis_probe, "c1") == ["turn 1", "echo: turn 1"]
 
     response = service.run("turn 3", "c1")
     assert response.status_code == 200, response.text
@@ -138,7 +139,7 @@ def test_a_stale_cache_entry_never_wins_over_the_database(start_service, llm, pr
     assert final["is_final"] is True and "error" not in final
     assert seen_by_model(llm) == ["turn 1", "echo: turn 1", "turn 2", "echo: turn 2", "turn 3", "echo: turn 3",
                                   "turn 4"]
-    assert contents(cached_messages(redis_probe, "c1")[1]) == ["turn 1", "echo: turn 1", "turn 2", "echo: turn 2",
+    assert cached_contents(redis_probe, "c1") == ["turn 1", "echo: turn 1", "turn 2", "echo: turn 2",
                                                                "turn 3", "echo: turn 3", "turn 4", "four"]
 
 
@@ -154,7 +155,7 @@ def test_a_stale_cache_entry_never_wins_on_another_instance(start_service, llm, 
     assert stored_messages("c1") == complete(("turn 1", "echo: turn 1"), ("turn 2", "echo: turn 2"))
     private_redis.start()
     # The premise: Redis came back from its snapshot with an entry that misses turn 2.
-    assert contents(cached_messages(redis_probe, "c1")[1]) == ["turn 1", "echo: turn 1"]
+    assert cached_contents(redis_probe, "c1") == ["turn 1", "echo: turn 1"]
 
     response = second.run("turn 3", "c1")
     assert response.status_code == 200, response.text
@@ -185,7 +186,7 @@ def test_redis_restarted_empty_mid_conversation_reloads_the_history(start_servic
     assert final["is_final"] is True and "error" not in final
     assert seen_by_model(llm) == ["a", "echo: a", "b", "echo: b", "c"]
     assert stored_messages("c1") == complete(("a", "echo: a"), ("b", "echo: b"), ("c", "C"))
-    assert contents(cached_messages(redis_probe, "c1")[1]) == ["a", "echo: a", "b", "echo: b", "c", "C"]
+    assert cached_contents(redis_probe, "c1") == ["a", "echo: a", "b", "echo: b", "c", "C"]
 
     assert service.run("d", "c1").status_code == 200
     assert seen_by_model(llm) == ["a", "echo: a", "b", "echo: b", "c", "C", "d"]

@@ -17,9 +17,9 @@ from tests.fake_llm import Script
 from tests.faults import TcpProxy
 from tests.helpers import (
     POSTGRES_URL,
+    cached_contents,
     cached_messages,
     complete,
-    contents,
     conversation_exists,
     lock_waiters,
     seen_by_model,
@@ -67,6 +67,16 @@ def fill_pool(service, postgres_url, size):
     assert [answer.status_code for answer in answers] == [200] * size
 
 
+def assert_turn_2_left_no_trace(service, llm, redis_client, conversation_id):
+    """Of the failed turn 2 neither message was kept, the cache still matches the database, and turn 3 follows turn 1."""
+    assert stored_messages(conversation_id) == complete(("turn 1", "echo: turn 1"))
+    assert cached_contents(redis_client, conversation_id) == ["turn 1", "echo: turn 1"]
+    response = service.run("turn 3", conversation_id)
+    assert response.status_code == 200
+    assert seen_by_model(llm) == ["turn 1", "echo: turn 1", "turn 3"]
+    assert stored_messages(conversation_id) == complete(("turn 1", "echo: turn 1"), ("turn 3", "echo: turn 3"))
+
+
 def test_database_refusing_connections_is_503_and_the_service_recovers_by_itself(start_service, llm, pg_proxy,
                                                                                   redis_client):
     """While PostgreSQL refuses connections turns are JSON 503s and nothing is half-written; then all works again."""
@@ -101,7 +111,7 @@ def test_database_refusing_connections_is_503_and_the_service_recovers_by_itself
     assert response.json() == {"response": "echo: two", "conversation_id": "c1"}
     assert seen_by_model(llm) == ["one", "echo: one", "two"]
     assert stored_messages("c1") == complete(("one", "echo: one"), ("two", "echo: two"))
-    assert contents(cached_messages(redis_client, "c1")[1]) == ["one", "echo: one", "two", "echo: two"]
+    assert cached_contents(redis_client, "c1") == ["one", "echo: one", "two", "echo: two"]
     assert not conversation_exists("c2") and not conversation_exists("c3")
     assert cached_messages(redis_client, "c2") is None and cached_messages(redis_client, "c3") is None
     assert service.status()["status"] == "ok"
@@ -124,7 +134,7 @@ def test_connections_dropped_while_pooled_are_replaced(start_service, llm, pg_pr
     assert response.status_code == 200, response.text
     assert pg_proxy.connections_accepted > accepted
     assert stored_messages("c1") == complete(("after the cut", "echo: after the cut"))
-    assert contents(cached_messages(redis_client, "c1")[1]) == ["after the cut", "echo: after the cut"]
+    assert cached_contents(redis_client, "c1") == ["after the cut", "echo: after the cut"]
 
     pg_proxy.cut()
     assert service.status()["database"]["state"] == "ok"
@@ -157,13 +167,7 @@ def test_database_failing_at_the_end_of_a_stream_is_in_the_final_event(start_ser
     assert final["error"] == DATABASE_UNAVAILABLE["error"]
 
     pg_proxy.accept()
-    # Neither message of turn 2 was kept, and the cache still matches the database.
-    assert stored_messages("s1") == complete(("turn 1", "echo: turn 1"))
-    assert contents(cached_messages(redis_client, "s1")[1]) == ["turn 1", "echo: turn 1"]
-    response = service.run("turn 3", "s1")
-    assert response.status_code == 200
-    assert seen_by_model(llm) == ["turn 1", "echo: turn 1", "turn 3"]
-    assert stored_messages("s1") == complete(("turn 1", "echo: turn 1"), ("turn 3", "echo: turn 3"))
+    assert_turn_2_left_no_trace(service, llm, redis_client, "s1")
 
 
 def test_no_broken_connection_is_left_in_the_pool(start_service, llm, pg_proxy, postgres_url):
@@ -213,13 +217,7 @@ def test_connection_cut_while_saving_a_turn_keeps_neither_message(start_service,
     assert answers[0].status_code == 503, answers[0].text
     assert answers[0].json() == DATABASE_UNAVAILABLE
     assert wait_until(lambda: lock_waiters(postgres_url) == 0, timeout=10)
-    assert stored_messages("t1") == complete(("turn 1", "echo: turn 1"))
-    assert contents(cached_messages(redis_client, "t1")[1]) == ["turn 1", "echo: turn 1"]
-
-    response = service.run("turn 3", "t1")
-    assert response.status_code == 200
-    assert seen_by_model(llm) == ["turn 1", "echo: turn 1", "turn 3"]
-    assert stored_messages("t1") == complete(("turn 1", "echo: turn 1"), ("turn 3", "echo: turn 3"))
+    assert_turn_2_left_no_trace(service, llm, redis_client, "t1")
 
 
 def answered(call, *args, **kwargs):

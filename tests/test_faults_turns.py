@@ -53,6 +53,15 @@ class Holder:
         return self.result[0].json()["response"]
 
 
+def refused_while_held(llm, holding, contending, paths, conversation_id="c1"):
+    """Hold the conversation with a stream on `holding`; each path's turn on `contending` is a 409; then let go."""
+    holder = Holder(holding, llm, "stream", conversation_id)
+    for path in paths:
+        assert_error(contending.turn(path, "second", conversation_id), 409, "conversation_busy")
+    llm.release()
+    assert holder.finish() == "held reply"
+
+
 @pytest.mark.parametrize("holder_path,contender_path", [
     ("stream", "stream"), ("stream", "run"), ("run", "stream"), ("run", "run"),
 ])
@@ -122,11 +131,7 @@ def test_busy_conversation_is_409_from_another_service_sharing_redis(start_servi
     """Two services sharing Redis: a turn held in one refuses the other's; then the other carries on."""
     first = start_service()
     second = start_service()
-    holder = Holder(first, llm, "stream", "c1")
-    for path in ("run", "stream"):
-        assert_error(second.turn(path, "from elsewhere", "c1"), 409, "conversation_busy")
-    llm.release()
-    assert holder.finish() == "held reply"
+    refused_while_held(llm, first, second, ("run", "stream"))
     llm.script(Script(reply="second service reply"))
     assert second.run("next", "c1").status_code == 200
     assert seen_by_model(llm) == ["first", "held reply", "next"]
@@ -142,11 +147,7 @@ def test_busy_conversation_is_409_on_the_embedded_defaults(start_service, llm, p
     models.db.initialize(postgres)
     try:
         service = start_service(REDIS_URL="", DATABASE_URL=url)
-        holder = Holder(service, llm, "stream", "c1")
-        for path in ("stream", "run"):
-            assert_error(service.turn(path, "second", "c1"), 409, "conversation_busy")
-        llm.release()
-        assert holder.finish() == "held reply"
+        refused_while_held(llm, service, service, ("stream", "run"))
         llm.script(Script(reply="third reply"))
         assert service.run("third", "c1").status_code == 200
         models.db.initialize(sqlite)

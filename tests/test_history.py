@@ -39,10 +39,13 @@ def reading(client, conversation_id, user="alice", **params):
 
 
 def all_pages(fetch, key):
-    """Follow next_cursor from the first page to the last: the pages' items, page by page."""
+    """Follow next_cursor from the first page to the last: the pages' items, page by page.
+
+    `fetch(**page)` gets one page; `page` names the cursor, except for the first.
+    """
     pages, cursor = [], None
     while True:
-        body = fetch(cursor)
+        body = fetch(**({"cursor": cursor} if cursor else {}))
         pages.append(body[key])
         cursor = body["next_cursor"]
         if cursor is None:
@@ -107,8 +110,7 @@ def test_list_entry_has_id_title_times_and_message_count(pg_client, llm):
 
 def test_list_pages_of_two_cover_five_conversations_without_gaps(pg_client, five):
     """limit=2 gives pages of 2, 2 and 1 in order, the last with a null next_cursor."""
-    pages = all_pages(lambda cursor: listing(pg_client, limit=2, **({"cursor": cursor} if cursor else {})),
-                      "conversations")
+    pages = all_pages(lambda **page: listing(pg_client, limit=2, **page), "conversations")
     assert [len(page) for page in pages] == [2, 2, 1]
     assert [c["id"] for page in pages for c in page] == five
 
@@ -117,8 +119,7 @@ def test_list_pages_hold_when_conversations_share_updated_at(pg_client, five):
     """Conversations active at the very same instant are still paged without duplicates or gaps."""
     with models.db.connection_context():
         models.Conversation.update(updated_at=datetime.datetime(2030, 1, 1, 12, 0, 0)).execute()
-    pages = all_pages(lambda cursor: listing(pg_client, limit=2, **({"cursor": cursor} if cursor else {})),
-                      "conversations")
+    pages = all_pages(lambda **page: listing(pg_client, limit=2, **page), "conversations")
     assert [c["id"] for page in pages for c in page] == five
 
 
@@ -157,13 +158,6 @@ FORGED_LIST_CURSORS = {
 }
 
 
-@pytest.mark.parametrize("cursor", FORGED_LIST_CURSORS.values(), ids=FORGED_LIST_CURSORS.keys())
-def test_a_forged_list_cursor_is_400(pg_client, five, cursor):
-    """A cursor the service did not hand out is refused as invalid_request."""
-    response = pg_client.get("/conversations", query_string={"cursor": cursor}, headers=bearer())
-    assert_error(response, 400, "invalid_request")
-
-
 # GET /conversations/<id>
 
 def test_read_gives_the_conversation_and_its_messages_in_order(pg_client, llm):
@@ -194,8 +188,7 @@ def test_read_pages_messages_across_cursors(pg_client, llm):
     """Three turns read with limit=4 come as 4 then 2 messages, in order, with no repeats."""
     for n in range(3):
         run(pg_client, f"m{n}", "c1")
-    pages = all_pages(lambda cursor: reading(pg_client, "c1", limit=4, **({"cursor": cursor} if cursor else {})),
-                      "messages")
+    pages = all_pages(lambda **page: reading(pg_client, "c1", limit=4, **page), "messages")
     assert [len(page) for page in pages] == [4, 2]
     assert [m["content"] for page in pages for m in page] == [
         "m0", "echo: m0", "m1", "echo: m1", "m2", "echo: m2"]
@@ -211,10 +204,14 @@ FORGED_MESSAGE_CURSORS = {
 }
 
 
-@pytest.mark.parametrize("cursor", FORGED_MESSAGE_CURSORS.values(), ids=FORGED_MESSAGE_CURSORS.keys())
-def test_a_forged_message_cursor_is_400(pg_client, five, cursor):
-    """A message cursor the service did not hand out is refused as invalid_request."""
-    response = pg_client.get("/conversations/c0", query_string={"cursor": cursor}, headers=bearer())
+FORGED_CURSORS = {**{f"list-{name}": ("/conversations", cursor) for name, cursor in FORGED_LIST_CURSORS.items()},
+                  **{f"read-{name}": ("/conversations/c0", cursor) for name, cursor in FORGED_MESSAGE_CURSORS.items()}}
+
+
+@pytest.mark.parametrize("path, cursor", FORGED_CURSORS.values(), ids=FORGED_CURSORS.keys())
+def test_a_forged_cursor_is_400(pg_client, five, path, cursor):
+    """A cursor the service did not hand out, of the list or of a conversation's messages, is invalid_request."""
+    response = pg_client.get(path, query_string={"cursor": cursor}, headers=bearer())
     assert_error(response, 400, "invalid_request")
 
 

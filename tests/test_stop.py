@@ -29,14 +29,19 @@ def stop(service, conversation_id, user="alice"):
         return response.status_code, response.json()
 
 
+def stop_mid_stream(llm, redis_client, streaming, stopping, conversation_id):
+    """A slow stream on `streaming`, stopped through `stopping`: (the stop's answer, the rest of the stream)."""
+    with slow_stream(streaming, llm, conversation_id) as stream:
+        assert wait_until(lambda: listening_for_stops(redis_client), timeout=10)
+        answer = stop(stopping, conversation_id)
+        return answer, rest_of(stream)
+
+
 @pytest.fixture
 def stopped(service, llm, redis_client):
     """A stream of conversation s1 that was stopped after its first chunk: (service, stop response, rest)."""
     start_turn(service, "s1")
-    with slow_stream(service, llm, "s1") as stream:
-        assert wait_until(lambda: listening_for_stops(redis_client), timeout=10)
-        answer = stop(service, "s1")
-        return service, answer, rest_of(stream)
+    return (service, *stop_mid_stream(llm, redis_client, service, service, "s1"))
 
 
 def test_stop_is_accepted_with_202(stopped):
@@ -79,10 +84,8 @@ def test_stop_reaches_the_stream_whichever_worker_gets_it(start_service, llm, re
     """With two workers, a stop on another connection ends the stream wherever it runs."""
     service = start_service(workers=2)
     start_turn(service, "s1")
-    with slow_stream(service, llm, "s1") as stream:
-        assert wait_until(lambda: listening_for_stops(redis_client), timeout=10)
-        assert stop(service, "s1")[0] == 202
-        final, = rest_of(stream)
+    (status, _), (final,) = stop_mid_stream(llm, redis_client, service, service, "s1")
+    assert status == 202
     assert final["finish_reason"] == "stopped" and "error" not in final
 
 
@@ -90,21 +93,16 @@ def test_stop_sent_to_another_service_on_the_same_redis_ends_the_stream(start_se
     """A stream on service A is stopped by a stop request to service B."""
     service_a, service_b = start_service(), start_service()
     start_turn(service_a, "s1")
-    with slow_stream(service_a, llm, "s1") as stream:
-        assert wait_until(lambda: listening_for_stops(redis_client), timeout=10)
-        assert stop(service_b, "s1")[0] == 202
-        final, = rest_of(stream)
+    (status, _), (final,) = stop_mid_stream(llm, redis_client, service_a, service_b, "s1")
+    assert status == 202
     assert final["finish_reason"] == "stopped" and "error" not in final
     assert stored_messages("s1")[-1] == ("assistant", "partial ", "stopped")
 
 
 def test_a_first_turn_can_be_stopped(service, llm, redis_client):
     """The very first turn of a new conversation (not yet in the database) can be stopped too."""
-    with slow_stream(service, llm, "new-1") as stream:
-        assert wait_until(lambda: listening_for_stops(redis_client), timeout=10)
-        status, body = stop(service, "new-1")
-        assert status == 202, body
-        final, = rest_of(stream)
+    (status, body), (final,) = stop_mid_stream(llm, redis_client, service, service, "new-1")
+    assert status == 202, body
     assert final["finish_reason"] == "stopped"
 
 
