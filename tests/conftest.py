@@ -120,9 +120,15 @@ def app(make_app, backend):
 
 
 @pytest.fixture
-def pg_app(make_app, postgres_url, redis_client):
+def make_pg_app(make_app, postgres_url, redis_client):
+    """Build apps on PostgreSQL and the emptied Redis; settings override these and the test defaults."""
+    return lambda **settings: make_app(**{"DATABASE_URL": postgres_url, "REDIS_URL": REDIS_URL, **settings})
+
+
+@pytest.fixture
+def pg_app(make_pg_app):
     """The app on PostgreSQL and Redis only (for behaviour that does not depend on the backend)."""
-    return make_app(DATABASE_URL=postgres_url, REDIS_URL=REDIS_URL)
+    return make_pg_app()
 
 
 @pytest.fixture

@@ -183,6 +183,19 @@ def database_backends(postgres_url, waiting_on_a_lock=False):
         admin.close()
 
 
+@contextlib.contextmanager
+def locked_table(postgres_url, table):
+    """Hold an exclusive lock on `table` from a connection of the test's own until the block ends."""
+    locker = psycopg2.connect(postgres_url)
+    try:
+        with locker.cursor() as cursor:
+            cursor.execute(f"LOCK TABLE {table} IN ACCESS EXCLUSIVE MODE")
+            yield
+        locker.commit()
+    finally:
+        locker.close()
+
+
 def lock_waiters(postgres_url):
     """How many backends of the test database wait on a lock."""
     return database_backends(postgres_url, waiting_on_a_lock=True)

@@ -8,7 +8,7 @@ import pytest
 
 import models
 from tests.fake_llm import Script
-from tests.helpers import REDIS_URL, assert_error, bearer, run, seen_by_model, sent_to_model, stored_counts
+from tests.helpers import assert_error, bearer, run, seen_by_model, sent_to_model, stored_counts
 
 SYSTEM = "Be brief."
 NEW = "new question"
@@ -31,9 +31,9 @@ def turn_messages(numbers):
 
 
 @pytest.fixture
-def budget_app(make_app, postgres_url, redis_client, llm):
+def budget_app(make_pg_app, llm):
     """Conversation c1 with three 40-character turns; then an app with the budget given."""
-    builder = make_app(DATABASE_URL=postgres_url, REDIS_URL=REDIS_URL, LLM_SYSTEM_PROMPT=SYSTEM)
+    builder = make_pg_app(LLM_SYSTEM_PROMPT=SYSTEM)
     client = builder.test_client()
     for question, answer in TURNS:
         llm.script(Script(reply=answer))
@@ -42,8 +42,7 @@ def budget_app(make_app, postgres_url, redis_client, llm):
     def with_budget(tokens, system_prompt=SYSTEM):
         """An app on the same data with LLM_CONTEXT_TOKENS=tokens."""
         models.db.obj.close_all()
-        return make_app(empty=False, DATABASE_URL=postgres_url, REDIS_URL=REDIS_URL,
-                        LLM_SYSTEM_PROMPT=system_prompt, LLM_CONTEXT_TOKENS=tokens)
+        return make_pg_app(empty=False, LLM_SYSTEM_PROMPT=system_prompt, LLM_CONTEXT_TOKENS=tokens)
 
     return with_budget
 
@@ -99,10 +98,9 @@ def test_without_a_system_prompt_the_whole_budget_goes_to_history(budget_app, ll
 
 
 @pytest.fixture
-def small_app(make_app, postgres_url, redis_client):
+def small_app(make_pg_app):
     """An app with a 60-token budget and a 7-token system prompt: a message may cost up to 53."""
-    return make_app(DATABASE_URL=postgres_url, REDIS_URL=REDIS_URL, LLM_SYSTEM_PROMPT=SYSTEM,
-                    LLM_CONTEXT_TOKENS=60)
+    return make_pg_app(LLM_SYSTEM_PROMPT=SYSTEM, LLM_CONTEXT_TOKENS=60)
 
 
 @pytest.mark.parametrize("path", ["/chat/run", "/chat/stream"])

@@ -4,15 +4,7 @@ import json
 
 import cache
 import models
-from tests.helpers import (
-    REDIS_URL,
-    contents,
-    message_rows,
-    run,
-    seen_by_model,
-    sent_to_model,
-    stored_conversation,
-)
+from tests.helpers import contents, message_rows, run, seen_by_model, sent_to_model, stored_conversation
 from tests.fake_llm import Script
 
 
@@ -127,10 +119,9 @@ def test_history_survives_a_new_app_instance(make_app, backend, llm):
     assert sent_to_model(llm)[0]["content"] == "remember 42"
 
 
-def test_redis_cache_holds_recent_messages_with_a_ttl(make_app, postgres_url, redis_client, llm):
+def test_redis_cache_holds_recent_messages_with_a_ttl(make_pg_app, redis_client, llm):
     """After a turn Redis holds the version and the last messages, expiring after CACHE_TTL_SECONDS."""
-    app = make_app(DATABASE_URL=postgres_url, REDIS_URL=REDIS_URL, CACHE_TTL_SECONDS=120,
-                   CHAT_HISTORY_LIMIT=2)
+    app = make_pg_app(CACHE_TTL_SECONDS=120, CHAT_HISTORY_LIMIT=2)
     client = app.test_client()
     llm.script(Script(reply="one"), Script(reply="two"))
     run(client, "first", "c1")

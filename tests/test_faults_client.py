@@ -59,9 +59,13 @@ class RawStream:
         self.sock.close()
 
 
-def kept_interrupted(conversation_id):
-    """True once both messages of the interrupted turn are stored."""
-    return len(stored_messages(conversation_id)) == 2
+def hang_up(client, llm, conversation_id, within):
+    """Hang up: the model is let go `within` seconds, and both messages of the turn are kept soon after."""
+    client.close()
+    left = time.monotonic()
+    assert llm.wait_for_disconnects(1, timeout=5)
+    assert time.monotonic() - left < within, "the model was let go long after the client left"
+    assert wait_until(lambda: len(stored_messages(conversation_id)) == 2, timeout=5)
 
 
 def test_client_hanging_up_while_the_model_streams_closes_the_model_request(start_service, llm):
@@ -73,11 +77,7 @@ def test_client_hanging_up_while_the_model_streams_closes_the_model_request(star
     client = RawStream(service, "talk to me", "c1")
     first = client.first_event()
     assert first == {"content": "w0 ", "is_final": False, "metrics": None}
-    client.close()
-    left = time.monotonic()
-    assert llm.wait_for_disconnects(1, timeout=5)
-    assert time.monotonic() - left < 10 * chunk_delay, "the model was let go long after the client left"
-    assert wait_until(lambda: kept_interrupted("c1"), timeout=5)
+    hang_up(client, llm, "c1", within=10 * chunk_delay)
     (user, user_text, user_status), (role, partial, status) = stored_messages("c1")
     assert (user, user_text, user_status) == ("user", "talk to me", "complete")
     assert (role, status) == ("assistant", "interrupted")
@@ -95,11 +95,7 @@ def test_client_hanging_up_while_the_model_is_silent_is_noticed_by_the_heartbeat
     assert client.first_event()["content"] == "first "
     # The model is silent now: the stream carries heartbeats only.
     client.read_until(lambda received: PING_FRAME in received[received.index(b"data: "):])
-    client.close()
-    left = time.monotonic()
-    assert llm.wait_for_disconnects(1, timeout=5)
-    assert time.monotonic() - left < 10 * heartbeat, "the model was let go long after the client left"
-    assert wait_until(lambda: kept_interrupted("c2"), timeout=5)
+    hang_up(client, llm, "c2", within=10 * heartbeat)
     assert stored_messages("c2") == [("user", "talk to me", "complete"), ("assistant", "first ", "interrupted")]
     assert llm.active_streams == 0
     assert_next_turn_sees(service, llm, "c2", ["talk to me", "first "])

@@ -8,7 +8,6 @@ import threading
 import uuid
 from urllib.parse import urlsplit
 
-import psycopg2
 import pytest
 import requests
 
@@ -22,6 +21,7 @@ from tests.helpers import (
     complete,
     conversation_exists,
     lock_waiters,
+    locked_table,
     seen_by_model,
     stored_messages,
     wait_until,
@@ -50,18 +50,12 @@ def through(proxy):
 def fill_pool(service, postgres_url, size):
     """Make the service's pool open `size` connections at once: as many new conversations wait on a locked table."""
     answers = []
-    locker = psycopg2.connect(postgres_url)
-    try:
-        with locker.cursor() as cursor:
-            cursor.execute("LOCK TABLE conversation IN ACCESS EXCLUSIVE MODE")
-            turns = [threading.Thread(target=lambda: answers.append(service.run("fill", f"fill-{uuid.uuid4()}")))
-                     for _ in range(size)]
-            for turn in turns:
-                turn.start()
-            assert wait_until(lambda: lock_waiters(postgres_url) == size, timeout=10)
-        locker.commit()
-    finally:
-        locker.close()
+    with locked_table(postgres_url, "conversation"):
+        turns = [threading.Thread(target=lambda: answers.append(service.run("fill", f"fill-{uuid.uuid4()}")))
+                 for _ in range(size)]
+        for turn in turns:
+            turn.start()
+        assert wait_until(lambda: lock_waiters(postgres_url) == size, timeout=10)
     for turn in turns:
         turn.join(20)
     assert [answer.status_code for answer in answers] == [200] * size
@@ -201,19 +195,13 @@ def test_connection_cut_while_saving_a_turn_keeps_neither_message(start_service,
     service = start_service(DATABASE_URL=through(pg_proxy))
     assert service.run("turn 1", "t1").status_code == 200
     answers = []
-    locker = psycopg2.connect(postgres_url)
-    try:
-        with locker.cursor() as cursor:
-            cursor.execute("LOCK TABLE message IN ACCESS EXCLUSIVE MODE")
-            saving = threading.Thread(target=lambda: answers.append(service.run("turn 2", "t1")))
-            saving.start()
-            # The history came from the cache; the transaction is open and waits to insert the messages.
-            assert wait_until(lambda: lock_waiters(postgres_url) == 1, timeout=10)
-            pg_proxy.cut()
-            saving.join(20)
-        locker.commit()
-    finally:
-        locker.close()
+    with locked_table(postgres_url, "message"):
+        saving = threading.Thread(target=lambda: answers.append(service.run("turn 2", "t1")))
+        saving.start()
+        # The history came from the cache; the transaction is open and waits to insert the messages.
+        assert wait_until(lambda: lock_waiters(postgres_url) == 1, timeout=10)
+        pg_proxy.cut()
+        saving.join(20)
     assert answers[0].status_code == 503, answers[0].text
     assert answers[0].json() == DATABASE_UNAVAILABLE
     assert wait_until(lambda: lock_waiters(postgres_url) == 0, timeout=10)

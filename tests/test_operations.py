@@ -12,7 +12,6 @@ import models
 from config import VERSION
 from tests.fake_llm import Script
 from tests.helpers import (
-    REDIS_URL,
     SECRET,
     assert_error,
     bearer,
@@ -279,9 +278,9 @@ def test_status_without_auth_reports_version_round_trips_and_model(service, llm)
     assert body["model"] == {"backend": "openai-compatible", "model": "fake-model", "base_url": llm.url}
 
 
-def test_status_reports_an_unreachable_cache_as_degraded(make_app, postgres_url, redis_client):
+def test_status_reports_an_unreachable_cache_as_degraded(make_pg_app):
     """A cache that cannot be reached is 'unavailable', without a round trip, and the service 'degraded'."""
-    app = make_app(DATABASE_URL=postgres_url, REDIS_URL="redis://127.0.0.1:1/0")
+    app = make_pg_app(REDIS_URL="redis://127.0.0.1:1/0")
     body = app.test_client().get("/status").get_json()
     assert body["status"] == "degraded"
     assert body["cache"] == {"state": "unavailable", "backend": "redis"}
@@ -297,9 +296,9 @@ def early_in_the_minute():
 
 
 @pytest.fixture
-def limited_client(make_app, postgres_url, redis_client, early_in_the_minute):
+def limited_client(make_pg_app, early_in_the_minute):
     """A test client of an app allowing 3 requests a minute per user."""
-    return make_app(DATABASE_URL=postgres_url, REDIS_URL=REDIS_URL, RATE_LIMIT_PER_MINUTE=3).test_client()
+    return make_pg_app(RATE_LIMIT_PER_MINUTE=3).test_client()
 
 
 def test_the_fourth_request_in_a_minute_is_429_with_retry_after(limited_client):
@@ -349,12 +348,6 @@ def test_there_is_no_rate_limit_by_default(pg_client):
 
 # flask prune
 
-@pytest.fixture
-def prune_app(make_app, postgres_url, redis_client, llm):
-    """An app on PostgreSQL + Redis."""
-    return make_app(DATABASE_URL=postgres_url, REDIS_URL=REDIS_URL)
-
-
 def make_turn(app, conversation_id, age=None):
     """A turn in `conversation_id`, then its activity moved `age` into the past."""
     run(app.test_client(), "hi", conversation_id)
@@ -378,37 +371,37 @@ def prune(app, *args):
     return app.test_cli_runner().invoke(args=["prune", *args])
 
 
-def test_prune_deletes_old_conversations_and_keeps_recent_ones(prune_app):
+def test_prune_deletes_old_conversations_and_keeps_recent_ones(pg_app):
     """Conversations idle longer than --older-than days go with their messages; the rest stay."""
     days = datetime.timedelta(days=1)
-    make_turn(prune_app, "old-1", 40 * days)
-    make_turn(prune_app, "old-2", 31 * days)
-    make_turn(prune_app, "recent", 29 * days)
-    make_turn(prune_app, "fresh")
-    result = prune(prune_app, "--older-than", "30")
+    make_turn(pg_app, "old-1", 40 * days)
+    make_turn(pg_app, "old-2", 31 * days)
+    make_turn(pg_app, "recent", 29 * days)
+    make_turn(pg_app, "fresh")
+    result = prune(pg_app, "--older-than", "30")
     assert result.exit_code == 0, result.output
     assert re.search(r"\bdeleted 2\b", result.output)
     assert rows() == {"recent": 2, "fresh": 2}
 
 
-def test_prune_drops_the_cached_copies_of_what_it_deletes(prune_app, redis_client):
+def test_prune_drops_the_cached_copies_of_what_it_deletes(pg_app, redis_client):
     """The Redis copy of a pruned conversation goes too; a kept one's stays."""
-    make_turn(prune_app, "old", datetime.timedelta(days=40))
-    make_turn(prune_app, "fresh")
-    prune(prune_app, "--older-than", "30")
+    make_turn(pg_app, "old", datetime.timedelta(days=40))
+    make_turn(pg_app, "fresh")
+    prune(pg_app, "--older-than", "30")
     assert not redis_client.exists(cache.KEY.format("old"))
     assert redis_client.exists(cache.KEY.format("fresh"))
 
 
-def test_prune_with_nothing_old_deletes_nothing(prune_app):
+def test_prune_with_nothing_old_deletes_nothing(pg_app):
     """With only recent conversations prune reports 0 and keeps them."""
-    make_turn(prune_app, "fresh")
-    result = prune(prune_app, "--older-than", "30")
+    make_turn(pg_app, "fresh")
+    result = prune(pg_app, "--older-than", "30")
     assert result.exit_code == 0 and re.search(r"\bdeleted 0\b", result.output)
     assert rows() == {"fresh": 2}
 
 
-def test_prune_deletes_more_than_one_batch(prune_app):
+def test_prune_deletes_more_than_one_batch(pg_app):
     """Over a thousand old conversations are all deleted and counted."""
     old = models.utcnow() - datetime.timedelta(days=90)
     with models.db.connection_context():
@@ -417,18 +410,18 @@ def test_prune_deletes_more_than_one_batch(prune_app):
         ).execute()
         models.Message.insert_many(
             [{"conversation": f"old-{n}", "role": "user", "content": "x"} for n in range(1201)]).execute()
-    make_turn(prune_app, "fresh")
-    result = prune(prune_app, "--older-than", "30")
+    make_turn(pg_app, "fresh")
+    result = prune(pg_app, "--older-than", "30")
     assert re.search(r"\bdeleted 1201\b", result.output), result.output
     assert rows() == {"fresh": 2}
 
 
 @pytest.mark.parametrize("args", [[], ["--older-than"], ["--older-than", "-1"], ["--older-than", "abc"]],
                          ids=["missing", "no-value", "negative", "not-a-number"])
-def test_prune_without_a_valid_age_fails_and_deletes_nothing(prune_app, args):
+def test_prune_without_a_valid_age_fails_and_deletes_nothing(pg_app, args):
     """--older-than is required and must be a whole number of days, at least 0."""
-    make_turn(prune_app, "old", datetime.timedelta(days=40))
-    result = prune(prune_app, *args)
+    make_turn(pg_app, "old", datetime.timedelta(days=40))
+    result = prune(pg_app, *args)
     assert result.exit_code != 0
     assert rows() == {"old": 2}
 

@@ -7,15 +7,7 @@ import pytest
 
 import models
 from tests.fake_llm import Script
-from tests.helpers import (
-    REDIS_URL,
-    assert_error,
-    bearer,
-    free_port,
-    seen_by_model,
-    stored_counts,
-    stored_messages,
-)
+from tests.helpers import assert_error, bearer, free_port, seen_by_model, stored_counts, stored_messages
 
 JSON = "application/json"
 
@@ -82,9 +74,9 @@ def test_bad_body_never_reaches_the_model(pg_client, llm, data):
 
 
 @pytest.fixture
-def small_app(make_app, postgres_url, redis_client):
+def small_app(make_pg_app):
     """An app on PostgreSQL and Redis that takes messages of at most 50 characters."""
-    return make_app(DATABASE_URL=postgres_url, REDIS_URL=REDIS_URL, MAX_MESSAGE_CHARS=50)
+    return make_pg_app(MAX_MESSAGE_CHARS=50)
 
 
 def test_message_over_max_chars_gets_413(small_app):
@@ -108,9 +100,9 @@ def test_longest_message_fits_the_default_body_limit(pg_app):
 
 
 @pytest.fixture
-def capped_app(make_app, postgres_url, redis_client):
+def capped_app(make_pg_app):
     """An app whose bodies may be at most 1024 bytes (messages still up to 32000 characters)."""
-    return make_app(DATABASE_URL=postgres_url, REDIS_URL=REDIS_URL, MAX_CONTENT_LENGTH=1024)
+    return make_pg_app(MAX_CONTENT_LENGTH=1024)
 
 
 def json_body_of_size(size):
@@ -249,14 +241,14 @@ MODEL_FAILURES = {
 
 
 @pytest.fixture
-def failing_run(make_app, postgres_url, redis_client, llm):
+def failing_run(make_pg_app, llm):
     """Run one turn against a model that fails as `settings` and `script` say."""
 
     def run(settings, script):
         """POST a turn on a fresh app and return the response."""
         if settings.get("LLM_BASE_URL") is CLOSED_PORT:
             settings = {**settings, "LLM_BASE_URL": f"http://127.0.0.1:{free_port()}/v1"}
-        app = make_app(DATABASE_URL=postgres_url, REDIS_URL=REDIS_URL, **settings)
+        app = make_pg_app(**settings)
         if script is not None:
             llm.script(script)
         return post_json(app.test_client(), {"message": "hi", "conversation_id": "failing-turn"})

@@ -5,7 +5,6 @@ import re
 import threading
 import uuid
 
-import psycopg2
 import requests
 
 import models
@@ -18,6 +17,7 @@ from tests.helpers import (
     complete,
     database_backends,
     lock_waiters,
+    locked_table,
     seen_by_model,
     stored_conversation,
     stored_messages,
@@ -237,15 +237,12 @@ def test_stream_of_another_user_token_works_with_its_own_sub(service, llm):
 
 def test_a_blocked_query_does_not_stall_the_worker(service, llm, postgres_url):
     """psycopg2 is cooperative: while one turn waits on a locked table, the same worker answers others."""
-    with psycopg2.connect(postgres_url) as locker:
-        with locker.cursor() as cursor:
-            cursor.execute("LOCK TABLE conversation IN ACCESS EXCLUSIVE MODE")
-            blocked = []
-            waiting = threading.Thread(target=lambda: blocked.append(
-                service.run("hi", "lockd")))
-            waiting.start()
-            assert wait_until(lambda: lock_waiters(postgres_url) == 1, timeout=10)
-            assert service.status()["database"]["state"] == "ok" and blocked == []
+    blocked = []
+    with locked_table(postgres_url, "conversation"):
+        waiting = threading.Thread(target=lambda: blocked.append(service.run("hi", "lockd")))
+        waiting.start()
+        assert wait_until(lambda: lock_waiters(postgres_url) == 1, timeout=10)
+        assert service.status()["database"]["state"] == "ok" and blocked == []
     waiting.join(20)
     assert blocked[0].status_code == 200
 
