@@ -1,4 +1,4 @@
-"""What the tests share: the test settings, tokens, the one error shape, what the stores hold, the service under gunicorn."""
+"""What the tests share: settings, tokens, the one error shape, what the stores hold, the service under gunicorn."""
 
 import contextlib
 import json
@@ -25,6 +25,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 IN_CI = os.environ.get("CI", "").lower() == "true"
 POSTGRES_URL = os.environ.get("TEST_DATABASE_URL", "postgresql://root@127.0.0.1:5432/chat_test")
 REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
+# The benchmark's own databases on the same servers (it drops its tables and empties its Redis database).
+BENCH_DATABASE_URL = os.environ.get("TEST_BENCH_DATABASE_URL", POSTGRES_URL.rsplit("/", 1)[0] + "/chat_bench")
+BENCH_REDIS_URL = os.environ.get("TEST_BENCH_REDIS_URL", REDIS_URL.rsplit("/", 1)[0] + "/9")
 SECRET = "test-secret-that-is-long-enough-for-hs256-0123456789"
 SLOW_REPLY = Script(chunks=["partial ", "rest of it"], chunk_delay=30)
 
