@@ -581,7 +581,7 @@ def test_first_chunk_delay_and_chunk_delay_options_reach_the_script():
     assert (script.first_chunk_delay, script.chunk_delay, script.chunks, script.reply) == (0.2, 0.5, None, None)
 
 
-def test_standalone_chunks_option_over_http():
+def test_standalone_chunks_option_works_over_http():
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]

@@ -376,7 +376,7 @@ def test_history_endpoints_without_a_token_are_401(pg_client, llm, method, path)
 
 # Over real HTTP (gunicorn + gevent)
 
-def test_list_and_read_over_http(service, llm):
+def test_list_and_read_work_over_http(service, llm):
     """Through gunicorn, the list is newest first and a conversation reads back in order."""
     for conversation_id in ("h1", "h2"):
         assert service.run(f"hi {conversation_id}", conversation_id).status_code == 200

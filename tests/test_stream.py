@@ -221,7 +221,7 @@ def test_demo_model_streams_word_by_word_without_a_model_server(start_service):
     assert received[-1]["metrics"]["model"] == "demo"
 
 
-def test_bad_token_on_stream_is_401_json(service, llm):
+def test_a_bad_token_on_a_stream_is_a_json_401(service, llm):
     """A stream with a bad token gets a JSON 401 and no events."""
     response = requests.post(service.url + "/chat/stream", json={"message": "x"},
                              headers={"Authorization": "Bearer nope"}, timeout=5)
