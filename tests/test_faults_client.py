@@ -11,8 +11,13 @@ import re
 import socket
 import time
 
+import pytest
+
 from tests.fake_llm import Script
 from tests.helpers import assert_next_turn_sees, complete, stored_messages, token, wait_until
+
+# Each scenario breaks something on purpose and waits for the service to notice: seconds each.
+pytestmark = pytest.mark.slow
 
 DATA_EVENT = re.compile(rb"data: ([^\r\n]*)\n\n")
 PING_FRAME = b": ping\n\n"

@@ -28,6 +28,9 @@ from tests.helpers import (
 )
 from tests.sse_client import data_events, events, rest_of
 
+# Each scenario breaks something on purpose and waits for the service to notice: seconds each.
+pytestmark = pytest.mark.slow
+
 DATABASE_UNAVAILABLE = {"error": {"code": "database_unavailable", "message": "the database is unavailable"}}
 
 

@@ -11,11 +11,15 @@ import subprocess
 import threading
 import time
 
+import pytest
 import requests
 
 from tests.fake_llm import Script
 from tests.helpers import complete, stored_messages, wait_until
 from tests.sse_client import events, next_data, rest_of
+
+# Each scenario breaks something on purpose and waits for the service to notice: seconds each.
+pytestmark = pytest.mark.slow
 
 
 def refuses_connections(service):
