@@ -292,7 +292,7 @@ def test_status_reports_an_unreachable_cache_as_degraded(make_pg_app):
 @pytest.fixture
 def early_in_the_minute():
     """Wait until the clock is early enough in its minute for a test's requests to share it."""
-    assert wait_until(lambda: time.time() % 60 < 50, timeout=15)
+    assert wait_until(lambda: time.time() % 60 < 55, timeout=10)
 
 
 @pytest.fixture
