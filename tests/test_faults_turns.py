@@ -16,6 +16,9 @@ from tests.fake_llm import Script
 from tests.helpers import assert_error, complete, seen_by_model, stored_messages, wait_until
 from tests.sse_client import data_events
 
+# Each scenario holds a conversation in one process while turns from others race for it: seconds each.
+pytestmark = pytest.mark.slow
+
 LOCK_KEY = "chat:turn-lock:{}"
 # %(p)s is the worker's pid: which worker answered each request.
 ACCESS_LOG_WITH_PID = "--access-logfile - --access-logformat '%(p)s %(s)s \"%(r)s\"'"
