@@ -126,6 +126,12 @@ def parse_chat_request(body: bytes) -> tuple[dict | None, str | None]:
     return request, None
 
 
+def envelope(kind: str, script: Script, request: dict) -> dict:
+    """The fields every completion object of `kind` carries: a fresh id, the time and the model."""
+    return {"id": "chatcmpl-" + uuid.uuid4().hex[:24], "object": kind, "created": int(time.time()),
+            "model": script.model_for(request)}
+
+
 def usage_for(request: dict, completion_tokens: int) -> dict:
     """Token usage with whitespace words standing in for tokens."""
     prompt_tokens = sum(max(1, len(message_text(m.get("content")).split())) for m in request["messages"])
@@ -284,10 +290,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         """Send the whole reply as one chat.completion object."""
         text = script.text_for(request)
         completion = {
-            "id": "chatcmpl-" + uuid.uuid4().hex[:24],
-            "object": "chat.completion",
-            "created": int(time.time()),
-            "model": script.model_for(request),
+            **envelope("chat.completion", script, request),
             "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}],
         }
         if script.usage:
@@ -302,12 +305,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     def _stream(self, script: Script, request: dict) -> None:
         """Send the reply as server-sent events, misbehaving where the script says."""
         chunks = script.chunks_for(request)
-        meta = {
-            "id": "chatcmpl-" + uuid.uuid4().hex[:24],
-            "object": "chat.completion.chunk",
-            "created": int(time.time()),
-            "model": script.model_for(request),
-        }
+        meta = envelope("chat.completion.chunk", script, request)
         self._start_stream(script.close_delimited)
         self._wait(script.first_chunk_delay)
         self._emit(script, sse({**meta, "choices": [_choice({"role": "assistant", "content": ""})]}))

@@ -16,11 +16,8 @@ import tempfile
 import threading
 
 import redis
-import requests
 
-import cache
-import models
-from tests.conftest import free_port, wait_until
+from tests.helpers import free_port, wait_until
 
 BUFFER = 65536
 
@@ -260,50 +257,3 @@ class RedisServer:
         self.stop()
         shutil.rmtree(self.dir, ignore_errors=True)
 
-
-def conversation_exists(conversation_id):
-    """Whether the database has a row for the conversation."""
-    with models.db.connection_context():
-        return models.Conversation.select().where(models.Conversation.id == conversation_id).exists()
-
-
-def cached_messages(client, conversation_id):
-    """The (version, messages) the cache holds for a conversation, or None if it holds nothing."""
-    raw = client.get(cache.KEY.format(conversation_id))
-    return None if raw is None else cache.decode(raw)
-
-
-def contents(messages):
-    """The contents of chat messages (dicts with a "content"), in order."""
-    return [m["content"] for m in messages]
-
-
-def run(service, message, conversation_id):
-    """One /chat/run turn as alice."""
-    return service.post("/chat/run", {"message": message, "conversation_id": conversation_id})
-
-
-def stream(service, message, conversation_id):
-    """Start one /chat/stream turn as alice; the open response."""
-    return service.post("/chat/stream", {"message": message, "conversation_id": conversation_id},
-                        stream=True, timeout=(5, 20))
-
-
-def status(service):
-    """The /status document (it must answer 200 whatever is down)."""
-    response = requests.get(service.url + "/status", timeout=10)
-    assert response.status_code == 200
-    return response.json()
-
-
-def seen_by_model(llm):
-    """The contents of the messages of the fake model's latest request."""
-    return contents(llm.requests[-1]["json"]["messages"])
-
-
-def complete(*pairs):
-    """The stored form of finished turns: (user message, reply) pairs, each saved as complete."""
-    rows = []
-    for message, reply in pairs:
-        rows += [("user", message, "complete"), ("assistant", reply, "complete")]
-    return rows

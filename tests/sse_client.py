@@ -29,6 +29,16 @@ def events(response):
         yield payload
 
 
+def next_data(received):
+    """The next `data:` event of an iterator of events, pings skipped."""
+    return next(event for event in received if event != PING)
+
+
+def rest_of(received):
+    """The remaining `data:` events of an iterator of events, pings left out."""
+    return [event for event in received if event != PING]
+
+
 def data_events(response):
     """The `data:` events of a whole stream, pings left out."""
-    return [event for event in events(response) if event != PING]
+    return rest_of(events(response))

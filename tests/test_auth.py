@@ -12,7 +12,7 @@ import pytest
 import models
 from auth import VerifiedTokens
 from config import VERSION
-from tests.conftest import SECRET, assert_error, bearer, token, wait_until
+from tests.helpers import SECRET, assert_error, bearer, run, stored_counts, token, wait_until
 from tests.fake_llm import Script
 
 VALID_BODY = {"message": "hi"}
@@ -89,8 +89,7 @@ def test_bad_credentials_never_reach_the_model(pg_client, llm, headers):
 def test_bad_credentials_store_nothing(pg_client, headers):
     """A request refused with 401 stores no conversation."""
     pg_client.post("/chat/run", json=VALID_BODY, headers=headers())
-    with models.db.connection_context():
-        assert models.Conversation.select().count() == 0
+    assert stored_counts() == (0, 0)
 
 
 def test_minimal_foreign_token_is_accepted(pg_client, llm):
@@ -104,7 +103,7 @@ def test_minimal_foreign_token_is_accepted(pg_client, llm):
 
 def test_a_token_accepted_before_is_refused_once_it_expires(pg_client, llm):
     """A token that was verified (and kept as verified) gets 401 from the moment it expires."""
-    expires = int(time.time()) + 3
+    expires = int(time.time()) + 2
     short_lived = auth("Bearer " + jwt.encode({"sub": "alice", "exp": expires}, SECRET, algorithm="HS256"))
     assert pg_client.post("/chat/run", json=VALID_BODY, headers=short_lived).status_code == 200
     assert pg_client.post("/chat/run", json=VALID_BODY, headers=short_lived).status_code == 200
@@ -158,10 +157,7 @@ def test_status_reports_database_cache_and_model(pg_client, llm):
 @pytest.fixture
 def alices_conversation(client, llm):
     """The id of a conversation alice started (one turn)."""
-    response = client.post("/chat/run", json={"message": "alice's secret plan",
-                                              "conversation_id": "alice-conv-1"}, headers=bearer("alice"))
-    assert response.status_code == 200, response.get_json()
-    return response.get_json()["conversation_id"]
+    return run(client, "alice's secret plan", "alice-conv-1")["conversation_id"]
 
 
 def post_as_bob(client, conversation_id):
@@ -172,9 +168,7 @@ def post_as_bob(client, conversation_id):
 
 def test_owner_can_continue_own_conversation(client, alices_conversation):
     """Alice can add a turn to her own conversation."""
-    response = client.post("/chat/run", json={"message": "again", "conversation_id": alices_conversation},
-                           headers=bearer("alice"))
-    assert response.status_code == 200, response.get_json()
+    run(client, "again", alices_conversation, user="alice")
 
 
 def test_other_users_conversation_gets_404(client, alices_conversation):

@@ -1,4 +1,4 @@
-"""The benchmark (bench/run.py) runs end to end in quick mode and reports every figure."""
+"""The benchmark (bench/run.py) runs end to end in quick mode and reports every figure, each in its plausible range."""
 
 import importlib.util
 import json
@@ -6,11 +6,10 @@ import math
 import os
 import subprocess
 import sys
-from urllib.parse import urlsplit, urlunsplit
 
 import pytest
 
-from tests.conftest import ROOT
+from tests.helpers import BENCH_DATABASE_URL, BENCH_REDIS_URL, ROOT
 
 FIGURES = {
     "ttft_added_p50_ms", "ttft_added_p95_ms", "ttft_added_p99_ms",
@@ -27,27 +26,75 @@ FIGURES = {
     "relay_delay_direct_p50_ms", "relay_delay_direct_p99_ms", "relay_delay_service_p50_ms",
     "relay_delay_service_p99_ms", "relay_fake_cpu_per_chunk_us", "relay_clients_cpu_per_chunk_us",
 }
-# The benchmark's own database and Redis database; by default those of the servers the tests use.
-BENCH_DATABASE = os.environ.get("TEST_BENCH_DATABASE", "chat_bench")
-BENCH_REDIS_DB = os.environ.get("TEST_BENCH_REDIS_DB", "9")
+LATENCIES = [f"{kind}_{side}_p{q}_ms" for kind, quantiles in (("ttft", (50, 95, 99)), ("run", (50, 95)))
+             for side in ("direct", "service") for q in quantiles]
+# figure: (low, high), the bounds a plausible value lies strictly between on any machine that runs the suite
+BETWEEN = {
+    **{latency: (0, 5000) for latency in LATENCIES},  # a loopback turn, in ms
+    "stream_gap_p95_ms": (250, 10000),  # the model's chunks come 500 ms apart
+    "cpu_per_turn_ms": (0, 50),
+    "helpers_cpu_per_turn_ms": (0, 100),
+    "turns_per_s_1_worker": (10, 50000),
+    "turns_per_s_2_workers": (10, 50000),
+    "scaling_ratio": (0, 4),
+    "scaling_ceiling": (0, 20),
+}
+# figure: high; 0 <= value < high (CPU ticks of a short window may add up to nothing)
+UNDER = {"memory_per_stream_kb": 10000, "postgres_cpu_per_turn_ms": 50, "redis_cpu_per_turn_ms": 50}
 
 
-def test_quick_benchmark_reports_every_figure(tmp_path, postgres_url, redis_url):
-    """`bench/run.py --quick` exits 0 and writes results.json with every figure numeric (targets may miss)."""
-    database_url = urlunsplit(urlsplit(postgres_url)._replace(path=f"/{BENCH_DATABASE}"))
-    bench_redis_url = urlunsplit(urlsplit(redis_url)._replace(path=f"/{BENCH_REDIS_DB}"))
+def judged(value, target):
+    """What a figure's target ("<= 1.5", ">= 2000") says of `value`."""
+    op, bound = target.split()
+    return value <= float(bound) if op == "<=" else value >= float(bound)
+
+
+def assert_plausible(results):
+    """Every figure is a finite number in the range it can have, and the figures agree with each other."""
+    figures = {key: figure["value"] for key, figure in results["figures"].items()}
+    for key, value in figures.items():
+        assert isinstance(value, (int, float)) and not isinstance(value, bool), (key, value)
+        assert math.isfinite(value), (key, value)
+    for key, (low, high) in BETWEEN.items():
+        assert low < figures[key] < high, (key, figures[key])
+    for key, high in UNDER.items():
+        assert 0 <= figures[key] < high, (key, figures[key])
+    for latency in LATENCIES:
+        if "_service_" in latency:
+            added, direct = latency.replace("_service_", "_added_"), latency.replace("_service_", "_direct_")
+            assert math.isclose(figures[added], figures[latency] - figures[direct], abs_tol=0.01), latency
+    levels = results["settings"]["levels"]
+    assert figures["open_streams_per_worker"] in levels, (figures["open_streams_per_worker"], levels)
+    assert figures["streams_failed"] == int(figures["streams_failed"])
+    assert 0 <= figures["streams_failed"] <= figures["open_streams_per_worker"]
+    ratio = figures["turns_per_s_2_workers"] / figures["turns_per_s_1_worker"]
+    assert math.isclose(figures["scaling_ratio"], ratio, abs_tol=0.01)
+    cpu_seconds = results["duration_s"] * results["machine"]["nproc"]
+    for key in ("postgres_cpu_s_run", "redis_cpu_s_run"):
+        assert 0 <= figures[key] < cpu_seconds, (key, figures[key], cpu_seconds)
+
+
+def assert_targets_judged(results):
+    """A figure with a target has a pass of True or False that matches its value; one without has none."""
+    for key, figure in results["figures"].items():
+        if figure["target"] is None:
+            assert figure["pass"] is None, (key, figure)
+        else:
+            assert figure["pass"] is judged(figure["value"], figure["target"]), (key, figure)
+
+
+@pytest.mark.slow
+def test_quick_benchmark_reports_every_figure_in_its_plausible_range(tmp_path, postgres_url, redis_url):
+    """`bench/run.py --quick` exits 0 and writes results.json with every figure plausible and its target judged."""
     command = [sys.executable, os.path.join("bench", "run.py"), "--quick", "--out", str(tmp_path),
-               "--database-url", database_url, "--redis-url", bench_redis_url]
+               "--database-url", BENCH_DATABASE_URL, "--redis-url", BENCH_REDIS_URL]
     finished = subprocess.run(command, check=False, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert finished.returncode == 0, finished.stdout[-3000:] + finished.stderr[-3000:]
 
     results = json.loads((tmp_path / "results.json").read_text())
     assert FIGURES <= set(results["figures"])
-    for key, figure in results["figures"].items():
-        value = figure["value"]
-        assert isinstance(value, (int, float)) and not isinstance(value, bool), (key, figure)
-        assert math.isfinite(value), (key, figure)
-        assert figure["pass"] in (True, False, None), (key, figure)
+    assert_plausible(results)
+    assert_targets_judged(results)
     assert_relay_figures_are_measurements(results)
     assert {"nproc", "cpu_model", "python"} <= set(results["machine"])
     assert results["mode"] == "quick"

@@ -4,13 +4,12 @@ import os
 import stat
 import time
 
-import jwt
 import pytest
 from flask.cli import FlaskGroup
 
 import chat_app
 import models
-from tests.conftest import SECRET, bearer
+from tests.helpers import SECRET, bearer, claims_of, stored_conversation
 
 TABLES = {"conversation", "message"}
 
@@ -20,11 +19,6 @@ def flask_cli(app, monkeypatch, *args):
     monkeypatch.setenv("FLASK_RUN_FROM_CLI", "true")  # FlaskGroup sets it; monkeypatch restores it
     group = FlaskGroup(create_app=lambda: app, load_dotenv=False)
     return app.test_cli_runner().invoke(group, list(args))
-
-
-def claims_of(output):
-    """The verified claims of the token a command printed."""
-    return jwt.decode(output.strip(), SECRET, algorithms=["HS256"])
 
 
 @pytest.fixture
@@ -122,8 +116,7 @@ def test_init_db_is_idempotent(fresh_app, monkeypatch):
         models.Conversation.create(id="kept", owner="alice")
     result = flask_cli(fresh_app, monkeypatch, "init-db")
     assert result.exit_code == 0, result.output
-    with models.db.connection_context():
-        assert models.Conversation.get_by_id("kept").owner == "alice"
+    assert stored_conversation("kept").owner == "alice"
 
 
 WEAK_SECRETS = {"missing": None, "empty": "", "31-bytes": "s" * 31, "31-bytes-in-16-chars": "é" * 15 + "s"}

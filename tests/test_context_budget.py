@@ -7,8 +7,8 @@
 import pytest
 
 import models
-from tests.conftest import REDIS_URL, assert_error, bearer
 from tests.fake_llm import Script
+from tests.helpers import assert_error, bearer, run, seen_by_model, sent_to_model, stored_counts
 
 SYSTEM = "Be brief."
 NEW = "new question"
@@ -31,21 +31,18 @@ def turn_messages(numbers):
 
 
 @pytest.fixture
-def budget_app(make_app, postgres_url, redis_client, llm):
+def budget_app(make_pg_app, llm):
     """Conversation c1 with three 40-character turns; then an app with the budget given."""
-    builder = make_app(DATABASE_URL=postgres_url, REDIS_URL=REDIS_URL, LLM_SYSTEM_PROMPT=SYSTEM)
+    builder = make_pg_app(LLM_SYSTEM_PROMPT=SYSTEM)
     client = builder.test_client()
     for question, answer in TURNS:
         llm.script(Script(reply=answer))
-        response = client.post("/chat/run", json={"message": question, "conversation_id": "c1"},
-                               headers=bearer())
-        assert response.status_code == 200, response.get_json()
+        run(client, question, "c1")
 
     def with_budget(tokens, system_prompt=SYSTEM):
         """An app on the same data with LLM_CONTEXT_TOKENS=tokens."""
         models.db.obj.close_all()
-        return make_app(empty=False, DATABASE_URL=postgres_url, REDIS_URL=REDIS_URL,
-                        LLM_SYSTEM_PROMPT=system_prompt, LLM_CONTEXT_TOKENS=tokens)
+        return make_pg_app(empty=False, LLM_SYSTEM_PROMPT=system_prompt, LLM_CONTEXT_TOKENS=tokens)
 
     return with_budget
 
@@ -56,7 +53,7 @@ def sent_for_new_message(app, llm):
     response = app.test_client().post("/chat/run", json={"message": NEW, "conversation_id": "c1"},
                                       headers=bearer())
     assert response.status_code == 502, response.get_json()
-    return llm.requests[-1]["json"]["messages"]
+    return sent_to_model(llm)
 
 
 BUDGETS = [  # (LLM_CONTEXT_TOKENS, the earlier turns sent)
@@ -101,16 +98,9 @@ def test_without_a_system_prompt_the_whole_budget_goes_to_history(budget_app, ll
 
 
 @pytest.fixture
-def small_app(make_app, postgres_url, redis_client):
+def small_app(make_pg_app):
     """An app with a 60-token budget and a 7-token system prompt: a message may cost up to 53."""
-    return make_app(DATABASE_URL=postgres_url, REDIS_URL=REDIS_URL, LLM_SYSTEM_PROMPT=SYSTEM,
-                    LLM_CONTEXT_TOKENS=60)
-
-
-def stored_counts():
-    """How many conversations and messages the database holds."""
-    with models.db.connection_context():
-        return models.Conversation.select().count(), models.Message.select().count()
+    return make_pg_app(LLM_SYSTEM_PROMPT=SYSTEM, LLM_CONTEXT_TOKENS=60)
 
 
 @pytest.mark.parametrize("path", ["/chat/run", "/chat/stream"])
@@ -126,8 +116,7 @@ def test_a_message_over_the_budget_alone_is_413(small_app, llm, path):
 def test_a_message_over_the_budget_never_reaches_the_model_or_the_database(small_app, llm, path):
     """The refused message is neither sent nor stored, in a new or an existing conversation."""
     client = small_app.test_client()
-    assert client.post("/chat/run", json={"message": "hi", "conversation_id": "c1"},
-                       headers=bearer()).status_code == 200
+    run(client, "hi", "c1")
     calls = len(llm.requests)
     for conversation_id in ("c1", "c2"):
         client.post(path, json={"message": "x" * 197, "conversation_id": conversation_id}, headers=bearer())
@@ -139,4 +128,4 @@ def test_a_message_that_just_fits_the_budget_is_answered(small_app, llm):
     """A message costing exactly what the budget leaves after the system prompt is sent."""
     response = small_app.test_client().post("/chat/run", json={"message": "x" * 196}, headers=bearer())
     assert response.status_code == 200, response.get_json()
-    assert llm.requests[-1]["json"]["messages"][-1]["content"] == "x" * 196
+    assert seen_by_model(llm)[-1] == "x" * 196

@@ -5,7 +5,7 @@ import pytest
 from cache import ConversationCache, MemoryCache, RedisCache
 from coordination import Coordination, MemoryCoordination, RedisCoordination
 from redis_link import LocalTrip, RedisLink
-from tests.conftest import free_port, wait_until
+from tests.helpers import free_port, wait_until
 
 
 @pytest.fixture(params=["redis", "memory"])

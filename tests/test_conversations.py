@@ -4,30 +4,15 @@ import json
 
 import cache
 import models
-from tests.conftest import REDIS_URL, bearer
+from tests.helpers import contents, message_rows, run, seen_by_model, sent_to_model, stored_conversation
 from tests.fake_llm import Script
 
 
-def run(client, message, conversation_id=None, user="alice"):
-    """POST /chat/run and return the JSON reply (asserting 200)."""
-    body = {"message": message}
-    if conversation_id is not None:
-        body["conversation_id"] = conversation_id
-    response = client.post("/chat/run", json=body, headers=bearer(user))
-    assert response.status_code == 200, response.get_json()
-    return response.get_json()
-
-
-def stored_messages(conversation_id):
-    """The conversation's messages in the database, oldest first."""
+def delete_everything():
+    """Delete every conversation and message from the database, behind the app's back."""
     with models.db.connection_context():
-        query = models.Message.select().where(models.Message.conversation == conversation_id)
-        return list(query.order_by(models.Message.id).dicts())
-
-
-def sent_messages(llm):
-    """The messages of the last request the model received."""
-    return llm.requests[-1]["json"]["messages"]
+        models.Message.delete().execute()
+        models.Conversation.delete().execute()
 
 
 def forget_cache(app):
@@ -62,7 +47,7 @@ def test_run_saves_the_user_message_and_the_reply(client, llm):
     """Both messages of a turn are in the database, with roles, status and token counts."""
     llm.script(Script(reply="four"))
     run(client, "two plus two?", "c1")
-    user, reply = stored_messages("c1")
+    user, reply = message_rows("c1")
     assert (user["role"], user["content"]) == ("user", "two plus two?")
     assert (reply["role"], reply["content"], reply["status"]) == ("assistant", "four", "complete")
     assert reply["token_count"] == 1 and reply["prompt_tokens"] == 3
@@ -72,8 +57,7 @@ def test_run_saves_the_user_message_and_the_reply(client, llm):
 def test_first_turn_records_owner_and_title(client, llm):
     """A new conversation belongs to its first user and is titled after the first message."""
     run(client, "  Plan   the\nteam offsite  ", "c1", user="carol")
-    with models.db.connection_context():
-        conversation = models.Conversation.get_by_id("c1")
+    conversation = stored_conversation("c1")
     assert conversation.owner == "carol"
     assert conversation.title == "Plan the team offsite"
 
@@ -83,7 +67,7 @@ def test_next_turn_sends_the_history_to_the_model(client, llm):
     llm.script(Script(reply="Hello Ann."), Script(reply="Your name is Ann."))
     run(client, "I am Ann.", "c1")
     run(client, "What is my name?", "c1")
-    assert sent_messages(llm) == [
+    assert sent_to_model(llm) == [
         {"role": "user", "content": "I am Ann."},
         {"role": "assistant", "content": "Hello Ann."},
         {"role": "user", "content": "What is my name?"},
@@ -94,7 +78,7 @@ def test_conversations_do_not_share_history(client, llm):
     """A turn in one conversation does not see another conversation's messages."""
     run(client, "secret in c1", "c1")
     run(client, "hello c2", "c2")
-    assert sent_messages(llm) == [{"role": "user", "content": "hello c2"}]
+    assert sent_to_model(llm) == [{"role": "user", "content": "hello c2"}]
 
 
 def test_history_sent_is_limited_to_the_last_messages(make_app, backend, llm):
@@ -104,7 +88,7 @@ def test_history_sent_is_limited_to_the_last_messages(make_app, backend, llm):
         llm.script(Script(reply=f"reply {n}"))
         run(client, f"message {n}", "c1")
     run(client, "message 3", "c1")
-    assert [m["content"] for m in sent_messages(llm)] == [
+    assert seen_by_model(llm) == [
         "message 1", "reply 1", "message 2", "reply 2", "message 3"]
 
 
@@ -113,8 +97,8 @@ def test_system_prompt_goes_first(make_app, backend, llm):
     client = make_app(LLM_SYSTEM_PROMPT="Answer in French.", **backend).test_client()
     run(client, "hello", "c1")
     run(client, "again", "c1")
-    assert sent_messages(llm)[0] == {"role": "system", "content": "Answer in French."}
-    assert [m["role"] for m in sent_messages(llm)] == ["system", "user", "assistant", "user"]
+    assert sent_to_model(llm)[0] == {"role": "system", "content": "Answer in French."}
+    assert [m["role"] for m in sent_to_model(llm)] == ["system", "user", "assistant", "user"]
 
 
 def test_history_survives_losing_the_cache(app, llm):
@@ -124,7 +108,7 @@ def test_history_survives_losing_the_cache(app, llm):
     run(client, "My colour is blue.", "c1")
     forget_cache(app)
     run(client, "What is my colour?", "c1")
-    assert [m["content"] for m in sent_messages(llm)] == [
+    assert seen_by_model(llm) == [
         "My colour is blue.", "Noted: blue.", "What is my colour?"]
 
 
@@ -132,21 +116,19 @@ def test_history_survives_a_new_app_instance(make_app, backend, llm):
     """A restarted service (a new app on the same database) still has the history."""
     run(make_app(**backend).test_client(), "remember 42", "c1")
     run(make_app(empty=False, **backend).test_client(), "what number?", "c1")
-    assert sent_messages(llm)[0]["content"] == "remember 42"
+    assert sent_to_model(llm)[0]["content"] == "remember 42"
 
 
-def test_redis_cache_holds_recent_messages_with_a_ttl(make_app, postgres_url, redis_client, llm):
+def test_redis_cache_holds_recent_messages_with_a_ttl(make_pg_app, redis_client, llm):
     """After a turn Redis holds the version and the last messages, expiring after CACHE_TTL_SECONDS."""
-    app = make_app(DATABASE_URL=postgres_url, REDIS_URL=REDIS_URL, CACHE_TTL_SECONDS=120,
-                   CHAT_HISTORY_LIMIT=2)
+    app = make_pg_app(CACHE_TTL_SECONDS=120, CHAT_HISTORY_LIMIT=2)
     client = app.test_client()
     llm.script(Script(reply="one"), Script(reply="two"))
     run(client, "first", "c1")
     run(client, "second", "c1")
     key = cache.KEY.format("c1")
     cached = json.loads(redis_client.get(key))
-    with models.db.connection_context():
-        version = models.Conversation.get_by_id("c1").version
+    version = stored_conversation("c1").version
     assert cached == {"version": version, "messages": [
         {"role": "user", "content": "second"}, {"role": "assistant", "content": "two"}]}
     assert 0 < redis_client.ttl(key) <= 120
@@ -156,11 +138,10 @@ def test_a_cached_copy_of_the_current_version_is_used(app, llm):
     """When the cache holds the database's version, the turn takes its messages from the cache."""
     client = app.test_client()
     run(client, "hello", "c1")
-    with models.db.connection_context():
-        version = models.Conversation.get_by_id("c1").version
+    version = stored_conversation("c1").version
     cache_copy(app, "c1", cache.encode(version, [{"role": "user", "content": "from cache"}]))
     run(client, "again", "c1")
-    assert [m["content"] for m in sent_messages(llm)] == ["from cache", "again"]
+    assert seen_by_model(llm) == ["from cache", "again"]
 
 
 def test_a_stale_cached_copy_never_wins_over_the_database(app, llm):
@@ -172,18 +153,16 @@ def test_a_stale_cached_copy_never_wins_over_the_database(app, llm):
     run(client, "m2", "c1")
     cache_copy(app, "c1", stale)
     run(client, "m3", "c1")
-    assert [m["content"] for m in sent_messages(llm)] == ["m1", "r1", "m2", "r2", "m3"]
+    assert seen_by_model(llm) == ["m1", "r1", "m2", "r2", "m3"]
 
 
 def test_a_cached_copy_of_a_deleted_conversation_is_ignored(app, llm):
     """A conversation gone from the database starts empty, whatever the cache still holds."""
     client = app.test_client()
     run(client, "secret", "c1")
-    with models.db.connection_context():
-        models.Message.delete().execute()
-        models.Conversation.delete().execute()
+    delete_everything()
     run(client, "fresh start", "c1")
-    assert [m["content"] for m in sent_messages(llm)] == ["fresh start"]
+    assert seen_by_model(llm) == ["fresh start"]
 
 
 def test_database_has_the_indexes_the_queries_need(postgres):
@@ -200,13 +179,11 @@ def test_a_cached_copy_from_before_a_delete_is_not_reused(app, llm):
     client = app.test_client()
     run(client, "old life", "c1")
     old_copy = cached(app, "c1")
-    with models.db.connection_context():
-        models.Message.delete().execute()
-        models.Conversation.delete().execute()
+    delete_everything()
     run(client, "new life", "c1")
     cache_copy(app, "c1", old_copy)
     run(client, "which life?", "c1")
-    assert [m["content"] for m in sent_messages(llm)] == ["new life", "echo: new life", "which life?"]
+    assert seen_by_model(llm) == ["new life", "echo: new life", "which life?"]
 
 
 def test_saving_into_a_conversation_someone_else_started_meanwhile_writes_nothing(client, llm):
@@ -215,4 +192,4 @@ def test_saving_into_a_conversation_someone_else_started_meanwhile_writes_nothin
     with models.db.connection_context():
         assert models.save_turn(conversation_id="c1", owner="bob", message="also mine?", reply="no",
                                 status="complete") is None
-    assert [m["content"] for m in stored_messages("c1")] == ["mine", "echo: mine"]
+    assert contents(message_rows("c1")) == ["mine", "echo: mine"]

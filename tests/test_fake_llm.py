@@ -9,15 +9,12 @@ import subprocess
 import sys
 import time
 import urllib.parse
-from pathlib import Path
 
 import pytest
 import requests
 
 from tests.fake_llm import FakeLLM, Script, parse_args, split_words, standalone_script
-
-ROOT = Path(__file__).resolve().parent.parent
-
+from tests.helpers import ROOT
 
 @pytest.fixture
 def llm():
@@ -594,10 +591,11 @@ def test_first_chunk_delay_and_chunk_delay_options_reach_the_script():
 
 
 def test_paced_option_reaches_the_script():
+    """--paced turns on pacing; it is off by default."""
     assert standalone("--paced").paced and not standalone().paced
 
 
-def test_standalone_chunks_option_over_http():
+def test_standalone_chunks_option_works_over_http():
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]

@@ -6,20 +6,22 @@ that one; the machine's shared Redis is never touched.
 
 import pytest
 
-import models
-from tests.conftest import stored_messages, wait_until
 from tests.fake_llm import Script
-from tests.faults import (
-    RedisServer,
+from tests.faults import RedisServer
+from tests.helpers import (
+    cached_contents,
     cached_messages,
     complete,
     contents,
-    run,
     seen_by_model,
-    status,
-    stream,
+    stored_conversation,
+    stored_messages,
+    wait_until,
 )
-from tests.sse_client import PING, data_events, events
+from tests.sse_client import data_events, events, rest_of
+
+# Each scenario breaks something on purpose and waits for the service to notice: seconds each.
+pytestmark = pytest.mark.slow
 
 
 @pytest.fixture
@@ -40,30 +42,30 @@ def redis_probe(private_redis):
 
 def cache_is(service, state):
     """True once /status reports the cache in `state`."""
-    return status(service)["cache"]["state"] == state
+    return service.status()["cache"]["state"] == state
 
 
 def test_redis_stopped_turns_read_the_database_and_the_cache_comes_back(start_service, llm, private_redis,
                                                                        redis_probe):
     """With Redis stopped, run and stream still answer from the database's history; restarted, Redis is used again."""
     service = start_service(REDIS_URL=private_redis.url)
-    assert run(service, "I am Bo.", "c1").status_code == 200
-    assert contents(cached_messages(redis_probe, "c1")[1]) == ["I am Bo.", "echo: I am Bo."]
+    assert service.run("I am Bo.", "c1").status_code == 200
+    assert cached_contents(redis_probe, "c1") == ["I am Bo.", "echo: I am Bo."]
 
     private_redis.stop()
-    response = run(service, "Who am I?", "c1")
+    response = service.run("Who am I?", "c1")
     assert response.status_code == 200
     assert response.json() == {"response": "echo: Who am I?", "conversation_id": "c1"}
     assert seen_by_model(llm) == ["I am Bo.", "echo: I am Bo.", "Who am I?"]
 
     llm.script(Script(chunks=["Still ", "Bo."]))
-    opened = stream(service, "Sure?", "c1")
+    opened = service.stream("Sure?", "c1")
     assert opened.status_code == 200
     final = data_events(opened)[-1]
     assert final["is_final"] is True and "error" not in final
     assert seen_by_model(llm) == ["I am Bo.", "echo: I am Bo.", "Who am I?", "echo: Who am I?", "Sure?"]
 
-    about = status(service)
+    about = service.status()
     assert about["status"] == "degraded"
     assert about["cache"] == {"state": "unavailable", "backend": "redis"}
     assert about["database"]["state"] == "ok"
@@ -72,14 +74,13 @@ def test_redis_stopped_turns_read_the_database_and_the_cache_comes_back(start_se
 
     private_redis.start()
     assert wait_until(lambda: cache_is(service, "ok"), timeout=10)
-    assert status(service)["status"] == "ok"
-    assert redis_probe.get("chat:conversation:c1") is None
-    assert run(service, "And now?", "c1").status_code == 200
+    assert service.status()["status"] == "ok"
+    assert cached_messages(redis_probe, "c1") is None
+    assert service.run("And now?", "c1").status_code == 200
     assert seen_by_model(llm) == ["I am Bo.", "echo: I am Bo.", "Who am I?", "echo: Who am I?",
                                   "Sure?", "Still Bo.", "And now?"]
     version, cached = cached_messages(redis_probe, "c1")
-    with models.db.connection_context():
-        assert version == models.Conversation.get_by_id("c1").version
+    assert version == stored_conversation("c1").version
     assert contents(cached) == ["I am Bo.", "echo: I am Bo.", "Who am I?", "echo: Who am I?",
                                 "Sure?", "Still Bo.", "And now?", "echo: And now?"]
     assert len(stored_messages("c1")) == 8
@@ -88,14 +89,14 @@ def test_redis_stopped_turns_read_the_database_and_the_cache_comes_back(start_se
 def test_redis_paused_turns_still_answer_and_the_cache_comes_back(start_service, llm, private_redis, redis_probe):
     """A Redis that accepts connections but never answers costs a turn its short timeouts, not its answer."""
     service = start_service(REDIS_URL=private_redis.url)
-    assert run(service, "one", "c1").status_code == 200
+    assert service.run("one", "c1").status_code == 200
 
     private_redis.pause()
-    response = run(service, "two", "c1")
+    response = service.run("two", "c1")
     assert response.status_code == 200
     assert response.json()["response"] == "echo: two"
     assert seen_by_model(llm) == ["one", "echo: one", "two"]
-    about = status(service)
+    about = service.status()
     assert about["status"] == "degraded" and about["cache"]["state"] == "unavailable"
     assert about["database"]["state"] == "ok"
     assert stored_messages("c1") == complete(("one", "echo: one"), ("two", "echo: two"))
@@ -103,30 +104,30 @@ def test_redis_paused_turns_still_answer_and_the_cache_comes_back(start_service,
     private_redis.resume()
     assert wait_until(lambda: cache_is(service, "ok"), timeout=10)
     # Redis is used again: a new conversation is cached.
-    assert run(service, "fresh", "c2").status_code == 200
-    assert contents(cached_messages(redis_probe, "c2")[1]) == ["fresh", "echo: fresh"]
+    assert service.run("fresh", "c2").status_code == 200
+    assert cached_contents(redis_probe, "c2") == ["fresh", "echo: fresh"]
     # And the conversation whose turn was taken while Redis hung goes on.
-    response = run(service, "three", "c1")
+    response = service.run("three", "c1")
     assert response.status_code == 200, response.text
     assert seen_by_model(llm) == ["one", "echo: one", "two", "echo: two", "three"]
-    assert contents(cached_messages(redis_probe, "c1")[1]) == ["one", "echo: one", "two", "echo: two",
+    assert cached_contents(redis_probe, "c1") == ["one", "echo: one", "two", "echo: two",
                                                                "three", "echo: three"]
 
 
 def test_a_stale_cache_entry_never_wins_over_the_database(start_service, llm, private_redis, redis_probe):
     """A turn whose cache write failed leaves Redis holding an old copy; later turns read the database's history."""
     service = start_service(REDIS_URL=private_redis.url)
-    assert run(service, "turn 1", "c1").status_code == 200
-    assert contents(cached_messages(redis_probe, "c1")[1]) == ["turn 1", "echo: turn 1"]
+    assert service.run("turn 1", "c1").status_code == 200
+    assert cached_contents(redis_probe, "c1") == ["turn 1", "echo: turn 1"]
 
     private_redis.pause()
-    assert run(service, "turn 2", "c1").status_code == 200
+    assert service.run("turn 2", "c1").status_code == 200
     assert stored_messages("c1") == complete(("turn 1", "echo: turn 1"), ("turn 2", "echo: turn 2"))
     private_redis.resume()
     # The premise: Redis kept its old entry, which misses turn 2.
-    assert contents(cached_messages(redis_probe, "c1")[1]) == ["turn 1", "echo: turn 1"]
+    assert cached_contents(redis_probe, "c1") == ["turn 1", "echo: turn 1"]
 
-    response = run(service, "turn 3", "c1")
+    response = service.run("turn 3", "c1")
     assert response.status_code == 200, response.text
     assert seen_by_model(llm) == ["turn 1", "echo: turn 1", "turn 2", "echo: turn 2", "turn 3"]
     history = complete(("turn 1", "echo: turn 1"), ("turn 2", "echo: turn 2"), ("turn 3", "echo: turn 3"))
@@ -135,13 +136,13 @@ def test_a_stale_cache_entry_never_wins_over_the_database(start_service, llm, pr
     assert wait_until(lambda: cache_is(service, "ok"), timeout=10)
 
     llm.script(Script(chunks=["four"]))
-    opened = stream(service, "turn 4", "c1")
+    opened = service.stream("turn 4", "c1")
     assert opened.status_code == 200, opened.text
     final = data_events(opened)[-1]
     assert final["is_final"] is True and "error" not in final
     assert seen_by_model(llm) == ["turn 1", "echo: turn 1", "turn 2", "echo: turn 2", "turn 3", "echo: turn 3",
                                   "turn 4"]
-    assert contents(cached_messages(redis_probe, "c1")[1]) == ["turn 1", "echo: turn 1", "turn 2", "echo: turn 2",
+    assert cached_contents(redis_probe, "c1") == ["turn 1", "echo: turn 1", "turn 2", "echo: turn 2",
                                                                "turn 3", "echo: turn 3", "turn 4", "four"]
 
 
@@ -149,23 +150,23 @@ def test_a_stale_cache_entry_never_wins_on_another_instance(start_service, llm, 
     """An old entry that Redis restores after an outage is not trusted by an instance that did not see the outage."""
     first = start_service(REDIS_URL=private_redis.url)
     second = start_service(REDIS_URL=private_redis.url)
-    assert run(first, "turn 1", "c1").status_code == 200
+    assert first.run("turn 1", "c1").status_code == 200
     redis_probe.save()
     private_redis.stop()
 
-    assert run(first, "turn 2", "c1").status_code == 200
+    assert first.run("turn 2", "c1").status_code == 200
     assert stored_messages("c1") == complete(("turn 1", "echo: turn 1"), ("turn 2", "echo: turn 2"))
     private_redis.start()
     # The premise: Redis came back from its snapshot with an entry that misses turn 2.
-    assert contents(cached_messages(redis_probe, "c1")[1]) == ["turn 1", "echo: turn 1"]
+    assert cached_contents(redis_probe, "c1") == ["turn 1", "echo: turn 1"]
 
-    response = run(second, "turn 3", "c1")
+    response = second.run("turn 3", "c1")
     assert response.status_code == 200, response.text
     assert seen_by_model(llm) == ["turn 1", "echo: turn 1", "turn 2", "echo: turn 2", "turn 3"]
     history = ["turn 1", "echo: turn 1", "turn 2", "echo: turn 2", "turn 3", "echo: turn 3"]
     cached = cached_messages(redis_probe, "c1")
     assert cached is None or contents(cached[1]) == history
-    assert run(first, "turn 4", "c1").status_code == 200
+    assert first.run("turn 4", "c1").status_code == 200
     assert seen_by_model(llm) == history + ["turn 4"]
 
 
@@ -173,55 +174,55 @@ def test_redis_restarted_empty_mid_conversation_reloads_the_history(start_servic
                                                                     redis_probe):
     """After Redis restarts empty, the next turn sends the database's full history and caches it again."""
     service = start_service(REDIS_URL=private_redis.url)
-    assert run(service, "a", "c1").status_code == 200
-    assert run(service, "b", "c1").status_code == 200
+    assert service.run("a", "c1").status_code == 200
+    assert service.run("b", "c1").status_code == 200
     assert len(cached_messages(redis_probe, "c1")[1]) == 4
 
     private_redis.stop()
     private_redis.start()
-    assert redis_probe.get("chat:conversation:c1") is None
+    assert cached_messages(redis_probe, "c1") is None
 
     llm.script(Script(chunks=["C"]))
-    opened = stream(service, "c", "c1")
+    opened = service.stream("c", "c1")
     assert opened.status_code == 200
     final = data_events(opened)[-1]
     assert final["is_final"] is True and "error" not in final
     assert seen_by_model(llm) == ["a", "echo: a", "b", "echo: b", "c"]
     assert stored_messages("c1") == complete(("a", "echo: a"), ("b", "echo: b"), ("c", "C"))
-    assert contents(cached_messages(redis_probe, "c1")[1]) == ["a", "echo: a", "b", "echo: b", "c", "C"]
+    assert cached_contents(redis_probe, "c1") == ["a", "echo: a", "b", "echo: b", "c", "C"]
 
-    assert run(service, "d", "c1").status_code == 200
+    assert service.run("d", "c1").status_code == 200
     assert seen_by_model(llm) == ["a", "echo: a", "b", "echo: b", "c", "C", "d"]
-    assert status(service)["status"] == "ok"
+    assert service.status()["status"] == "ok"
 
 
 def test_turn_lock_falls_back_to_the_process_when_redis_is_down(start_service, llm, private_redis):
     """With Redis stopped, two streams on one conversation in one worker still get one 200 and one 409."""
     service = start_service(workers=1, REDIS_URL=private_redis.url, LLM_TIMEOUT_SECONDS=20)
-    assert run(service, "hello", "c1").status_code == 200
+    assert service.run("hello", "c1").status_code == 200
     private_redis.stop()
     calls = len(llm.requests)
 
     llm.script(Script(chunks=["first ", "wins"], chunk_delay=30))
-    first = stream(service, "one", "c1")
+    first = service.stream("one", "c1")
     assert first.status_code == 200
     first_events = events(first)
     assert next(first_events)["content"] == "first "
-    second = stream(service, "two", "c1")
+    second = service.stream("two", "c1")
     assert second.status_code == 409
     assert second.headers["Content-Type"] == "application/json"
     assert second.json() == {"error": {"code": "conversation_busy",
                                        "message": "another turn of this conversation is in progress"}}
-    assert run(service, "three", "c1").status_code == 409
+    assert service.run("three", "c1").status_code == 409
     assert len(llm.requests) == calls + 1
 
     llm.release()
-    rest = [event for event in first_events if event != PING]
+    rest = rest_of(first_events)
     assert [event["content"] for event in rest] == ["wins", ""]
     assert rest[-1]["is_final"] is True and "error" not in rest[-1]
     assert stored_messages("c1") == complete(("hello", "echo: hello"), ("one", "first wins"))
 
-    response = run(service, "next", "c1")
+    response = service.run("next", "c1")
     assert response.status_code == 200
     assert seen_by_model(llm) == ["hello", "echo: hello", "one", "first wins", "next"]
     assert stored_messages("c1") == complete(("hello", "echo: hello"), ("one", "first wins"), ("next", "echo: next"))

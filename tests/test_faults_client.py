@@ -11,10 +11,13 @@ import re
 import socket
 import time
 
+import pytest
 
-from tests.conftest import stored_messages, token, wait_until
 from tests.fake_llm import Script
-from tests.sse_client import data_events
+from tests.helpers import assert_next_turn_sees, complete, stored_messages, token, wait_until
+
+# Each scenario breaks something on purpose and waits for the service to notice: seconds each.
+pytestmark = pytest.mark.slow
 
 DATA_EVENT = re.compile(rb"data: ([^\r\n]*)\n\n")
 PING_FRAME = b": ping\n\n"
@@ -61,28 +64,13 @@ class RawStream:
         self.sock.close()
 
 
-
-
-
-
-def assert_next_turn_sees(service, llm, conversation_id, history):
-    """The next streamed turn works (the conversation was let go) and the model gets `history` first."""
-    requests_before = len(llm.requests)
-    llm.script(Script(reply="welcome back"))
-    response = service.stream("are you there?", conversation_id)
-    assert response.status_code == 200, response.text
-    received = data_events(response)
-    assert "error" not in received[-1], received[-1]["error"]
-    assert "".join(e["content"] for e in received[:-1]) == "welcome back"
-    assert len(llm.requests) == requests_before + 1
-    assert [m["content"] for m in llm.requests[-1]["json"]["messages"]] == history + ["are you there?"]
-    assert stored_messages(conversation_id)[-2:] == [("user", "are you there?", "complete"),
-                                                     ("assistant", "welcome back", "complete")]
-
-
-def kept_interrupted(conversation_id):
-    """True once both messages of the interrupted turn are stored."""
-    return len(stored_messages(conversation_id)) == 2
+def hang_up(client, llm, conversation_id, within):
+    """Hang up: the model is let go `within` seconds, and both messages of the turn are kept soon after."""
+    client.close()
+    left = time.monotonic()
+    assert llm.wait_for_disconnects(1, timeout=5)
+    assert time.monotonic() - left < within, "the model was let go long after the client left"
+    assert wait_until(lambda: len(stored_messages(conversation_id)) == 2, timeout=5)
 
 
 def test_client_hanging_up_while_the_model_streams_closes_the_model_request(start_service, llm):
@@ -94,11 +82,7 @@ def test_client_hanging_up_while_the_model_streams_closes_the_model_request(star
     client = RawStream(service, "talk to me", "c1")
     first = client.first_event()
     assert first == {"content": "w0 ", "is_final": False, "metrics": None}
-    client.close()
-    left = time.monotonic()
-    assert llm.wait_for_disconnects(1, timeout=5)
-    assert time.monotonic() - left < 10 * chunk_delay, "the model was let go long after the client left"
-    assert wait_until(lambda: kept_interrupted("c1"), timeout=5)
+    hang_up(client, llm, "c1", within=10 * chunk_delay)
     (user, user_text, user_status), (role, partial, status) = stored_messages("c1")
     assert (user, user_text, user_status) == ("user", "talk to me", "complete")
     assert (role, status) == ("assistant", "interrupted")
@@ -116,11 +100,7 @@ def test_client_hanging_up_while_the_model_is_silent_is_noticed_by_the_heartbeat
     assert client.first_event()["content"] == "first "
     # The model is silent now: the stream carries heartbeats only.
     client.read_until(lambda received: PING_FRAME in received[received.index(b"data: "):])
-    client.close()
-    left = time.monotonic()
-    assert llm.wait_for_disconnects(1, timeout=5)
-    assert time.monotonic() - left < 10 * heartbeat, "the model was let go long after the client left"
-    assert wait_until(lambda: kept_interrupted("c2"), timeout=5)
+    hang_up(client, llm, "c2", within=10 * heartbeat)
     assert stored_messages("c2") == [("user", "talk to me", "complete"), ("assistant", "first ", "interrupted")]
     assert llm.active_streams == 0
     assert_next_turn_sees(service, llm, "c2", ["talk to me", "first "])
@@ -136,5 +116,5 @@ def test_raw_client_reading_to_the_end_gets_the_whole_reply(start_service, llm):
     received = client.events()
     assert [e["content"] for e in received] == ["a ", "b ", "c", ""]
     assert received[-1]["is_final"] is True and "error" not in received[-1]
-    assert stored_messages("c3") == [("user", "hi", "complete"), ("assistant", "a b c", "complete")]
+    assert stored_messages("c3") == complete(("hi", "a b c"))
     assert llm.disconnects == 0

@@ -8,24 +8,28 @@ import threading
 import uuid
 from urllib.parse import urlsplit
 
-import psycopg2
 import pytest
 import requests
 
-from tests.conftest import POSTGRES_URL, stored_messages, wait_until
+import cache
 from tests.fake_llm import Script
-from tests.faults import (
-    TcpProxy,
+from tests.faults import TcpProxy
+from tests.helpers import (
+    POSTGRES_URL,
+    cached_contents,
     cached_messages,
     complete,
-    contents,
     conversation_exists,
-    run,
+    lock_waiters,
+    locked_table,
     seen_by_model,
-    status,
-    stream,
+    stored_messages,
+    wait_until,
 )
-from tests.sse_client import PING, data_events, events
+from tests.sse_client import data_events, events, rest_of
+
+# Each scenario breaks something on purpose and waits for the service to notice: seconds each.
+pytestmark = pytest.mark.slow
 
 DATABASE_UNAVAILABLE = {"error": {"code": "database_unavailable", "message": "the database is unavailable"}}
 
@@ -46,77 +50,70 @@ def through(proxy):
     return parts._replace(netloc=f"{user}127.0.0.1:{proxy.port}").geturl()
 
 
-def lock_waiters(postgres_url):
-    """How many backends of the test database wait on a lock."""
-    with psycopg2.connect(postgres_url.rsplit("/", 1)[0] + "/postgres") as admin:
-        with admin.cursor() as cursor:
-            cursor.execute("SELECT count(*) FROM pg_stat_activity WHERE datname = %s "
-                           "AND wait_event_type = 'Lock'", (postgres_url.rsplit("/", 1)[1],))
-            count = cursor.fetchone()[0]
-    admin.close()
-    return count
-
-
 def fill_pool(service, postgres_url, size):
     """Make the service's pool open `size` connections at once: as many new conversations wait on a locked table."""
     answers = []
-    locker = psycopg2.connect(postgres_url)
-    try:
-        with locker.cursor() as cursor:
-            cursor.execute("LOCK TABLE conversation IN ACCESS EXCLUSIVE MODE")
-            turns = [threading.Thread(target=lambda: answers.append(run(service, "fill", f"fill-{uuid.uuid4()}")))
-                     for _ in range(size)]
-            for turn in turns:
-                turn.start()
-            assert wait_until(lambda: lock_waiters(postgres_url) == size, timeout=10)
-        locker.commit()
-    finally:
-        locker.close()
+    with locked_table(postgres_url, "conversation"):
+        turns = [threading.Thread(target=lambda: answers.append(service.run("fill", f"fill-{uuid.uuid4()}")))
+                 for _ in range(size)]
+        for turn in turns:
+            turn.start()
+        assert wait_until(lambda: lock_waiters(postgres_url) == size, timeout=10)
     for turn in turns:
         turn.join(20)
     assert [answer.status_code for answer in answers] == [200] * size
+
+
+def assert_turn_2_left_no_trace(service, llm, redis_client, conversation_id):
+    """Of the failed turn 2 neither message was kept, the cache still matches the database, and turn 3 follows turn 1."""
+    assert stored_messages(conversation_id) == complete(("turn 1", "echo: turn 1"))
+    assert cached_contents(redis_client, conversation_id) == ["turn 1", "echo: turn 1"]
+    response = service.run("turn 3", conversation_id)
+    assert response.status_code == 200
+    assert seen_by_model(llm) == ["turn 1", "echo: turn 1", "turn 3"]
+    assert stored_messages(conversation_id) == complete(("turn 1", "echo: turn 1"), ("turn 3", "echo: turn 3"))
 
 
 def test_database_refusing_connections_is_503_and_the_service_recovers_by_itself(start_service, llm, pg_proxy,
                                                                                   redis_client):
     """While PostgreSQL refuses connections turns are JSON 503s and nothing is half-written; then all works again."""
     service = start_service(DATABASE_URL=through(pg_proxy), DATABASE_POOL_SIZE=2)
-    assert run(service, "one", "c1").status_code == 200
+    assert service.run("one", "c1").status_code == 200
     pg_proxy.refuse()
     pg_proxy.cut()
 
     # A cached conversation: whether or not the model answered, the turn cannot be kept.
-    response = run(service, "lost", "c1")
+    response = service.run("lost", "c1")
     assert response.status_code == 503
     assert response.headers["Content-Type"] == "application/json"
     assert response.json() == DATABASE_UNAVAILABLE
     # Conversations not cached: their history cannot be read, so the model is not asked.
     calls = len(llm.requests)
-    response = run(service, "hi", "c2")
+    response = service.run("hi", "c2")
     assert response.status_code == 503 and response.json() == DATABASE_UNAVAILABLE
-    opened = stream(service, "hi", "c3")
+    opened = service.stream("hi", "c3")
     assert opened.status_code == 503
     assert opened.headers["Content-Type"] == "application/json"
     assert opened.json() == DATABASE_UNAVAILABLE
     assert len(llm.requests) == calls
 
-    about = status(service)
+    about = service.status()
     assert about["status"] == "degraded"
     assert about["database"] == {"state": "unavailable", "backend": "postgresql"}
     assert about["cache"]["state"] == "ok"
 
     pg_proxy.accept()
-    response = run(service, "two", "c1")
+    response = service.run("two", "c1")
     assert response.status_code == 200
     assert response.json() == {"response": "echo: two", "conversation_id": "c1"}
     assert seen_by_model(llm) == ["one", "echo: one", "two"]
     assert stored_messages("c1") == complete(("one", "echo: one"), ("two", "echo: two"))
-    assert contents(cached_messages(redis_client, "c1")[1]) == ["one", "echo: one", "two", "echo: two"]
+    assert cached_contents(redis_client, "c1") == ["one", "echo: one", "two", "echo: two"]
     assert not conversation_exists("c2") and not conversation_exists("c3")
     assert cached_messages(redis_client, "c2") is None and cached_messages(redis_client, "c3") is None
-    assert status(service)["status"] == "ok"
+    assert service.status()["status"] == "ok"
 
-    final = data_events(stream(service, "hi again", "c3"))[-1]
+    final = data_events(service.stream("hi again", "c3"))[-1]
     assert final["is_final"] is True and "error" not in final
     assert stored_messages("c3") == complete(("hi again", "echo: hi again"))
 
@@ -130,16 +127,16 @@ def test_connections_dropped_while_pooled_are_replaced(start_service, llm, pg_pr
 
     pg_proxy.cut()
     assert pg_proxy.open_connections == 0
-    response = run(service, "after the cut", "c1")
+    response = service.run("after the cut", "c1")
     assert response.status_code == 200, response.text
     assert pg_proxy.connections_accepted > accepted
     assert stored_messages("c1") == complete(("after the cut", "echo: after the cut"))
-    assert contents(cached_messages(redis_client, "c1")[1]) == ["after the cut", "echo: after the cut"]
+    assert cached_contents(redis_client, "c1") == ["after the cut", "echo: after the cut"]
 
     pg_proxy.cut()
-    assert status(service)["database"]["state"] == "ok"
-    redis_client.delete("chat:conversation:c1")
-    final = data_events(stream(service, "and again", "c1"))[-1]
+    assert service.status()["database"]["state"] == "ok"
+    redis_client.delete(cache.KEY.format("c1"))
+    final = data_events(service.stream("and again", "c1"))[-1]
     assert final["is_final"] is True and "error" not in final
     assert seen_by_model(llm) == ["after the cut", "echo: after the cut", "and again"]
     assert stored_messages("c1") == complete(("after the cut", "echo: after the cut"),
@@ -150,30 +147,24 @@ def test_database_failing_at_the_end_of_a_stream_is_in_the_final_event(start_ser
                                                                        redis_client):
     """If PostgreSQL goes while the model streams, the final event says database_unavailable; nothing is half-kept."""
     service = start_service(DATABASE_URL=through(pg_proxy), LLM_TIMEOUT_SECONDS=20)
-    assert run(service, "turn 1", "s1").status_code == 200
+    assert service.run("turn 1", "s1").status_code == 200
 
     llm.script(Script(chunks=["a", "b"], chunk_delay=30))
-    opened = stream(service, "turn 2", "s1")
+    opened = service.stream("turn 2", "s1")
     assert opened.status_code == 200
     received = events(opened)
     assert next(received)["content"] == "a"
     pg_proxy.refuse()
     pg_proxy.cut()
     llm.release()
-    rest = [event for event in received if event != PING]
+    rest = rest_of(received)
     assert [event["content"] for event in rest] == ["b", ""]
     final = rest[-1]
     assert final["is_final"] is True and final["conversation_id"] == "s1"
     assert final["error"] == DATABASE_UNAVAILABLE["error"]
 
     pg_proxy.accept()
-    # Neither message of turn 2 was kept, and the cache still matches the database.
-    assert stored_messages("s1") == complete(("turn 1", "echo: turn 1"))
-    assert contents(cached_messages(redis_client, "s1")[1]) == ["turn 1", "echo: turn 1"]
-    response = run(service, "turn 3", "s1")
-    assert response.status_code == 200
-    assert seen_by_model(llm) == ["turn 1", "echo: turn 1", "turn 3"]
-    assert stored_messages("s1") == complete(("turn 1", "echo: turn 1"), ("turn 3", "echo: turn 3"))
+    assert_turn_2_left_no_trace(service, llm, redis_client, "s1")
 
 
 def test_no_broken_connection_is_left_in_the_pool(start_service, llm, pg_proxy, postgres_url):
@@ -182,54 +173,42 @@ def test_no_broken_connection_is_left_in_the_pool(start_service, llm, pg_proxy, 
     fill_pool(service, postgres_url, 2)
     pg_proxy.refuse()
     pg_proxy.cut()
-    assert run(service, "down", "n1").status_code == 503
-    assert status(service)["database"]["state"] == "unavailable"
+    assert service.run("down", "n1").status_code == 503
+    assert service.status()["database"]["state"] == "unavailable"
     pg_proxy.accept()
 
     for n in range(20):
         if n % 2:
-            opened = stream(service, f"turn {n}", "n1")
+            opened = service.stream(f"turn {n}", "n1")
             assert opened.status_code == 200, (n, opened.text)
             final = data_events(opened)[-1]
             assert final["is_final"] is True and "error" not in final, (n, final)
         else:
-            response = run(service, f"turn {n}", "n1")
+            response = service.run(f"turn {n}", "n1")
             assert response.status_code == 200, (n, response.text)
     assert stored_messages("n1") == complete(*[(f"turn {n}", f"echo: turn {n}") for n in range(20)])
     assert pg_proxy.open_connections <= 2
     fill_pool(service, postgres_url, 2)
-    assert status(service)["status"] == "ok"
+    assert service.status()["status"] == "ok"
 
 
 def test_connection_cut_while_saving_a_turn_keeps_neither_message(start_service, llm, pg_proxy, postgres_url,
                                                                   redis_client):
     """A connection cut in the middle of the turn's transaction is a 503 that leaves the conversation as it was."""
     service = start_service(DATABASE_URL=through(pg_proxy))
-    assert run(service, "turn 1", "t1").status_code == 200
+    assert service.run("turn 1", "t1").status_code == 200
     answers = []
-    locker = psycopg2.connect(postgres_url)
-    try:
-        with locker.cursor() as cursor:
-            cursor.execute("LOCK TABLE message IN ACCESS EXCLUSIVE MODE")
-            saving = threading.Thread(target=lambda: answers.append(run(service, "turn 2", "t1")))
-            saving.start()
-            # The history came from the cache; the transaction is open and waits to insert the messages.
-            assert wait_until(lambda: lock_waiters(postgres_url) == 1, timeout=10)
-            pg_proxy.cut()
-            saving.join(20)
-        locker.commit()
-    finally:
-        locker.close()
+    with locked_table(postgres_url, "message"):
+        saving = threading.Thread(target=lambda: answers.append(service.run("turn 2", "t1")))
+        saving.start()
+        # The history came from the cache; the transaction is open and waits to insert the messages.
+        assert wait_until(lambda: lock_waiters(postgres_url) == 1, timeout=10)
+        pg_proxy.cut()
+        saving.join(20)
     assert answers[0].status_code == 503, answers[0].text
     assert answers[0].json() == DATABASE_UNAVAILABLE
     assert wait_until(lambda: lock_waiters(postgres_url) == 0, timeout=10)
-    assert stored_messages("t1") == complete(("turn 1", "echo: turn 1"))
-    assert contents(cached_messages(redis_client, "t1")[1]) == ["turn 1", "echo: turn 1"]
-
-    response = run(service, "turn 3", "t1")
-    assert response.status_code == 200
-    assert seen_by_model(llm) == ["turn 1", "echo: turn 1", "turn 3"]
-    assert stored_messages("t1") == complete(("turn 1", "echo: turn 1"), ("turn 3", "echo: turn 3"))
+    assert_turn_2_left_no_trace(service, llm, redis_client, "t1")
 
 
 def answered(call, *args, **kwargs):
@@ -246,17 +225,17 @@ def test_database_that_stops_answering_is_503_not_a_hang(start_service, llm, pg_
     # Each wait on the database is bounded; a checkout may try every pooled connection once.
     service = start_service(DATABASE_URL=through(pg_proxy), DATABASE_POOL_SIZE=2, DATABASE_POOL_TIMEOUT=2,
                             DATABASE_TIMEOUT_SECONDS=1)
-    assert run(service, "one", "c1").status_code == 200
+    assert service.run("one", "c1").status_code == 200
 
     pg_proxy.stall()
-    response = answered(service.post, "/chat/run", {"message": "hi", "conversation_id": "c2"}, timeout=10)
+    response = answered(service.run, "hi", "c2", timeout=10)
     assert response.status_code == 503 and response.json() == DATABASE_UNAVAILABLE
     about = answered(requests.get, service.url + "/status", timeout=10)
     assert about.status_code == 200 and about.json()["database"]["state"] == "unavailable"
 
     pg_proxy.flow()
     pg_proxy.cut()
-    assert run(service, "two", "c1").status_code == 200
+    assert service.run("two", "c1").status_code == 200
     assert seen_by_model(llm) == ["one", "echo: one", "two"]
     assert stored_messages("c1") == complete(("one", "echo: one"), ("two", "echo: two"))
     assert not conversation_exists("c2")

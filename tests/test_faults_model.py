@@ -10,82 +10,21 @@ import time
 
 import pytest
 
-import models
-from tests.conftest import free_port, stored_messages, wait_until
 from tests.fake_llm import Script
-from tests.sse_client import PING, data_events, events
+from tests.helpers import (
+    assert_error,
+    assert_next_turn_sees,
+    free_port,
+    stored_counts,
+    stored_messages,
+    wait_until,
+)
+from tests.sse_client import data_events, events, rest_of
+
+# Each scenario breaks something on purpose and waits for the service to notice: seconds each.
+pytestmark = pytest.mark.slow
 
 CHUNKS = ["one ", "two ", "three ", "four"]
-
-
-def open_stream(service, message="hello", conversation_id=None, user="alice", timeout=(5, 20)):
-    """Start a streamed turn and return the open response."""
-    body = {"message": message}
-    if conversation_id is not None:
-        body["conversation_id"] = conversation_id
-    return service.post("/chat/stream", body, user=user, stream=True, timeout=timeout)
-
-
-def run_turn(service, message="hello", conversation_id=None, user="alice", timeout=20):
-    """Run a whole turn and return the response."""
-    body = {"message": message}
-    if conversation_id is not None:
-        body["conversation_id"] = conversation_id
-    return service.post("/chat/run", body, user=user, timeout=timeout)
-
-
-def turn(service, path, message, conversation_id):
-    """A turn on `path` ("run" or "stream"), read to the end."""
-    if path == "run":
-        return run_turn(service, message, conversation_id)
-    response = open_stream(service, message, conversation_id)
-    response.content  # read it all, so the turn is over when this returns
-    return response
-
-
-def message_count():
-    """How many messages the test database holds."""
-    with models.db.connection_context():
-        return models.Message.select().count()
-
-
-def conversation_count():
-    """How many conversations the test database holds."""
-    with models.db.connection_context():
-        return models.Conversation.select().count()
-
-
-def sent_contents(request):
-    """The contents of the messages a recorded model request carried."""
-    return [m["content"] for m in request["json"]["messages"]]
-
-
-def assert_json_error(response, status, code, mentions=None):
-    """The response is the one JSON error shape with `status` and `code`, not an event stream."""
-    assert response.status_code == status, response.text
-    assert response.headers["Content-Type"] == "application/json"
-    body = response.json()
-    assert set(body) == {"error"} and set(body["error"]) == {"code", "message"}
-    assert body["error"]["code"] == code, body
-    assert body["error"]["message"]
-    if mentions is not None:
-        assert mentions in body["error"]["message"], body
-    assert "Traceback" not in response.text
-
-
-def assert_next_turn_sees(service, llm, conversation_id, history):
-    """A streamed turn after the fault works, and the model gets `history` before the new message."""
-    requests_before = len(llm.requests)
-    llm.script(Script(reply="all good"))
-    response = open_stream(service, "and now?", conversation_id)
-    assert response.status_code == 200
-    received = data_events(response)
-    assert "error" not in received[-1], received[-1]["error"]
-    assert "".join(e["content"] for e in received[:-1]) == "all good"
-    assert len(llm.requests) == requests_before + 1
-    assert sent_contents(llm.requests[-1]) == history + ["and now?"]
-    assert stored_messages(conversation_id)[-2:] == [("user", "and now?", "complete"),
-                                                     ("assistant", "all good", "complete")]
 
 
 # --- before the stream: the model cannot be reached or refuses -------------------------------------
@@ -96,8 +35,8 @@ def test_refused_connection_is_502_llm_unavailable(start_service, llm, path):
     """Nobody listening at LLM_BASE_URL: a JSON 502 llm_unavailable, never a 200, nothing kept."""
     service = start_service(LLM_BASE_URL=f"http://127.0.0.1:{free_port()}/v1")
     for _ in range(2):  # the second try proves the failed turn let go of the conversation
-        assert_json_error(turn(service, path, "hi", "c1"), 502, "llm_unavailable")
-    assert message_count() == 0 and conversation_count() == 0
+        assert_error(service.turn(path, "hi", "c1"), 502, "llm_unavailable")
+    assert stored_counts() == (0, 0)
     assert llm.requests == []
 
 
@@ -106,8 +45,8 @@ def test_tls_error_is_502_llm_unavailable(start_service, llm, path):
     """An https LLM_BASE_URL whose server speaks plain HTTP: the TLS handshake fails, 502 llm_unavailable."""
     port = llm.url.split(":")[-1].split("/")[0]
     service = start_service(LLM_BASE_URL=f"https://127.0.0.1:{port}/v1", LLM_TIMEOUT_SECONDS=2)
-    assert_json_error(turn(service, path, "hi", "c1"), 502, "llm_unavailable")
-    assert message_count() == 0
+    assert_error(service.turn(path, "hi", "c1"), 502, "llm_unavailable")
+    assert stored_counts() == (0, 0)
 
 
 @pytest.mark.parametrize("status", [500, 503, 400, 401])
@@ -116,11 +55,11 @@ def test_upstream_error_status_is_502_llm_error_naming_it(start_service, llm, st
     service = start_service()
     llm.script(Script(status=status), Script(status=status))
     for path in ("run", "stream"):
-        response = turn(service, path, "hi", "c1")
-        assert_json_error(response, 502, "llm_error", mentions=str(status))
+        response = service.turn(path, "hi", "c1")
+        assert_error(response, 502, "llm_error", mentions=str(status))
         assert "WWW-Authenticate" not in response.headers
     assert len(llm.requests) == 2
-    assert message_count() == 0 and conversation_count() == 0
+    assert stored_counts() == (0, 0)
 
 
 @pytest.mark.parametrize("retry_after", ["7", None])
@@ -129,10 +68,10 @@ def test_upstream_429_is_503_rate_limited_passing_retry_after(start_service, llm
     service = start_service()
     llm.script(Script(status=429, retry_after=retry_after), Script(status=429, retry_after=retry_after))
     for path in ("run", "stream"):
-        response = turn(service, path, "hi", "c1")
-        assert_json_error(response, 503, "llm_rate_limited", mentions="429")
+        response = service.turn(path, "hi", "c1")
+        assert_error(response, 503, "llm_rate_limited", mentions="429")
         assert response.headers.get("Retry-After") == retry_after
-    assert message_count() == 0
+    assert stored_counts() == (0, 0)
 
 
 @pytest.mark.parametrize("path", ["run", "stream"])
@@ -142,22 +81,22 @@ def test_hanging_model_is_504_and_the_worker_stays_free(start_service, llm, path
     llm.script(Script(hang=True))
     answers = []
     hanging = threading.Thread(target=lambda: answers.append(
-        (turn(service, path, "hello?", "hung"), time.monotonic())))
+        (service.turn(path, "hello?", "hung"), time.monotonic())))
     started = time.monotonic()
     hanging.start()
     assert llm.wait_for_requests(1)
     # While the first request waits on the model, the same (only) worker answers another.
-    during = run_turn(service, "meanwhile", "other-1", timeout=5)
+    during = service.run("meanwhile", "other-1", timeout=5)
     assert during.status_code == 200 and answers == []
     hanging.join(10)
     response, answered_at = answers[0]
-    assert_json_error(response, 504, "llm_timeout")
+    assert_error(response, 504, "llm_timeout")
     assert 0.9 <= answered_at - started < 5
     # Right after, the worker is free: another conversation answers at once.
-    after = turn(service, path, "after", "other-2")
+    after = service.turn(path, "after", "other-2")
     assert after.status_code == 200
     assert stored_messages("hung") == []
-    assert message_count() == 4  # only the two other conversations' turns
+    assert stored_counts()[1] == 4  # only the two other conversations' turns
 
 
 # --- mid-stream: the model fails after some chunks -------------------------------------------------
@@ -176,7 +115,7 @@ def test_mid_stream_fault_ends_with_an_error_event_and_keeps_the_partial_reply(s
     script, settings, code, delivered = MID_STREAM_FAULTS[fault]
     service = start_service(**settings)
     llm.script(script)
-    response = open_stream(service, "tell me", "c1")
+    response = service.stream("tell me", "c1")
     assert response.status_code == 200
     assert response.headers["Content-Type"].startswith("text/event-stream")
     received = data_events(response)
@@ -198,7 +137,7 @@ def test_silent_model_mid_stream_is_cut_off_upstream(start_service, llm):
     """When the model goes silent past LLM_TIMEOUT_SECONDS the service also closes its request to the model."""
     service = start_service(LLM_TIMEOUT_SECONDS=1)
     llm.script(Script(chunks=CHUNKS, silence_after=1))
-    received = [e for e in events(open_stream(service, "tell me", "c1")) if e != PING]
+    received = rest_of(events(service.stream("tell me", "c1")))
     assert received[-1]["error"]["code"] == "llm_timeout"
     assert llm.wait_for_disconnects(1, timeout=5)
     assert wait_until(lambda: llm.active_streams == 0, timeout=5)
@@ -216,7 +155,7 @@ def test_comment_lines_and_close_delimited_bodies_stream_normally(start_service,
     """SSE comments from the model are skipped and a body ended by closing is a whole reply."""
     service = start_service()
     llm.script(Script(chunks=CHUNKS, **shape))
-    received = data_events(open_stream(service, "tell me", "c1"))
+    received = data_events(service.stream("tell me", "c1"))
     assert [e["content"] for e in received[:-1]] == CHUNKS
     assert received[-1]["is_final"] is True and "error" not in received[-1]
     assert received[-1]["metrics"]["completion_tokens"] == len(CHUNKS)

@@ -12,40 +12,17 @@ import threading
 import pytest
 
 import models
-from tests.conftest import stored_messages, wait_until
 from tests.fake_llm import Script
+from tests.helpers import assert_error, complete, seen_by_model, stored_messages, wait_until
 from tests.sse_client import data_events
+
+# Each scenario holds a conversation in one process while turns from others race for it: seconds each.
+pytestmark = pytest.mark.slow
 
 LOCK_KEY = "chat:turn-lock:{}"
 # %(p)s is the worker's pid: which worker answered each request.
 ACCESS_LOG_WITH_PID = "--access-logfile - --access-logformat '%(p)s %(s)s \"%(r)s\"'"
 ACCESS_LINE = re.compile(r"<(\d+)> (\d{3}) \"POST /chat/(run|stream) HTTP/1.1\"")
-
-
-
-
-
-
-def run_turn(service, message, conversation_id, user="alice"):
-    """Run a whole turn and return the response."""
-    return service.post("/chat/run", {"message": message, "conversation_id": conversation_id},
-                user=user, timeout=20)
-
-
-def attempt(service, path, message, conversation_id):
-    """A turn on `path`, read to the end."""
-    if path == "run":
-        return run_turn(service, message, conversation_id)
-    response = service.stream(message, conversation_id)
-    response.content
-    return response
-
-
-def assert_busy(response):
-    """A JSON 409 conversation_busy, not an event stream."""
-    assert response.status_code == 409, response.text
-    assert response.headers["Content-Type"] == "application/json"
-    assert response.json()["error"]["code"] == "conversation_busy"
 
 
 class Holder:
@@ -64,7 +41,7 @@ class Holder:
         else:
             llm.script(Script(reply="held reply", header_delay=60))
             self.thread = threading.Thread(
-                target=lambda: self.result.append(run_turn(service, message, conversation_id)))
+                target=lambda: self.result.append(service.run(message, conversation_id)))
             self.thread.start()
         assert llm.wait_for_requests(requests_before + 1)
 
@@ -79,6 +56,15 @@ class Holder:
         return self.result[0].json()["response"]
 
 
+def refused_while_held(llm, holding, contending, paths, conversation_id="c1"):
+    """Hold the conversation with a stream on `holding`; each path's turn on `contending` is a 409; then let go."""
+    holder = Holder(holding, llm, "stream", conversation_id)
+    for path in paths:
+        assert_error(contending.turn(path, "second", conversation_id), 409, "conversation_busy")
+    llm.release()
+    assert holder.finish() == "held reply"
+
+
 @pytest.mark.parametrize("holder_path,contender_path", [
     ("stream", "stream"), ("stream", "run"), ("run", "stream"), ("run", "run"),
 ])
@@ -90,18 +76,17 @@ def test_second_turn_on_a_busy_conversation_is_409(start_service, llm, redis_cli
     ttl = redis_client.pttl(LOCK_KEY.format("c1"))
     assert 0 < ttl <= (3 + 30) * 1000  # LLM_TIMEOUT_SECONDS + 30
     calls = len(llm.requests)
-    assert_busy(attempt(service, contender_path, "second", "c1"))
+    assert_error(service.turn(contender_path, "second", "c1"), 409, "conversation_busy")
     assert len(llm.requests) == calls  # the refused turn never reached the model
     llm.release()
     assert holder.finish() == "held reply"
     assert wait_until(lambda: redis_client.get(LOCK_KEY.format("c1")) is None, timeout=5)
     llm.script(Script(reply="third reply"))
-    response = attempt(service, contender_path, "third", "c1")
+    response = service.turn(contender_path, "third", "c1")
     assert response.status_code == 200
-    assert [m["content"] for m in llm.requests[-1]["json"]["messages"]] == [
+    assert seen_by_model(llm) == [
         "first", "held reply", "third"]
-    assert stored_messages("c1") == [("user", "first", "complete"), ("assistant", "held reply", "complete"),
-                                     ("user", "third", "complete"), ("assistant", "third reply", "complete")]
+    assert stored_messages("c1") == complete(("first", "held reply"), ("third", "third reply"))
 
 
 def busy_answers_by_worker(service):
@@ -121,7 +106,7 @@ def test_busy_conversation_is_409_in_every_worker_process(start_service, llm):
 
     def contend(n):
         """One attempt on the held conversation."""
-        answered.append(attempt(service, ("run", "stream")[n % 2], f"attempt {n}", "c1"))
+        answered.append(service.turn(("run", "stream")[n % 2], f"attempt {n}", "c1"))
 
     def both_workers_refused():
         """Send ten attempts at once; true once refusals came from two worker processes."""
@@ -136,30 +121,24 @@ def test_busy_conversation_is_409_in_every_worker_process(start_service, llm):
     assert wait_until(both_workers_refused, timeout=30, interval=0)
     assert answered and all(r.status_code == 409 for r in answered), [r.status_code for r in answered]
     for response in answered:
-        assert_busy(response)
+        assert_error(response, 409, "conversation_busy")
     assert len(llm.requests) == calls
     llm.release()
     assert holder.finish() == "held reply"
     llm.script(Script(reply="later reply"))
-    assert run_turn(service, "later", "c1").status_code == 200
-    assert stored_messages("c1") == [("user", "first", "complete"), ("assistant", "held reply", "complete"),
-                                     ("user", "later", "complete"), ("assistant", "later reply", "complete")]
+    assert service.run("later", "c1").status_code == 200
+    assert stored_messages("c1") == complete(("first", "held reply"), ("later", "later reply"))
 
 
 def test_busy_conversation_is_409_from_another_service_sharing_redis(start_service, llm):
     """Two services sharing Redis: a turn held in one refuses the other's; then the other carries on."""
     first = start_service()
     second = start_service()
-    holder = Holder(first, llm, "stream", "c1")
-    for path in ("run", "stream"):
-        assert_busy(attempt(second, path, "from elsewhere", "c1"))
-    llm.release()
-    assert holder.finish() == "held reply"
+    refused_while_held(llm, first, second, ("run", "stream"))
     llm.script(Script(reply="second service reply"))
-    assert run_turn(second, "next", "c1").status_code == 200
-    assert [m["content"] for m in llm.requests[-1]["json"]["messages"]] == ["first", "held reply", "next"]
-    assert stored_messages("c1") == [("user", "first", "complete"), ("assistant", "held reply", "complete"),
-                                     ("user", "next", "complete"), ("assistant", "second service reply", "complete")]
+    assert second.run("next", "c1").status_code == 200
+    assert seen_by_model(llm) == ["first", "held reply", "next"]
+    assert stored_messages("c1") == complete(("first", "held reply"), ("next", "second service reply"))
 
 
 def test_busy_conversation_is_409_on_the_embedded_defaults(start_service, llm, postgres, tmp_path):
@@ -171,16 +150,11 @@ def test_busy_conversation_is_409_on_the_embedded_defaults(start_service, llm, p
     models.db.initialize(postgres)
     try:
         service = start_service(REDIS_URL="", DATABASE_URL=url)
-        holder = Holder(service, llm, "stream", "c1")
-        for path in ("stream", "run"):
-            assert_busy(attempt(service, path, "second", "c1"))
-        llm.release()
-        assert holder.finish() == "held reply"
+        refused_while_held(llm, service, service, ("stream", "run"))
         llm.script(Script(reply="third reply"))
-        assert run_turn(service, "third", "c1").status_code == 200
+        assert service.run("third", "c1").status_code == 200
         models.db.initialize(sqlite)
-        assert stored_messages("c1") == [("user", "first", "complete"), ("assistant", "held reply", "complete"),
-                                         ("user", "third", "complete"), ("assistant", "third reply", "complete")]
+        assert stored_messages("c1") == complete(("first", "held reply"), ("third", "third reply"))
     finally:
         sqlite.close_all()
         models.db.initialize(postgres)
@@ -191,19 +165,19 @@ def test_lock_of_a_crashed_holder_expires(start_service, llm, redis_client):
     """A lock left by a holder that died (no release) refuses turns only until it expires."""
     service = start_service()
     redis_client.set(LOCK_KEY.format("c9"), "x", px=500)
-    assert_busy(run_turn(service, "too soon", "c9"))
-    assert_busy(attempt(service, "stream", "too soon", "c9"))
+    assert_error(service.run("too soon", "c9"), 409, "conversation_busy")
+    assert_error(service.turn("stream", "too soon", "c9"), 409, "conversation_busy")
     answers = []
 
     def accepted():
         """Try a turn; true once it is answered."""
-        answers.append(run_turn(service, "hello again", "c9"))
+        answers.append(service.run("hello again", "c9"))
         return answers[-1].status_code == 200
 
     assert wait_until(accepted, timeout=5, interval=0.05)
     assert all(r.status_code == 409 for r in answers[:-1])
     assert len(llm.requests) == 1  # only the accepted turn reached the model
-    assert stored_messages("c9") == [("user", "hello again", "complete"), ("assistant", "echo: hello again", "complete")]
+    assert stored_messages("c9") == complete(("hello again", "echo: hello again"))
     assert redis_client.get(LOCK_KEY.format("c9")) is None
 
 
@@ -213,9 +187,9 @@ def test_different_conversations_never_block_each_other(start_service, llm):
     holders = [Holder(service, llm, ("stream", "run")[n % 2], f"held-{n}") for n in range(5)]
     assert llm.active_streams == 3
     for n, path in enumerate(("run", "stream", "run")):
-        response = attempt(service, path, "hi", f"free-{n}")
+        response = service.turn(path, "hi", f"free-{n}")
         assert response.status_code == 200, response.text
-    assert stored_messages("free-0") == [("user", "hi", "complete"), ("assistant", "echo: hi", "complete")]
+    assert stored_messages("free-0") == complete(("hi", "echo: hi"))
     llm.release()
     assert all(holder.finish() == "held reply" for holder in holders)
     for n in range(5):

@@ -5,7 +5,7 @@ import json
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.conftest import bearer
+from tests.helpers import bearer
 
 ANY_CHARACTER = st.characters(min_codepoint=0, max_codepoint=0x10FFFF, categories=None)
 TEXT = st.one_of(st.text(), st.text(alphabet=ANY_CHARACTER, max_size=40),

@@ -6,26 +6,17 @@ import json
 import re
 
 import pytest
-import requests
 
 import cache
 import coordination
 import models
-from tests.conftest import assert_error, bearer
 from tests.fake_llm import Script
-from tests.sse_client import PING, data_events, events
+from tests.helpers import assert_error, bearer, run, slow_stream
+from tests.sse_client import data_events, rest_of
 
 ISO_Z = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?Z")
 MESSAGE_FIELDS = {"id", "role", "content", "status", "created_at", "token_count", "prompt_tokens"}
 CONVERSATION_FIELDS = {"id", "title", "created_at", "updated_at", "message_count"}
-
-
-def run(client, message, conversation_id, user="alice"):
-    """POST /chat/run and assert it was answered."""
-    response = client.post("/chat/run", json={"message": message, "conversation_id": conversation_id},
-                           headers=bearer(user))
-    assert response.status_code == 200, response.get_json()
-    return response.get_json()
 
 
 def listing(client, user="alice", **params):
@@ -48,10 +39,13 @@ def reading(client, conversation_id, user="alice", **params):
 
 
 def all_pages(fetch, key):
-    """Follow next_cursor from the first page to the last: the pages' items, page by page."""
+    """Follow next_cursor from the first page to the last: the pages' items, page by page.
+
+    `fetch(**page)` gets one page; `page` names the cursor, except for the first.
+    """
     pages, cursor = [], None
     while True:
-        body = fetch(cursor)
+        body = fetch(**({"cursor": cursor} if cursor else {}))
         pages.append(body[key])
         cursor = body["next_cursor"]
         if cursor is None:
@@ -116,8 +110,7 @@ def test_list_entry_has_id_title_times_and_message_count(pg_client, llm):
 
 def test_list_pages_of_two_cover_five_conversations_without_gaps(pg_client, five):
     """limit=2 gives pages of 2, 2 and 1 in order, the last with a null next_cursor."""
-    pages = all_pages(lambda cursor: listing(pg_client, limit=2, **({"cursor": cursor} if cursor else {})),
-                      "conversations")
+    pages = all_pages(lambda **page: listing(pg_client, limit=2, **page), "conversations")
     assert [len(page) for page in pages] == [2, 2, 1]
     assert [c["id"] for page in pages for c in page] == five
 
@@ -126,8 +119,7 @@ def test_list_pages_hold_when_conversations_share_updated_at(pg_client, five):
     """Conversations active at the very same instant are still paged without duplicates or gaps."""
     with models.db.connection_context():
         models.Conversation.update(updated_at=datetime.datetime(2030, 1, 1, 12, 0, 0)).execute()
-    pages = all_pages(lambda cursor: listing(pg_client, limit=2, **({"cursor": cursor} if cursor else {})),
-                      "conversations")
+    pages = all_pages(lambda **page: listing(pg_client, limit=2, **page), "conversations")
     assert [c["id"] for page in pages for c in page] == five
 
 
@@ -166,13 +158,6 @@ FORGED_LIST_CURSORS = {
 }
 
 
-@pytest.mark.parametrize("cursor", FORGED_LIST_CURSORS.values(), ids=FORGED_LIST_CURSORS.keys())
-def test_a_forged_list_cursor_is_400(pg_client, five, cursor):
-    """A cursor the service did not hand out is refused as invalid_request."""
-    response = pg_client.get("/conversations", query_string={"cursor": cursor}, headers=bearer())
-    assert_error(response, 400, "invalid_request")
-
-
 # GET /conversations/<id>
 
 def test_read_gives_the_conversation_and_its_messages_in_order(pg_client, llm):
@@ -203,8 +188,7 @@ def test_read_pages_messages_across_cursors(pg_client, llm):
     """Three turns read with limit=4 come as 4 then 2 messages, in order, with no repeats."""
     for n in range(3):
         run(pg_client, f"m{n}", "c1")
-    pages = all_pages(lambda cursor: reading(pg_client, "c1", limit=4, **({"cursor": cursor} if cursor else {})),
-                      "messages")
+    pages = all_pages(lambda **page: reading(pg_client, "c1", limit=4, **page), "messages")
     assert [len(page) for page in pages] == [4, 2]
     assert [m["content"] for page in pages for m in page] == [
         "m0", "echo: m0", "m1", "echo: m1", "m2", "echo: m2"]
@@ -220,10 +204,14 @@ FORGED_MESSAGE_CURSORS = {
 }
 
 
-@pytest.mark.parametrize("cursor", FORGED_MESSAGE_CURSORS.values(), ids=FORGED_MESSAGE_CURSORS.keys())
-def test_a_forged_message_cursor_is_400(pg_client, five, cursor):
-    """A message cursor the service did not hand out is refused as invalid_request."""
-    response = pg_client.get("/conversations/c0", query_string={"cursor": cursor}, headers=bearer())
+FORGED_CURSORS = {**{f"list-{name}": ("/conversations", cursor) for name, cursor in FORGED_LIST_CURSORS.items()},
+                  **{f"read-{name}": ("/conversations/c0", cursor) for name, cursor in FORGED_MESSAGE_CURSORS.items()}}
+
+
+@pytest.mark.parametrize("path, cursor", FORGED_CURSORS.values(), ids=FORGED_CURSORS.keys())
+def test_a_forged_cursor_is_400(pg_client, five, path, cursor):
+    """A cursor the service did not hand out, of the list or of a conversation's messages, is invalid_request."""
+    response = pg_client.get(path, query_string={"cursor": cursor}, headers=bearer())
     assert_error(response, 400, "invalid_request")
 
 
@@ -388,27 +376,21 @@ def test_history_endpoints_without_a_token_are_401(pg_client, llm, method, path)
 
 # Over real HTTP (gunicorn + gevent)
 
-def http(service, method, path, user="alice", **kwargs):
-    """A request to the running service as `user`."""
-    return requests.request(method, service.url + path, headers=bearer(user), timeout=10, **kwargs)
-
-
-def test_list_and_read_over_http(service, llm):
+def test_list_and_read_work_over_http(service, llm):
     """Through gunicorn, the list is newest first and a conversation reads back in order."""
     for conversation_id in ("h1", "h2"):
-        assert service.post("/chat/run", {"message": f"hi {conversation_id}",
-                                          "conversation_id": conversation_id}).status_code == 200
-    listed = http(service, "GET", "/conversations").json()
+        assert service.run(f"hi {conversation_id}", conversation_id).status_code == 200
+    listed = service.request("GET", "/conversations").json()
     assert [c["id"] for c in listed["conversations"]] == ["h2", "h1"]
-    messages = http(service, "GET", "/conversations/h1").json()["messages"]
+    messages = service.request("GET", "/conversations/h1").json()["messages"]
     assert [m["content"] for m in messages] == ["hi h1", "echo: hi h1"]
 
 
 def test_someone_elses_conversation_is_404_over_http(service, llm):
     """Through gunicorn, bob gets the same 404 for alice's conversation as for a missing one."""
-    service.post("/chat/run", {"message": "alice's", "conversation_id": "h1"})
-    theirs = http(service, "GET", "/conversations/h1", user="bob")
-    missing = http(service, "GET", "/conversations/nope", user="bob")
+    assert service.run("alice's", "h1").status_code == 200
+    theirs = service.request("GET", "/conversations/h1", user="bob")
+    missing = service.request("GET", "/conversations/nope", user="bob")
     assert theirs.status_code == missing.status_code == 404
     assert theirs.json() == missing.json() == {"error": {"code": "not_found",
                                                          "message": "conversation not found"}}
@@ -416,24 +398,19 @@ def test_someone_elses_conversation_is_404_over_http(service, llm):
 
 def test_delete_during_an_open_stream_is_409_then_works_after_it(service, llm):
     """While a reply streams the conversation cannot be deleted; once it ends, DELETE is 204."""
-    service.post("/chat/run", {"message": "first", "conversation_id": "h1"})
-    llm.script(Script(chunks=["slow ", "reply"], chunk_delay=30))
-    stream = events(service.post("/chat/stream", {"message": "second", "conversation_id": "h1"},
-                                 stream=True, timeout=(5, 20)))
-    assert next(e for e in stream if e != PING)["content"] == "slow "
-    busy = http(service, "DELETE", "/conversations/h1")
-    assert busy.status_code == 409 and busy.json()["error"]["code"] == "conversation_busy"
-    llm.release()
-    assert [e for e in stream if e != PING][-1]["is_final"] is True
-    assert http(service, "DELETE", "/conversations/h1").status_code == 204
+    assert service.run("first", "h1").status_code == 200
+    with slow_stream(service, llm, "h1") as stream:
+        assert_error(service.request("DELETE", "/conversations/h1"), 409, "conversation_busy")
+        llm.release()
+        assert rest_of(stream)[-1]["is_final"] is True
+    assert service.request("DELETE", "/conversations/h1").status_code == 204
     assert rows_of("h1") == (0, 0)
 
 
 def test_streamed_turns_show_in_the_history(service, llm):
     """A streamed turn is read back like any other, with its reply assembled from the chunks."""
     llm.script(Script(chunks=["Hel", "lo"]))
-    data_events(service.post("/chat/stream", {"message": "greet me", "conversation_id": "h1"},
-                             stream=True, timeout=(5, 20)))
-    messages = http(service, "GET", "/conversations/h1").json()["messages"]
+    data_events(service.stream("greet me", "h1"))
+    messages = service.request("GET", "/conversations/h1").json()["messages"]
     assert [(m["role"], m["content"], m["status"]) for m in messages] == [
         ("user", "greet me", "complete"), ("assistant", "Hello", "complete")]

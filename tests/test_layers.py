@@ -6,7 +6,7 @@ from flask_jwt_extended import get_jwt
 
 import auth
 import models
-from tests.conftest import bearer
+from tests.helpers import bearer
 
 
 def test_save_turn_refuses_to_run_inside_another_transaction(app):
@@ -53,9 +53,9 @@ def test_a_kept_token_leaves_the_same_jwt_context_as_a_checked_one(pg_app):
     assert seen == [("alice", "alice", "tester")] * 2
 
 
-def test_each_request_is_counted_once_for_the_rate_limit(make_app, postgres_url, redis_client):
+def test_each_request_is_counted_once_for_the_rate_limit(make_pg_app):
     """The rate limit counts a request once, however many parts of it need the user."""
-    app = make_app(DATABASE_URL=postgres_url, REDIS_URL=None, RATE_LIMIT_PER_MINUTE=3)
+    app = make_pg_app(REDIS_URL=None, RATE_LIMIT_PER_MINUTE=3)
     client = app.test_client()
     statuses = [client.get("/conversations", headers=bearer("alice")).status_code for _ in range(4)]
     assert statuses == [200, 200, 200, 429]

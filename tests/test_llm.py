@@ -4,7 +4,7 @@ import pytest
 
 from errors import ApiError
 from llm import DemoModel, OpenAIChatModel
-from tests.conftest import free_port
+from tests.helpers import free_port
 from tests.fake_llm import Script
 
 HELLO = [{"role": "user", "content": "hello"}]

@@ -6,10 +6,11 @@ import re
 import subprocess
 import sys
 
+import pytest
 import requests
 
 from config import VERSION
-from tests.conftest import ROOT, token
+from tests.helpers import ROOT, token
 
 UNDOCUMENTED_METHODS = {"HEAD", "OPTIONS"}
 # The chat page (web.py) and its files are not part of the API.
@@ -67,6 +68,7 @@ def test_service_serves_the_document(service):
     assert response.json() == document()
 
 
+@pytest.mark.slow
 def test_schemathesis_finds_no_server_error_and_no_response_off_the_document(service, llm):
     """Generated requests, valid and not, with a valid token: no 5xx, every response as documented."""
     command = [os.path.join(os.path.dirname(sys.executable), "schemathesis"), "run",

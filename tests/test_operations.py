@@ -6,18 +6,23 @@ import re
 import time
 
 import pytest
-import requests
 
 import cache
-import coordination
 import models
 from config import VERSION
-from tests.conftest import REDIS_URL, SECRET, assert_error, bearer, token, wait_until
 from tests.fake_llm import Script
-from tests.sse_client import PING, data_events, events
+from tests.helpers import (
+    SECRET,
+    assert_error,
+    bearer,
+    listening_for_stops,
+    run,
+    slow_stream,
+    token,
+    wait_until,
+)
+from tests.sse_client import data_events, rest_of
 
-SLOW = Script(chunks=["partial ", "rest"], chunk_delay=30)
-CLOSE = {"Connection": "close"}
 
 
 # The request log
@@ -52,21 +57,19 @@ def logged(service, request_id):
     return found[0]
 
 
-def call(service, method, path, request_id=None, user="alice", body=None, **kwargs):
-    """A request to the service as `user` (no token if None), with X-Request-Id if given."""
-    # Connection: close, so no idle keep-alive connection holds a worker when the service stops.
-    headers = {**(bearer(user) if user else {}), **CLOSE}
-    if request_id is not None:
-        headers["X-Request-Id"] = request_id
-    return requests.request(method, service.url + path, json=body, headers=headers,
-                            timeout=kwargs.pop("timeout", 10), **kwargs)
+def with_id(request_id):
+    """Headers carrying `request_id` as X-Request-Id (none if it is None)."""
+    return {} if request_id is None else {"X-Request-Id": request_id}
+
+
+def call(service, method, path, request_id=None, **kwargs):
+    """A request to the service (as Service.request makes it), with X-Request-Id if given."""
+    return service.request(method, path, headers=with_id(request_id), **kwargs)
 
 
 def stream_turn(service, request_id, conversation_id="c1", message="hello"):
     """Run a streamed turn to its end; its data events."""
-    with call(service, "POST", "/chat/stream", request_id,
-              body={"message": message, "conversation_id": conversation_id},
-              stream=True, timeout=(5, 20)) as response:
+    with service.stream(message, conversation_id, headers=with_id(request_id)) as response:
         return data_events(response)
 
 
@@ -110,9 +113,8 @@ def test_every_request_writes_exactly_one_line(service, llm, method, path, body)
 
 def test_a_refused_token_is_logged_without_a_user(service, llm):
     """A 401 is logged with its status and no user."""
-    with requests.get(service.url + "/conversations", headers={"Authorization": "Bearer nope",
-                                                              "X-Request-Id": "no-user", **CLOSE}, timeout=10):
-        pass
+    with call(service, "GET", "/conversations", "no-user", user=None) as response:
+        assert response.status_code == 401
     line = logged(service, "no-user")
     assert line["status"] == 401 and "user" not in line
 
@@ -166,40 +168,30 @@ def test_a_turn_the_model_refuses_logs_outcome_error(service, llm, path):
 def test_a_stream_the_client_left_logs_outcome_interrupted(start_service, llm):
     """A client hanging up mid-stream is logged as interrupted, once the service notices."""
     service = start_service(SSE_HEARTBEAT_SECONDS=0.2)
-    llm.script(SLOW)
-    with call(service, "POST", "/chat/stream", "left", body={"message": "hi", "conversation_id": "c1"},
-              stream=True, timeout=(5, 20)) as response:
-        assert next(e for e in events(response) if e != PING)["content"] == "partial "
+    with slow_stream(service, llm, "c1", "hi", headers=with_id("left")):
+        pass  # hang up after the first chunk
     line = logged(service, "left")
     assert line["outcome"] == "interrupted" and line["completion_tokens"] == 2
 
 
 def test_a_stopped_stream_logs_outcome_stopped(service, llm, redis_client):
     """A stream ended by POST /chat/stop is logged as stopped."""
-    with call(service, "POST", "/chat/run", body={"message": "hi", "conversation_id": "c1"}):
-        pass
-    llm.script(SLOW)
-    with call(service, "POST", "/chat/stream", "stopped", body={"message": "go", "conversation_id": "c1"},
-              stream=True, timeout=(5, 20)) as response:
-        stream = events(response)
-        assert next(e for e in stream if e != PING)["content"] == "partial "
-        assert wait_until(lambda: redis_client.pubsub_numsub(coordination.STOP_CHANNEL)[0][1] >= 1)
+    with service.run("hi", "c1") as response:
+        assert response.status_code == 200
+    with slow_stream(service, llm, "c1", "go", headers=with_id("stopped")) as stream:
+        assert wait_until(lambda: listening_for_stops(redis_client))
         with call(service, "POST", "/chat/stop", body={"conversation_id": "c1"}) as stopping:
             assert stopping.status_code == 202
-        assert [e for e in stream if e != PING][-1]["finish_reason"] == "stopped"
+        assert rest_of(stream)[-1]["finish_reason"] == "stopped"
     assert logged(service, "stopped")["outcome"] == "stopped"
 
 
 def test_the_stream_line_is_written_after_the_final_event(service, llm):
     """While a stream is open its line is not written; it is once the stream has ended."""
-    llm.script(SLOW)
-    with call(service, "POST", "/chat/stream", "late-line", body={"message": "hi", "conversation_id": "c1"},
-              stream=True, timeout=(5, 20)) as response:
-        stream = events(response)
-        assert next(e for e in stream if e != PING)["content"] == "partial "
+    with slow_stream(service, llm, "c1", "hi", headers=with_id("late-line")) as stream:
         assert lines_for(service, "late-line") == []
         llm.release()
-        assert [e for e in stream if e != PING][-1]["is_final"] is True
+        assert rest_of(stream)[-1]["is_final"] is True
     line = logged(service, "late-line")
     assert line["outcome"] == "complete" and line["completion_tokens"] == 2
 
@@ -214,10 +206,8 @@ def test_a_given_request_id_is_echoed_and_logged(service, llm):
 @pytest.mark.parametrize("given", [None, "has space", "x" * 129, "ünïcode"], ids=["none", "space", "long", "unicode"])
 def test_without_a_usable_request_id_one_is_generated(service, llm, given):
     """With no (or an unusable) X-Request-Id, the service makes one, returns it and logs it."""
-    headers = {**bearer(), **CLOSE}
-    if given is not None:
-        headers["X-Request-Id"] = given.encode().decode("latin-1")
-    with requests.get(service.url + "/conversations", headers=headers, timeout=10) as response:
+    sent = None if given is None else given.encode().decode("latin-1")
+    with call(service, "GET", "/conversations", sent) as response:
         request_id = response.headers["X-Request-Id"]
     assert re.fullmatch(r"[A-Za-z0-9._:-]{8,128}", request_id) and request_id != given
     assert logged(service, request_id)["path"] == "/conversations"
@@ -227,7 +217,7 @@ def test_generated_request_ids_differ(service, llm):
     """Two requests without an id get different ids."""
     ids = set()
     for _ in range(2):
-        with requests.get(service.url + "/status", headers=CLOSE, timeout=10) as response:
+        with call(service, "GET", "/status", user=None) as response:
             ids.add(response.headers["X-Request-Id"])
     assert len(ids) == 2
 
@@ -242,17 +232,17 @@ def test_no_text_token_or_secret_ever_reaches_the_output(start_service, llm):
     """Messages, replies, bearer tokens, the API key and the JWT secret appear nowhere in the logs."""
     service = start_service(LLM_API_KEY=API_KEY)
     alice_token = token("alice")
-    headers = {"Authorization": f"Bearer {alice_token}", **CLOSE}
+    as_alice = {"Authorization": f"Bearer {alice_token}"}
     llm.script(Script(reply=REPLY_TEXT), Script(chunks=[REPLY_TEXT[:8], REPLY_TEXT[8:]]),
                Script(chunks=[REPLY_TEXT, "more"], break_after=1), Script(status=500))
     for path in ("/chat/run", "/chat/stream", "/chat/stream", "/chat/run"):
-        with requests.post(service.url + path, json={"message": MESSAGE_TEXT, "conversation_id": "c1"},
-                           headers=headers, timeout=10) as response:
+        with service.post(path, {"message": MESSAGE_TEXT, "conversation_id": "c1"}, user=None,
+                          headers=as_alice) as response:
             response.content  # noqa: B018 - read the whole stream
-    with requests.post(service.url + "/chat/run", json={"message": MESSAGE_TEXT},
-                       headers={"Authorization": f"Bearer {BAD_TOKEN}", **CLOSE}, timeout=10):
-        pass
-    with requests.get(service.url + "/conversations/c1", headers=headers, timeout=10) as response:
+    with service.post("/chat/run", {"message": MESSAGE_TEXT}, user=None,
+                      headers={"Authorization": f"Bearer {BAD_TOKEN}"}) as response:
+        assert response.status_code == 401
+    with service.request("GET", "/conversations/c1", user=None, headers=as_alice) as response:
         assert REPLY_TEXT in response.text
     assert llm.requests[0]["headers"]["authorization"] == f"Bearer {API_KEY}"
     service.stop()
@@ -278,7 +268,7 @@ def test_log_level_decides_whether_requests_are_logged(start_service, llm, level
 
 def test_status_without_auth_reports_version_round_trips_and_model(service, llm):
     """/status needs no token and reports the version, each store's state and round trip, and the model."""
-    with requests.get(service.url + "/status", headers=CLOSE, timeout=10) as response:
+    with call(service, "GET", "/status", user=None) as response:
         assert response.status_code == 200
         body = response.json()
     assert (body["status"], body["version"]) == ("ok", VERSION)
@@ -288,9 +278,9 @@ def test_status_without_auth_reports_version_round_trips_and_model(service, llm)
     assert body["model"] == {"backend": "openai-compatible", "model": "fake-model", "base_url": llm.url}
 
 
-def test_status_reports_an_unreachable_cache_as_degraded(make_app, postgres_url, redis_client):
+def test_status_reports_an_unreachable_cache_as_degraded(make_pg_app):
     """A cache that cannot be reached is 'unavailable', without a round trip, and the service 'degraded'."""
-    app = make_app(DATABASE_URL=postgres_url, REDIS_URL="redis://127.0.0.1:1/0")
+    app = make_pg_app(REDIS_URL="redis://127.0.0.1:1/0")
     body = app.test_client().get("/status").get_json()
     assert body["status"] == "degraded"
     assert body["cache"] == {"state": "unavailable", "backend": "redis"}
@@ -302,13 +292,13 @@ def test_status_reports_an_unreachable_cache_as_degraded(make_app, postgres_url,
 @pytest.fixture
 def early_in_the_minute():
     """Wait until the clock is early enough in its minute for a test's requests to share it."""
-    assert wait_until(lambda: time.time() % 60 < 50, timeout=15)
+    assert wait_until(lambda: time.time() % 60 < 55, timeout=10)
 
 
 @pytest.fixture
-def limited_client(make_app, postgres_url, redis_client, early_in_the_minute):
+def limited_client(make_pg_app, early_in_the_minute):
     """A test client of an app allowing 3 requests a minute per user."""
-    return make_app(DATABASE_URL=postgres_url, REDIS_URL=REDIS_URL, RATE_LIMIT_PER_MINUTE=3).test_client()
+    return make_pg_app(RATE_LIMIT_PER_MINUTE=3).test_client()
 
 
 def test_the_fourth_request_in_a_minute_is_429_with_retry_after(limited_client):
@@ -358,17 +348,9 @@ def test_there_is_no_rate_limit_by_default(pg_client):
 
 # flask prune
 
-@pytest.fixture
-def prune_app(make_app, postgres_url, redis_client, llm):
-    """An app on PostgreSQL + Redis."""
-    return make_app(DATABASE_URL=postgres_url, REDIS_URL=REDIS_URL)
-
-
 def make_turn(app, conversation_id, age=None):
     """A turn in `conversation_id`, then its activity moved `age` into the past."""
-    response = app.test_client().post("/chat/run", json={"message": "hi", "conversation_id": conversation_id},
-                                      headers=bearer())
-    assert response.status_code == 200
+    run(app.test_client(), "hi", conversation_id)
     if age is not None:
         with models.db.connection_context():
             (models.Conversation.update(updated_at=models.utcnow() - age)
@@ -389,37 +371,37 @@ def prune(app, *args):
     return app.test_cli_runner().invoke(args=["prune", *args])
 
 
-def test_prune_deletes_old_conversations_and_keeps_recent_ones(prune_app):
+def test_prune_deletes_old_conversations_and_keeps_recent_ones(pg_app):
     """Conversations idle longer than --older-than days go with their messages; the rest stay."""
     days = datetime.timedelta(days=1)
-    make_turn(prune_app, "old-1", 40 * days)
-    make_turn(prune_app, "old-2", 31 * days)
-    make_turn(prune_app, "recent", 29 * days)
-    make_turn(prune_app, "fresh")
-    result = prune(prune_app, "--older-than", "30")
+    make_turn(pg_app, "old-1", 40 * days)
+    make_turn(pg_app, "old-2", 31 * days)
+    make_turn(pg_app, "recent", 29 * days)
+    make_turn(pg_app, "fresh")
+    result = prune(pg_app, "--older-than", "30")
     assert result.exit_code == 0, result.output
     assert re.search(r"\bdeleted 2\b", result.output)
     assert rows() == {"recent": 2, "fresh": 2}
 
 
-def test_prune_drops_the_cached_copies_of_what_it_deletes(prune_app, redis_client):
+def test_prune_drops_the_cached_copies_of_what_it_deletes(pg_app, redis_client):
     """The Redis copy of a pruned conversation goes too; a kept one's stays."""
-    make_turn(prune_app, "old", datetime.timedelta(days=40))
-    make_turn(prune_app, "fresh")
-    prune(prune_app, "--older-than", "30")
+    make_turn(pg_app, "old", datetime.timedelta(days=40))
+    make_turn(pg_app, "fresh")
+    prune(pg_app, "--older-than", "30")
     assert not redis_client.exists(cache.KEY.format("old"))
     assert redis_client.exists(cache.KEY.format("fresh"))
 
 
-def test_prune_with_nothing_old_deletes_nothing(prune_app):
+def test_prune_with_nothing_old_deletes_nothing(pg_app):
     """With only recent conversations prune reports 0 and keeps them."""
-    make_turn(prune_app, "fresh")
-    result = prune(prune_app, "--older-than", "30")
+    make_turn(pg_app, "fresh")
+    result = prune(pg_app, "--older-than", "30")
     assert result.exit_code == 0 and re.search(r"\bdeleted 0\b", result.output)
     assert rows() == {"fresh": 2}
 
 
-def test_prune_deletes_more_than_one_batch(prune_app):
+def test_prune_deletes_more_than_one_batch(pg_app):
     """Over a thousand old conversations are all deleted and counted."""
     old = models.utcnow() - datetime.timedelta(days=90)
     with models.db.connection_context():
@@ -428,18 +410,18 @@ def test_prune_deletes_more_than_one_batch(prune_app):
         ).execute()
         models.Message.insert_many(
             [{"conversation": f"old-{n}", "role": "user", "content": "x"} for n in range(1201)]).execute()
-    make_turn(prune_app, "fresh")
-    result = prune(prune_app, "--older-than", "30")
+    make_turn(pg_app, "fresh")
+    result = prune(pg_app, "--older-than", "30")
     assert re.search(r"\bdeleted 1201\b", result.output), result.output
     assert rows() == {"fresh": 2}
 
 
 @pytest.mark.parametrize("args", [[], ["--older-than"], ["--older-than", "-1"], ["--older-than", "abc"]],
                          ids=["missing", "no-value", "negative", "not-a-number"])
-def test_prune_without_a_valid_age_fails_and_deletes_nothing(prune_app, args):
+def test_prune_without_a_valid_age_fails_and_deletes_nothing(pg_app, args):
     """--older-than is required and must be a whole number of days, at least 0."""
-    make_turn(prune_app, "old", datetime.timedelta(days=40))
-    result = prune(prune_app, *args)
+    make_turn(pg_app, "old", datetime.timedelta(days=40))
+    result = prune(pg_app, *args)
     assert result.exit_code != 0
     assert rows() == {"old": 2}
 

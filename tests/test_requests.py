@@ -6,8 +6,8 @@ import uuid
 import pytest
 
 import models
-from tests.conftest import REDIS_URL, assert_error, bearer, free_port
 from tests.fake_llm import Script
+from tests.helpers import assert_error, bearer, free_port, seen_by_model, stored_counts, stored_messages
 
 JSON = "application/json"
 
@@ -22,16 +22,10 @@ def post_json(client, body):
     return client.post("/chat/run", json=body, headers=bearer())
 
 
-def stored_count(model=models.Message):
-    """How many rows of `model` the bound database holds."""
+def stored_contents(role):
+    """The contents of every message of `role` in the database."""
     with models.db.connection_context():
-        return model.select().count()
-
-
-def stored_user_messages():
-    """The contents of every user message in the bound database."""
-    with models.db.connection_context():
-        return [m.content for m in models.Message.select().where(models.Message.role == "user")]
+        return [m.content for m in models.Message.select().where(models.Message.role == role)]
 
 
 def body(**fields):
@@ -80,9 +74,9 @@ def test_bad_body_never_reaches_the_model(pg_client, llm, data):
 
 
 @pytest.fixture
-def small_app(make_app, postgres_url, redis_client):
+def small_app(make_pg_app):
     """An app on PostgreSQL and Redis that takes messages of at most 50 characters."""
-    return make_app(DATABASE_URL=postgres_url, REDIS_URL=REDIS_URL, MAX_MESSAGE_CHARS=50)
+    return make_pg_app(MAX_MESSAGE_CHARS=50)
 
 
 def test_message_over_max_chars_gets_413(small_app):
@@ -106,9 +100,9 @@ def test_longest_message_fits_the_default_body_limit(pg_app):
 
 
 @pytest.fixture
-def capped_app(make_app, postgres_url, redis_client):
+def capped_app(make_pg_app):
     """An app whose bodies may be at most 1024 bytes (messages still up to 32000 characters)."""
-    return make_app(DATABASE_URL=postgres_url, REDIS_URL=REDIS_URL, MAX_CONTENT_LENGTH=1024)
+    return make_pg_app(MAX_CONTENT_LENGTH=1024)
 
 
 def json_body_of_size(size):
@@ -174,8 +168,7 @@ def test_two_new_conversations_get_different_ids(pg_client):
 def test_new_conversation_id_is_the_stored_one(pg_client):
     """The fresh conversation id returned is the id the turn was stored under."""
     conversation_id = post_json(pg_client, {"message": "hi"}).get_json()["conversation_id"]
-    with models.db.connection_context():
-        assert models.Message.select().where(models.Message.conversation == conversation_id).count() == 2
+    assert len(stored_messages(conversation_id)) == 2
 
 
 def test_run_reply_has_exactly_response_and_conversation_id(pg_client, llm):
@@ -211,14 +204,14 @@ TRICKY_TEXTS = {
 def test_message_reaches_the_model_byte_exact(pg_client, llm, text):
     """The user's message is sent to the model unchanged."""
     assert post_json(pg_client, {"message": text}).status_code == 200
-    assert llm.requests[-1]["json"]["messages"][-1]["content"] == text
+    assert seen_by_model(llm)[-1] == text
 
 
 @pytest.mark.parametrize("text", TRICKY_TEXTS.values(), ids=TRICKY_TEXTS.keys())
 def test_message_is_stored_byte_exact(pg_client, text):
     """The user's message is stored unchanged."""
     assert post_json(pg_client, {"message": text}).status_code == 200
-    assert stored_user_messages() == [text]
+    assert stored_contents("user") == [text]
 
 
 @pytest.mark.parametrize("text", TRICKY_TEXTS.values(), ids=TRICKY_TEXTS.keys())
@@ -233,9 +226,7 @@ def test_model_reply_is_stored_byte_exact(pg_client, llm, text):
     """The model's reply is stored unchanged."""
     llm.script(Script(reply=text))
     assert post_json(pg_client, {"message": "hi"}).status_code == 200
-    with models.db.connection_context():
-        replies = [m.content for m in models.Message.select().where(models.Message.role == "assistant")]
-    assert replies == [text]
+    assert stored_contents("assistant") == [text]
 
 
 CLOSED_PORT = object()
@@ -250,14 +241,14 @@ MODEL_FAILURES = {
 
 
 @pytest.fixture
-def failing_run(make_app, postgres_url, redis_client, llm):
+def failing_run(make_pg_app, llm):
     """Run one turn against a model that fails as `settings` and `script` say."""
 
     def run(settings, script):
         """POST a turn on a fresh app and return the response."""
         if settings.get("LLM_BASE_URL") is CLOSED_PORT:
             settings = {**settings, "LLM_BASE_URL": f"http://127.0.0.1:{free_port()}/v1"}
-        app = make_app(DATABASE_URL=postgres_url, REDIS_URL=REDIS_URL, **settings)
+        app = make_pg_app(**settings)
         if script is not None:
             llm.script(script)
         return post_json(app.test_client(), {"message": "hi", "conversation_id": "failing-turn"})
@@ -275,8 +266,7 @@ def test_model_failure_gets_its_status_and_code(failing_run, settings, script, s
 def test_model_failure_stores_nothing(failing_run, settings, script, status, code):
     """A turn the model failed leaves no message and no conversation behind."""
     assert failing_run(settings, script).status_code == status
-    assert stored_count(models.Message) == 0
-    assert stored_count(models.Conversation) == 0
+    assert stored_counts() == (0, 0)
 
 
 def test_model_error_message_names_the_upstream_status(failing_run):

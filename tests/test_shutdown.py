@@ -11,30 +11,15 @@ import subprocess
 import threading
 import time
 
+import pytest
 import requests
 
-import models
-from tests.conftest import bearer, wait_until
 from tests.fake_llm import Script
-from tests.sse_client import PING, events
+from tests.helpers import complete, stored_messages, wait_until
+from tests.sse_client import events, next_data, rest_of
 
-
-def stored(conversation_id):
-    """The (role, content, status) of each stored message of a conversation, oldest first."""
-    with models.db.connection_context():
-        query = (models.Message.select().where(models.Message.conversation == conversation_id)
-                 .order_by(models.Message.id))
-        return [(m.role, m.content, m.status) for m in query]
-
-
-def post(service, path, body, **kwargs):
-    """POST as alice on a connection closed after the answer.
-
-    An idle keep-alive connection would hold the worker until GRACEFUL_TIMEOUT: gunicorn's gevent
-    worker waits for every open connection, idle ones included.
-    """
-    headers = {**bearer("alice"), "Connection": "close"}
-    return requests.post(service.url + path, json=body, headers=headers, **kwargs)
+# Each scenario breaks something on purpose and waits for the service to notice: seconds each.
+pytestmark = pytest.mark.slow
 
 
 def refuses_connections(service):
@@ -65,8 +50,7 @@ def test_sigterm_lets_a_run_in_flight_finish_and_refuses_new_connections(start_s
     def ask():
         """The run in flight: its response, or the error that ended it."""
         try:
-            answers.append(post(service, "/chat/run", {"message": "quick, before you go",
-                                                       "conversation_id": "s1"}, timeout=30))
+            answers.append(service.run("quick, before you go", "s1", timeout=30))
         except requests.RequestException as exc:
             answers.append(exc)
 
@@ -83,8 +67,7 @@ def test_sigterm_lets_a_run_in_flight_finish_and_refuses_new_connections(start_s
     assert answers[0].status_code == 200, answers[0].text
     assert answers[0].json() == {"response": "made it", "conversation_id": "s1"}
     assert exit_code(service, timeout=5) == 0
-    assert stored("s1") == [("user", "quick, before you go", "complete"),
-                            ("assistant", "made it", "complete")]
+    assert stored_messages("s1") == complete(("quick, before you go", "made it"))
 
 
 def test_sigterm_ends_a_silent_stream_with_shutting_down_and_keeps_the_partial_reply(start_service, llm):
@@ -92,14 +75,13 @@ def test_sigterm_ends_a_silent_stream_with_shutting_down_and_keeps_the_partial_r
     graceful = 4
     service = start_service(GRACEFUL_TIMEOUT=graceful)
     llm.script(Script(chunks=["partial ", "never sent"], silence_after=1))
-    response = post(service, "/chat/stream", {"message": "tell me everything", "conversation_id": "s2"},
-                    stream=True, timeout=(5, 20))
+    response = service.stream("tell me everything", "s2")
     assert response.status_code == 200
     stream = events(response)
-    assert next(e for e in stream if e != PING)["content"] == "partial "
+    assert next_data(stream)["content"] == "partial "
     service.process.send_signal(signal.SIGTERM)
     signalled = time.monotonic()
-    rest = [e for e in stream if e != PING]  # read until the service closes the connection
+    rest = rest_of(stream)  # read until the service closes the connection
     ended = time.monotonic() - signalled
     assert rest, "the stream closed without a final event"
     final = rest[-1]
@@ -107,6 +89,6 @@ def test_sigterm_ends_a_silent_stream_with_shutting_down_and_keeps_the_partial_r
     assert final["content"] == "" and final["conversation_id"] == "s2"
     assert final["error"]["code"] == "shutting_down", final
     assert 0.5 <= ended < graceful, f"final event {ended:.2f} s after SIGTERM"
-    assert stored("s2") == [("user", "tell me everything", "complete"), ("assistant", "partial ", "error")]
+    assert stored_messages("s2") == [("user", "tell me everything", "complete"), ("assistant", "partial ", "error")]
     assert llm.wait_for_disconnects(1, timeout=5)  # the request to the model was closed too
     assert exit_code(service, timeout=graceful + 5) == 0

@@ -1,71 +1,47 @@
 """POST /chat/stop: ending a streamed reply early, from any connection, worker or service."""
 
-import contextlib
-
 import pytest
-import requests
 
-import coordination
 import models
-from tests.conftest import assert_error, bearer, wait_until
 from tests.fake_llm import Script
-from tests.sse_client import PING, events
-
-SLOW = Script(chunks=["partial ", "rest of it"], chunk_delay=30)
-
-
-def stored(conversation_id):
-    """The (role, content, status) of each stored message of a conversation."""
-    with models.db.connection_context():
-        query = (models.Message.select().where(models.Message.conversation == conversation_id)
-                 .order_by(models.Message.id))
-        return [(m.role, m.content, m.status) for m in query]
+from tests.helpers import (
+    assert_error,
+    bearer,
+    complete,
+    listening_for_stops,
+    seen_by_model,
+    slow_stream,
+    stored_messages,
+    wait_until,
+)
+from tests.sse_client import rest_of
 
 
 def start_turn(service, conversation_id, user="alice"):
     """Finish a first (non-streamed) turn, so the conversation exists."""
-    with service.post("/chat/run", {"message": "first", "conversation_id": conversation_id},
-                      user=user) as response:
+    with service.run("first", conversation_id, user=user) as response:
         assert response.status_code == 200, response.text
-
-
-@contextlib.contextmanager
-def slow_stream(service, llm, conversation_id, user="alice"):
-    """A stream the model answers with one chunk then silence: its events after that chunk; closed after."""
-    llm.script(SLOW)
-    with service.post("/chat/stream", {"message": "second", "conversation_id": conversation_id},
-                      user=user, stream=True, timeout=(5, 20)) as response:
-        assert response.status_code == 200, response.text
-        stream = events(response)
-        assert next(e for e in stream if e != PING)["content"] == "partial "
-        yield stream
 
 
 def stop(service, conversation_id, user="alice"):
     """POST /chat/stop for `conversation_id` on a new connection: (status, JSON body)."""
-    with requests.post(service.url + "/chat/stop", json={"conversation_id": conversation_id},
-                       headers=bearer(user), timeout=10) as response:
+    with service.post("/chat/stop", {"conversation_id": conversation_id}, user=user, timeout=10) as response:
         return response.status_code, response.json()
 
 
-def listening_for_stops(redis_client):
-    """Whether some process subscribes to the stop channel."""
-    return redis_client.pubsub_numsub(coordination.STOP_CHANNEL)[0][1] >= 1
-
-
-def rest(stream):
-    """The remaining data events of a stream."""
-    return [e for e in stream if e != PING]
+def stop_mid_stream(llm, redis_client, streaming, stopping, conversation_id):
+    """A slow stream on `streaming`, stopped through `stopping`: (the stop's answer, the rest of the stream)."""
+    with slow_stream(streaming, llm, conversation_id) as stream:
+        assert wait_until(lambda: listening_for_stops(redis_client), timeout=10)
+        answer = stop(stopping, conversation_id)
+        return answer, rest_of(stream)
 
 
 @pytest.fixture
 def stopped(service, llm, redis_client):
     """A stream of conversation s1 that was stopped after its first chunk: (service, stop response, rest)."""
     start_turn(service, "s1")
-    with slow_stream(service, llm, "s1") as stream:
-        assert wait_until(lambda: listening_for_stops(redis_client), timeout=10)
-        answer = stop(service, "s1")
-        return service, answer, rest(stream)
+    return (service, *stop_mid_stream(llm, redis_client, service, service, "s1"))
 
 
 def test_stop_is_accepted_with_202(stopped):
@@ -86,7 +62,7 @@ def test_a_stopped_stream_ends_with_a_final_stopped_event(stopped):
 
 def test_the_partial_reply_is_saved_as_stopped(stopped):
     """The reply streamed until the stop is kept with status 'stopped'."""
-    assert stored("s1")[2:] == [("user", "second", "complete"), ("assistant", "partial ", "stopped")]
+    assert stored_messages("s1")[2:] == [("user", "second", "complete"), ("assistant", "partial ", "stopped")]
 
 
 def test_stopping_closes_the_connection_to_the_model(stopped, llm):
@@ -99,20 +75,17 @@ def test_the_next_turn_after_a_stop_works_and_sees_the_partial_reply(stopped, ll
     """The conversation is free again, and its next turn carries the stopped reply as history."""
     service, _, _ = stopped
     llm.script(Script(reply="fine"))
-    with service.post("/chat/run", {"message": "third", "conversation_id": "s1"}) as response:
+    with service.run("third", "s1") as response:
         assert response.status_code == 200 and response.json()["response"] == "fine"
-    assert [m["content"] for m in llm.requests[-1]["json"]["messages"]] == [
-        "first", "echo: first", "second", "partial ", "third"]
+    assert seen_by_model(llm) == ["first", "echo: first", "second", "partial ", "third"]
 
 
 def test_stop_reaches_the_stream_whichever_worker_gets_it(start_service, llm, redis_client):
     """With two workers, a stop on another connection ends the stream wherever it runs."""
     service = start_service(workers=2)
     start_turn(service, "s1")
-    with slow_stream(service, llm, "s1") as stream:
-        assert wait_until(lambda: listening_for_stops(redis_client), timeout=10)
-        assert stop(service, "s1")[0] == 202
-        final, = rest(stream)
+    (status, _), (final,) = stop_mid_stream(llm, redis_client, service, service, "s1")
+    assert status == 202
     assert final["finish_reason"] == "stopped" and "error" not in final
 
 
@@ -120,21 +93,16 @@ def test_stop_sent_to_another_service_on_the_same_redis_ends_the_stream(start_se
     """A stream on service A is stopped by a stop request to service B."""
     service_a, service_b = start_service(), start_service()
     start_turn(service_a, "s1")
-    with slow_stream(service_a, llm, "s1") as stream:
-        assert wait_until(lambda: listening_for_stops(redis_client), timeout=10)
-        assert stop(service_b, "s1")[0] == 202
-        final, = rest(stream)
+    (status, _), (final,) = stop_mid_stream(llm, redis_client, service_a, service_b, "s1")
+    assert status == 202
     assert final["finish_reason"] == "stopped" and "error" not in final
-    assert stored("s1")[-1] == ("assistant", "partial ", "stopped")
+    assert stored_messages("s1")[-1] == ("assistant", "partial ", "stopped")
 
 
 def test_a_first_turn_can_be_stopped(service, llm, redis_client):
     """The very first turn of a new conversation (not yet in the database) can be stopped too."""
-    with slow_stream(service, llm, "new-1") as stream:
-        assert wait_until(lambda: listening_for_stops(redis_client), timeout=10)
-        status, body = stop(service, "new-1")
-        assert status == 202, body
-        final, = rest(stream)
+    (status, body), (final,) = stop_mid_stream(llm, redis_client, service, service, "new-1")
+    assert status == 202, body
     assert final["finish_reason"] == "stopped"
 
 
@@ -145,11 +113,11 @@ def test_another_user_cannot_stop_the_stream(service, llm, redis_client):
         assert wait_until(lambda: listening_for_stops(redis_client), timeout=10)
         answer = stop(service, "s1", user="bob")
         llm.release()
-        remaining = rest(stream)
+        remaining = rest_of(stream)
     assert answer == (404, {"error": {"code": "not_found", "message": "conversation not found"}})
     assert [e["content"] for e in remaining] == ["rest of it", ""]
     assert remaining[-1]["finish_reason"] == "stop"
-    assert stored("s1")[-1] == ("assistant", "partial rest of it", "complete")
+    assert stored_messages("s1")[-1] == ("assistant", "partial rest of it", "complete")
 
 
 def test_stop_without_a_reply_in_progress_is_409(service, llm):
@@ -157,7 +125,7 @@ def test_stop_without_a_reply_in_progress_is_409(service, llm):
     start_turn(service, "s1")
     status, body = stop(service, "s1")
     assert (status, body["error"]["code"]) == (409, "no_reply_in_progress")
-    assert stored("s1") == [("user", "first", "complete"), ("assistant", "echo: first", "complete")]
+    assert stored_messages("s1") == complete(("first", "echo: first"))
 
 
 def test_stop_of_an_unknown_conversation_is_404(service, llm):
@@ -198,7 +166,7 @@ def test_stop_works_in_process_on_the_embedded_defaults(embedded_service, llm):
     start_turn(embedded_service, "s1")
     with slow_stream(embedded_service, llm, "s1") as stream:
         assert stop(embedded_service, "s1")[0] == 202
-        final, = rest(stream)
+        final, = rest_of(stream)
     assert final["finish_reason"] == "stopped" and "error" not in final
     assert llm.wait_for_disconnects(1)
-    assert stored("s1")[-1] == ("assistant", "partial ", "stopped")
+    assert stored_messages("s1")[-1] == ("assistant", "partial ", "stopped")

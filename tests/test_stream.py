@@ -5,30 +5,33 @@ import re
 import threading
 import uuid
 
-import psycopg2
 import requests
 
-import cache
 import models
-from tests.conftest import POSTGRES_URL, bearer, stored_messages, wait_until
 from tests.fake_llm import Script
-from tests.sse_client import PING, data_events, events
+from tests.helpers import (
+    POSTGRES_URL,
+    assert_error,
+    bearer,
+    cached_messages,
+    complete,
+    database_backends,
+    lock_waiters,
+    locked_table,
+    seen_by_model,
+    stored_conversation,
+    stored_messages,
+    wait_until,
+)
+from tests.sse_client import PING, data_events, events, next_data, rest_of
 
 EVENT_FRAME = re.compile(rb"(data: [^\r\n]*\n\n|: ping\n\n)")
-
-
-def open_stream(service, message="hello", conversation_id=None, user="alice"):
-    """Start a streamed turn and return the open response."""
-    body = {"message": message}
-    if conversation_id is not None:
-        body["conversation_id"] = conversation_id
-    return service.post("/chat/stream", body, user=user, stream=True, timeout=(5, 20))
 
 
 def test_stream_sends_each_chunk_then_one_final_event(service, llm):
     """Chunks arrive as non-final events in order; exactly one final event, and it is the last."""
     llm.script(Script(chunks=["Hel", "lo", " world"]))
-    received = data_events(open_stream(service, conversation_id="c1"))
+    received = data_events(service.stream("hello", "c1"))
     assert [e["content"] for e in received[:-1]] == ["Hel", "lo", " world"]
     assert all(e["is_final"] is False and e["metrics"] is None for e in received[:-1])
     assert [e["is_final"] for e in received].count(True) == 1
@@ -40,7 +43,7 @@ def test_stream_sends_each_chunk_then_one_final_event(service, llm):
 def test_final_event_carries_metrics(service, llm):
     """The final event reports token counts, timing and the model."""
     llm.script(Script(chunks=["a", "b", "c"], model="served-model"))
-    metrics = data_events(open_stream(service))[-1]["metrics"]
+    metrics = data_events(service.stream("hello"))[-1]["metrics"]
     assert metrics["token_count"] == metrics["completion_tokens"] == 3
     assert metrics["prompt_tokens"] == 1
     assert metrics["model"] == "served-model"
@@ -61,7 +64,7 @@ def test_stream_headers_stop_caching_and_buffering(service, llm):
 
 def test_new_conversation_id_is_in_the_header_and_the_final_event(service, llm):
     """Without a conversation_id the stream starts a new conversation and says its id twice."""
-    response = open_stream(service)
+    response = service.stream("hello")
     conversation_id = response.headers["X-Conversation-Id"]
     uuid.UUID(conversation_id)
     assert data_events(response)[-1]["conversation_id"] == conversation_id
@@ -70,7 +73,7 @@ def test_new_conversation_id_is_in_the_header_and_the_final_event(service, llm):
 def test_every_event_is_one_data_line_and_a_blank_line(service, llm):
     """The body is nothing but `data: <json>` events and ping comments, each ended by a blank line."""
     llm.script(Script(chunks=["line one\n\ndata: {\"is_final\": true}\n\n", "\r\nend"]))
-    body = open_stream(service).content
+    body = service.stream("hello").content
     assert EVENT_FRAME.sub(b"", body) == b""
     frames = [json.loads(f[6:]) for f in EVENT_FRAME.findall(body) if f.startswith(b"data: ")]
     assert frames[0]["content"] == "line one\n\ndata: {\"is_final\": true}\n\n"
@@ -80,65 +83,60 @@ def test_every_event_is_one_data_line_and_a_blank_line(service, llm):
 def test_first_chunk_reaches_the_client_while_the_model_is_still_talking(service, llm):
     """Nothing buffers the stream: the first chunk arrives before the model sends the next."""
     llm.script(Script(chunks=["first", "second"], chunk_delay=30))
-    stream = events(open_stream(service))
-    first = next(e for e in stream if e != PING)
+    stream = events(service.stream("hello"))
+    first = next_data(stream)
     assert first["content"] == "first"
     assert llm.active_streams == 1
     llm.release()
-    assert [e["content"] for e in stream if e != PING][0] == "second"
+    assert [e["content"] for e in rest_of(stream)][0] == "second"
 
 
 def test_heartbeat_pings_while_the_model_is_silent(start_service, llm):
     """A silent model still gives the client a `: ping` every SSE_HEARTBEAT_SECONDS."""
     service = start_service(SSE_HEARTBEAT_SECONDS=0.1)
     llm.script(Script(chunks=["late"], first_chunk_delay=30))
-    stream = events(open_stream(service))
+    stream = events(service.stream("hello"))
     assert [next(stream) for _ in range(3)] == [PING, PING, PING]
     llm.release()
-    assert [e["content"] for e in stream if e != PING] == ["late", ""]
+    assert [e["content"] for e in rest_of(stream)] == ["late", ""]
 
 
 def test_stream_saves_both_messages_and_caches_them(service, llm, redis_client):
     """On completion the user message and the reply are in the database and in Redis."""
     llm.script(Script(chunks=["It ", "works."]))
-    data_events(open_stream(service, "Does it work?", "c1"))
-    assert stored_messages("c1") == [("user", "Does it work?", "complete"),
-                                     ("assistant", "It works.", "complete")]
-    version, messages = cache.decode(redis_client.get(cache.KEY.format("c1")))
-    with models.db.connection_context():
-        assert version == models.Conversation.get_by_id("c1").version
+    data_events(service.stream("Does it work?", "c1"))
+    assert stored_messages("c1") == complete(("Does it work?", "It works."))
+    version, messages = cached_messages(redis_client, "c1")
+    assert version == stored_conversation("c1").version
     assert messages[-1] == {"role": "assistant", "content": "It works."}
 
 
 def test_next_stream_sends_the_history_to_the_model(service, llm):
     """A streamed turn sees the earlier turn of the conversation."""
     llm.script(Script(reply="Hi Bo."), Script(reply="Bo."))
-    data_events(open_stream(service, "I am Bo.", "c1"))
-    data_events(open_stream(service, "Who am I?", "c1"))
-    assert [m["content"] for m in llm.requests[-1]["json"]["messages"]] == [
-        "I am Bo.", "Hi Bo.", "Who am I?"]
+    data_events(service.stream("I am Bo.", "c1"))
+    data_events(service.stream("Who am I?", "c1"))
+    assert seen_by_model(llm) == ["I am Bo.", "Hi Bo.", "Who am I?"]
     assert llm.requests[-1]["json"]["stream"] is True
     assert llm.requests[-1]["json"]["stream_options"] == {"include_usage": True}
 
 
 def test_someone_elses_conversation_is_404_and_the_model_is_not_called(service, llm):
     """Naming another user's conversation gets a JSON 404, like an id that is not there."""
-    data_events(open_stream(service, "mine", "c1", user="alice"))
+    data_events(service.stream("mine", "c1", user="alice"))
     calls = len(llm.requests)
-    response = open_stream(service, "let me in", "c1", user="mallory")
+    response = service.stream("let me in", "c1", user="mallory")
     assert response.status_code == 404
     assert response.json() == {"error": {"code": "not_found", "message": "conversation not found"}}
     assert len(llm.requests) == calls
-    assert stored_messages("c1") == [("user", "mine", "complete"), ("assistant", "echo: mine", "complete")]
+    assert stored_messages("c1") == complete(("mine", "echo: mine"))
 
 
 def test_model_error_before_the_stream_is_an_http_error(service, llm):
     """A model that answers 500 gets the client a 502 JSON error, not a 200 event stream."""
     llm.script(Script(status=500))
-    response = open_stream(service, conversation_id="c1")
-    assert response.status_code == 502
-    assert response.headers["Content-Type"] == "application/json"
-    assert response.json()["error"]["code"] == "llm_error"
+    response = service.stream("hello", "c1")
+    assert_error(response, 502, "llm_error")
     assert stored_messages("c1") == []
 
 
@@ -146,13 +144,12 @@ def test_history_survives_redis_flushall_and_a_restart(start_service, llm, redis
     """On PostgreSQL + Redis the history outlives both the cache and the process."""
     service = start_service()
     llm.script(Script(reply="Noted: 7."))
-    data_events(open_stream(service, "My number is 7.", "c1"))
+    data_events(service.stream("My number is 7.", "c1"))
     redis_client.flushall()
     service.stop()
     service = start_service()
-    data_events(open_stream(service, "My number?", "c1"))
-    assert [m["content"] for m in llm.requests[-1]["json"]["messages"]] == [
-        "My number is 7.", "Noted: 7.", "My number?"]
+    data_events(service.stream("My number?", "c1"))
+    assert seen_by_model(llm) == ["My number is 7.", "Noted: 7.", "My number?"]
 
 
 def test_one_worker_carries_many_streams_at_once(start_service, llm):
@@ -163,7 +160,7 @@ def test_one_worker_carries_many_streams_at_once(start_service, llm):
 
     def client(n):
         """Run one streamed turn and keep its final event."""
-        finals.append(data_events(open_stream(service, f"m{n}", f"c{n}"))[-1])
+        finals.append(data_events(service.stream(f"m{n}", f"c{n}"))[-1])
 
     threads = [threading.Thread(target=client, args=(n,)) for n in range(50)]
     for thread in threads:
@@ -175,15 +172,6 @@ def test_one_worker_carries_many_streams_at_once(start_service, llm):
     assert len(finals) == 50 and not any("error" in f for f in finals)
 
 
-def database_connections():
-    """How many connections are open to the test database."""
-    with psycopg2.connect(POSTGRES_URL.rsplit("/", 1)[0] + "/postgres") as admin:
-        with admin.cursor() as cursor:
-            cursor.execute("SELECT count(*) FROM pg_stat_activity WHERE datname = %s",
-                           (POSTGRES_URL.rsplit("/", 1)[1],))
-            return cursor.fetchone()[0]
-
-
 def test_open_streams_do_not_hold_database_connections(start_service, llm, postgres):
     """Thirty streams waiting on the model share a pool of two connections, and all are saved."""
     postgres.close_all()
@@ -191,11 +179,11 @@ def test_open_streams_do_not_hold_database_connections(start_service, llm, postg
     llm.script(*[Script(chunks=["x"], first_chunk_delay=30) for _ in range(30)])
     results = []
     threads = [threading.Thread(target=lambda n=n: results.append(
-        data_events(open_stream(service, "hi", f"p{n}"))[-1])) for n in range(30)]
+        data_events(service.stream("hi", f"p{n}"))[-1])) for n in range(30)]
     for thread in threads:
         thread.start()
     assert wait_until(lambda: llm.active_streams == 30, timeout=30)
-    assert database_connections() <= 2
+    assert database_backends(POSTGRES_URL) <= 2
     llm.release()
     for thread in threads:
         thread.join(30)
@@ -207,16 +195,16 @@ def test_open_streams_do_not_hold_database_connections(start_service, llm, postg
 def test_turns_reuse_one_connection_to_the_model(service, llm):
     """One keep-alive connection to the model carries consecutive streamed and whole turns."""
     for n in range(3):
-        data_events(open_stream(service, "hi", f"k{n}"))
+        data_events(service.stream("hi", f"k{n}"))
         assert wait_until(lambda: llm.active_streams == 0, timeout=10)
-        service.post("/chat/run", {"message": "hi", "conversation_id": f"k{n}"})
+        service.run("hi", f"k{n}")
     assert len({r["client"] for r in llm.requests}) == 1
 
 
 def test_run_over_gunicorn_returns_the_reply(service, llm):
     """/chat/run answers in one JSON reply through the real server."""
     llm.script(Script(reply="pong"))
-    response = service.post("/chat/run", {"message": "ping", "conversation_id": "r1"})
+    response = service.run("ping", "r1")
     assert response.status_code == 200
     assert response.json() == {"response": "pong", "conversation_id": "r1"}
     assert f"openai-compatible at {llm.url}, model fake-model" in service.output()
@@ -225,50 +213,36 @@ def test_run_over_gunicorn_returns_the_reply(service, llm):
 def test_demo_model_streams_word_by_word_without_a_model_server(start_service):
     """With no LLM_BASE_URL the built-in demo model answers, and /status says so."""
     service = start_service(LLM_BASE_URL="")
-    assert requests.get(service.url + "/status", timeout=5).json()["model"]["backend"] == "demo"
+    assert service.status()["model"]["backend"] == "demo"
     assert "built-in demo model" in service.output()
-    received = data_events(open_stream(service, "hi there"))
+    received = data_events(service.stream("hi there"))
     words = [e["content"] for e in received[:-1]]
     assert len(words) > 3 and "".join(words).count(" hi there") == 1
     assert received[-1]["metrics"]["model"] == "demo"
 
 
-def test_bad_token_on_stream_is_401_json(service, llm):
+def test_a_bad_token_on_a_stream_is_a_json_401(service, llm):
     """A stream with a bad token gets a JSON 401 and no events."""
     response = requests.post(service.url + "/chat/stream", json={"message": "x"},
                              headers={"Authorization": "Bearer nope"}, timeout=5)
-    assert response.status_code == 401
-    assert response.json()["error"]["code"] == "unauthorized"
+    assert_error(response, 401, "unauthorized")
     assert llm.requests == []
 
 
 def test_stream_of_another_user_token_works_with_its_own_sub(service, llm):
     """Each user's stream is answered for that user (the token's sub)."""
-    data_events(open_stream(service, "hello", "b1", user="bob"))
-    with models.db.connection_context():
-        assert models.Conversation.get_by_id("b1").owner == "bob"
+    data_events(service.stream("hello", "b1", user="bob"))
+    assert stored_conversation("b1").owner == "bob"
 
 
 def test_a_blocked_query_does_not_stall_the_worker(service, llm, postgres_url):
     """psycopg2 is cooperative: while one turn waits on a locked table, the same worker answers others."""
-    with psycopg2.connect(postgres_url) as locker:
-        with locker.cursor() as cursor:
-            cursor.execute("LOCK TABLE conversation IN ACCESS EXCLUSIVE MODE")
-            blocked = []
-            waiting = threading.Thread(target=lambda: blocked.append(
-                service.post("/chat/run", {"message": "hi", "conversation_id": "lockd"})))
-            waiting.start()
-            assert wait_until(lambda: lock_waiters(postgres_url) == 1, timeout=10)
-            status = requests.get(service.url + "/status", timeout=5).json()
-            assert status["database"]["state"] == "ok" and blocked == []
+    blocked = []
+    with locked_table(postgres_url, "conversation"):
+        waiting = threading.Thread(target=lambda: blocked.append(service.run("hi", "lockd")))
+        waiting.start()
+        assert wait_until(lambda: lock_waiters(postgres_url) == 1, timeout=10)
+        assert service.status()["database"]["state"] == "ok" and blocked == []
     waiting.join(20)
     assert blocked[0].status_code == 200
 
-
-def lock_waiters(postgres_url):
-    """How many backends of the test database wait on a lock."""
-    with psycopg2.connect(postgres_url.rsplit("/", 1)[0] + "/postgres") as admin:
-        with admin.cursor() as cursor:
-            cursor.execute("SELECT count(*) FROM pg_stat_activity WHERE datname = %s "
-                           "AND wait_event_type = 'Lock'", (postgres_url.rsplit("/", 1)[1],))
-            return cursor.fetchone()[0]

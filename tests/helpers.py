@@ -1,0 +1,347 @@
+"""What the tests share: settings, tokens, the one error shape, what the stores hold, the service under gunicorn."""
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+
+import jwt
+import psycopg2
+import pytest
+import requests
+
+import cache
+import coordination
+import models
+from tests.fake_llm import Script
+from tests.sse_client import data_events, events, next_data
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+IN_CI = os.environ.get("CI", "").lower() == "true"
+POSTGRES_URL = os.environ.get("TEST_DATABASE_URL", "postgresql://root@127.0.0.1:5432/chat_test")
+REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
+# The benchmark's own databases on the same servers (it drops its tables and empties its Redis database).
+BENCH_DATABASE_URL = os.environ.get("TEST_BENCH_DATABASE_URL", POSTGRES_URL.rsplit("/", 1)[0] + "/chat_bench")
+BENCH_REDIS_URL = os.environ.get("TEST_BENCH_REDIS_URL", REDIS_URL.rsplit("/", 1)[0] + "/9")
+SECRET = "test-secret-that-is-long-enough-for-hs256-0123456789"
+SLOW_REPLY = Script(chunks=["partial ", "rest of it"], chunk_delay=30)
+
+
+def service_missing(name, error):
+    """Fail in CI, skip elsewhere: a test that needs a service never passes without it."""
+    message = f"{name} is not reachable: {error}"
+    if IN_CI:
+        pytest.fail(message)
+    pytest.skip(message)
+
+
+def free_port():
+    """A TCP port nobody listens on right now."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def wait_until(condition, timeout=20, interval=0.05):
+    """Wait until `condition()` is true; False if it never was within `timeout`."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(interval)
+    return False
+
+
+def answers(url):
+    """True if `url` answers 200."""
+    try:
+        return requests.get(url, timeout=1).status_code == 200
+    except requests.RequestException:
+        return False
+
+
+# Tokens and the one error shape
+
+def token(sub="alice", secret=SECRET, algorithm="HS256", lifetime=3600, **claims):
+    """A bearer token minted the way any other system with the secret would."""
+    now = int(time.time())
+    payload = {"iat": now, "exp": now + lifetime, **claims}
+    if sub is not None:
+        payload["sub"] = sub
+    return jwt.encode(payload, secret, algorithm=algorithm)
+
+
+def bearer(sub="alice", **claims):
+    """Authorization headers for `sub`."""
+    return {"Authorization": f"Bearer {token(sub, **claims)}"}
+
+
+def claims_of(printed):
+    """The verified claims of a token a command printed."""
+    return jwt.decode(printed.strip(), SECRET, algorithms=["HS256"])
+
+
+def assert_error(response, status, code, mentions=None):
+    """The response (Flask's or requests') is the one JSON error shape with `status` and `code`, leaking nothing."""
+    text = response.text if isinstance(response, requests.Response) else response.get_data(as_text=True)
+    assert response.status_code == status, text
+    assert response.headers["Content-Type"] == "application/json"
+    body = json.loads(text)
+    assert set(body) == {"error"}
+    assert set(body["error"]) == {"code", "message"}
+    assert body["error"]["code"] == code, body
+    assert isinstance(body["error"]["message"], str) and body["error"]["message"]
+    if mentions is not None:
+        assert mentions in body["error"]["message"], body
+    assert "Traceback" not in text
+    assert SECRET not in text
+
+
+# What the database and the cache hold
+
+FRESH_SCHEMA = set()
+
+
+def reset_database(url):
+    """Bind the models to `url` with empty tables (recreated once a run, so the schema is current)."""
+    database = models.open_database(url, 4, 5)
+    with database.connection_context():
+        if url not in FRESH_SCHEMA:
+            database.drop_tables([models.Message, models.Conversation], safe=True)
+            FRESH_SCHEMA.add(url)
+        models.create_tables()
+        models.Message.delete().execute()
+        models.Conversation.delete().execute()
+    return database
+
+
+def message_rows(conversation_id):
+    """Every column of each message the database keeps for a conversation, as dicts, oldest first."""
+    with models.db.connection_context():
+        query = (models.Message.select().where(models.Message.conversation == conversation_id)
+                 .order_by(models.Message.id))
+        return list(query.dicts())
+
+
+def stored_messages(conversation_id):
+    """The (role, content, status) of each message the database keeps for a conversation, oldest first."""
+    return [(row["role"], row["content"], row["status"]) for row in message_rows(conversation_id)]
+
+
+def complete(*pairs):
+    """The stored form of finished turns: (user message, reply) pairs, each saved as complete."""
+    rows = []
+    for message, reply in pairs:
+        rows += [("user", message, "complete"), ("assistant", reply, "complete")]
+    return rows
+
+
+def stored_counts():
+    """How many (conversations, messages) the database holds."""
+    with models.db.connection_context():
+        return models.Conversation.select().count(), models.Message.select().count()
+
+
+def stored_conversation(conversation_id):
+    """The database's row of a conversation."""
+    with models.db.connection_context():
+        return models.Conversation.get_by_id(conversation_id)
+
+
+def conversation_exists(conversation_id):
+    """Whether the database has a row for the conversation."""
+    with models.db.connection_context():
+        return models.Conversation.select().where(models.Conversation.id == conversation_id).exists()
+
+
+def cached_messages(redis_client, conversation_id):
+    """The (version, messages) Redis holds for a conversation, or None if it holds nothing."""
+    raw = redis_client.get(cache.KEY.format(conversation_id))
+    return None if raw is None else cache.decode(raw)
+
+
+def cached_contents(redis_client, conversation_id):
+    """The contents of the messages Redis holds for a conversation (None if it holds nothing)."""
+    cached = cached_messages(redis_client, conversation_id)
+    return None if cached is None else contents(cached[1])
+
+
+def database_backends(postgres_url, waiting_on_a_lock=False):
+    """How many backends serve the test database (only those waiting on a lock, if asked)."""
+    server, name = postgres_url.rsplit("/", 1)
+    query = "SELECT count(*) FROM pg_stat_activity WHERE datname = %s"
+    if waiting_on_a_lock:
+        query += " AND wait_event_type = 'Lock'"
+    admin = psycopg2.connect(server + "/postgres")
+    try:
+        with admin.cursor() as cursor:
+            cursor.execute(query, (name,))
+            return cursor.fetchone()[0]
+    finally:
+        admin.close()
+
+
+@contextlib.contextmanager
+def locked_table(postgres_url, table):
+    """Hold an exclusive lock on `table` from a connection of the test's own until the block ends."""
+    locker = psycopg2.connect(postgres_url)
+    try:
+        with locker.cursor() as cursor:
+            cursor.execute(f"LOCK TABLE {table} IN ACCESS EXCLUSIVE MODE")
+            yield
+        locker.commit()
+    finally:
+        locker.close()
+
+
+def lock_waiters(postgres_url):
+    """How many backends of the test database wait on a lock."""
+    return database_backends(postgres_url, waiting_on_a_lock=True)
+
+
+def listening_for_stops(redis_client):
+    """Whether some process subscribes to the stop channel."""
+    return redis_client.pubsub_numsub(coordination.STOP_CHANNEL)[0][1] >= 1
+
+
+# What the model was sent
+
+def contents(messages):
+    """The contents of chat messages (dicts with a "content"), in order."""
+    return [m["content"] for m in messages]
+
+
+def sent_to_model(llm):
+    """The messages of the fake model's latest request."""
+    return llm.requests[-1]["json"]["messages"]
+
+
+def seen_by_model(llm):
+    """The contents of the messages of the fake model's latest request."""
+    return contents(sent_to_model(llm))
+
+
+# Turns
+
+def turn_body(message, conversation_id=None):
+    """A chat request body, naming the conversation if one is given."""
+    return {"message": message} if conversation_id is None else {"message": message,
+                                                                 "conversation_id": conversation_id}
+
+
+def run(client, message, conversation_id=None, user="alice"):
+    """POST /chat/run through a Flask test client as `user`, asserting 200; the JSON reply."""
+    response = client.post("/chat/run", json=turn_body(message, conversation_id), headers=bearer(user))
+    assert response.status_code == 200, response.get_json()
+    return response.get_json()
+
+
+class Service:
+    """The service running under gunicorn with the gevent worker, in its own process."""
+
+    def __init__(self, env, workers=1):
+        """Configure, not yet started."""
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.env = {**os.environ, "PORT": str(self.port), "WEB_CONCURRENCY": str(workers), **env}
+        self.log = tempfile.NamedTemporaryFile(prefix="gunicorn-", suffix=".log", delete=False)
+        self.process = None
+
+    def start(self):
+        """Start gunicorn from the Procfile's command and wait until /status answers."""
+        command = [os.path.join(os.path.dirname(sys.executable), "gunicorn"),
+                   "--config", "gunicorn.conf.py", "chat_app:create_app()"]
+        self.process = subprocess.Popen(command, cwd=ROOT, env=self.env,
+                                        stdout=self.log, stderr=subprocess.STDOUT)
+        if not wait_until(self._answers, timeout=30):
+            self.stop()
+            raise RuntimeError(f"gunicorn did not start:\n{self.output()}")
+        return self
+
+    def _answers(self):
+        """True once /status answers; raise if gunicorn exited."""
+        if self.process.poll() is not None:
+            raise RuntimeError(f"gunicorn exited:\n{self.output()}")
+        return answers(self.url + "/status")
+
+    def output(self):
+        """What gunicorn logged so far."""
+        with open(self.log.name, errors="replace") as log:
+            return log.read()
+
+    def stop(self, sig=signal.SIGTERM, timeout=30):
+        """Stop gunicorn and wait for it to exit."""
+        if self.process and self.process.poll() is None:
+            self.process.send_signal(sig)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+    def request(self, method, path, body=None, user="alice", headers=None, **kwargs):
+        """A request with a JSON body as `user` (no token if None), on a connection closed after the answer.
+
+        An idle keep-alive connection left open by a test would hold the worker at shutdown
+        (gunicorn's gevent worker waits for every open connection until GRACEFUL_TIMEOUT).
+        """
+        kwargs.setdefault("timeout", 30)
+        headers = {**(bearer(user) if user else {}), "Connection": "close", **(headers or {})}
+        return requests.request(method, self.url + path, json=body, headers=headers, **kwargs)
+
+    def post(self, path, body, user="alice", **kwargs):
+        """POST JSON to the service as `user`."""
+        return self.request("POST", path, body, user, **kwargs)
+
+    def run(self, message, conversation_id=None, user="alice", **kwargs):
+        """A whole /chat/run turn; the response."""
+        return self.post("/chat/run", turn_body(message, conversation_id), user, **kwargs)
+
+    def stream(self, message, conversation_id=None, user="alice", **kwargs):
+        """Start a /chat/stream turn; the open response."""
+        kwargs.setdefault("timeout", (5, 20))
+        return self.post("/chat/stream", turn_body(message, conversation_id), user, stream=True, **kwargs)
+
+    def turn(self, path, message, conversation_id):
+        """A turn on `path` ("run" or "stream"), read to the end."""
+        if path == "run":
+            return self.run(message, conversation_id)
+        response = self.stream(message, conversation_id)
+        response.content  # noqa: B018 - read it all, so the turn is over when this returns
+        return response
+
+    def status(self):
+        """The /status document (it must answer 200 whatever is down)."""
+        response = requests.get(self.url + "/status", timeout=10)
+        assert response.status_code == 200
+        return response.json()
+
+
+@contextlib.contextmanager
+def slow_stream(service, llm, conversation_id, message="second", user="alice", **kwargs):
+    """A stream whose model sends "partial " and then waits for llm.release(): its events after that chunk."""
+    llm.script(SLOW_REPLY)
+    with service.stream(message, conversation_id, user, **kwargs) as response:
+        assert response.status_code == 200, response.text
+        received = events(response)
+        assert next_data(received)["content"] == "partial "
+        yield received
+
+
+def assert_next_turn_sees(service, llm, conversation_id, history):
+    """The next streamed turn works (the conversation was let go) and the model gets `history` first."""
+    requests_before = len(llm.requests)
+    llm.script(Script(reply="welcome back"))
+    response = service.stream("are you there?", conversation_id)
+    assert response.status_code == 200, response.text
+    received = data_events(response)
+    assert "error" not in received[-1], received[-1]["error"]
+    assert "".join(e["content"] for e in received[:-1]) == "welcome back"
+    assert len(llm.requests) == requests_before + 1
+    assert seen_by_model(llm) == history + ["are you there?"]
+    assert stored_messages(conversation_id)[-2:] == complete(("are you there?", "welcome back"))
