@@ -317,13 +317,28 @@ def json_body():
     if not request.is_json:
         raise ApiError(415, "unsupported_media_type", "send a JSON body with Content-Type: application/json")
     try:
-        body = request.get_json(silent=True)
-    except RecursionError:  # nested deeper than Python's parser goes
+        body = json.loads(request_bytes())
+    except (ValueError, RecursionError):  # not JSON, or nested deeper than Python's parser goes
         body = None
-    except ClientDisconnected:  # the worker's deadline on a client that sends too slowly
+    except (ClientDisconnected, OSError):  # the worker's deadline on a client that sends too slowly
         raise ApiError(408, "request_timeout", "the request body did not arrive in time") from None
     if not isinstance(body, dict):
         raise InvalidRequest(message="the body must be a JSON object")
+    return body
+
+
+def request_bytes():
+    """The request body, refused with 413 past MAX_CONTENT_LENGTH however it is sent.
+
+    A body with a Content-Length over the limit is refused before it is read (by Flask); a
+    chunked one has no length to refuse, so it is read up to one byte past the limit.
+    """
+    if request.content_length is not None:
+        return request.get_data()
+    limit = current_app.config["MAX_CONTENT_LENGTH"]
+    body = request.environ["wsgi.input"].read(limit + 1)
+    if len(body) > limit:
+        raise ApiError(413, "too_large", "the request body is too large")
     return body
 
 

@@ -19,7 +19,7 @@ from urllib.parse import quote
 
 import redis
 
-from redis_link import RETRY_AFTER_FAILURE, LocalTrip, Pending
+from redis_link import RETRY_AFTER_FAILURE, LocalTrip, Pending, RedisDown
 
 log = logging.getLogger(__name__)
 
@@ -149,6 +149,7 @@ class RedisCoordination:
         self.link = link
         self.lease_seconds = lease_seconds
         self._release_if_ours = link.script(_RELEASE_IF_OURS)
+        self._unreleased = set()  # (key, token) of releases Redis missed: sent again with the next take
         self.keeper = Keeper(link.round_trip, lease_seconds)
         self.fallback = MemoryCoordination(lease_seconds)
 
@@ -158,13 +159,16 @@ class RedisCoordination:
         `holder` (say "stream") is kept with the lease, for holder_of.
         """
         key, token = LOCK_KEY.format(name), f"{secrets.token_hex(16)} {holder}"
+        self._release_missed(trip)
 
         def taken(reply):
             """The lease, renewed from now on, if the SET took it."""
             return self._kept(pending.asked) if reply else None
 
         def held_here(failure):
-            """Redis failed: hold the conversation in this process only (a SET that went through expires)."""
+            """Redis failed: hold the conversation in this process only."""
+            if not isinstance(failure, RedisDown):
+                self._unreleased.add((key, token))  # a Redis that hung may still carry the SET out later
             log.warning("cache unavailable, locking in this process only: %s", type(failure).__name__)
             return self.fallback.take(name, holder, LocalTrip()).value
 
@@ -212,6 +216,13 @@ class RedisCoordination:
 
         return trip.add("ZCARD", key, then=counted, otherwise=counted_here)
 
+    def _release_missed(self, trip):
+        """Send again, in `trip`, the releases that failed while Redis was away (so nobody waits out an expiry)."""
+        for key, token in list(self._unreleased):
+            trip.add("EVAL", _RELEASE_IF_OURS, 1, key, token,
+                     then=lambda reply, missed=(key, token): self._unreleased.discard(missed),
+                     otherwise=lambda failure: None)
+
     def _kept(self, held):
         """`held`, renewed from now on."""
         self.keeper.keep(held)
@@ -222,13 +233,15 @@ class RedisCoordination:
         return int(self.lease_seconds * 1000)
 
     def let_go(self, held, command, trip=None):
-        """Stop renewing `held` and send `command` to release it (if Redis is away, it expires)."""
+        """Stop renewing `held` and send `command` to release it (if Redis is away, again with the next take)."""
         self.keeper.let_go(held)
 
         def expires(failure):
-            """Redis failed: what was held lapses by itself."""
+            """Redis failed: the release goes again with the next take, and the lease lapses meanwhile."""
             log.warning("could not release a lease now; it expires within %g s: %s",
                         self.lease_seconds, type(failure).__name__)
+            if isinstance(held, RedisLease):
+                self._unreleased.add((held.key, held.token))
 
         if trip is not None:
             trip.add(*command, otherwise=expires)

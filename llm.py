@@ -1,5 +1,6 @@
 """The language model: an OpenAI-compatible HTTP endpoint, or the built-in demo model."""
 
+import itertools
 import json
 import logging
 import os
@@ -315,6 +316,11 @@ class EventDecoder:
                 completed.append(event)
         return completed
 
+    def close(self):
+        """The events the end of the body completes (a CR held back as a possible CRLF ends its line)."""
+        held, self._buffer = self._buffer, b""
+        return self.feed(held[:-1] + b"\n") if held.endswith(b"\r") else []
+
     def _line(self, line):
         """Take one line; the event it completes, if any."""
         if not line:
@@ -366,8 +372,8 @@ class ReplyStream:
     def __iter__(self):
         """Yield each piece of text as the model sends it; raise ApiError if the stream breaks or reports an error."""
         decoder = EventDecoder()
-        for block in self._blocks():
-            for kind, payload in decoder.feed(block):
+        for block in itertools.chain(self._blocks(), [None]):
+            for kind, payload in (decoder.feed(block) if block is not None else decoder.close()):
                 if kind == "error":
                     raise stream_error(payload, self.known_secrets)
                 if payload.strip() == "[DONE]":

@@ -17,7 +17,7 @@ import cache
 import sse
 from errors import (ApiError, ConversationBusy, DatabaseDown, NotFound, ShuttingDown,
                     TooManyStreams)
-from journal import JournalUnavailable, NoJournal, Record
+from journal import JournalUnavailable, NoJournal
 from llm import ContextTooLong, EmptyStream, Reply, estimate_tokens
 from models import (Conversation, DatabaseUnavailable, Message, connection, retried_once,
                     save_turn)

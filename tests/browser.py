@@ -4,7 +4,7 @@ import os
 
 import requests
 
-from tests.conftest import token
+from tests.helpers import token
 
 CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",

@@ -10,13 +10,15 @@ import redis
 import models
 from chat_app import create_app
 from tests.fake_llm import FakeLLM
-from tests.helpers import POSTGRES_URL, REDIS_URL, SECRET, Service, reset_database, service_missing
+from tests.helpers import (PHASE_REPORTS, POSTGRES_URL, REDIS_URL, SECRET, Service, reset_database,
+                           service_missing)
 
 
-@pytest.hookimpl(wrapper=True)
+@pytest.hookimpl(wrapper=True, tryfirst=True)
 def pytest_runtest_makereport(item, call):
-    """The report of a failed test carries the log of every service it started."""
+    """Keep each phase's report on the test (phase_failed); a failed one carries every service's log."""
     report = yield
+    item.stash.setdefault(PHASE_REPORTS, {})[report.when] = report
     if report.failed:
         for service in getattr(item, "services", []):
             report.sections.append((f"gunicorn log of {service.url}", service.output()[-20000:]))
@@ -152,7 +154,10 @@ def start_service(request, llm, postgres, redis_client):
         """A running service with `settings` in its environment."""
         env = {"APP_ENV": "production", "JWT_SECRET_KEY": SECRET, "DATABASE_URL": POSTGRES_URL,
                "REDIS_URL": REDIS_URL, "LLM_BASE_URL": llm.url, "LLM_MODEL": "fake-model",
-               "LLM_TIMEOUT_SECONDS": "3", "SSE_HEARTBEAT_SECONDS": "10", "LOG_LEVEL": "info"}
+               "LLM_TIMEOUT_SECONDS": "3", "SSE_HEARTBEAT_SECONDS": "10", "LOG_LEVEL": "info",
+               # A stream ends when its client leaves unless a test gives a grace to resume in
+               # (tests/test_resume.py does; the default of 20 s is for people, not for tests).
+               "STREAM_RESUME_GRACE_SECONDS": "0"}
         env.update({key: str(value) for key, value in settings.items()})
         service = Service(env, workers)
         started.append(service)
@@ -170,19 +175,3 @@ def service(start_service):
     """One gunicorn + gevent service on PostgreSQL, Redis and the fake model."""
     return start_service()
 
-
-PHASE_REPORTS = pytest.StashKey[dict]()
-
-
-@pytest.hookimpl(wrapper=True, tryfirst=True)
-def pytest_runtest_makereport(item, call):
-    """Keep each phase's report on the test, so a fixture can tell at teardown whether it failed."""
-    report = yield
-    item.stash.setdefault(PHASE_REPORTS, {})[report.when] = report
-    return report
-
-
-def phase_failed(request):
-    """Whether the test of `request` failed (for a fixture's teardown)."""
-    reports = request.node.stash.get(PHASE_REPORTS, {})
-    return any(report.failed for report in reports.values())

@@ -18,6 +18,7 @@ import requests
 import cache
 import coordination
 import models
+from redis_link import scope
 from tests.fake_llm import Script
 from tests.sse_client import data_events, events, next_data
 
@@ -38,6 +39,15 @@ def service_missing(name, error):
     if IN_CI:
         pytest.fail(message)
     pytest.skip(message)
+
+
+PHASE_REPORTS = pytest.StashKey[dict]()
+
+
+def phase_failed(request):
+    """Whether the test of `request` failed (for a fixture's teardown)."""
+    reports = request.node.stash.get(PHASE_REPORTS, {})
+    return any(report.failed for report in reports.values())
 
 
 def free_port():
@@ -120,17 +130,20 @@ def reset_database(url):
     return database
 
 
-def message_rows(conversation_id):
-    """Every column of each message the database keeps for a conversation, as dicts, oldest first."""
+def message_rows(conversation_id, owner="alice"):
+    """Every column of each message the database keeps for the owner's conversation, as dicts, oldest first."""
     with models.db.connection_context():
-        query = (models.Message.select().where(models.Message.conversation == conversation_id)
+        conversation = models.Conversation.owned(owner, conversation_id)
+        if conversation is None:
+            return []
+        query = (models.Message.select().where(models.Message.conversation == conversation.key)
                  .order_by(models.Message.id))
         return list(query.dicts())
 
 
-def stored_messages(conversation_id):
-    """The (role, content, status) of each message the database keeps for a conversation, oldest first."""
-    return [(row["role"], row["content"], row["status"]) for row in message_rows(conversation_id)]
+def stored_messages(conversation_id, owner="alice"):
+    """The (role, content, status) of each message the database keeps for the owner's conversation, oldest first."""
+    return [(row["role"], row["content"], row["status"]) for row in message_rows(conversation_id, owner)]
 
 
 def complete(*pairs):
@@ -147,27 +160,36 @@ def stored_counts():
         return models.Conversation.select().count(), models.Message.select().count()
 
 
-def stored_conversation(conversation_id):
-    """The database's row of a conversation."""
+def stored_conversation(conversation_id, owner="alice"):
+    """The database's row of the owner's conversation."""
     with models.db.connection_context():
-        return models.Conversation.get_by_id(conversation_id)
+        return models.Conversation.owned(owner, conversation_id)
 
 
-def conversation_exists(conversation_id):
-    """Whether the database has a row for the conversation."""
-    with models.db.connection_context():
-        return models.Conversation.select().where(models.Conversation.id == conversation_id).exists()
+def conversation_exists(conversation_id, owner="alice"):
+    """Whether the database has a row for the owner's conversation."""
+    return stored_conversation(conversation_id, owner) is not None
 
 
-def cached_messages(redis_client, conversation_id):
-    """The (version, messages) Redis holds for a conversation, or None if it holds nothing."""
-    raw = redis_client.get(cache.KEY.format(conversation_id))
+def cache_key(conversation_id, owner="alice"):
+    """The Redis key of the owner's cached conversation."""
+    return cache.KEY.format(scope(owner, conversation_id))
+
+
+def lease_key(conversation_id, owner="alice"):
+    """The Redis key of the lease on the owner's conversation."""
+    return coordination.LOCK_KEY.format(scope(owner, conversation_id))
+
+
+def cached_messages(redis_client, conversation_id, owner="alice"):
+    """The (version, messages) Redis holds for the owner's conversation, or None if it holds nothing."""
+    raw = redis_client.get(cache_key(conversation_id, owner))
     return None if raw is None else cache.decode(raw)
 
 
-def cached_contents(redis_client, conversation_id):
-    """The contents of the messages Redis holds for a conversation (None if it holds nothing)."""
-    cached = cached_messages(redis_client, conversation_id)
+def cached_contents(redis_client, conversation_id, owner="alice"):
+    """The contents of the messages Redis holds for the owner's conversation (None if it holds nothing)."""
+    cached = cached_messages(redis_client, conversation_id, owner)
     return None if cached is None else contents(cached[1])
 
 
@@ -316,10 +338,16 @@ class Service:
         return response
 
     def status(self):
-        """The /status document (it must answer 200 whatever is down)."""
-        response = requests.get(self.url + "/status", timeout=10)
+        """The detailed /status document, asked with a token (it must answer 200 whatever is down)."""
+        response = requests.get(self.url + "/status", headers={**bearer(), "Connection": "close"}, timeout=10)
         assert response.status_code == 200
         return response.json()
+
+    def status_once(self, condition, timeout=5):
+        """The first /status document for which `condition` holds (the service checks its parts once a second)."""
+        found = []
+        wait_until(lambda: condition(found.append(self.status()) or found[-1]), timeout=timeout, interval=0.2)
+        return found[-1]
 
 
 @contextlib.contextmanager

@@ -9,10 +9,10 @@ import time
 import jwt
 import pytest
 
-import models
 from auth import VerifiedTokens
 from config import VERSION
-from tests.helpers import SECRET, assert_error, bearer, run, stored_counts, token, wait_until
+from tests.helpers import (SECRET, assert_error, bearer, complete, run, seen_by_model, stored_counts, stored_messages,
+                           token, wait_until)
 from tests.fake_llm import Script
 
 VALID_BODY = {"message": "hi"}
@@ -143,8 +143,8 @@ def test_status_answers_without_token(pg_client):
 
 
 def test_status_reports_database_cache_and_model(pg_client, llm):
-    """GET /status names the version, the state and round trip of the database and the cache, and the model."""
-    body = pg_client.get("/status").get_json()
+    """GET /status with a token names the version, the state and round trip of the database and the cache, and the model."""
+    body = pg_client.get("/status", headers=bearer()).get_json()
     assert body["version"] == VERSION
     for part, backend in (("database", "postgresql"), ("cache", "redis")):
         round_trip = body[part].pop("round_trip_ms")
@@ -171,24 +171,16 @@ def test_owner_can_continue_own_conversation(client, alices_conversation):
     run(client, "again", alices_conversation, user="alice")
 
 
-def test_other_users_conversation_gets_404(client, alices_conversation):
-    """Bob naming alice's conversation gets 404 not_found, which does not mention alice."""
+def test_the_same_id_from_another_user_is_another_conversation(client, llm, alices_conversation):
+    """Bob naming alice's conversation id starts a conversation of his own; nothing of hers reaches him."""
     response = post_as_bob(client, alices_conversation)
-    assert_error(response, 404, "not_found")
-    assert "alice" not in response.get_data(as_text=True)
+    assert response.status_code == 200
+    assert "secret plan" not in response.get_data(as_text=True)
+    assert seen_by_model(llm) == ["bob was here"]
 
 
-def test_other_users_turn_never_reaches_the_model(client, llm, alices_conversation):
-    """Bob's turn on alice's conversation never calls the model."""
-    before = len(llm.requests)
+def test_another_users_turn_leaves_the_owners_conversation_alone(client, alices_conversation):
+    """Bob's turn with alice's id is kept in his conversation; hers keeps her two messages."""
     post_as_bob(client, alices_conversation)
-    assert len(llm.requests) == before
-
-
-def test_other_users_turn_is_not_stored(client, alices_conversation):
-    """Bob's turn on alice's conversation stores no message and no conversation of bob's."""
-    post_as_bob(client, alices_conversation)
-    with models.db.connection_context():
-        assert models.Message.select().where(models.Message.content == "bob was here").count() == 0
-        assert models.Message.select().where(models.Message.conversation == alices_conversation).count() == 2
-        assert models.Conversation.select().where(models.Conversation.owner == "bob").count() == 0
+    assert stored_messages(alices_conversation) == complete(("alice's secret plan", "echo: alice's secret plan"))
+    assert stored_messages(alices_conversation, "bob") == complete(("bob was here", "echo: bob was here"))

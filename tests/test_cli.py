@@ -9,9 +9,10 @@ from flask.cli import FlaskGroup
 
 import chat_app
 import models
+from config import ConfigError
 from tests.helpers import SECRET, bearer, claims_of, stored_conversation
 
-TABLES = {"conversation", "message"}
+TABLES = {"chat_conversation", "chat_message"}
 
 
 def flask_cli(app, monkeypatch, *args):
@@ -125,7 +126,7 @@ WEAK_SECRETS = {"missing": None, "empty": "", "31-bytes": "s" * 31, "31-bytes-in
 @pytest.mark.parametrize("secret", WEAK_SECRETS.values(), ids=WEAK_SECRETS.keys())
 def test_production_refuses_a_weak_secret(settings, secret):
     """In production, create_app refuses a missing or shorter than 32-byte JWT_SECRET_KEY."""
-    with pytest.raises(RuntimeError, match="JWT_SECRET_KEY"):
+    with pytest.raises(ConfigError, match="JWT_SECRET_KEY"):
         chat_app.create_app({**settings, "APP_ENV": "production", "JWT_SECRET_KEY": secret})
 
 
@@ -151,7 +152,7 @@ def development_app(settings):
 
 def test_production_never_generates_a_secret(settings, instance_dir):
     """Production without a secret fails without writing one to the instance folder."""
-    with pytest.raises(RuntimeError):
+    with pytest.raises(ConfigError):
         chat_app.create_app({**settings, "APP_ENV": "production", "JWT_SECRET_KEY": None})
     assert not (instance_dir / "jwt-secret").exists()
 

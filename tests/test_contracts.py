@@ -59,7 +59,7 @@ def test_one_round_trip_carries_a_lease_and_a_copy(shared):
     conversation_cache, coordination, round_trip = shared
     sent(round_trip, lambda trip: conversation_cache.write("c1", "copy", trip))
     with round_trip() as trip:
-        taken = coordination.take("c1", 10, "run alice", trip)
+        taken = coordination.take("c1", "run", trip)
         copy = conversation_cache.read("c1", trip)
     assert taken.value is not None and copy.value == "copy"
 
@@ -67,16 +67,16 @@ def test_one_round_trip_carries_a_lease_and_a_copy(shared):
 def test_a_held_conversation_cannot_be_taken_again(shared):
     """While one lease holds a conversation, another take gets None; after release it succeeds."""
     _, coordination, round_trip = shared
-    lease = sent(round_trip, lambda trip: coordination.take("c1", 10, "run alice", trip))
-    assert sent(round_trip, lambda trip: coordination.take("c1", 10, "run bob", trip)) is None
+    lease = sent(round_trip, lambda trip: coordination.take("c1", "run", trip))
+    assert sent(round_trip, lambda trip: coordination.take("c1", "run", trip)) is None
     lease.release()
-    assert sent(round_trip, lambda trip: coordination.take("c1", 10, "run bob", trip)) is not None
+    assert sent(round_trip, lambda trip: coordination.take("c1", "run", trip)) is not None
 
 
 def test_a_lease_can_be_released_in_a_round_trip_with_a_write(shared):
     """The release rides with the copy's write; both take effect."""
     conversation_cache, coordination, round_trip = shared
-    lease = sent(round_trip, lambda trip: coordination.take("c1", 10, "run alice", trip))
+    lease = sent(round_trip, lambda trip: coordination.take("c1", "run", trip))
     with round_trip() as trip:
         conversation_cache.write("c1", "after", trip)
         lease.release(trip)
@@ -87,34 +87,58 @@ def test_a_lease_can_be_released_in_a_round_trip_with_a_write(shared):
 def test_the_holder_is_known_while_the_lease_lasts(shared):
     """holder_of names what the lease was taken for."""
     _, coordination, round_trip = shared
-    lease = sent(round_trip, lambda trip: coordination.take("c1", 10, "stream alice", trip))
-    assert coordination.holder_of("c1") == "stream alice"
+    lease = sent(round_trip, lambda trip: coordination.take("c1", "stream", trip))
+    assert coordination.holder_of("c1") == "stream"
     lease.release()
     assert coordination.holder_of("c1") is None
 
 
-def test_a_lease_not_extended_expires(shared):
-    """A lease lapses after its time unless extended."""
+def test_a_held_lease_is_renewed_past_its_expiry(shared):
+    """The keeper renews a lease for as long as it is held: it outlives several expiries."""
     _, coordination, round_trip = shared
-    sent(round_trip, lambda trip: coordination.take("c1", 0.2, "run alice", trip))
+    coordination.keeper.seconds = coordination.lease_seconds = 0.3
+    lease = sent(round_trip, lambda trip: coordination.take("c1", "run", trip))
+    assert not wait_until(lambda: coordination.holder_of("c1") is None, timeout=1.2)
+    lease.release()
+    assert coordination.holder_of("c1") is None
+
+
+def test_a_lease_nobody_renews_expires(shared):
+    """A lease its keeper no longer renews (its process died) lapses within the expiry."""
+    _, coordination, round_trip = shared
+    coordination.lease_seconds = 0.3
+    lease = sent(round_trip, lambda trip: coordination.take("c1", "run", trip))
+    coordination.keeper.let_go(lease)  # as if the holder's process had died
     assert wait_until(lambda: coordination.holder_of("c1") is None, timeout=5)
 
 
-def test_an_extended_lease_outlives_its_first_expiry(shared):
-    """Extending moves the expiry."""
+def test_stream_slots_are_counted_per_user_up_to_the_limit(shared):
+    """A user gets `limit` slots, then None; a released slot is free again; another user has their own."""
     _, coordination, round_trip = shared
-    lease = sent(round_trip, lambda trip: coordination.take("c1", 0.3, "run alice", trip))
-    lease.extend(30)
-    assert not wait_until(lambda: coordination.holder_of("c1") is None, timeout=0.9)
-    assert coordination.holder_of("c1") == "run alice"
+    slots = [sent(round_trip, lambda trip: coordination.open_stream("alice", 2, trip)) for _ in range(3)]
+    assert slots[0] is not None and slots[1] is not None and slots[2] is None
+    assert sent(round_trip, lambda trip: coordination.open_stream("bob", 2, trip)) is not None
+    slots[0].release()
+    assert sent(round_trip, lambda trip: coordination.open_stream("alice", 2, trip)) is not None
 
 
-def test_requests_are_counted_per_user(shared):
-    """Each count adds one for its user only."""
+def test_a_turn_is_watched_while_a_reader_holds_a_watch(shared):
+    """watched() is true while any reader of the turn holds a watch, and false after."""
+    _, coordination, round_trip = shared
+    assert not coordination.watched("t1")
+    watch = sent(round_trip, lambda trip: coordination.watch("t1", trip))
+    assert coordination.watched("t1") and not coordination.watched("t2")
+    watch.release()
+    assert not coordination.watched("t1")
+
+
+def test_requests_are_counted_per_user_in_this_and_the_previous_window(shared):
+    """Each count adds one for its user only; the previous window's count comes with it."""
     _, coordination, _ = shared
-    counts = [coordination.count_request("alice", 60) for _ in range(3)]
-    assert counts == [counts[0], counts[0] + 1, counts[0] + 2]
-    assert coordination.count_request("bob", 60) == 1
+    counts = [coordination.count_request("alice", 60, 600.0) for _ in range(3)]
+    assert counts == [(0, 1), (0, 2), (0, 3)]
+    assert coordination.count_request("bob", 60, 600.0) == (0, 1)
+    assert coordination.count_request("alice", 60, 660.0) == (3, 1)
 
 
 def test_a_published_stop_reaches_the_listener(shared):
@@ -135,14 +159,14 @@ def test_without_redis_a_read_is_a_miss(unreachable):
 def test_without_redis_a_lease_is_held_in_the_process(unreachable):
     """Redis down: a lease is still taken, and the process refuses a second one."""
     _, coordination, round_trip = unreachable
-    lease = sent(round_trip, lambda trip: coordination.take("c1", 10, "run alice", trip))
+    lease = sent(round_trip, lambda trip: coordination.take("c1", "run", trip))
     assert lease is not None
-    assert sent(round_trip, lambda trip: coordination.take("c1", 10, "run bob", trip)) is None
+    assert sent(round_trip, lambda trip: coordination.take("c1", "run", trip)) is None
     lease.release()
-    assert sent(round_trip, lambda trip: coordination.take("c1", 10, "run bob", trip)) is not None
+    assert sent(round_trip, lambda trip: coordination.take("c1", "run", trip)) is not None
 
 
 def test_without_redis_requests_are_counted_in_the_process(unreachable):
     """Redis down: the rate count goes on in the process."""
     _, coordination, _ = unreachable
-    assert [coordination.count_request("alice", 60) for _ in range(2)] == [1, 2]
+    assert [coordination.count_request("alice", 60, 600.0) for _ in range(2)] == [(0, 1), (0, 2)]

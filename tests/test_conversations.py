@@ -4,7 +4,9 @@ import json
 
 import cache
 import models
-from tests.helpers import contents, message_rows, run, seen_by_model, sent_to_model, stored_conversation
+from redis_link import scope
+from tests.helpers import (cache_key, contents, message_rows, run, seen_by_model, sent_to_model,
+                           stored_conversation)
 from tests.fake_llm import Script
 
 
@@ -19,22 +21,22 @@ def forget_cache(app):
     """Empty the conversation cache, whatever its backend."""
     conversation_cache = app.extensions["chat"].cache
     with models.db.connection_context():
-        conversation_cache.drop([c.id for c in models.Conversation.select(models.Conversation.id)])
+        conversation_cache.drop([scope(c.owner, c.id) for c in models.Conversation.select()])
 
 
-def cached(app, conversation_id):
-    """The raw cached copy of a conversation, or None."""
+def cached(app, conversation_id, owner="alice"):
+    """The raw cached copy of the owner's conversation, or None."""
     service = app.extensions["chat"]
     with service.round_trip() as trip:
-        copy = service.cache.read(conversation_id, trip)
+        copy = service.cache.read(scope(owner, conversation_id), trip)
     return copy.value
 
 
-def cache_copy(app, conversation_id, raw):
-    """Put a raw copy of a conversation in the cache."""
+def cache_copy(app, conversation_id, raw, owner="alice"):
+    """Put a raw copy of the owner's conversation in the cache."""
     service = app.extensions["chat"]
     with service.round_trip() as trip:
-        service.cache.write(conversation_id, raw, trip)
+        service.cache.write(scope(owner, conversation_id), raw, trip)
 
 
 def test_run_returns_the_models_reply(client, llm):
@@ -57,7 +59,7 @@ def test_run_saves_the_user_message_and_the_reply(client, llm):
 def test_first_turn_records_owner_and_title(client, llm):
     """A new conversation belongs to its first user and is titled after the first message."""
     run(client, "  Plan   the\nteam offsite  ", "c1", user="carol")
-    conversation = stored_conversation("c1")
+    conversation = stored_conversation("c1", "carol")
     assert conversation.owner == "carol"
     assert conversation.title == "Plan the team offsite"
 
@@ -126,7 +128,7 @@ def test_redis_cache_holds_recent_messages_with_a_ttl(make_pg_app, redis_client,
     llm.script(Script(reply="one"), Script(reply="two"))
     run(client, "first", "c1")
     run(client, "second", "c1")
-    key = cache.KEY.format("c1")
+    key = cache_key("c1")
     cached = json.loads(redis_client.get(key))
     version = stored_conversation("c1").version
     assert cached == {"version": version, "messages": [
@@ -168,10 +170,11 @@ def test_a_cached_copy_of_a_deleted_conversation_is_ignored(app, llm):
 def test_database_has_the_indexes_the_queries_need(postgres):
     """Messages are indexed by conversation and order; conversations by owner and activity."""
     with postgres.connection_context():
-        message_indexes = {tuple(i.columns) for i in postgres.get_indexes("message")}
-        conversation_indexes = {tuple(i.columns) for i in postgres.get_indexes("conversation")}
-    assert ("conversation_id", "id") in message_indexes
-    assert ("owner", "updated_at") in conversation_indexes
+        message_indexes = {tuple(i.columns) for i in postgres.get_indexes("chat_message")}
+        conversation_indexes = {(tuple(i.columns), i.unique) for i in postgres.get_indexes("chat_conversation")}
+    assert ("conversation_key", "id") in message_indexes
+    assert (("owner", "updated_at"), False) in conversation_indexes
+    assert (("owner", "id"), True) in conversation_indexes  # ids are per user, and unique for each
 
 
 def test_a_cached_copy_from_before_a_delete_is_not_reused(app, llm):
@@ -186,10 +189,11 @@ def test_a_cached_copy_from_before_a_delete_is_not_reused(app, llm):
     assert seen_by_model(llm) == ["new life", "echo: new life", "which life?"]
 
 
-def test_saving_into_a_conversation_someone_else_started_meanwhile_writes_nothing(client, llm):
-    """If another user started the conversation while a turn ran, the turn's save is refused whole."""
+def test_a_turn_saved_under_another_owner_goes_to_that_owners_conversation(client, llm):
+    """Saving bob's turn with alice's conversation id creates bob's conversation and leaves alice's whole."""
     run(client, "mine", "c1", user="alice")
     with models.db.connection_context():
         assert models.save_turn(conversation_id="c1", owner="bob", message="also mine?", reply="no",
-                                status="complete") is None
+                                status="complete")
     assert contents(message_rows("c1")) == ["mine", "echo: mine"]
+    assert contents(message_rows("c1", "bob")) == ["also mine?", "no"]

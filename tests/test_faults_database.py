@@ -11,11 +11,11 @@ from urllib.parse import urlsplit
 import pytest
 import requests
 
-import cache
 from tests.fake_llm import Script
 from tests.faults import TcpProxy
 from tests.helpers import (
     POSTGRES_URL,
+    cache_key,
     cached_contents,
     cached_messages,
     complete,
@@ -53,7 +53,7 @@ def through(proxy):
 def fill_pool(service, postgres_url, size):
     """Make the service's pool open `size` connections at once: as many new conversations wait on a locked table."""
     answers = []
-    with locked_table(postgres_url, "conversation"):
+    with locked_table(postgres_url, "chat_conversation"):
         turns = [threading.Thread(target=lambda: answers.append(service.run("fill", f"fill-{uuid.uuid4()}")))
                  for _ in range(size)]
         for turn in turns:
@@ -97,7 +97,7 @@ def test_database_refusing_connections_is_503_and_the_service_recovers_by_itself
     assert opened.json() == DATABASE_UNAVAILABLE
     assert len(llm.requests) == calls
 
-    about = service.status()
+    about = service.status_once(lambda about: about["status"] == "degraded")
     assert about["status"] == "degraded"
     assert about["database"] == {"state": "unavailable", "backend": "postgresql"}
     assert about["cache"]["state"] == "ok"
@@ -111,7 +111,7 @@ def test_database_refusing_connections_is_503_and_the_service_recovers_by_itself
     assert cached_contents(redis_client, "c1") == ["one", "echo: one", "two", "echo: two"]
     assert not conversation_exists("c2") and not conversation_exists("c3")
     assert cached_messages(redis_client, "c2") is None and cached_messages(redis_client, "c3") is None
-    assert service.status()["status"] == "ok"
+    assert service.status_once(lambda about: about["status"] == "ok")["status"] == "ok"
 
     final = data_events(service.stream("hi again", "c3"))[-1]
     assert final["is_final"] is True and "error" not in final
@@ -135,7 +135,7 @@ def test_connections_dropped_while_pooled_are_replaced(start_service, llm, pg_pr
 
     pg_proxy.cut()
     assert service.status()["database"]["state"] == "ok"
-    redis_client.delete(cache.KEY.format("c1"))
+    redis_client.delete(cache_key("c1"))
     final = data_events(service.stream("and again", "c1"))[-1]
     assert final["is_final"] is True and "error" not in final
     assert seen_by_model(llm) == ["after the cut", "echo: after the cut", "and again"]
@@ -174,7 +174,8 @@ def test_no_broken_connection_is_left_in_the_pool(start_service, llm, pg_proxy, 
     pg_proxy.refuse()
     pg_proxy.cut()
     assert service.run("down", "n1").status_code == 503
-    assert service.status()["database"]["state"] == "unavailable"
+    assert service.status_once(lambda about: about["database"]["state"] == "unavailable")["database"]["state"] \
+        == "unavailable"
     pg_proxy.accept()
 
     for n in range(20):
@@ -189,7 +190,7 @@ def test_no_broken_connection_is_left_in_the_pool(start_service, llm, pg_proxy, 
     assert stored_messages("n1") == complete(*[(f"turn {n}", f"echo: turn {n}") for n in range(20)])
     assert pg_proxy.open_connections <= 2
     fill_pool(service, postgres_url, 2)
-    assert service.status()["status"] == "ok"
+    assert service.status_once(lambda about: about["status"] == "ok")["status"] == "ok"
 
 
 def test_connection_cut_while_saving_a_turn_keeps_neither_message(start_service, llm, pg_proxy, postgres_url,
@@ -198,7 +199,7 @@ def test_connection_cut_while_saving_a_turn_keeps_neither_message(start_service,
     service = start_service(DATABASE_URL=through(pg_proxy))
     assert service.run("turn 1", "t1").status_code == 200
     answers = []
-    with locked_table(postgres_url, "message"):
+    with locked_table(postgres_url, "chat_message"):
         saving = threading.Thread(target=lambda: answers.append(service.run("turn 2", "t1")))
         saving.start()
         # The history came from the cache; the transaction is open and waits to insert the messages.

@@ -8,22 +8,12 @@ import pytest
 import requests
 
 import auth
-from tests.conftest import REDIS_URL, assert_error, bearer, token, wait_until
+from tests.helpers import REDIS_URL, assert_error, bearer, stored_messages, token, wait_until
 from tests.fake_llm import Script
 from tests.sse_client import data_events
 
 BIG_CHUNKS = [("x" * 40000) + f" {n}" for n in range(300)]  # 12 MB: more than any socket buffer holds
 
-
-def messages_of(owner, conversation_id):
-    """The (role, content, status) of the owner's conversation's messages, oldest first."""
-    import models
-    with models.db.connection_context():
-        conversation = models.Conversation.owned(owner, conversation_id)
-        if conversation is None:
-            return []
-        query = models.Message.select().where(models.Message.conversation == conversation.key)
-        return [(m.role, m.content, m.status) for m in query.order_by(models.Message.id)]
 
 
 def raw_request(service, method, path, body=b"", headers=None, receive_buffer=None):
@@ -90,12 +80,12 @@ def test_a_stalled_reader_keeps_the_lease_short_and_renewed_then_is_treated_as_g
                               409, "conversation_busy")
         time.sleep(0.2)
     assert llm.wait_for_disconnects(1, timeout=20)
-    assert wait_until(lambda: [m[2] for m in messages_of("alice", "c1")] == ["complete", "interrupted"],
+    assert wait_until(lambda: [m[2] for m in stored_messages("c1", "alice")] == ["complete", "interrupted"],
                       timeout=10)
     stalled.close()
     llm.script(Script(reply="second"))
     assert service.post("/chat/run", {"message": "next", "conversation_id": "c1"}).status_code == 200
-    assert [m[1] for m in messages_of("alice", "c1")][2:] == ["next", "second"]
+    assert [m[1] for m in stored_messages("c1", "alice")][2:] == ["next", "second"]
     assert no_traceback_in(service)
 
 
@@ -158,18 +148,18 @@ def test_no_answer_to_bob_depends_on_whether_alice_has_a_conversation_of_that_na
     """Bob's answers about "demo-1", which alice has, are exactly his answers about a name nobody has."""
     assert service.post("/chat/run", {"message": "alice's", "conversation_id": "demo-1"}).status_code == 200
     assert probe_all(service, "bob", "demo-1") == probe_all(service, "bob", "nobody-has-this")
-    assert [m[1] for m in messages_of("alice", "demo-1")] == ["alice's", "echo: alice's"]
+    assert [m[1] for m in stored_messages("demo-1", "alice")] == ["alice's", "echo: alice's"]
 
 
 def test_the_same_id_for_two_users_is_two_conversations(service, llm):
     """alice's demo-1 and bob's demo-1 keep their own messages and titles, and bob's delete leaves alice's."""
     service.post("/chat/run", {"message": "from alice", "conversation_id": "demo-1"}, user="alice")
     service.post("/chat/run", {"message": "from bob", "conversation_id": "demo-1"}, user="bob")
-    assert [m[1] for m in messages_of("alice", "demo-1")] == ["from alice", "echo: from alice"]
-    assert [m[1] for m in messages_of("bob", "demo-1")] == ["from bob", "echo: from bob"]
+    assert [m[1] for m in stored_messages("demo-1", "alice")] == ["from alice", "echo: from alice"]
+    assert [m[1] for m in stored_messages("demo-1", "bob")] == ["from bob", "echo: from bob"]
     bobs = requests.delete(service.url + "/conversations/demo-1", headers=bearer("bob"), timeout=10)
     assert bobs.status_code == 204
-    assert messages_of("bob", "demo-1") == [] and len(messages_of("alice", "demo-1")) == 2
+    assert stored_messages("demo-1", "bob") == [] and len(stored_messages("demo-1", "alice")) == 2
     service.post("/chat/run", {"message": "again", "conversation_id": "demo-1"}, user="alice")
     assert llm.requests[-1]["json"]["messages"][-3:] == [
         {"role": "user", "content": "from alice"}, {"role": "assistant", "content": "echo: from alice"},
@@ -257,7 +247,7 @@ def test_a_reply_holding_nul_or_a_lone_surrogate_is_cleaned_saved_and_finished(s
         if path.endswith("stream"):
             final = data_events(response)[-1]
             assert final["is_final"] is True and "error" not in final
-    assert messages_of("alice", "c1")[1] == ("assistant", "a\ufffdbc\ufffdd", "complete")
+    assert stored_messages("c1", "alice")[1] == ("assistant", "a\ufffdbc\ufffdd", "complete")
     assert no_traceback_in(service)
 
 
@@ -268,7 +258,7 @@ def test_a_nonsense_usage_from_the_model_is_estimated_instead(service, llm, usag
     llm.script(Script(reply="four words of reply", usage_value=usage))
     response = service.post("/chat/run", {"message": "hi", "conversation_id": "c1"})
     assert response.status_code == 200
-    assert messages_of("alice", "c1")[1] == ("assistant", "four words of reply", "complete")
+    assert stored_messages("c1", "alice")[1] == ("assistant", "four words of reply", "complete")
     assert no_traceback_in(service)
 
 

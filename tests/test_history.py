@@ -7,11 +7,10 @@ import re
 
 import pytest
 
-import cache
-import coordination
 import models
 from tests.fake_llm import Script
-from tests.helpers import assert_error, bearer, run, slow_stream
+from tests.helpers import (assert_error, bearer, cache_key, lease_key, message_rows, run, slow_stream,
+                           stored_conversation)
 from tests.sse_client import data_events, rest_of
 
 ISO_Z = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?Z")
@@ -59,11 +58,10 @@ def b64(value):
     return base64.urlsafe_b64encode(raw).decode().rstrip("=")
 
 
-def rows_of(conversation_id):
-    """How many conversation and message rows the database holds for `conversation_id`."""
-    with models.db.connection_context():
-        return (models.Conversation.select().where(models.Conversation.id == conversation_id).count(),
-                models.Message.select().where(models.Message.conversation == conversation_id).count())
+def rows_of(conversation_id, owner="alice"):
+    """How many conversation and message rows the database holds for the owner's `conversation_id`."""
+    conversation = stored_conversation(conversation_id, owner)
+    return (0, 0) if conversation is None else (1, len(message_rows(conversation_id, owner)))
 
 
 @pytest.fixture
@@ -310,11 +308,11 @@ def test_delete_removes_the_rows_and_the_cached_copy(pg_client, llm, redis_clien
     """The conversation and its messages leave the database, and its Redis key is gone."""
     run(pg_client, "hello", "c1")
     run(pg_client, "other", "c2")
-    assert redis_client.exists(cache.KEY.format("c1"))
+    assert redis_client.exists(cache_key("c1"))
     pg_client.delete("/conversations/c1", headers=bearer())
     assert rows_of("c1") == (0, 0)
-    assert not redis_client.exists(cache.KEY.format("c1"))
-    assert rows_of("c2") == (1, 2) and redis_client.exists(cache.KEY.format("c2"))
+    assert not redis_client.exists(cache_key("c1"))
+    assert rows_of("c2") == (1, 2) and redis_client.exists(cache_key("c2"))
 
 
 def test_a_turn_after_delete_starts_from_an_empty_history(pg_client, llm):
@@ -326,13 +324,13 @@ def test_a_turn_after_delete_starts_from_an_empty_history(pg_client, llm):
     assert [m["content"] for m in reading(pg_client, "c1")["messages"]] == ["new start", "echo: new start"]
 
 
-def test_deleting_someone_elses_conversation_is_404_and_deletes_nothing(pg_client, llm, redis_client):
-    """Bob's DELETE of alice's conversation is 404 and her rows and cache stay."""
+def test_deleting_alices_id_as_bob_is_404_and_deletes_nothing_of_hers(pg_client, llm, redis_client):
+    """Bob has no conversation of alice's id: his DELETE is 404, and her rows and cache stay."""
     run(pg_client, "hello", "c1")
     response = pg_client.delete("/conversations/c1", headers=bearer("bob"))
     assert_error(response, 404, "not_found")
     assert rows_of("c1") == (1, 2)
-    assert redis_client.exists(cache.KEY.format("c1"))
+    assert redis_client.exists(cache_key("c1"))
 
 
 def test_deleting_a_missing_conversation_is_404(pg_client, llm):
@@ -343,17 +341,17 @@ def test_deleting_a_missing_conversation_is_404(pg_client, llm):
 def test_delete_while_a_turn_holds_the_conversation_is_409(pg_client, llm, redis_client):
     """A conversation held by a turn (its Redis turn lock) cannot be deleted meanwhile, and stays."""
     run(pg_client, "hello", "c1")
-    redis_client.set(coordination.LOCK_KEY.format("c1"), "another-turn", px=60000)
+    redis_client.set(lease_key("c1"), "another-turn", px=60000)
     response = pg_client.delete("/conversations/c1", headers=bearer())
     assert_error(response, 409, "conversation_busy")
     assert rows_of("c1") == (1, 2)
-    assert redis_client.get(coordination.LOCK_KEY.format("c1")) == "another-turn"
+    assert redis_client.get(lease_key("c1")) == "another-turn"
 
 
-def test_deleting_someone_elses_busy_conversation_is_still_404(pg_client, llm, redis_client):
-    """A busy conversation of alice's answers bob 404, as if it did not exist, not 409."""
+def test_alices_busy_conversation_does_not_make_bobs_delete_busy(pg_client, llm, redis_client):
+    """Alice's lease is on her conversation only: bob's DELETE of the same id is his 404, not 409."""
     run(pg_client, "hello", "c1")
-    redis_client.set(coordination.LOCK_KEY.format("c1"), "another-turn", px=60000)
+    redis_client.set(lease_key("c1"), "another-turn", px=60000)
     response = pg_client.delete("/conversations/c1", headers=bearer("bob"))
     assert_error(response, 404, "not_found")
 

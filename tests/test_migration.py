@@ -7,7 +7,7 @@ import sys
 import pytest
 
 import models
-from tests.conftest import ROOT, SECRET
+from tests.helpers import ROOT, SECRET
 
 # The tables 0.4 created, as its peewee models wrote them (TIMESTAMP is DATETIME on SQLite).
 OLD_SCHEMA = [

@@ -1,7 +1,6 @@
 """The chat page in a real browser: Debian's Chromium driven by Playwright, against the service
 under gunicorn + gevent with PostgreSQL, Redis and the fake model."""
 
-import json
 import os
 import re
 import subprocess
@@ -12,7 +11,7 @@ import pytest
 import requests
 
 from tests.browser import CHROMIUM, CHROMIUM_ARGS, RECORD_REPLY_STATES, TIMEOUT_MS, TRAPS, ChatPage
-from tests.conftest import ROOT, SECRET, phase_failed, service_missing, token
+from tests.helpers import ROOT, SECRET, phase_failed, service_missing, token
 from tests.fake_llm import Script
 
 XSS = "<img src=x onerror=alert(1)>"
@@ -202,9 +201,9 @@ def test_stop_ends_a_long_reply_and_the_stopped_text_stays(chat, llm, expect):
     expect(chat.reply_meta).to_have_text("Stopped")
 
 
-@pytest.mark.xfail(strict=True, reason="needs GET /chat/stream/{id} (issue 11)")
-def test_a_reload_mid_reply_continues_it_without_repeating_text(chat, llm, expect):
+def test_a_reload_mid_reply_continues_it_without_repeating_text(start_service, tab, llm, expect):
     """Reloaded while a reply streams, the page picks it up where it was: every word once, to the end."""
+    chat = ChatPage(tab, start_service(STREAM_RESUME_GRACE_SECONDS=20))
     full = words(40)
     llm.script(Script(reply=full, chunk_delay=0.15))
     chat.sign_in()
@@ -219,37 +218,6 @@ def test_a_reload_mid_reply_continues_it_without_repeating_text(chat, llm, expec
     expect(chat.user_messages).to_have_text(["a reply to survive a reload"])
     [conversation] = chat.stored_conversations()
     assert chat.stored_messages(conversation["id"])[-1]["content"] == full
-
-
-def test_the_page_resumes_after_the_last_event_id_it_kept(chat, expect):
-    """The page's side of the resume contract: reloaded, it sends Last-Event-ID and appends only what follows.
-
-    The endpoint is stood in for (page.route) until issue 11 serves it; the test above is the real one.
-    """
-    chat.sign_in()
-    chat.api("POST", "/chat/run", json={"message": "first", "conversation_id": "resumed-1"})
-    asked = []
-
-    def resume(route):
-        """Answer GET /chat/stream/resumed-1 as the contract says: the events after Last-Event-ID."""
-        asked.append(route.request.headers.get("last-event-id"))
-        events = [("t1:3", {"content": " three", "is_final": False, "metrics": None}),
-                  ("t1:4", {"content": " four", "is_final": False, "metrics": None}),
-                  ("t1:5", {"content": "", "is_final": True, "conversation_id": "resumed-1",
-                            "finish_reason": "stop", "metrics": {"token_count": 4, "processing_time": 1.5}})]
-        body = "".join(f"id: {event_id}\r\ndata: {json.dumps(payload)}\r\n\r\n" for event_id, payload in events)
-        route.fulfill(status=200, headers={"Content-Type": "text/event-stream"}, body=": ping\n\n" + body)
-
-    chat.page.route(f"{chat.service.url}/chat/stream/resumed-1", resume)
-    kept = {"conversationId": "resumed-1", "lastEventId": "t1:2", "message": "second",
-            "text": "one two", "messagesBefore": 2}
-    chat.page.evaluate("kept => sessionStorage.setItem('chat.replyInProgress', JSON.stringify(kept))", kept)
-    chat.page.reload()
-    expect(chat.reply_meta).to_have_text("4 tokens · 1.5 s")
-    expect(chat.reply).to_have_text("one two three four")
-    expect(chat.user_messages).to_have_text(["first", "second"])
-    assert asked == ["t1:2"]
-    assert chat.page.evaluate("sessionStorage.getItem('chat.replyInProgress')") is None
 
 
 def test_line_breaks_and_code_blocks_show_as_such(chat, llm, expect):

@@ -35,7 +35,7 @@ def test_release_command_creates_the_tables(tmp_path):
     assert release.wait(60) == 0
     database = models.open_database(url, 1, 5)
     with database.connection_context():
-        assert {"conversation", "message"} <= set(database.get_tables())
+        assert {"chat_conversation", "chat_message"} <= set(database.get_tables())
 
 
 def test_web_command_serves_on_the_port_the_platform_gives(tmp_path):

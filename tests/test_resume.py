@@ -13,13 +13,13 @@ import pytest
 import requests
 
 import models
-from tests.conftest import bearer, wait_until
+from tests.helpers import bearer, stored_messages, wait_until
 from tests.fake_llm import Script
 from tests.faults import RedisServer
 from tests.sse_client import PING, events_with_ids
-from tests.test_hardening import messages_of
 
 WORDS = [f"word{n} " for n in range(40)]
+GRACE = {"STREAM_RESUME_GRACE_SECONDS": 20}  # the default, which the test services set to 0
 EVENT_ID = re.compile(r"[0-9a-f]{16}:[0-9]+")
 
 
@@ -111,7 +111,7 @@ def test_every_event_carries_an_id_unique_across_turns(service, llm):
 
 def test_a_dropped_stream_resumes_on_the_other_instance_with_nothing_missed_or_repeated(start_service, llm):
     """Drop after 5 events, resume on instance two from Last-Event-ID: the rest, once, and the saved reply."""
-    first, second = start_service(), start_service()
+    first, second = start_service(**GRACE), start_service(**GRACE)
     llm.script(paced())
     with first.stream("tell me", "c1") as response:
         got = read_events(response, stop_after=5)
@@ -120,7 +120,7 @@ def test_a_dropped_stream_resumes_on_the_other_instance_with_nothing_missed_or_r
         got += read_events(rest)
     assert_whole_turn(got)
     assert text_of(got) == "".join(WORDS)
-    assert messages_of("alice", "c1")[1] == ("assistant", "".join(WORDS), "complete")
+    assert stored_messages("c1", "alice")[1] == ("assistant", "".join(WORDS), "complete")
 
 
 def test_two_readers_at_once_both_get_every_event(start_service, llm):
@@ -138,7 +138,7 @@ def test_two_readers_at_once_both_get_every_event(start_service, llm):
 
 def test_resume_after_the_end_replays_the_missed_events_then_nothing_once_not_retained(start_service, llm):
     """Within STREAM_RETAIN_SECONDS the missed events and the final one; after it, 204."""
-    service = start_service(STREAM_RETAIN_SECONDS=3)
+    service = start_service(STREAM_RETAIN_SECONDS=3, STREAM_RESUME_GRACE_SECONDS=20)
     llm.script(paced(0, ["one ", "two ", "three"]))
     with service.stream("count", "c1") as response:
         got = read_events(response)
@@ -171,8 +171,8 @@ def test_with_no_reader_within_the_grace_the_model_is_stopped_and_the_turn_saved
     with service.stream("tell me", "c1") as response:
         got = read_events(response, stop_after=2)
     assert llm.wait_for_disconnects(1, timeout=10)
-    assert wait_until(lambda: len(messages_of("alice", "c1")) == 2, timeout=10)
-    role, content, status = messages_of("alice", "c1")[1]
+    assert wait_until(lambda: len(stored_messages("c1", "alice")) == 2, timeout=10)
+    role, content, status = stored_messages("c1", "alice")[1]
     assert status == "interrupted" and content.startswith(text_of(got)) and content != "".join(WORDS)
 
 
@@ -186,7 +186,7 @@ def test_a_reader_who_comes_back_within_the_grace_keeps_the_turn_going_to_comple
         got += read_events(back)
     assert_whole_turn(got)
     assert llm.disconnects == 0
-    assert messages_of("alice", "c1")[1] == ("assistant", "".join(WORDS), "complete")
+    assert stored_messages("c1", "alice")[1] == ("assistant", "".join(WORDS), "complete")
 
 
 def test_stop_works_on_a_turn_with_no_reader(start_service, llm):
@@ -198,7 +198,7 @@ def test_stop_works_on_a_turn_with_no_reader(start_service, llm):
     stopped = service.post("/chat/stop", {"conversation_id": "c1"})
     assert stopped.status_code == 202
     assert llm.wait_for_disconnects(1, timeout=10)
-    assert wait_until(lambda: [m[2] for m in messages_of("alice", "c1")] == ["complete", "stopped"], timeout=10)
+    assert wait_until(lambda: [m[2] for m in stored_messages("c1", "alice")] == ["complete", "stopped"], timeout=10)
 
 
 def test_an_instance_killed_mid_stream_loses_nothing_and_frees_the_conversation_within_15_s(start_service, llm):
@@ -218,7 +218,7 @@ def test_an_instance_killed_mid_stream_loses_nothing_and_frees_the_conversation_
 
     assert wait_until(takes_a_turn, timeout=20, interval=0.5)
     assert time.monotonic() - killed_at <= 15
-    kept = messages_of("alice", "c1")
+    kept = stored_messages("c1", "alice")
     assert [(role, status) for role, _, status in kept] == [
         ("user", "complete"), ("assistant", "interrupted"), ("user", "complete"), ("assistant", "complete")]
     assert kept[0][1] == "tell me a long one"
@@ -252,7 +252,7 @@ def test_redis_lost_mid_turn_leaves_the_reader_alone_and_resume_answers_503_unti
                 private_redis.stop()
     assert_whole_turn(got)
     assert "error" not in got[-1][1] and text_of(got) == "".join(WORDS[:20])
-    assert messages_of("alice", "c1")[1] == ("assistant", "".join(WORDS[:20]), "complete")
+    assert stored_messages("c1", "alice")[1] == ("assistant", "".join(WORDS[:20]), "complete")
     refused = resume(service, "c1")
     assert refused.status_code == 503 and refused.json()["error"]["code"] == "resume_unavailable"
     private_redis.start()
@@ -278,7 +278,7 @@ def test_on_the_embedded_defaults_a_stream_resumes_within_the_process(start_serv
         models.create_tables()
     sqlite.close_all()
     models.db.initialize(postgres)
-    service = start_service(DATABASE_URL=url, REDIS_URL="")
+    service = start_service(DATABASE_URL=url, REDIS_URL="", **GRACE)
     llm.script(paced(0.05))
     with service.stream("tell me", "c1") as response:
         got = read_events(response, stop_after=4)

@@ -25,7 +25,7 @@ from tests.helpers import (
 )
 from tests.sse_client import PING, data_events, events, next_data, rest_of
 
-EVENT_FRAME = re.compile(rb"(data: [^\r\n]*\n\n|: ping\n\n)")
+EVENT_FRAME = re.compile(rb"(id: [0-9a-f]{16}:[0-9]+\ndata: [^\r\n]*\n\n|: ping\n\n)")
 
 
 def test_stream_sends_each_chunk_then_one_final_event(service, llm):
@@ -56,7 +56,7 @@ def test_stream_headers_stop_caching_and_buffering(service, llm):
     response = requests.post(service.url + "/chat/stream", json={"message": "hello"}, headers=bearer(),
                              stream=True, timeout=(5, 20))
     assert response.headers["Content-Type"].startswith("text/event-stream")
-    assert response.headers["Cache-Control"] == "no-cache"
+    assert response.headers["Cache-Control"] == "no-cache, no-store"
     assert response.headers["X-Accel-Buffering"] == "no"
     assert response.headers["Connection"].lower() == "keep-alive"
     response.close()
@@ -70,12 +70,15 @@ def test_new_conversation_id_is_in_the_header_and_the_final_event(service, llm):
     assert data_events(response)[-1]["conversation_id"] == conversation_id
 
 
-def test_every_event_is_one_data_line_and_a_blank_line(service, llm):
-    """The body is nothing but `data: <json>` events and ping comments, each ended by a blank line."""
-    llm.script(Script(chunks=["line one\n\ndata: {\"is_final\": true}\n\n", "\r\nend"]))
+def test_every_event_is_an_id_line_one_data_line_and_a_blank_line(service, llm):
+    """The body is nothing but `id:` + `data: <json>` events and ping comments, each ended by a blank line."""
+    llm.script(Script(chunks=["line one\n\ndata: {\"is_final\": true}\n\n", "\r\nend\u2028\u2029\u0085"]))
     body = service.stream("hello").content
     assert EVENT_FRAME.sub(b"", body) == b""
-    frames = [json.loads(f[6:]) for f in EVENT_FRAME.findall(body) if f.startswith(b"data: ")]
+    assert b"\xe2\x80\xa8" not in body and b"\xe2\x80\xa9" not in body and b"\xc2\x85" not in body
+    assert "".join(body.decode("utf-8").splitlines(keepends=True)) == body.decode("utf-8")
+    frames = [json.loads(f.split(b"\ndata: ", 1)[1]) for f in EVENT_FRAME.findall(body) if f.startswith(b"id: ")]
+    assert frames[1]["content"] == "\r\nend\u2028\u2029\u0085"
     assert frames[0]["content"] == "line one\n\ndata: {\"is_final\": true}\n\n"
     assert [f["is_final"] for f in frames] == [False, False, True]
 
@@ -121,15 +124,13 @@ def test_next_stream_sends_the_history_to_the_model(service, llm):
     assert llm.requests[-1]["json"]["stream_options"] == {"include_usage": True}
 
 
-def test_someone_elses_conversation_is_404_and_the_model_is_not_called(service, llm):
-    """Naming another user's conversation gets a JSON 404, like an id that is not there."""
+def test_another_users_same_id_streams_a_conversation_of_their_own(service, llm):
+    """Mallory naming alice's conversation id gets her own conversation: the model sees none of alice's."""
     data_events(service.stream("mine", "c1", user="alice"))
-    calls = len(llm.requests)
-    response = service.stream("let me in", "c1", user="mallory")
-    assert response.status_code == 404
-    assert response.json() == {"error": {"code": "not_found", "message": "conversation not found"}}
-    assert len(llm.requests) == calls
+    assert data_events(service.stream("let me in", "c1", user="mallory"))[-1]["is_final"]
+    assert seen_by_model(llm) == ["let me in"]
     assert stored_messages("c1") == complete(("mine", "echo: mine"))
+    assert stored_messages("c1", "mallory") == complete(("let me in", "echo: let me in"))
 
 
 def test_model_error_before_the_stream_is_an_http_error(service, llm):
@@ -154,7 +155,7 @@ def test_history_survives_redis_flushall_and_a_restart(start_service, llm, redis
 
 def test_one_worker_carries_many_streams_at_once(start_service, llm):
     """Fifty streams are open at the model together in a single gevent worker, and all finish."""
-    service = start_service(workers=1)
+    service = start_service(workers=1, MAX_STREAMS_PER_USER=50)
     llm.script(*[Script(chunks=["a", "b"], chunk_delay=30) for _ in range(50)])
     finals = []
 
@@ -175,7 +176,7 @@ def test_one_worker_carries_many_streams_at_once(start_service, llm):
 def test_open_streams_do_not_hold_database_connections(start_service, llm, postgres):
     """Thirty streams waiting on the model share a pool of two connections, and all are saved."""
     postgres.close_all()
-    service = start_service(DATABASE_POOL_SIZE=2)
+    service = start_service(DATABASE_POOL_SIZE=2, MAX_STREAMS_PER_USER=30)
     llm.script(*[Script(chunks=["x"], first_chunk_delay=30) for _ in range(30)])
     results = []
     threads = [threading.Thread(target=lambda n=n: results.append(
@@ -232,13 +233,13 @@ def test_a_bad_token_on_a_stream_is_a_json_401(service, llm):
 def test_stream_of_another_user_token_works_with_its_own_sub(service, llm):
     """Each user's stream is answered for that user (the token's sub)."""
     data_events(service.stream("hello", "b1", user="bob"))
-    assert stored_conversation("b1").owner == "bob"
+    assert stored_conversation("b1", "bob").owner == "bob"
 
 
 def test_a_blocked_query_does_not_stall_the_worker(service, llm, postgres_url):
     """psycopg2 is cooperative: while one turn waits on a locked table, the same worker answers others."""
     blocked = []
-    with locked_table(postgres_url, "conversation"):
+    with locked_table(postgres_url, "chat_conversation"):
         waiting = threading.Thread(target=lambda: blocked.append(service.run("hi", "lockd")))
         waiting.start()
         assert wait_until(lambda: lock_waiters(postgres_url) == 1, timeout=10)
