@@ -57,12 +57,12 @@ class ConversationCache(Protocol):
 
 def _missing(failure):
     """A failed read is a miss."""
-    log.warning("cache unavailable, reading from the database: %s", type(failure).__name__)
+    log.debug("cache unavailable, reading from the database: %s", type(failure).__name__)
 
 
 def _not_written(failure):
     """A failed write leaves an older copy, which the version check refuses."""
-    log.warning("cache unavailable, not updated: %s", type(failure).__name__)
+    log.debug("cache unavailable, not updated: %s", type(failure).__name__)
 
 
 class RedisCache:
@@ -91,10 +91,10 @@ class RedisCache:
             self.link.call(self.link.client.delete, *[KEY.format(c) for c in names])
         except redis.RedisError as exc:
             # Harmless: a cached copy is used only while the database holds its version.
-            log.warning("cache unavailable, cached copies left to expire: %s", type(exc).__name__)
+            log.debug("cache unavailable, cached copies left to expire: %s", type(exc).__name__)
 
     def ping(self):
-        """Raise if Redis cannot be reached."""
+        """Raise Unavailable, saying why, if Redis cannot be reached."""
         self.link.ping()
 
 

@@ -103,7 +103,7 @@ def wire_services(app):
     app.extensions["chat"] = service
     app.extensions["coordination"] = coordination
     app.extensions["history"] = History(conversation_cache, coordination, round_trip, journal)
-    app.extensions["health"] = Health(conversation_cache, service.describe_model)
+    app.extensions["health"] = Health(conversation_cache, coordination, service.describe_model)
 
 
 def announce(app):
@@ -408,7 +408,7 @@ def plain_failures(command):
         try:
             return command(*args, **kwargs)
         except models.DatabaseUnavailable as exc:
-            raise click.ClickException(f"the database cannot be used ({exc}); check DATABASE_URL") from None
+            raise click.ClickException(f"the database cannot be used: {exc}") from None
     return run
 
 

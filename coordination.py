@@ -19,6 +19,7 @@ from urllib.parse import quote
 
 import redis
 
+from outages import Outage, redis_reason
 from redis_link import RETRY_AFTER_FAILURE, LocalTrip, Pending, RedisDown
 
 log = logging.getLogger(__name__)
@@ -29,6 +30,10 @@ WATCHERS_KEY = "chat:watchers:{}"
 RATE_KEY = "chat:rate:{}:{}"
 STOP_CHANNEL = "chat:stop"
 MEMORY_ENTRIES = 10000
+# What the service does while Redis is away, said in the log when an outage begins.
+WHILE_REDIS_IS_DOWN = ("Until it is back, turns are guarded per process only: another worker or instance may "
+                       "run a turn of a conversation that is already running one, and rate limits and stream "
+                       "caps count per process")
 
 # Delete a lock only if it still holds the token of the turn that took it.
 _RELEASE_IF_OURS = """
@@ -152,6 +157,7 @@ class RedisCoordination:
         self._unreleased = set()  # (key, token) of releases Redis missed: sent again with the next take
         self.keeper = Keeper(link.round_trip, lease_seconds)
         self.fallback = MemoryCoordination(lease_seconds)
+        link.outage.while_down = WHILE_REDIS_IS_DOWN
 
     def take(self, name, holder, trip):
         """Hold the conversation for one turn, across every process: a lease, or None if it is held.
@@ -169,7 +175,7 @@ class RedisCoordination:
             """Redis failed: hold the conversation in this process only."""
             if not isinstance(failure, RedisDown):
                 self._unreleased.add((key, token))  # a Redis that hung may still carry the SET out later
-            log.warning("cache unavailable, locking in this process only: %s", type(failure).__name__)
+            log.debug("Redis unavailable, holding the conversation in this process only: %s", type(failure).__name__)
             return self.fallback.take(name, holder, LocalTrip()).value
 
         pending = trip.add("SET", key, token, "NX", "PX", self._expiry_ms(), then=taken, otherwise=held_here)
@@ -238,8 +244,8 @@ class RedisCoordination:
 
         def expires(failure):
             """Redis failed: the release goes again with the next take, and the lease lapses meanwhile."""
-            log.warning("could not release a lease now; it expires within %g s: %s",
-                        self.lease_seconds, type(failure).__name__)
+            log.debug("could not release a lease now; it expires within %g s: %s", self.lease_seconds,
+                      type(failure).__name__)
             if isinstance(held, RedisLease):
                 self._unreleased.add((held.key, held.token))
 
@@ -265,8 +271,7 @@ class RedisCoordination:
 
     def listen_for_stops(self, on_stop):
         """Call `on_stop(name)` for every stop published, from a background thread."""
-        listener = self.link.listener()
-        threading.Thread(target=_receive_stops, args=(listener, on_stop), daemon=True).start()
+        threading.Thread(target=_receive_stops, args=(self.link.listener(), on_stop), daemon=True).start()
 
     def count_request(self, user, window, now):
         """Count a request of `user` at `now` in fixed windows of `window` seconds, in one round trip.
@@ -286,14 +291,18 @@ class RedisCoordination:
 
 
 def _receive_stops(listener, on_stop):
-    """Deliver stop signals for ever, reconnecting after Redis failures."""
+    """Deliver stop signals for ever, reconnecting after Redis failures (said once an outage)."""
+    outage = Outage("Redis's stop channel", "A stop sent to another process cannot reach this one's streams "
+                                            "until it is back")
     while True:
         try:
             pubsub = listener.pubsub(ignore_subscribe_messages=True)
             pubsub.subscribe(STOP_CHANNEL)
+            outage.recovered()
             for message in pubsub.listen():
                 on_stop(message["data"])
-        except redis.RedisError:
+        except redis.RedisError as exc:
+            outage.failed(redis_reason(exc))
             time.sleep(RETRY_AFTER_FAILURE)
 
 

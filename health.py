@@ -5,6 +5,7 @@ import threading
 import time
 
 from models import backend_name, ping, retried_once
+from outages import Unavailable
 
 log = logging.getLogger(__name__)
 
@@ -17,9 +18,10 @@ class Health:
     runs wait for it rather than start their own.
     """
 
-    def __init__(self, cache, describe_model, every=1.0):
-        """Report on `cache` and on the model `describe_model()` tells of."""
+    def __init__(self, cache, coordination, describe_model, every=1.0):
+        """Report on `cache`, on who sees turn leases (`coordination`) and on the model `describe_model()` tells of."""
         self.cache = cache
+        self.coordination = coordination
         self.describe_model = describe_model
         self.every = every
         self._checking = threading.Lock()
@@ -41,16 +43,24 @@ class Health:
         healthy = database["state"] == cache_state["state"] == "ok"
         return {"status": "ok" if healthy else "degraded",
                 "database": {**database, "backend": backend_name()},
-                "cache": {**cache_state, "backend": self.cache.backend},
+                "cache": {**cache_state, "backend": self.cache.backend,
+                          "turn_leases": self._turn_leases(cache_state)},
                 "model": self.describe_model()}
+
+    def _turn_leases(self, cache_state):
+        """Who sees a turn's hold on its conversation: "shared" by every process and instance, or "per_process"."""
+        shared = self.coordination.backend == "redis" and cache_state["state"] == "ok"
+        return "shared" if shared else "per_process"
 
 
 def probe(check):
-    """{"state": "ok", "round_trip_ms": ...} if `check` succeeds, else {"state": "unavailable"}."""
+    """{"state": "ok", "round_trip_ms": ...} if `check` succeeds, else {"state": "unavailable", "reason": why}."""
     started = time.monotonic()
     try:
         check()
+    except Unavailable as exc:  # the part's outage logged why, once
+        return {"state": "unavailable", "reason": str(exc)}
     except Exception as exc:  # noqa: BLE001 - any failure is what /status reports
         log.warning("status check failed: %s", type(exc).__name__)
-        return {"state": "unavailable"}
+        return {"state": "unavailable", "reason": f"the check failed unexpectedly ({type(exc).__name__})"}
     return {"state": "ok", "round_trip_ms": round((time.monotonic() - started) * 1000, 2)}

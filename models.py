@@ -2,7 +2,6 @@
 
 import contextlib
 import datetime
-import logging
 import os
 import secrets
 from urllib.parse import urlsplit
@@ -13,8 +12,11 @@ from peewee import (AutoField, CharField, DatabaseProxy, DateTimeField, ForeignK
 from playhouse.db_url import connect, register_database
 from playhouse.pool import MaxConnectionsExceeded, PooledPostgresqlDatabase
 
-log = logging.getLogger(__name__)
+from outages import Outage, Unavailable, database_reason
+
 db = DatabaseProxy()
+# Why the database cannot be used, if it cannot: logged once an outage, reported by /status.
+outage = Outage("The database")
 
 # Everything the database can fail with: peewee's errors, a pool with no free connection, and
 # the socket timeouts of a database that stopped answering (gunicorn.conf.py sets them).
@@ -79,20 +81,26 @@ class PooledPostgres(PooledPostgresqlDatabase):
 register_database(PooledPostgres, "postgres+pool", "postgresql+pool")
 
 
-class DatabaseUnavailable(Exception):
-    """The database could not be used: down, unreachable, out of connections or too slow."""
+class DatabaseUnavailable(Unavailable):
+    """The database could not be used: down, unreachable, out of connections or too slow; str() says why."""
 
 
 @contextlib.contextmanager
-def connection():
-    """A pooled database connection for the block; any failure of the database is DatabaseUnavailable."""
+def connection(retrying=False):
+    """A pooled database connection for the block; any failure of the database is DatabaseUnavailable.
+
+    The failure begins an outage (logged once, with its reason) unless `retrying`: another try follows.
+    """
     try:
         with db.connection_context():
             yield
     except DATABASE_ERRORS as exc:
-        log.error("database unavailable: %s", type(exc).__name__)
+        reason = database_reason(exc, db.obj.connect_params.get("password"))
+        if not retrying:
+            outage.failed(reason)
         db.close_idle()  # a failed connection means its idle siblings are likely dead too
-        raise DatabaseUnavailable(type(exc).__name__) from None
+        raise DatabaseUnavailable(reason) from None
+    outage.recovered()
 
 
 def retried_once(read):
@@ -101,15 +109,15 @@ def retried_once(read):
     The first try may have met a connection cut since it was pooled; its failure emptied the
     pool of such connections.
     """
-    def attempt():
+    def attempt(retrying):
         """One try."""
-        with connection():
+        with connection(retrying):
             return read()
 
     try:
-        return attempt()
+        return attempt(retrying=True)
     except DatabaseUnavailable:
-        return attempt()
+        return attempt(retrying=False)
 
 
 def ping():

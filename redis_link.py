@@ -13,6 +13,8 @@ from urllib.parse import quote
 
 import redis
 
+from outages import Outage, Unavailable, redis_reason
+
 log = logging.getLogger(__name__)
 
 RETRY_AFTER_FAILURE = 1.0
@@ -27,7 +29,7 @@ def scope(user, conversation_id):
 
 
 class RedisDown(redis.ConnectionError):
-    """Redis failed a moment ago; not tried again until RETRY_AFTER_FAILURE has passed."""
+    """Redis failed a moment ago (the message says why); not tried again until RETRY_AFTER_FAILURE has passed."""
 
 
 class Pending:
@@ -125,24 +127,31 @@ class LocalTrip:
 
 
 class RedisLink:
-    """The Redis client of a process, never waiting on Redis more than a second."""
+    """The Redis client of a process, never waiting on Redis more than a second.
+
+    Its `outage` says why Redis cannot be used, logged once an outage (outages.py).
+    """
 
     def __init__(self, url):
         """Connect lazily to the Redis at `url`."""
         self.url = url
-        self.client = redis.Redis.from_url(url, decode_responses=True, socket_timeout=1,
-                                           socket_connect_timeout=1, health_check_interval=30)
+        self.options = {"decode_responses": True, "socket_connect_timeout": 1, "health_check_interval": 30}
+        self.client = redis.Redis.from_url(url, socket_timeout=1, **self.options)
+        self.outage = Outage("Redis")
         self._retry_at = 0.0
 
     def call(self, operation, *args, **kwargs):
         """Run a Redis operation, failing fast for a second after Redis failed."""
         if time.monotonic() < self._retry_at:
-            raise RedisDown("Redis failed a moment ago")
+            raise RedisDown(self.outage.reason or "Redis failed a moment ago")
         try:
-            return operation(*args, **kwargs)
-        except redis.RedisError:
+            answer = operation(*args, **kwargs)
+        except redis.RedisError as exc:
             self._retry_at = time.monotonic() + RETRY_AFTER_FAILURE
+            self.outage.failed(redis_reason(exc))
             raise
+        self.outage.recovered()
+        return answer
 
     def round_trip(self):
         """A round trip to fill with commands."""
@@ -154,9 +163,11 @@ class RedisLink:
 
     def listener(self):
         """A client of its own for a subscription, which holds its connection for ever."""
-        return redis.Redis(connection_pool=redis.ConnectionPool.from_url(
-            self.url, decode_responses=True, socket_connect_timeout=1, health_check_interval=30))
+        return redis.Redis(connection_pool=redis.ConnectionPool.from_url(self.url, **self.options))
 
     def ping(self):
-        """Raise if Redis cannot be reached."""
-        self.call(self.client.ping)
+        """Raise Unavailable, saying why, if Redis cannot be reached."""
+        try:
+            self.call(self.client.ping)
+        except redis.RedisError:
+            raise Unavailable(self.outage.reason or "Redis failed a moment ago") from None

@@ -296,6 +296,18 @@ class Service:
         with open(self.log.name, errors="replace") as log:
             return log.read()
 
+    def messages(self, beginning=""):
+        """The messages of the JSON log lines the service wrote so far that begin with `beginning`, in order."""
+        found = []
+        for raw in self.output().splitlines():
+            try:
+                message = json.loads(raw).get("message")
+            except (ValueError, AttributeError):
+                continue
+            if isinstance(message, str) and message.startswith(beginning):
+                found.append(message)
+        return found
+
     def stop(self, sig=signal.SIGTERM, timeout=30):
         """Stop gunicorn and wait for it to exit."""
         if self.process and self.process.poll() is None:

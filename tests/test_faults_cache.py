@@ -6,6 +6,7 @@ that one; the machine's shared Redis is never touched.
 
 import pytest
 
+from coordination import WHILE_REDIS_IS_DOWN
 from tests.fake_llm import Script
 from tests.faults import RedisServer
 from tests.helpers import (
@@ -67,7 +68,8 @@ def test_redis_stopped_turns_read_the_database_and_the_cache_comes_back(start_se
 
     about = service.status_once(lambda about: about["status"] == "degraded")
     assert about["status"] == "degraded"
-    assert about["cache"] == {"state": "unavailable", "backend": "redis"}
+    assert about["cache"] == {"state": "unavailable", "backend": "redis", "turn_leases": "per_process",
+                              "reason": "connection refused: nothing listens at the host and port of REDIS_URL"}
     assert about["database"]["state"] == "ok"
     assert stored_messages("c1") == complete(("I am Bo.", "echo: I am Bo."), ("Who am I?", "echo: Who am I?"),
                                              ("Sure?", "Still Bo."))
@@ -84,6 +86,27 @@ def test_redis_stopped_turns_read_the_database_and_the_cache_comes_back(start_se
     assert contents(cached) == ["I am Bo.", "echo: I am Bo.", "Who am I?", "echo: Who am I?",
                                 "Sure?", "Still Bo.", "And now?", "echo: And now?"]
     assert len(stored_messages("c1")) == 8
+
+
+def test_a_redis_outage_is_logged_once_with_its_reason_and_once_when_it_ends(start_service, private_redis):
+    """However many turns meet a stopped Redis, the log says once why it cannot be used, and once that it is back."""
+    service = start_service(REDIS_URL=private_redis.url)
+    assert service.run("one", "c1").status_code == 200
+    private_redis.stop()
+    for n in range(4):
+        assert service.run(f"turn {n}", "c1").status_code == 200
+    assert wait_until(lambda: cache_is(service, "unavailable"), timeout=10)
+    assert service.run("after a second", "c1").status_code == 200  # past the fail-fast second: Redis is tried again
+    said = service.messages("Redis cannot be used")
+    assert said == [f"Redis cannot be used: connection refused: nothing listens at the host and port of REDIS_URL. "
+                    f"{WHILE_REDIS_IS_DOWN}"]
+    assert service.messages("Redis is reachable again") == []
+
+    private_redis.start()
+    assert wait_until(lambda: cache_is(service, "ok"), timeout=10)
+    assert service.run("two", "c1").status_code == 200
+    assert service.messages("Redis is reachable again") == ["Redis is reachable again"]
+    assert service.messages("Redis cannot be used") == said
 
 
 def test_redis_paused_turns_still_answer_and_the_cache_comes_back(start_service, llm, private_redis, redis_probe):

@@ -99,7 +99,8 @@ def test_database_refusing_connections_is_503_and_the_service_recovers_by_itself
 
     about = service.status_once(lambda about: about["status"] == "degraded")
     assert about["status"] == "degraded"
-    assert about["database"] == {"state": "unavailable", "backend": "postgresql"}
+    assert about["database"] == {"state": "unavailable", "backend": "postgresql", "reason": (
+        "connection refused: nothing listens at the host and port of DATABASE_URL (is PostgreSQL running?)")}
     assert about["cache"]["state"] == "ok"
 
     pg_proxy.accept()
@@ -116,6 +117,26 @@ def test_database_refusing_connections_is_503_and_the_service_recovers_by_itself
     final = data_events(service.stream("hi again", "c3"))[-1]
     assert final["is_final"] is True and "error" not in final
     assert stored_messages("c3") == complete(("hi again", "echo: hi again"))
+
+
+def test_a_database_outage_is_logged_once_with_its_reason_and_once_when_it_ends(start_service, llm, pg_proxy,
+                                                                               redis_client):
+    """However many requests meet a database that refuses connections, the log says why once, and once that it is back."""
+    service = start_service(DATABASE_URL=through(pg_proxy))
+    assert service.run("one", "c1").status_code == 200
+    pg_proxy.refuse()
+    pg_proxy.cut()
+    for n in range(4):
+        assert service.run(f"turn {n}", f"new-{n}").status_code == 503
+    refused = "connection refused: nothing listens at the host and port of DATABASE_URL (is PostgreSQL running?)"
+    assert service.messages("The database cannot be used") == [f"The database cannot be used: {refused}"]
+    assert service.status_once(lambda about: about["database"]["state"] == "unavailable")["database"]["reason"] \
+        == refused
+
+    pg_proxy.accept()
+    assert service.run("two", "c1").status_code == 200
+    assert service.messages("The database is reachable again") == ["The database is reachable again"]
+    assert len(service.messages("The database cannot be used")) == 1
 
 
 def test_connections_dropped_while_pooled_are_replaced(start_service, llm, pg_proxy, postgres_url, redis_client):

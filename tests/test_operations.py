@@ -283,7 +283,8 @@ def test_status_reports_an_unreachable_cache_as_degraded(make_pg_app):
     app = make_pg_app(REDIS_URL="redis://127.0.0.1:1/0")
     body = app.test_client().get("/status", headers=bearer()).get_json()
     assert body["status"] == "degraded"
-    assert body["cache"] == {"state": "unavailable", "backend": "redis"}
+    assert body["cache"] == {"state": "unavailable", "backend": "redis", "turn_leases": "per_process",
+                             "reason": "connection refused: nothing listens at the host and port of REDIS_URL"}
     assert body["database"]["state"] == "ok"
 
 
