@@ -85,7 +85,7 @@ def wire_services(app):
     """Build the cache, the coordination between processes, the model and the services on them."""
     config = app.config
     if config["REDIS_URL"]:
-        link = RedisLink(config["REDIS_URL"])
+        link = RedisLink(config["REDIS_URL"], config["REDIS_TLS_VERIFY"], config["REDIS_TLS_CA_FILE"])
         conversation_cache = RedisCache(link, config["CACHE_TTL_SECONDS"])
         coordination = RedisCoordination(link, config["LEASE_SECONDS"])
         journal = RedisJournal(link, config["STREAM_RETAIN_SECONDS"])

@@ -32,6 +32,18 @@ def _number(name, default, kind):
         raise ConfigError(f"{name} must be a {'whole ' if kind is int else ''}number, not {raw!r}") from None
 
 
+def _flag(name, default):
+    """Read a true/false environment variable; a clear error if it is neither."""
+    raw = os.environ.get(name, "").strip().lower()
+    if not raw:
+        return default
+    if raw in ("1", "true", "yes", "on"):
+        return True
+    if raw in ("0", "false", "no", "off"):
+        return False
+    raise ConfigError(f"{name} must be true or false, not {os.environ[name]!r}")
+
+
 class Config:
     """Settings read once from the environment; `create_app(test_config)` can override any."""
 
@@ -46,6 +58,8 @@ class Config:
         self.DATABASE_POOL_TIMEOUT = _float("DATABASE_POOL_TIMEOUT", 10)
         self.DATABASE_TIMEOUT_SECONDS = _float("DATABASE_TIMEOUT_SECONDS", 5)
         self.REDIS_URL = os.environ.get("REDIS_URL") or None
+        self.REDIS_TLS_VERIFY = _flag("REDIS_TLS_VERIFY", True)
+        self.REDIS_TLS_CA_FILE = os.environ.get("REDIS_TLS_CA_FILE") or None
         self.JWT_SECRET_KEY = os.environ.get("JWT_SECRET_KEY") or None
         self.LLM_BASE_URL = (os.environ.get("LLM_BASE_URL") or "").rstrip("/") or None
         self.LLM_API_KEY = os.environ.get("LLM_API_KEY") or None

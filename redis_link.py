@@ -126,16 +126,33 @@ class LocalTrip:
         """Nothing to send."""
 
 
+def tls_options(url, verify=True, ca_file=None):
+    """redis-py's TLS arguments for `url`: none for redis://; for rediss://, the certificate checks chosen.
+
+    The URL's own parameters (`?ssl_cert_reqs=none`) win over these: redis-py applies them last.
+    """
+    if not url.startswith("rediss://"):
+        if ca_file or not verify:
+            log.warning("REDIS_TLS_VERIFY and REDIS_TLS_CA_FILE apply to rediss:// URLs only; "
+                        "REDIS_URL is not one, so its connections are not encrypted")
+        return {}
+    options = {"ssl_cert_reqs": "required" if verify else "none"}
+    if ca_file:
+        options["ssl_ca_certs"] = ca_file
+    return options
+
+
 class RedisLink:
     """The Redis client of a process, never waiting on Redis more than a second.
 
     Its `outage` says why Redis cannot be used, logged once an outage (outages.py).
     """
 
-    def __init__(self, url):
-        """Connect lazily to the Redis at `url`."""
+    def __init__(self, url, verify=True, ca_file=None):
+        """Connect lazily to the Redis at `url`, checking a rediss:// server's certificate as chosen."""
         self.url = url
-        self.options = {"decode_responses": True, "socket_connect_timeout": 1, "health_check_interval": 30}
+        self.options = {"decode_responses": True, "socket_connect_timeout": 1, "health_check_interval": 30,
+                        **tls_options(url, verify, ca_file)}
         self.client = redis.Redis.from_url(url, socket_timeout=1, **self.options)
         self.outage = Outage("Redis")
         self._retry_at = 0.0
@@ -162,7 +179,7 @@ class RedisLink:
         return self.client.register_script(source)
 
     def listener(self):
-        """A client of its own for a subscription, which holds its connection for ever."""
+        """A client of its own for a subscription, which holds its connection for ever (same TLS settings)."""
         return redis.Redis(connection_pool=redis.ConnectionPool.from_url(self.url, **self.options))
 
     def ping(self):

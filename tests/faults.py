@@ -187,23 +187,37 @@ class TcpProxy:
 
 
 class RedisServer:
-    """A private redis-server on a free loopback port that tests may stop, restart, pause and resume."""
+    """A private redis-server on a free loopback port that tests may stop, restart, pause and resume.
 
-    def __init__(self):
+    With `tls` (a certificate file and its key file) it speaks TLS only, as managed Redis does;
+    with `password` it asks for one.
+    """
+
+    def __init__(self, tls=None, password=None):
         """Pick a port and a data directory, not yet started."""
         self.port = free_port()
         self.dir = tempfile.mkdtemp(prefix="faults-redis-")
+        self.tls, self.password = tls, password
         self.process = None
         self.paused = False
 
     @property
     def url(self):
-        """The URL of database 0 of this server."""
-        return f"redis://127.0.0.1:{self.port}/0"
+        """The URL of database 0 of this server (rediss:// and the password in it, if it has them)."""
+        scheme = "rediss" if self.tls else "redis"
+        credentials = f":{self.password}@" if self.password else ""
+        return f"{scheme}://{credentials}127.0.0.1:{self.port}/0"
 
     def start(self):
         """Start redis-server (on the same port as before, if restarted) and wait until it answers PING."""
-        command = [shutil.which("redis-server") or "redis-server", "--port", str(self.port), "--bind", "127.0.0.1",
+        ports = ["--port", str(self.port)]
+        if self.tls:
+            certificate, key = self.tls
+            ports = ["--port", "0", "--tls-port", str(self.port), "--tls-cert-file", str(certificate),
+                     "--tls-key-file", str(key), "--tls-auth-clients", "no"]
+        if self.password:
+            ports += ["--requirepass", self.password]
+        command = [shutil.which("redis-server") or "redis-server", *ports, "--bind", "127.0.0.1",
                    "--save", "", "--appendonly", "no", "--dir", self.dir]
         log = open(os.path.join(self.dir, "redis.log"), "ab")
         self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
@@ -248,9 +262,10 @@ class RedisServer:
             self.paused = False
 
     def client(self, timeout=5):
-        """A redis-py client of database 0, decoding replies to str."""
-        return redis.Redis(host="127.0.0.1", port=self.port, db=0, decode_responses=True,
-                           socket_timeout=timeout, socket_connect_timeout=timeout)
+        """A redis-py client of database 0, decoding replies to str (over TLS, without checking the certificate)."""
+        tls = {"ssl": True, "ssl_cert_reqs": "none"} if self.tls else {}
+        return redis.Redis(host="127.0.0.1", port=self.port, db=0, password=self.password, decode_responses=True,
+                           socket_timeout=timeout, socket_connect_timeout=timeout, **tls)
 
     def close(self):
         """Stop the server and remove its data directory."""
