@@ -9,6 +9,7 @@ import logging
 import socket
 import ssl
 import threading
+import time
 
 import redis
 from playhouse.pool import MaxConnectionsExceeded
@@ -62,6 +63,8 @@ POSTGRES_REASONS = [
     (("database is locked",), "the SQLite file of DATABASE_URL is locked by another process"),
 ]
 
+QUIET_SECONDS = 60
+
 # OpenSSL's reason codes that mean the other end does not speak TLS.
 NOT_TLS = {"WRONG_VERSION_NUMBER", "RECORD_LAYER_FAILURE", "PACKET_LENGTH_TOO_LONG", "HTTP_REQUEST"}
 
@@ -73,8 +76,10 @@ class Unavailable(Exception):
 class Outage:
     """Whether a part (Redis, the database) can be used now, and if not, why.
 
-    The first failure of an outage is logged, with its reason; the failures after it are not
-    (their reason is kept, for /status). The first success after a failure is logged once.
+    The first failure of an outage is logged with its reason, and the first success after it;
+    the failures in between are not (their reason is kept, for /status). An outage that begins
+    within QUIET_SECONDS of the last one logged is not logged, nor its end: a part that flaps
+    says so once a minute at most.
     """
 
     def __init__(self, part, while_down=""):
@@ -82,22 +87,30 @@ class Outage:
         self.part = part
         self.while_down = while_down
         self.reason = None
+        self._logged = False  # whether the current outage was logged
+        self._logged_at = -QUIET_SECONDS
         self._mutex = threading.Lock()
 
     def failed(self, reason):
-        """The part failed for `reason`: logged if it is the outage's first failure."""
+        """The part failed for `reason`: logged if it begins an outage (and the last was not just now)."""
         with self._mutex:
             beginning, self.reason = self.reason is None, reason
-        if beginning:
+            if beginning:
+                self._logged = time.monotonic() - self._logged_at >= QUIET_SECONDS
+                if self._logged:
+                    self._logged_at = time.monotonic()
+            said = beginning and self._logged
+        if said:
             log.error("%s cannot be used: %s%s", self.part, reason, f". {self.while_down}" if self.while_down else "")
 
     def recovered(self):
-        """The part answered: logged once, if it was failing."""
+        """The part answered: logged once, if its outage was."""
         if self.reason is None:
             return
         with self._mutex:
-            ending, self.reason = self.reason is not None, None
-        if ending:
+            said = self.reason is not None and self._logged
+            self.reason = None
+        if said:
             log.warning("%s is reachable again", self.part)
 
 
@@ -170,11 +183,12 @@ def _answer_reason(failure):
         return "Redis is still loading its data into memory"
     if isinstance(failure, redis.ReadOnlyError):
         return "REDIS_URL names a read-only replica; point it at the primary"
-    if isinstance(failure, redis.ResponseError):
-        code = (str(failure).split() or ["ERR"])[0]
-        if code == "NOPERM":
-            return "the user of REDIS_URL may not run a command this service needs (NOPERM)"
-        return f"Redis answered an error ({code})"
+    if isinstance(failure, redis.exceptions.NoPermissionError):
+        return "the user of REDIS_URL may not run a command this service needs (NOPERM)"
+    if isinstance(failure, redis.exceptions.OutOfMemoryError):
+        return "Redis is out of memory (maxmemory) and refuses writes"
+    if isinstance(failure, redis.ResponseError):  # Redis's own words, which hold no secret
+        return f"Redis answered an error: {str(failure)[:200]}"
     return f"Redis failed ({type(failure).__name__})"
 
 

@@ -18,6 +18,8 @@ from outages import Outage, Unavailable, redis_reason
 log = logging.getLogger(__name__)
 
 RETRY_AFTER_FAILURE = 1.0
+# Failures that make Redis unusable (an outage), as opposed to an error answered to one command.
+UNUSABLE = (redis.ConnectionError, redis.TimeoutError, redis.exceptions.NoPermissionError)
 
 
 def scope(user, conversation_id):
@@ -165,7 +167,8 @@ class RedisLink:
             answer = operation(*args, **kwargs)
         except redis.RedisError as exc:
             self._retry_at = time.monotonic() + RETRY_AFTER_FAILURE
-            self.outage.failed(redis_reason(exc))
+            if isinstance(exc, UNUSABLE):
+                self.outage.failed(redis_reason(exc))
             raise
         self.outage.recovered()
         return answer
@@ -186,5 +189,7 @@ class RedisLink:
         """Raise Unavailable, saying why, if Redis cannot be reached."""
         try:
             self.call(self.client.ping)
-        except redis.RedisError:
-            raise Unavailable(self.outage.reason or "Redis failed a moment ago") from None
+        except RedisDown as exc:
+            raise Unavailable(str(exc)) from None
+        except redis.RedisError as exc:
+            raise Unavailable(redis_reason(exc)) from None

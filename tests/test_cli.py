@@ -190,3 +190,19 @@ def test_generated_secret_signs_accepted_tokens(settings, instance_dir):
     secret = (instance_dir / "jwt-secret").read_text().strip()
     response = app.test_client().post("/chat/run", json={"message": "hi"}, headers=bearer(secret=secret))
     assert response.status_code == 200, response.get_json()
+
+
+@pytest.mark.parametrize("written, verify", [("false", False), ("0", False), ("no", False), ("off", False),
+                                             ("true", True), ("1", True), ("", True)])
+def test_redis_tls_verify_reads_true_or_false(settings, monkeypatch, written, verify):
+    """REDIS_TLS_VERIFY is on unless it says false, 0, no or off."""
+    monkeypatch.setenv("REDIS_TLS_VERIFY", written)
+    app = chat_app.create_app({**settings, "JWT_SECRET_KEY": SECRET})
+    assert app.config["REDIS_TLS_VERIFY"] is verify
+
+
+def test_redis_tls_verify_refuses_anything_but_true_or_false(settings, monkeypatch):
+    """A REDIS_TLS_VERIFY that is neither is a clear startup error, not a guess about certificate checks."""
+    monkeypatch.setenv("REDIS_TLS_VERIFY", "maybe")
+    with pytest.raises(ConfigError, match="REDIS_TLS_VERIFY must be true or false, not 'maybe'"):
+        chat_app.create_app(settings)

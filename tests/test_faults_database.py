@@ -121,7 +121,7 @@ def test_database_refusing_connections_is_503_and_the_service_recovers_by_itself
 
 def test_a_database_outage_is_logged_once_with_its_reason_and_once_when_it_ends(start_service, llm, pg_proxy,
                                                                                redis_client):
-    """However many requests meet a database that refuses connections, the log says why once, and once that it is back."""
+    """However many requests meet a database refusing connections, the log says why once, and once that it is back."""
     service = start_service(DATABASE_URL=through(pg_proxy))
     assert service.run("one", "c1").status_code == 200
     pg_proxy.refuse()

@@ -17,6 +17,7 @@ import psycopg2
 import pytest
 import requests
 
+import models
 from outages import Unavailable
 from redis_link import RedisLink
 from tests.fake_llm import Script
@@ -301,3 +302,33 @@ def test_a_database_that_requires_tls_says_so_when_the_url_turns_tls_off(make_ap
     assert about["database"] == {"state": "unavailable", "backend": "postgresql", "reason": REQUIRES_TLS}
     assert service.messages("The database cannot be used:") == [f"The database cannot be used: {REQUIRES_TLS}"]
     assert public_status(service)["database"] == {"state": "unavailable"}
+
+
+@pytest.mark.parametrize("url, reason", [
+    (lambda pg: pg.url("disable"), REQUIRES_TLS),
+    (lambda pg: pg.url("verify-full") + "&sslrootcert=/no/such/ca.pem",
+     "certificate verification failed (no CA to check the server's certificate against); add "
+     "sslrootcert=<CA file> to DATABASE_URL, or use sslmode=require to encrypt without verifying the certificate"),
+    (lambda pg: pg.url("require", "no_such_database"),
+     "the database named in DATABASE_URL does not exist on the server"),
+    (lambda pg: pg.url("require").replace("root@", f"nobody:{PASSWORD}@"),
+     "the user of DATABASE_URL does not exist on the server"),
+    (lambda pg: pg.url("requir"),
+     "sslmode in DATABASE_URL must be one of disable, allow, prefer, require, verify-ca, verify-full"),
+    (lambda pg: f"postgresql://root:{PASSWORD}@127.0.0.1:{free_port()}/chat",
+     "connection refused: nothing listens at the host and port of DATABASE_URL (is PostgreSQL running?)"),
+    (lambda pg: "postgresql://root@no-such-host.invalid:5432/chat",
+     "unknown host: the host name in DATABASE_URL does not resolve"),
+], ids=["tls-required", "no-ca-to-verify", "no-database", "no-role", "bad-sslmode", "refused", "unknown-host"])
+def test_each_database_failure_is_said_in_words_a_user_can_act_on(postgres, tls_postgres, url, reason, caplog):
+    """The reason of a failure names its cause and the setting to change, never the password."""
+    database = models.open_database(url(tls_postgres), 1, 1)
+    try:
+        with pytest.raises(models.DatabaseUnavailable) as raised:
+            with models.connection():
+                models.ping()
+    finally:
+        database.close_all()
+        models.db.initialize(postgres)
+    assert str(raised.value) == reason
+    assert PASSWORD not in caplog.text
