@@ -146,10 +146,12 @@ def test_status_reports_database_cache_and_model(pg_client, llm):
     """GET /status with a token names the version, the state and round trip of the database and the cache, and the model."""
     body = pg_client.get("/status", headers=bearer()).get_json()
     assert body["version"] == VERSION
-    for part, backend in (("database", "postgresql"), ("cache", "redis")):
+    expected = {"database": {"state": "ok", "backend": "postgresql"},
+                "cache": {"state": "ok", "backend": "redis", "turn_leases": "shared"}}
+    for part, described in expected.items():
         round_trip = body[part].pop("round_trip_ms")
         assert isinstance(round_trip, (int, float)) and 0 <= round_trip < 5000
-        assert body[part] == {"state": "ok", "backend": backend}
+        assert body[part] == described
     assert body["model"]["backend"] == "openai-compatible"
     assert body["model"]["base_url"] == llm.url
 
