@@ -50,6 +50,7 @@ class Config:
         self.LLM_BASE_URL = (os.environ.get("LLM_BASE_URL") or "").rstrip("/") or None
         self.LLM_API_KEY = os.environ.get("LLM_API_KEY") or None
         self.LLM_MODEL = os.environ.get("LLM_MODEL", "gpt-4o-mini")
+        self.LLM_MAX_TOKENS = _int("LLM_MAX_TOKENS", 0)
         self.LLM_TIMEOUT_SECONDS = _float("LLM_TIMEOUT_SECONDS", 60)
         self.LLM_SYSTEM_PROMPT = os.environ.get("LLM_SYSTEM_PROMPT") or None
         self.LLM_CONTEXT_TOKENS = _int("LLM_CONTEXT_TOKENS", 16000)

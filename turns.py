@@ -66,6 +66,7 @@ class Turn:
     model: str = None
     prompt_tokens: int = None
     reply_tokens: int = None
+    token_source: str = None  # "model": its own usage; "estimate": counted by the service
     finish_reason: str = None
 
     def let_go(self, trip=None):
@@ -95,6 +96,7 @@ class Turn:
             "prompt_tokens": self.prompt_tokens,
             "completion_tokens": self.reply_tokens,
             "model": self.model,
+            "token_source": self.token_source,
             "history_messages": len(self.kept),
         }
         if self.first_token_at is not None:
@@ -546,6 +548,7 @@ class ChatService:
         turn.prompt_tokens = reply.prompt_tokens or self._cost(turn.prompt)
         turn.reply_tokens = reply.completion_tokens if reply.completion_tokens is not None \
             else estimate_tokens(content)
+        turn.token_source = "model" if reply.completion_tokens is not None else "estimate"
         turn.finish_reason = (reply.finish_reason if turn.status == Message.COMPLETE
                               else turn.status)
         turn.record.update(turn.log_fields())
