@@ -63,6 +63,9 @@ class Config:
         self.CLIENT_READ_TIMEOUT_SECONDS = _float("CLIENT_READ_TIMEOUT_SECONDS", 10)
         self.LEASE_SECONDS = _float("LEASE_SECONDS", 10)
         self.MAX_STREAMS_PER_USER = _int("MAX_STREAMS_PER_USER", 10)
+        self.TOKEN_BUDGET_PER_DAY = _int("TOKEN_BUDGET_PER_DAY", 0)
+        self.METRICS = os.environ.get("METRICS", "on").lower() not in ("off", "0", "false", "no")
+        self.METRICS_TOKEN = os.environ.get("METRICS_TOKEN") or None
         self.STREAM_RETAIN_SECONDS = _float("STREAM_RETAIN_SECONDS", 300)
         self.STREAM_RESUME_GRACE_SECONDS = _float("STREAM_RESUME_GRACE_SECONDS", 20)
         self.MAX_MESSAGE_CHARS = _int("MAX_MESSAGE_CHARS", 32000)
