@@ -38,7 +38,10 @@ def init_app(app):
         config["JWT_SECRET_KEY"] = local_secret(app.instance_path)
     keys = token_keys.from_config(config)
     audience = audiences(config["JWT_AUDIENCE"])
-    config.update(JWT_ALGORITHM=token_keys.SECRET_ALGORITHM, JWT_DECODE_ALGORITHMS=keys.algorithms,
+    # flask-jwt-extended adds JWT_ALGORITHM (what create-token signs with) to the algorithms it
+    # accepts, so without HS256 it must be one of the accepted ones.
+    signing = token_keys.SECRET_ALGORITHM if keys.can_sign() else keys.algorithms[0]
+    config.update(JWT_ALGORITHM=signing, JWT_DECODE_ALGORITHMS=list(keys.algorithms),
                   JWT_TOKEN_LOCATION=["headers"],
                   JWT_IDENTITY_CLAIM=config["JWT_USER_CLAIM"],
                   JWT_DECODE_AUDIENCE=audience, JWT_ENCODE_AUDIENCE=audience,

@@ -71,10 +71,11 @@ class ProviderKeys:
     keeps the keys from before; each fetch is bounded by `timeout`.
     """
 
-    def __init__(self, url, timeout):
+    def __init__(self, url, timeout, clock=time.monotonic):
         """No keys yet: the first token that needs one fetches them (the service starts with the provider down)."""
         self.url = url
         self.timeout = timeout
+        self.clock = clock
         self.client = jwt.PyJWKClient(url, cache_jwk_set=False, timeout=timeout)
         self.keys = {}
         self.fetched = -math.inf
@@ -85,7 +86,7 @@ class ProviderKeys:
         """The provider's signing key named `kid`; PyJWKClientError if it has none that we know of."""
         if not isinstance(kid, str):
             raise jwt.PyJWKClientError("the token names no key (kid)")
-        if kid not in self.keys or time.monotonic() - self.fetched > KEYS_FRESH_SECONDS:
+        if kid not in self.keys or self.clock() - self.fetched > KEYS_FRESH_SECONDS:
             self.refresh()
         try:
             return self.keys[kid]
@@ -97,11 +98,11 @@ class ProviderKeys:
         if not self.lock.acquire(timeout=self.timeout):
             return  # another request's fetch is taking its time: go on with the keys held
         try:
-            if time.monotonic() - self.tried < REFETCH_SECONDS:
+            if self.clock() - self.tried < REFETCH_SECONDS:
                 return
-            self.tried = time.monotonic()
+            self.tried = self.clock()
             self.keys = self.fetch()
-            self.fetched = time.monotonic()
+            self.fetched = self.clock()
         except (jwt.PyJWTError, OSError, ValueError) as exc:
             log.warning("cannot fetch the identity provider's keys from %s (keeping %d): %s",
                         self.url, len(self.keys), exc)
