@@ -58,7 +58,11 @@ def audiences(setting):
 
 
 def decode_key(header, claims):
-    """The key for the token being checked, chosen by its header (flask-jwt-extended's decode_key_loader)."""
+    """The key for the token being checked, by its `alg` among those configured (the decode_key_loader).
+
+    flask-jwt-extended's own choice (JWT_SECRET_KEY or JWT_PUBLIC_KEY, by JWT_ALGORITHM) is one
+    key for every token, so it could not take the service's HS256 tokens beside the provider's.
+    """
     previous = g.get("trying_previous_secret", False)
     return current_app.extensions["token_keys"].key_for(header, previous=previous)
 
