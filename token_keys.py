@@ -15,7 +15,7 @@ from cryptography.hazmat.primitives.serialization import load_pem_public_key
 from gevent import monkey
 from jwt.algorithms import ECAlgorithm, OKPAlgorithm, RSAAlgorithm
 
-from config import ConfigError
+from config import VERSION, ConfigError
 
 log = logging.getLogger("token_keys")
 
@@ -76,7 +76,8 @@ class ProviderKeys:
         self.url = url
         self.timeout = timeout
         self.clock = clock
-        self.client = jwt.PyJWKClient(url, cache_jwk_set=False, timeout=timeout)
+        self.client = jwt.PyJWKClient(url, cache_jwk_set=False, timeout=timeout,
+                                      headers={"User-Agent": f"chat-api/{VERSION}"})
         self.keys = {}
         self.fetched = -math.inf
         self.tried = -math.inf
