@@ -488,6 +488,9 @@ def init_db_command():
 @plain_failures
 def create_token_command(user, expires_in, link, base_url):
     """Print an access token for USER, or a sign-in link to the chat page holding it."""
+    if not auth.can_sign():
+        raise click.ClickException("create-token cannot mint tokens for your identity provider: they come from "
+                                   "it (set JWT_SECRET_KEY for tokens of this service's own)")
     if not auth.usable_user(user):
         raise click.BadParameter(f"must be 1 to {auth.USER_CHARS} characters of text", param_hint="USER")
     expires = datetime.timedelta(seconds=expires_in) if expires_in > 0 else False

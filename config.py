@@ -47,6 +47,14 @@ class Config:
         self.DATABASE_TIMEOUT_SECONDS = _float("DATABASE_TIMEOUT_SECONDS", 5)
         self.REDIS_URL = os.environ.get("REDIS_URL") or None
         self.JWT_SECRET_KEY = os.environ.get("JWT_SECRET_KEY") or None
+        self.JWT_SECRET_KEY_PREVIOUS = os.environ.get("JWT_SECRET_KEY_PREVIOUS") or None
+        self.JWT_PUBLIC_KEY = os.environ.get("JWT_PUBLIC_KEY") or None
+        self.JWT_JWKS_URL = os.environ.get("JWT_JWKS_URL") or None
+        self.JWT_JWKS_TIMEOUT_SECONDS = _float("JWT_JWKS_TIMEOUT_SECONDS", 3)
+        self.JWT_AUDIENCE = os.environ.get("JWT_AUDIENCE") or None
+        self.JWT_ISSUER = os.environ.get("JWT_ISSUER") or None
+        self.JWT_USER_CLAIM = os.environ.get("JWT_USER_CLAIM") or "sub"
+        self.JWT_ALGORITHMS = os.environ.get("JWT_ALGORITHMS") or None
         self.LLM_BASE_URL = (os.environ.get("LLM_BASE_URL") or "").rstrip("/") or None
         self.LLM_API_KEY = os.environ.get("LLM_API_KEY") or None
         self.LLM_MODEL = os.environ.get("LLM_MODEL", "gpt-4o-mini")
