@@ -12,10 +12,9 @@ from flask_jwt_extended import JWTManager, verify_jwt_in_request
 from flask_jwt_extended.exceptions import JWTExtendedException, NoAuthorizationError
 
 import logs
-from config import ConfigError
+import token_keys
 from errors import ApiError, Unauthorized
 
-MIN_SECRET_BYTES = 32
 VERIFIED_TOKENS_KEPT = 10000
 # The characters of the memory the verified tokens may hold (tokens and what they carry).
 VERIFIED_TOKENS_CHARS = 4_000_000
@@ -23,20 +22,54 @@ VERIFIED_TOKENS_CHARS = 4_000_000
 BEARER = re.compile(r"Bearer ([A-Za-z0-9._~+/-]+=*)")
 USER_CHARS = 255
 RATE_WINDOW = 60
+# Any of these set, the service has keys of its own; none set in development, it generates a secret.
+KEY_SETTINGS = ("JWT_SECRET_KEY", "JWT_PUBLIC_KEY", "JWT_JWKS_URL")
+# What a client is told for a token refused for one of these reasons (else "the token is not valid").
+REFUSALS = ((jwt.ExpiredSignatureError, "the token has expired"),
+            (jwt.InvalidAudienceError, "the token is meant for another audience (aud)"),
+            (jwt.InvalidIssuerError, "the token comes from another issuer (iss)"),
+            (jwt.PyJWKClientError, "the token's key (kid) is not one the identity provider lists"))
 
 
 def init_app(app):
-    """Set up HS256 JWTs, refusing a weak secret in production."""
-    secret = app.config["JWT_SECRET_KEY"]
-    if not secret and app.config["APP_ENV"] == "development":
-        secret = local_secret(app.instance_path)
-    if not secret or len(secret.encode()) < MIN_SECRET_BYTES:
-        raise ConfigError(f"JWT_SECRET_KEY must be set to at least {MIN_SECRET_BYTES} bytes "
-                          "(or APP_ENV=development to generate a local one)")
-    app.config.update(JWT_SECRET_KEY=secret, JWT_ALGORITHM="HS256",
-                      JWT_DECODE_ALGORITHMS=["HS256"], JWT_TOKEN_LOCATION=["headers"])
-    JWTManager(app)
+    """Set up bearer tokens: HS256 with the service's secret and/or the identity provider's; refuse a weak setup."""
+    config = app.config
+    if config["APP_ENV"] == "development" and not any(config[name] for name in KEY_SETTINGS):
+        config["JWT_SECRET_KEY"] = local_secret(app.instance_path)
+    keys = token_keys.from_config(config)
+    audience = audiences(config["JWT_AUDIENCE"])
+    # flask-jwt-extended adds JWT_ALGORITHM (what create-token signs with) to the algorithms it
+    # accepts, so without HS256 it must be one of the accepted ones.
+    signing = token_keys.SECRET_ALGORITHM if keys.can_sign() else keys.algorithms[0]
+    config.update(JWT_ALGORITHM=signing, JWT_DECODE_ALGORITHMS=list(keys.algorithms),
+                  JWT_TOKEN_LOCATION=["headers"],
+                  JWT_IDENTITY_CLAIM=config["JWT_USER_CLAIM"],
+                  JWT_DECODE_AUDIENCE=audience, JWT_ENCODE_AUDIENCE=audience,
+                  JWT_DECODE_ISSUER=config["JWT_ISSUER"], JWT_ENCODE_ISSUER=config["JWT_ISSUER"])
+    JWTManager(app).decode_key_loader(decode_key)
+    app.extensions["token_keys"] = keys
     app.extensions["verified_tokens"] = VerifiedTokens()
+
+
+def audiences(setting):
+    """JWT_AUDIENCE as PyJWT takes it: None, one audience, or a list (comma-separated; any one will do)."""
+    named = [name.strip() for name in (setting or "").split(",") if name.strip()]
+    return None if not named else named[0] if len(named) == 1 else named
+
+
+def decode_key(header, claims):
+    """The key for the token being checked, by its `alg` among those configured (the decode_key_loader).
+
+    flask-jwt-extended's own choice (JWT_SECRET_KEY or JWT_PUBLIC_KEY, by JWT_ALGORITHM) is one
+    key for every token, so it could not take the service's HS256 tokens beside the provider's.
+    """
+    previous = g.get("trying_previous_secret", False)
+    return current_app.extensions["token_keys"].key_for(header, previous=previous)
+
+
+def can_sign():
+    """Whether `create-token` can mint tokens this service accepts (it needs JWT_SECRET_KEY and HS256)."""
+    return current_app.extensions["token_keys"].can_sign()
 
 
 def local_secret(instance_path):
@@ -73,11 +106,11 @@ def user_of_request():
     tokens = current_app.extensions["verified_tokens"]
     kept = tokens.claims_of(token)
     if kept is None:
-        kept = verified_claims()
+        kept = verified_claims(token)
         tokens.remember(token, *kept)
     else:
         restore_jwt_context(*kept)
-    return kept[1]["sub"]
+    return kept[1][current_app.config["JWT_USER_CLAIM"]]
 
 
 def optional_user():
@@ -88,23 +121,49 @@ def optional_user():
         return None
 
 
-def verified_claims():
-    """The header and claims of the request's bearer token, as flask-jwt-extended checks it; 401 if bad."""
+def verified_claims(token):
+    """The header and claims of the request's bearer token, once every check passed; 401 if one fails."""
     try:
-        header, claims = verify_jwt_in_request()
+        checked = checked_token(token)
     except NoAuthorizationError:
         raise Unauthorized(message="send a bearer token: Authorization: Bearer <token>") from None
-    except jwt.ExpiredSignatureError:
-        raise Unauthorized(message="the token has expired") from None
-    except (JWTExtendedException, jwt.PyJWTError):
-        raise Unauthorized() from None
-    if not usable_user(claims.get("sub")):
-        raise Unauthorized(message=f"the token's subject must be 1 to {USER_CHARS} characters of text")
+    except (JWTExtendedException, jwt.PyJWTError) as exc:
+        raise Unauthorized(message=refusal(exc)) from None
+    if checked is None:  # flask-jwt-extended checks nothing on OPTIONS (hard-coded): vouch for nothing
+        raise Unauthorized()
+    header, claims = checked
+    claim = current_app.config["JWT_USER_CLAIM"]
+    if not usable_user(claims.get(claim)):
+        raise Unauthorized(message=f"the token's user ({claim}) must be 1 to {USER_CHARS} characters of text")
     return header, claims
 
 
+def checked_token(token):
+    """flask-jwt-extended's check of the request's token; during a secret rotation, again with the previous secret.
+
+    Its decode_key_loader gives one key a token and PyJWT verifies with that key alone, so an
+    HS256 token the current secret does not verify is checked a second time with the loader
+    pointed at JWT_SECRET_KEY_PREVIOUS.
+    """
+    try:
+        return verify_jwt_in_request()
+    except jwt.InvalidSignatureError:
+        if not current_app.extensions["token_keys"].rotating(token):
+            raise
+    g.trying_previous_secret = True
+    try:
+        return verify_jwt_in_request()
+    finally:
+        g.trying_previous_secret = False
+
+
+def refusal(exc):
+    """What a client is told about a token refused with `exc`."""
+    return next((message for kind, message in REFUSALS if isinstance(exc, kind)), Unauthorized.message)
+
+
 def usable_user(user):
-    """Whether a token's subject can name a user: text the database can keep, not too long."""
+    """Whether a token's user claim can name a user: text the database can keep, not too long."""
     if not isinstance(user, str) or not user or len(user) > USER_CHARS or "\x00" in user:
         return False
     try:

@@ -1,12 +1,15 @@
 """The chat API: the application factory, its blueprints, error handlers and CLI commands."""
 
 import base64
+import csv
 import datetime
 import functools
+import hmac
 import json
 import logging
 import os
 import re
+import sys
 
 import click
 from flask import Blueprint, Flask, Response, current_app, g, jsonify, request
@@ -27,8 +30,11 @@ from health import Health
 from history import TITLE_CHARS, History
 from journal import NoJournal, RedisJournal
 from llm import make_model
+from metrics import Meter, exposition
+from models import utcnow
 from redis_link import LocalTrip, RedisLink
 from turns import ChatService, new_conversation_id
+from usage import MAX_DAYS, days_ago, per_user, totals, usage
 
 log = logging.getLogger("chat_app")
 
@@ -42,13 +48,15 @@ OPENAPI_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "openapi
 
 chat = Blueprint("chat", __name__, url_prefix="/chat")
 conversations = Blueprint("conversations", __name__, url_prefix="/conversations")
+usage_routes = Blueprint("usage", __name__, url_prefix="/usage")
 status = Blueprint("status", __name__)
-for private in (chat, conversations):
+for private in (chat, conversations, usage_routes):
     private.before_request(auth.authenticate)
 
 
 @chat.after_request
 @conversations.after_request
+@usage_routes.after_request
 def private_headers(response):
     """An answer for one user: never kept by a cache on the way, never sniffed as another type."""
     response.headers.setdefault("Cache-Control", "no-store")
@@ -69,14 +77,16 @@ def create_app(test_config=None):
     wire_services(app)
     app.register_blueprint(chat)
     app.register_blueprint(conversations)
+    app.register_blueprint(usage_routes)
     app.register_blueprint(status)
     web.init_app(app)
-    app.wsgi_app = logs.RequestLog(app.wsgi_app)
+    app.wsgi_app = logs.RequestLog(app.wsgi_app, on_done=app.extensions["meter"].request)
+    app.before_request(note_route)
     app.register_error_handler(ApiError, api_error)
     app.register_error_handler(models.DatabaseUnavailable, database_unavailable)
     app.register_error_handler(HTTPException, http_error)
     app.register_error_handler(Exception, unexpected_error)
-    for command in (init_db_command, create_token_command, prune_command):
+    for command in (init_db_command, create_token_command, prune_command, usage_command):
         app.cli.add_command(command)
     return app
 
@@ -84,6 +94,7 @@ def create_app(test_config=None):
 def wire_services(app):
     """Build the cache, the coordination between processes, the model and the services on them."""
     config = app.config
+    meter = app.extensions["meter"] = Meter(enabled=config["METRICS"])
     if config["REDIS_URL"]:
         link = RedisLink(config["REDIS_URL"], config["REDIS_TLS_VERIFY"], config["REDIS_TLS_CA_FILE"])
         conversation_cache = RedisCache(link, config["CACHE_TTL_SECONDS"])
@@ -99,11 +110,17 @@ def wire_services(app):
         config["LLM_SYSTEM_PROMPT"], config["SSE_HEARTBEAT_SECONDS"],
         context_tokens=config["LLM_CONTEXT_TOKENS"], round_trip=round_trip,
         max_streams=config["MAX_STREAMS_PER_USER"], journal=journal,
-        grace=config["STREAM_RESUME_GRACE_SECONDS"], retain=config["STREAM_RETAIN_SECONDS"])
+        grace=config["STREAM_RESUME_GRACE_SECONDS"], retain=config["STREAM_RETAIN_SECONDS"],
+        budget=config["TOKEN_BUDGET_PER_DAY"], meter=meter)
     app.extensions["chat"] = service
     app.extensions["coordination"] = coordination
     app.extensions["history"] = History(conversation_cache, coordination, round_trip, journal)
-    app.extensions["health"] = Health(conversation_cache, coordination, service.describe_model)
+    app.extensions["health"] = Health(conversation_cache, coordination, service.describe_model, meter=meter)
+
+
+def note_route():
+    """Keep the request's URL rule (never its path, which may hold an id) for the request metrics."""
+    request.environ[logs.ROUTE_KEY] = request.url_rule.rule if request.url_rule is not None else "unmatched"
 
 
 def announce(app):
@@ -363,6 +380,45 @@ def service_status():
     return private_headers(response)
 
 
+@status.get("/metrics")
+def prometheus_metrics():
+    """The service's metrics in Prometheus's text format (METRICS_TOKEN, if set, as a bearer token)."""
+    config = current_app.config
+    if not config["METRICS"]:
+        raise ApiError(404, "not_found", "no such endpoint")
+    expected = config["METRICS_TOKEN"]
+    given = request.headers.get("Authorization", "")
+    if expected and not hmac.compare_digest(given.encode(), f"Bearer {expected}".encode()):
+        raise ApiError(401, "unauthorized", "send the metrics token: Authorization: Bearer <METRICS_TOKEN>")
+    services("health").report()  # the parts' up gauges, checked at most once a second
+    body, content_type = exposition()
+    return current_app.response_class(body, content_type=content_type)
+
+
+@usage_routes.get("")
+def read_usage():
+    """The caller's tokens and turns per day and model, from `since` to `until` (dates, both included)."""
+    since = query_date("since", days_ago(29))
+    until = query_date("until", utcnow().date())
+    if since > until or (until - since).days >= MAX_DAYS:
+        raise InvalidRequest(message=f"since must be on or before until, at most {MAX_DAYS} days apart")
+    rows = [{k: v for k, v in row.items() if k != "user"} for row in usage(since, until, g.user)]
+    return jsonify(since=since.isoformat(), until=until.isoformat(), days=rows, total=totals(rows))
+
+
+def query_date(name, default):
+    """A YYYY-MM-DD query parameter as a date, or `default`; 400 if it is not one."""
+    raw = request.args.get(name)
+    if raw is None:
+        return default
+    try:
+        if re.fullmatch(r"\d{4}-\d{2}-\d{2}", raw):
+            return datetime.date.fromisoformat(raw)
+    except ValueError:
+        pass
+    raise InvalidRequest(message=f"{name} must be a date, YYYY-MM-DD")
+
+
 @status.get("/openapi.json")
 def openapi():
     """The OpenAPI 3.1 document of this API."""
@@ -432,6 +488,9 @@ def init_db_command():
 @plain_failures
 def create_token_command(user, expires_in, link, base_url):
     """Print an access token for USER, or a sign-in link to the chat page holding it."""
+    if not auth.can_sign():
+        raise click.ClickException("create-token cannot mint tokens for your identity provider: they come from "
+                                   "it (set JWT_SECRET_KEY for tokens of this service's own)")
     if not auth.usable_user(user):
         raise click.BadParameter(f"must be 1 to {auth.USER_CHARS} characters of text", param_hint="USER")
     expires = datetime.timedelta(seconds=expires_in) if expires_in > 0 else False
@@ -460,3 +519,39 @@ def prune_command(days, yes):
         click.confirm("Delete them?", abort=True)
     removed = services("history").prune(idle)
     click.echo(f"deleted {removed} conversations with no activity for {days} days")
+
+
+@click.command("usage")
+@click.option("--since", default="30d", show_default=True,
+              help="From this date (YYYY-MM-DD), or this many days back (30d); today included.")
+@click.option("--user", help="Only this user.")
+@click.option("--format", "output", type=click.Choice(["table", "csv", "json"]), default="table", show_default=True)
+@with_appcontext
+@plain_failures
+def usage_command(since, user, output):
+    """Tokens and turns per user and model, for the operator."""
+    start = since_option(since)
+    rows = per_user(usage(start, utcnow().date(), user))
+    if output == "json":
+        click.echo(json.dumps({"since": start.isoformat(), "until": utcnow().date().isoformat(), "users": rows}))
+        return
+    columns = ["user", "model", "turns", "prompt_tokens", "completion_tokens", "estimated_turns"]
+    if output == "csv":
+        writer = csv.writer(sys.stdout, lineterminator="\n")
+        writer.writerow(columns)
+        writer.writerows([[row[c] for c in columns] for row in rows])
+        return
+    widths = [max([len(c)] + [len(str(row[c])) for row in rows]) for c in columns]
+    for line in [columns] + [[row[c] for c in columns] for row in rows]:
+        click.echo("  ".join(str(value).ljust(width) for value, width in zip(line, widths)).rstrip())
+
+
+def since_option(since):
+    """The date --since names: YYYY-MM-DD, or N days back (Nd)."""
+    found = re.fullmatch(r"(\d{1,4})d", since)
+    if found:
+        return days_ago(int(found.group(1)))
+    try:
+        return datetime.date.fromisoformat(since)
+    except ValueError:
+        raise click.BadParameter("a date (YYYY-MM-DD) or a number of days (30d)", param_hint="--since") from None

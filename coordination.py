@@ -28,7 +28,11 @@ LOCK_KEY = "chat:turn-lock:{}"
 STREAMS_KEY = "chat:streams:{}"
 WATCHERS_KEY = "chat:watchers:{}"
 RATE_KEY = "chat:rate:{}:{}"
-STOP_CHANNEL = "chat:stop"
+SPENT_KEY = "chat:spent:{}:{}"
+SPENT_KEEP_SECONDS = 2 * 86400
+# Pub/sub channels are one namespace for every database of a Redis server: the channel names the
+# database, so two deployments on one server (databases 0 and 1, say) never stop each other's turns.
+STOP_CHANNEL = "chat:stop:{}"
 MEMORY_ENTRIES = 10000
 # What the service does while Redis is away, said in the log when an outage begins.
 WHILE_REDIS_IS_DOWN = ("Until it is back, turns are guarded per process only: another worker or instance may "
@@ -99,6 +103,15 @@ class Coordination(Protocol):
     def count_request(self, user, window, now):
         """Count a request of `user` at `now`: the counts of the previous and the current window."""
 
+    def spent(self, user, day, trip) -> Pending:
+        """The tokens the user spent on `day` (a date), as counted here; None if not counted (a new day, or lost)."""
+
+    def count_spent(self, user, day, tokens):
+        """Start the day's count from `tokens` (the database's sum) unless another process already did; the count."""
+
+    def spend(self, user, day, tokens, trip):
+        """Add `tokens` to the user's count for `day`."""
+
 
 class Keeper:
     """Renews everything this process holds, in one round trip, three times per expiry."""
@@ -155,6 +168,7 @@ class RedisCoordination:
         self.lease_seconds = lease_seconds
         self._release_if_ours = link.script(_RELEASE_IF_OURS)
         self._unreleased = set()  # (key, token) of releases Redis missed: sent again with the next take
+        self.stop_channel = STOP_CHANNEL.format(link.client.connection_pool.connection_kwargs.get("db", 0))
         self.keeper = Keeper(link.round_trip, lease_seconds)
         self.fallback = MemoryCoordination(lease_seconds)
         link.outage.while_down = WHILE_REDIS_IS_DOWN
@@ -267,11 +281,12 @@ class RedisCoordination:
 
     def publish_stop(self, name):
         """Ask whichever process streams the conversation to stop."""
-        self.link.call(self.link.client.publish, STOP_CHANNEL, name)
+        self.link.call(self.link.client.publish, self.stop_channel, name)
 
     def listen_for_stops(self, on_stop):
         """Call `on_stop(name)` for every stop published, from a background thread."""
-        threading.Thread(target=_receive_stops, args=(self.link.listener(), on_stop), daemon=True).start()
+        listener = self.link.listener()
+        threading.Thread(target=_receive_stops, args=(listener, self.stop_channel, on_stop), daemon=True).start()
 
     def count_request(self, user, window, now):
         """Count a request of `user` at `now` in fixed windows of `window` seconds, in one round trip.
@@ -290,14 +305,36 @@ class RedisCoordination:
             return self.fallback.count_request(user, window, now)
 
 
-def _receive_stops(listener, on_stop):
+    def spent(self, user, day, trip):
+        """The tokens the user spent on `day`, as Redis counts them; None if it has no count (or failed)."""
+        return trip.add("GET", SPENT_KEY.format(quote(user, safe=""), day.isoformat()),
+                        then=lambda reply: None if reply is None else int(reply), otherwise=lambda failure: None)
+
+    def count_spent(self, user, day, tokens):
+        """Start the day's count from `tokens` unless another process already did; the count."""
+        key = SPENT_KEY.format(quote(user, safe=""), day.isoformat())
+        trip = self.link.round_trip()
+        trip.add("SET", key, tokens, "NX", "EX", SPENT_KEEP_SECONDS)
+        counted = trip.add("GET", key, then=lambda reply: tokens if reply is None else int(reply),
+                           otherwise=lambda failure: tokens)
+        trip.send()
+        return counted.value
+
+    def spend(self, user, day, tokens, trip):
+        """Add `tokens` to the user's count for `day` (a count Redis missed is rebuilt from the database)."""
+        key = SPENT_KEY.format(quote(user, safe=""), day.isoformat())
+        trip.add("INCRBY", key, tokens, otherwise=lambda failure: None)
+        trip.add("EXPIRE", key, SPENT_KEEP_SECONDS, otherwise=lambda failure: None)
+
+
+def _receive_stops(listener, channel, on_stop):
     """Deliver stop signals for ever, reconnecting after Redis failures (said once an outage)."""
     outage = Outage("Redis's stop channel", "A stop sent to another process cannot reach this one's streams "
                                             "until it is back")
     while True:
         try:
             pubsub = listener.pubsub(ignore_subscribe_messages=True)
-            pubsub.subscribe(STOP_CHANNEL)
+            pubsub.subscribe(channel)
             outage.recovered()
             for message in pubsub.listen():
                 on_stop(message["data"])
@@ -359,6 +396,7 @@ class MemoryCoordination:
         self._streams = {}
         self._watchers = {}
         self._counts = {}
+        self._spent = {}
         self._mutex = threading.Lock()
         self._on_stop = None
         self.keeper = Keeper(LocalTrip, lease_seconds)
@@ -444,6 +482,22 @@ class MemoryCoordination:
                 self._counts = {k: v for k, v in self._counts.items() if k[1] >= slot - 1}
             self._counts[(user, slot)] = self._counts.get((user, slot), 0) + 1
             return self._counts.get((user, slot - 1), 0), self._counts[(user, slot)]
+
+    def spent(self, user, day, trip=None):
+        """The tokens the user spent on `day`, as counted here; None if not counted yet."""
+        return Pending.done(self._spent.get((user, day)))
+
+    def count_spent(self, user, day, tokens):
+        """Start the day's count from `tokens` unless it is counted already; the count."""
+        with self._mutex:
+            if len(self._spent) > MEMORY_ENTRIES:
+                self._spent = {k: v for k, v in self._spent.items() if k[1] >= day}
+            return self._spent.setdefault((user, day), tokens)
+
+    def spend(self, user, day, tokens, trip=None):
+        """Add `tokens` to the user's count for `day`."""
+        with self._mutex:
+            self._spent[(user, day)] = self._spent.get((user, day), 0) + tokens
 
 
 class MemoryHeld:

@@ -1,5 +1,7 @@
 """The one shape of every error the API returns, and the kinds of error with a fixed meaning."""
 
+import datetime
+
 
 class ApiError(Exception):
     """An error a client sees: an HTTP status, a stable code and a readable message."""
@@ -65,3 +67,17 @@ class TooManyStreams(ApiError):
     def __init__(self, limit):
         """At most `limit` streams at once."""
         super().__init__(message=f"at most {limit} streams may be open at once; close one first")
+
+
+class BudgetExceeded(ApiError):
+    """The user has spent TOKEN_BUDGET_PER_DAY today; it resets at midnight UTC."""
+
+    status, code = 429, "budget_exceeded"
+
+    def __init__(self, budget):
+        """Spent all of `budget` tokens today: say when it resets, and Retry-After until then."""
+        now = datetime.datetime.now(datetime.timezone.utc)
+        midnight = (now + datetime.timedelta(days=1)).replace(hour=0, minute=0, second=0, microsecond=0)
+        super().__init__(message=f"the daily budget of {budget} tokens is spent; it resets at "
+                                 f"{midnight.strftime('%Y-%m-%dT%H:%M:%SZ')}",
+                         headers={"Retry-After": str(max(1, int((midnight - now).total_seconds())))})

@@ -2,7 +2,9 @@
 
 import functools
 import os
+import shutil
 import signal
+import tempfile
 
 bind = f"0.0.0.0:{os.environ.get('PORT', '8000')}"
 # The in-process cache (no REDIS_URL) is one process's memory: more workers would each keep their own.
@@ -21,6 +23,35 @@ errorlog = "-"
 loglevel = os.environ.get("LOG_LEVEL", "info").lower()
 # gunicorn's control socket is one path per user: several services on one host would share it.
 control_socket_disable = True
+
+# prometheus_client's multiprocess mode: every worker writes its metrics to files in one folder, and
+# GET /metrics sums them. The folder is made here, before any worker imports prometheus_client,
+# emptied when gunicorn starts, and removed when it exits (unless the operator named one).
+METRICS_DIR_GIVEN = bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
+if not METRICS_DIR_GIVEN:
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="chat-metrics-")
+
+
+def on_starting(server):
+    """Start from no metrics: a folder the operator named may hold a previous run's files."""
+    folder = os.environ["PROMETHEUS_MULTIPROC_DIR"]
+    os.makedirs(folder, exist_ok=True)
+    for name in os.listdir(folder):
+        os.remove(os.path.join(folder, name))
+
+
+def child_exit(server, worker):
+    """A worker is gone: its live gauges (open streams) no longer count."""
+    from prometheus_client import multiprocess
+
+    multiprocess.mark_process_dead(worker.pid)
+
+
+def on_exit(server):
+    """Remove the metrics folder this configuration made."""
+    if not METRICS_DIR_GIVEN:
+        shutil.rmtree(os.environ["PROMETHEUS_MULTIPROC_DIR"], ignore_errors=True)
+
 
 # Streams still open this long before the graceful timeout are ended by the service itself,
 # with a final event and their partial reply saved, before gunicorn kills the worker.

@@ -18,10 +18,14 @@ class Health:
     runs wait for it rather than start their own.
     """
 
-    def __init__(self, cache, coordination, describe_model, every=1.0):
-        """Report on `cache`, on who sees turn leases (`coordination`) and on the model `describe_model()` tells of."""
+    def __init__(self, cache, coordination, describe_model, every=1.0, meter=None):
+        """Report on `cache`, on who sees turn leases (`coordination`) and on the model `describe_model()` tells of.
+
+        `meter` is told how they are.
+        """
         self.cache = cache
         self.coordination = coordination
+        self.meter = meter
         self.describe_model = describe_model
         self.every = every
         self._checking = threading.Lock()
@@ -34,6 +38,8 @@ class Health:
         with self._checking:
             if time.monotonic() - self._checked_at >= self.every:
                 self._last, self._checked_at = self._check(), time.monotonic()
+                if self.meter is not None:
+                    self.meter.parts(self._last)
             return self._last
 
     def _check(self):

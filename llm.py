@@ -188,9 +188,10 @@ class OpenAIChatModel:
 
     backend = "openai-compatible"
 
-    def __init__(self, base_url, api_key, model, timeout):
-        """A client with one keep-alive session to `base_url`."""
+    def __init__(self, base_url, api_key, model, timeout, max_tokens=None):
+        """A client with one keep-alive session to `base_url`; replies capped at `max_tokens` if given."""
         self.url = base_url + "/chat/completions"
+        self.max_tokens = max_tokens
         self.base_url = without_credentials(base_url)
         self.model = model
         self.timeout = timeout
@@ -219,7 +220,10 @@ class OpenAIChatModel:
 
     def _post(self, messages, stream, **options):
         """Send the request and return the response once its status line is in."""
-        body = {"model": self.model, "messages": messages, "stream": stream, **options}
+        body = {"model": self.model, "messages": messages, "stream": stream}
+        if self.max_tokens:
+            body["max_tokens"] = self.max_tokens
+        body.update(options)
         headers = dict(self.headers)
         if stream:
             body["stream_options"] = {"include_usage": True}
@@ -263,13 +267,20 @@ class OpenAIChatModel:
                      finish_reason=finish_reason_of(choice.get("finish_reason")))
 
     def fits(self, messages):
-        """Whether `messages` fit the model's context: asked for one token, it does not refuse them."""
-        try:
-            discard(self._post(messages, stream=False, max_tokens=1))
-        except ContextTooLong:
-            return False
-        except ApiError:
-            pass  # it failed some other way: not known not to fit
+        """Whether `messages` fit the model's context: asked for one token, it does not refuse them.
+
+        Asked twice if the connection fails: after a stream that broke off, the server may be
+        closing the connection this question would reuse.
+        """
+        for _ in range(2):
+            try:
+                discard(self._post(messages, stream=False, max_tokens=1))
+            except ContextTooLong:
+                return False
+            except ApiError as exc:
+                if exc.code == "llm_unavailable":
+                    continue
+            return True  # it answered, or failed some other way: not known not to fit
         return True
 
     def open_stream(self, messages):
@@ -534,6 +545,6 @@ class DemoStream:
 def make_model(config):
     """The model the configuration names: a real endpoint, or the demo model."""
     if config["LLM_BASE_URL"]:
-        return OpenAIChatModel(config["LLM_BASE_URL"], config["LLM_API_KEY"],
-                               config["LLM_MODEL"], config["LLM_TIMEOUT_SECONDS"])
+        return OpenAIChatModel(config["LLM_BASE_URL"], config["LLM_API_KEY"], config["LLM_MODEL"],
+                               config["LLM_TIMEOUT_SECONDS"], config["LLM_MAX_TOKENS"] or None)
     return DemoModel()

@@ -11,6 +11,7 @@ from werkzeug.wsgi import ClosingIterator
 
 REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 RECORD_KEY = "chat.request_log"
+ROUTE_KEY = "chat.route"
 requests_log = logging.getLogger("chat.requests")
 
 
@@ -45,9 +46,10 @@ def configure(level):
 class RequestLog:
     """WSGI middleware: a request id for every request and one log line when its response is done."""
 
-    def __init__(self, app):
-        """Wrap the WSGI `app`."""
+    def __init__(self, app, on_done=None):
+        """Wrap the WSGI `app`; `on_done(route, method, status)` hears of each request answered."""
         self.app = app
+        self.on_done = on_done
 
     def __call__(self, environ, start_response):
         """Serve the request, then log it when the server closes the response (streams included)."""
@@ -68,5 +70,7 @@ class RequestLog:
             """Write the request's line."""
             record["duration_ms"] = round((time.monotonic() - started) * 1000, 2)
             requests_log.info(record)
+            if self.on_done is not None:
+                self.on_done(environ.get(ROUTE_KEY, "unmatched"), record["method"], record.get("status"))
 
         return ClosingIterator(self.app(environ, start), done)

@@ -6,10 +6,11 @@ import os
 import secrets
 from urllib.parse import urlsplit
 
-from peewee import (AutoField, CharField, DatabaseProxy, DateTimeField, ForeignKeyField,
+from peewee import (AutoField, Case, CharField, DatabaseProxy, DateTimeField, ForeignKeyField,
                     IntegerField, Model, PeeweeException, PostgresqlDatabase,
                     TextField, fn)
 from playhouse.db_url import connect, register_database
+from playhouse.migrate import SchemaMigrator, migrate
 from playhouse.pool import MaxConnectionsExceeded, PooledPostgresqlDatabase
 
 from outages import Outage, Unavailable, database_reason
@@ -225,6 +226,10 @@ class Message(BaseModel):
     created_at = DateTimeField(default=utcnow)
     # The turn that wrote the message: a turn saved after its process died is saved once.
     turn = CharField(max_length=32, null=True, index=True)
+    # Of a reply: the model that wrote it, and whether its counts are the model's own usage
+    # ("model") or the service's estimate ("estimate").
+    model = CharField(max_length=128, null=True)
+    token_source = CharField(max_length=16, null=True)
 
     class Meta:
         table_name = "chat_message"
@@ -235,6 +240,33 @@ class Message(BaseModel):
         """A page of a conversation's messages, oldest first, after message id `after`."""
         return list(cls.select().where((cls.conversation == conversation_key) & (cls.id > after))
                     .order_by(cls.id).limit(limit))
+
+    @classmethod
+    def spent(cls, owner, since, until):
+        """The tokens (prompt and completion) of the owner's turns saved in [since, until)."""
+        total = (cls.select(fn.COALESCE(fn.SUM(fn.COALESCE(cls.prompt_tokens, 0) + fn.COALESCE(cls.token_count, 0)), 0))
+                 .join(Conversation).where((Conversation.owner == owner) & (cls.role == "assistant")
+                                           & (cls.created_at >= since) & (cls.created_at < until)))
+        return int(total.scalar() or 0)
+
+    @classmethod
+    def usage(cls, since, until, owner=None):
+        """Per owner, day and model: turns, prompt and completion tokens, and turns counted by estimate."""
+        day = fn.DATE(cls.created_at)
+        estimated = fn.SUM(Case(None, [(cls.token_source == "estimate", 1)], 0))
+        query = (cls.select(Conversation.owner, day.alias("day"), cls.model, fn.COUNT(cls.id).alias("turns"),
+                            fn.SUM(fn.COALESCE(cls.prompt_tokens, 0)).alias("prompt_tokens"),
+                            fn.SUM(fn.COALESCE(cls.token_count, 0)).alias("completion_tokens"),
+                            estimated.alias("estimated_turns"))
+                 .join(Conversation)
+                 .where((cls.role == "assistant") & (cls.created_at >= since) & (cls.created_at < until))
+                 .group_by(Conversation.owner, day, cls.model)
+                 .order_by(Conversation.owner, day, cls.model))
+        if owner is not None:
+            query = query.where(Conversation.owner == owner)
+        return [{"user": row[0], "date": str(row[1])[:10], "model": row[2], "turns": int(row[3]),
+                 "prompt_tokens": int(row[4] or 0), "completion_tokens": int(row[5] or 0),
+                 "estimated_turns": int(row[6] or 0)} for row in query.tuples()]
 
     @classmethod
     def turn_saved(cls, turn_id):
@@ -274,18 +306,21 @@ WITH claimed AS (
     ON CONFLICT (owner, id) DO UPDATE SET updated_at = EXCLUDED.updated_at, version = EXCLUDED.version
     RETURNING key
 )
-INSERT INTO chat_message (conversation_key, role, content, status, token_count, prompt_tokens, created_at, turn)
-SELECT claimed.key, m.role, m.content, m.status, m.token_count, m.prompt_tokens, %(now)s, %(turn)s
+INSERT INTO chat_message (conversation_key, role, content, status, token_count, prompt_tokens, created_at, turn,
+                          model, token_source)
+SELECT claimed.key, m.role, m.content, m.status, m.token_count, m.prompt_tokens, %(now)s, %(turn)s,
+       m.model, m.token_source
 FROM claimed, (VALUES
-    (1, 'user', %(message)s, 'complete', %(message_tokens)s::integer, NULL::integer),
-    (2, 'assistant', %(reply)s, %(status)s, %(reply_tokens)s::integer, %(prompt_tokens)s::integer)
-) AS m (n, role, content, status, token_count, prompt_tokens)
+    (1, 'user', %(message)s, 'complete', %(message_tokens)s::integer, NULL::integer, NULL, NULL),
+    (2, 'assistant', %(reply)s, %(status)s, %(reply_tokens)s::integer, %(prompt_tokens)s::integer,
+     %(model)s, %(token_source)s)
+) AS m (n, role, content, status, token_count, prompt_tokens, model, token_source)
 ORDER BY m.n
 """
 
 
 def save_turn(*, conversation_id, owner, message, reply, status, message_tokens=None,
-              reply_tokens=None, prompt_tokens=None, turn_id=None):
+              reply_tokens=None, prompt_tokens=None, turn_id=None, model=None, token_source=None):
     """Write a finished turn (the user message and the reply) all or nothing; the conversation's new version.
 
     Creates the owner's conversation on its first turn.
@@ -295,7 +330,8 @@ def save_turn(*, conversation_id, owner, message, reply, status, message_tokens=
     row = {"id": conversation_id, "owner": owner, "now": utcnow(), "version": secrets.token_hex(16),
            "title": " ".join(message.split())[:AUTO_TITLE_CHARS], "message": message,
            "message_tokens": message_tokens, "reply": reply, "status": status,
-           "reply_tokens": reply_tokens, "prompt_tokens": prompt_tokens, "turn": turn_id}
+           "reply_tokens": reply_tokens, "prompt_tokens": prompt_tokens, "turn": turn_id,
+           "model": model, "token_source": token_source}
     if backend_name() == "postgresql":
         _save_on_postgres(row)
     else:
@@ -329,7 +365,8 @@ def _save_with_peewee(row):
              "prompt_tokens": None, "created_at": row["now"], "turn": row["turn"]},
             {"conversation": key, "role": "assistant", "content": row["reply"],
              "status": row["status"], "token_count": row["reply_tokens"],
-             "prompt_tokens": row["prompt_tokens"], "created_at": row["now"], "turn": row["turn"]},
+             "prompt_tokens": row["prompt_tokens"], "created_at": row["now"], "turn": row["turn"],
+             "model": row["model"], "token_source": row["token_source"]},
         ]).execute()
 
 
@@ -342,6 +379,16 @@ def create_tables():
         db.create_tables([Conversation, Message], safe=True)
         if {"conversation", "message"} <= set(db.get_tables()):
             _move_global_ids()
+        _add_missing_columns()
+
+
+def _add_missing_columns():
+    """Add the columns a chat_message table made by an earlier 0.5 build lacks (model, token_source)."""
+    present = {column.name for column in db.get_columns("chat_message")}
+    missing = [name for name in ("model", "token_source") if name not in present]
+    if missing:
+        migrator = SchemaMigrator.from_database(db.obj)
+        migrate(*[migrator.add_column("chat_message", name, Message._meta.fields[name]) for name in missing])
 
 
 # Until 0.5, a conversation id was one name for all users (tables `conversation`, keyed by

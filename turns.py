@@ -6,6 +6,7 @@ replay it from the journal. A turn whose process died is saved by the next reque
 finds its journal unfinished.
 """
 
+import datetime
 import logging
 import secrets
 import threading
@@ -15,12 +16,13 @@ from dataclasses import dataclass, field
 
 import cache
 import sse
-from errors import (ApiError, ConversationBusy, DatabaseDown, NotFound, ShuttingDown,
+from errors import (ApiError, BudgetExceeded, ConversationBusy, DatabaseDown, NotFound, ShuttingDown,
                     TooManyStreams)
 from journal import JournalUnavailable, NoJournal
 from llm import ContextTooLong, EmptyStream, Reply, estimate_tokens
+from metrics import Meter
 from models import (Conversation, DatabaseUnavailable, Message, connection, retried_once,
-                    save_turn)
+                    save_turn, utcnow)
 from redis_link import LocalTrip, scope
 from relay import TurnRun
 
@@ -51,6 +53,7 @@ class Turn:
     conversation_id: str
     message: str
     lease: object
+    kind: str = "run"
     turn_id: str = ""
     slot: object = None
     name: str = ""
@@ -66,7 +69,16 @@ class Turn:
     model: str = None
     prompt_tokens: int = None
     reply_tokens: int = None
+    token_source: str = None  # "model": its own usage; "estimate": counted by the service
     finish_reason: str = None
+
+    def tokens(self):
+        """What the turn cost: its prompt and its reply."""
+        return (self.prompt_tokens or 0) + (self.reply_tokens or 0)
+
+    def time_to_first_token(self):
+        """Seconds from the request to the first chunk, if one came."""
+        return None if self.first_token_at is None else self.first_token_at - self.started
 
     def let_go(self, trip=None):
         """Release the conversation and the stream slot (each once), in `trip` if given."""
@@ -95,6 +107,7 @@ class Turn:
             "prompt_tokens": self.prompt_tokens,
             "completion_tokens": self.reply_tokens,
             "model": self.model,
+            "token_source": self.token_source,
             "history_messages": len(self.kept),
         }
         if self.first_token_at is not None:
@@ -115,7 +128,7 @@ class ChatService:
 
     def __init__(self, model, conversation_cache, coordination, history_limit, system_prompt,
                  heartbeat, context_tokens, round_trip=LocalTrip, max_streams=10, journal=None,
-                 grace=20, retain=300):
+                 grace=20, retain=300, budget=0, meter=None):
         """Wire the service to its model, cache, coordination and journal (`round_trip` makes their round trips).
 
         A stream with no reader goes on for `grace` seconds; without a shared journal, this
@@ -133,6 +146,8 @@ class ChatService:
         self.context_tokens = context_tokens
         self.grace = grace
         self.retain = retain
+        self.budget = budget
+        self.meter = meter or Meter(enabled=False)
         self._runs = {}
         self._ended = {}
         self._listening = False
@@ -248,9 +263,11 @@ class ChatService:
         The turn's own request waits for the turn to end (`wait_for_end`), so its log line says how it ended.
         """
         run.attach()
+        self.meter.stream_opened()
         try:
             yield from run.read(after, self.heartbeat)
         finally:
+            self.meter.stream_closed()
             if slot is not None:
                 slot.release()
             if run.detach():
@@ -332,6 +349,7 @@ class ChatService:
         with self.round_trip() as trip:
             watching = self.coordination.watch(record.turn_id, trip)
         sent, last_ping = after, time.monotonic()
+        self.meter.stream_opened()
         try:
             while True:
                 if record.gap:
@@ -361,6 +379,7 @@ class ChatService:
         except JournalUnavailable:
             yield self._gap_event(record, conversation_id, "the journal became unavailable")
         finally:
+            self.meter.stream_closed()
             watching.value.release()
             slot.release()
 
@@ -435,6 +454,8 @@ class ChatService:
                 failure = exc
             turn.record.update(model=getattr(self.model, "model", None), outcome=Message.ERROR,
                                error=failure.code)
+            self.meter.turn(turn.kind, Message.ERROR, time.monotonic() - turn.started)
+            self.meter.model_error(failure.code)
             raise failure
 
     def _shorten(self, turn):
@@ -457,22 +478,25 @@ class ChatService:
             raise ApiError(413, "context_too_large",
                            f"the message alone exceeds the model's context budget of "
                            f"{self.context_tokens} tokens")
-        name, turn_id = scope(user, conversation_id), secrets.token_hex(8)
+        name, turn_id, today = scope(user, conversation_id), secrets.token_hex(8), utcnow().date()
         with self.round_trip() as trip:
             taken = self.coordination.take(name, kind, trip)
             cached = self.cache.read(name, trip)
             opened = self.coordination.open_stream(user, self.max_streams, trip) if kind == "stream" else None
             started = self.journal.start(name, turn_id, message, taken.asked, trip) if taken.asked else None
+            spent = self.coordination.spent(user, today, trip) if self.budget else None
         lease, slot = taken.value, opened and opened.value
         if lease is None or (opened and slot is None):
             for held in (lease, slot):
                 if held is not None:
                     held.release()
             raise ConversationBusy() if lease is None else TooManyStreams(self.max_streams)
-        turn = Turn(user=user, conversation_id=conversation_id, message=message, lease=lease,
+        turn = Turn(user=user, conversation_id=conversation_id, message=message, lease=lease, kind=kind,
                     turn_id=turn_id, slot=slot, name=name, record=record if record is not None else {})
         try:
             turn.journaled = self._journal_started(turn, started)
+            if spent is not None:
+                self._within_budget(user, today, spent.value)
             turn.history = self._load(user, conversation_id, cached.value)
             turn.kept = self._fitting_history(turn)
             turn.prompt = self._head() + turn.kept + [{"role": "user", "content": message}]
@@ -480,6 +504,19 @@ class ChatService:
             self._abandon(turn)
             raise
         return turn
+
+    def _within_budget(self, user, today, spent):
+        """429 budget_exceeded if the user has spent TOKEN_BUDGET_PER_DAY today (a turn begun within it finishes).
+
+        The count is shared in Redis; when it has none for today (a new day, or Redis lost it) it
+        starts from the database's sum.
+        """
+        if spent is None:
+            spent = self.coordination.count_spent(user, today, retried_once(
+                lambda: Message.spent(user, datetime.datetime.combine(today, datetime.time()),
+                                      datetime.datetime.combine(today, datetime.time()) + datetime.timedelta(days=1))))
+        if spent >= self.budget:
+            raise BudgetExceeded(self.budget)
 
     def _abandon(self, turn):
         """Let go of a turn that was refused (the client is told): nothing of it is kept, journal included."""
@@ -546,6 +583,7 @@ class ChatService:
         turn.prompt_tokens = reply.prompt_tokens or self._cost(turn.prompt)
         turn.reply_tokens = reply.completion_tokens if reply.completion_tokens is not None \
             else estimate_tokens(content)
+        turn.token_source = "model" if reply.completion_tokens is not None else "estimate"
         turn.finish_reason = (reply.finish_reason if turn.status == Message.COMPLETE
                               else turn.status)
         turn.record.update(turn.log_fields())
@@ -559,7 +597,8 @@ class ChatService:
                 version = save_turn(conversation_id=turn.conversation_id, owner=turn.user,
                                     message=turn.message, reply=turn.reply, status=turn.status,
                                     message_tokens=turn.message_tokens, reply_tokens=turn.reply_tokens,
-                                    prompt_tokens=turn.prompt_tokens, turn_id=turn.turn_id)
+                                    prompt_tokens=turn.prompt_tokens, turn_id=turn.turn_id, model=turn.model,
+                                    token_source=turn.token_source)
         except DatabaseUnavailable:
             version, error = None, error or DatabaseDown()
         if error is not None:
@@ -572,8 +611,14 @@ class ChatService:
                 self.cache.write(turn.name, cache.encode(version, history), trip)
             if turn.journaled:
                 self.journal.end(turn.name, turn.turn_id, run, (len(run.framed) + 1, final), trip)
+            if self.budget and version is not None:
+                self.coordination.spend(turn.user, utcnow().date(), turn.tokens(), trip)
             turn.let_go(trip)
         run.end(final)
+        self.meter.turn(turn.kind, turn.status, time.monotonic() - turn.started, turn.time_to_first_token(),
+                        turn.model, turn.prompt_tokens, turn.reply_tokens)
+        if error is not None and error.code.startswith("llm_"):
+            self.meter.model_error(error.code)
         return error
 
     # Stop and shutdown

@@ -103,11 +103,11 @@ INSTANT_REPLY = ("Sure. Here is a short answer of about forty words, streamed wo
 
 FULL = {"latency_n": 400, "latency_warmup": 20, "levels": [500, 1000, 2000, 3000],
         "turns_seconds": 10.0, "turns_warmup": 2.0, "connections": 48, "profile_seconds": 10,
-        "relay_streams": 200, "relay_chunks": 100}
+        "relay_streams": 200, "relay_chunks": 100, "resume_n": 40}
 QUICK = {"latency_n": 40, "latency_warmup": 10, "levels": [50, 100],
          "turns_seconds": 3.0, "turns_warmup": 1.0, "connections": 32, "profile_seconds": 3,
-         "relay_streams": 50, "relay_chunks": 60}
-PHASES = ("latency", "turns", "streams", "relay")
+         "relay_streams": 50, "relay_chunks": 60, "resume_n": 10}
+PHASES = ("latency", "turns", "streams", "relay", "resume")
 
 
 def log(message):
@@ -458,6 +458,8 @@ def service_env(bench, llm_url, workers, port):
         "REDIS_URL": bench.redis_url, "LLM_BASE_URL": llm_url, "LLM_MODEL": MODEL,
         "WEB_CONCURRENCY": str(workers), "LOG_LEVEL": "warning", "PORT": str(port),
         "GRACEFUL_TIMEOUT": "5", "DATABASE_POOL_SIZE": str(POOL_SIZE),
+        # The load is a few users with thousands of streams: the per-user cap is not what is measured.
+        "MAX_STREAMS_PER_USER": "1000000",
     })
     return env
 
@@ -797,6 +799,8 @@ class Bench:
             self.stream_phases()
         if "relay" in self.phases:
             self.relay_phases()
+        if "resume" in self.phases:
+            self.resume_phase()
         run_after = whole.snapshot()
         self.results["phases"]["whole_run"] = {
             k: v for k, v in CpuWatch.between(run_before, run_after).items()
@@ -874,6 +878,35 @@ class Bench:
             f"{direct['lateness_p99_ms']:.1f} ms direct, {through['lateness_p99_ms']:.1f} ms through the service")
         self.results["phases"]["relay"] = {"streams": streams, "chunks": chunks, "direct": direct, "service": through}
 
+    def resume_phase(self):
+        """Time to resume: a stream dropped after a few events, resumed with Last-Event-ID on the instance that
+        runs it (from the process's own copy) and on another one (from the journal in Redis)."""
+        n = self.settings["resume_n"]
+        log(f"resume: {n} streams dropped and resumed, on the same instance and on another")
+        paced = FakeModel(self.processes, "fake-resume", "--paced", "--chunks", "60",
+                          "--chunk-delay", str(RELAY_CHUNK_DELAY))
+        first = self.service("service-resume-1", 1, paced.url)
+        second = self.service("service-resume-2", 1, paced.url)
+        for service in (first, second):
+            service.warm_up(self.tokens)
+        times = {"same_instance": [], "other_instance": []}
+        for k in range(n):
+            where = "same_instance" if k % 2 else "other_instance"
+            resumed_on = first if where == "same_instance" else second
+            elapsed = time_to_resume(first, resumed_on, self.tokens[k % len(self.tokens)], f"resume-{uuid_hex()}")
+            if elapsed is None:
+                self.notes.append(f"resume ({where}): a resume got no event")
+            else:
+                times[where].append(elapsed)
+        for service in (first, second):
+            service.stop()
+        paced.stop()
+        self.results["phases"]["resume"] = {
+            where: {"n": len(ms), "p50_ms": percentile(ms, 50), "p95_ms": percentile(ms, 95)}
+            for where, ms in times.items()}
+        log(f"  time to the first replayed event p50: {percentile(times['same_instance'], 50):.2f} ms on the same "
+            f"instance, {percentile(times['other_instance'], 50):.2f} ms on another")
+
     def note_noise(self):
         """A note naming the phases during which other processes kept the cores busy."""
         phases = self.results["phases"]
@@ -914,6 +947,8 @@ class Bench:
             self.turn_figures(phases["turns_1"], phases["turns_2"])
         if "relay" in phases:
             self.relay_figures(phases["relay"])
+        if "resume" in phases:
+            self.resume_figures(phases["resume"])
         self.figure("postgres_cpu_s_run", "PostgreSQL CPU over the whole run (context)",
                     phases["whole_run"]["postgres_s"], "s")
         self.figure("redis_cpu_s_run", "Redis CPU over the whole run (context)", phases["whole_run"]["redis_s"], "s")
@@ -974,6 +1009,14 @@ class Bench:
                     one.get("postgres_cpu_per_turn_ms", float("nan")), "ms")
         self.figure("redis_cpu_per_turn_ms", "Redis CPU per turn (context)",
                     one.get("redis_cpu_per_turn_ms", float("nan")), "ms")
+
+    def resume_figures(self, resume):
+        """Time from GET /chat/stream/{id} to the first replayed event."""
+        for where, name in (("same_instance", "the instance running the turn"),
+                            ("other_instance", "another instance (from Redis)")):
+            for q in (50, 95):
+                self.figure(f"resume_{where}_p{q}_ms", f"time to resume p{q}, on {name}", resume[where][f"p{q}_ms"],
+                            "ms")
 
     def relay_figures(self, relay):
         """Worker CPU per relayed chunk, and the delay the service adds to each chunk."""
@@ -1081,6 +1124,29 @@ def scaling_ceiling(phase, helpers_ms, cores):
         return float("nan")
     most = min(cores / (worker_ms + helpers_ms), 2 / worker_ms) * 1000
     return most / phase["turns_per_s"]
+
+
+def time_to_resume(service, resumed_on, token, conversation_id):
+    """Start a stream on `service`, drop it after three events, resume it 300 ms later on `resumed_on` with the
+    last event's id: milliseconds from sending the GET to the first replayed event (None if none came)."""
+    headers = {"Authorization": f"Bearer {token}"}
+    last_id = None
+    with requests.post(service.url + "/chat/stream", json={"message": "resume me", "conversation_id": conversation_id},
+                       headers=headers, stream=True, timeout=30) as response:
+        seen = 0
+        for line in response.iter_lines():
+            if line.startswith(b"id: "):
+                last_id, seen = line[4:].decode(), seen + 1
+            if seen == 3:
+                break
+    time.sleep(0.3)  # events go on meanwhile: the resume has missed ones to replay
+    started = time.perf_counter()
+    with requests.get(f"{resumed_on.url}/chat/stream/{conversation_id}", stream=True, timeout=30,
+                      headers={**headers, "Last-Event-ID": last_id}) as resumed:
+        for line in resumed.iter_lines():
+            if line.startswith(b"data: "):
+                return (time.perf_counter() - started) * 1000
+    return None
 
 
 def sleep_until(moment):

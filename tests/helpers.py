@@ -228,7 +228,8 @@ def lock_waiters(postgres_url):
 
 def listening_for_stops(redis_client):
     """Whether some process subscribes to the stop channel."""
-    return redis_client.pubsub_numsub(coordination.STOP_CHANNEL)[0][1] >= 1
+    channel = coordination.STOP_CHANNEL.format(redis_client.connection_pool.connection_kwargs.get("db", 0))
+    return redis_client.pubsub_numsub(channel)[0][1] >= 1
 
 
 # What the model was sent

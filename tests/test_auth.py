@@ -92,6 +92,12 @@ def test_bad_credentials_store_nothing(pg_client, headers):
     assert stored_counts() == (0, 0)
 
 
+@pytest.mark.parametrize("path", ["/chat/run", "/conversations"])
+def test_options_with_a_valid_token_gets_401_not_an_error(pg_client, path):
+    """flask-jwt-extended checks no token on OPTIONS; the service then vouches for none (401, never a 500)."""
+    assert_error(pg_client.options(path, headers=bearer()), 401, "unauthorized")
+
+
 def test_minimal_foreign_token_is_accepted(pg_client, llm):
     """A token of another system with only `sub` and `exp` (no type, jti, fresh) gets a reply."""
     llm.script(Script(reply="hello from the model"))

@@ -25,6 +25,8 @@ FIGURES = {
     "relay_delay_added_p50_ms", "relay_delay_added_p99_ms",
     "relay_delay_direct_p50_ms", "relay_delay_direct_p99_ms", "relay_delay_service_p50_ms",
     "relay_delay_service_p99_ms", "relay_fake_cpu_per_chunk_us", "relay_clients_cpu_per_chunk_us",
+    "resume_same_instance_p50_ms", "resume_same_instance_p95_ms", "resume_other_instance_p50_ms",
+    "resume_other_instance_p95_ms",
 }
 LATENCIES = [f"{kind}_{side}_p{q}_ms" for kind, quantiles in (("ttft", (50, 95, 99)), ("run", (50, 95)))
              for side in ("direct", "service") for q in quantiles]
@@ -38,6 +40,8 @@ BETWEEN = {
     "turns_per_s_2_workers": (10, 50000),
     "scaling_ratio": (0, 4),
     "scaling_ceiling": (0, 20),
+    # from the GET to the first replayed event: at most the journal's flush (250 ms) and a Redis wait (1 s)
+    **{f"resume_{where}_p{q}_ms": (0, 3000) for where in ("same_instance", "other_instance") for q in (50, 95)},
 }
 # figure: high; 0 <= value < high (CPU ticks of a short window may add up to nothing)
 UNDER = {"memory_per_stream_kb": 10000, "postgres_cpu_per_turn_ms": 50, "redis_cpu_per_turn_ms": 50}

@@ -1,0 +1,253 @@
+"""For the team that runs it: usage per user, a daily token budget, Prometheus metrics."""
+
+import csv
+import datetime
+import io
+import json
+import re
+
+import pytest
+import requests
+
+import models
+from tests.fake_llm import Script
+from tests.helpers import assert_error, bearer, wait_until
+from tests.sse_client import data_events
+
+TODAY = datetime.datetime.now(datetime.timezone.utc).date()
+
+
+def turn_on(day, owner, conversation_id, model, prompt_tokens, completion_tokens, token_source="model"):
+    """A finished turn of `owner` saved as of `day` (noon UTC)."""
+    with models.db.connection_context():
+        models.save_turn(conversation_id=conversation_id, owner=owner, message="q", reply="a", status="complete",
+                         prompt_tokens=prompt_tokens, reply_tokens=completion_tokens, model=model,
+                         token_source=token_source)
+        noon = datetime.datetime.combine(day, datetime.time(12))
+        conversation = models.Conversation.owned(owner, conversation_id)
+        models.Message.update(created_at=noon).where(models.Message.conversation == conversation.key).execute()
+
+
+# Usage
+
+def test_usage_gives_the_callers_own_tokens_and_turns_per_day_and_model(pg_client):
+    """GET /usage sums the caller's turns per day and model, says which were estimated, and shows nobody else's."""
+    yesterday = TODAY - datetime.timedelta(days=1)
+    turn_on(yesterday, "alice", "a1", "gpt-4o-mini", 100, 20)
+    turn_on(yesterday, "alice", "a2", "gpt-4o-mini", 50, 5, token_source="estimate")
+    turn_on(TODAY, "alice", "a3", "llama3", 10, 1)
+    turn_on(TODAY, "bob", "b1", "gpt-4o-mini", 999, 999)
+    body = pg_client.get("/usage", headers=bearer()).get_json()
+    assert body["days"] == [
+        {"date": yesterday.isoformat(), "model": "gpt-4o-mini", "turns": 2, "prompt_tokens": 150,
+         "completion_tokens": 25, "estimated_turns": 1},
+        {"date": TODAY.isoformat(), "model": "llama3", "turns": 1, "prompt_tokens": 10, "completion_tokens": 1,
+         "estimated_turns": 0}]
+    assert body["total"] == {"turns": 3, "prompt_tokens": 160, "completion_tokens": 26, "estimated_turns": 1}
+    assert body["until"] == TODAY.isoformat()
+
+
+def test_usage_is_bounded_by_since_and_until(pg_client):
+    """Only the days asked for count, both ends included."""
+    for days_back in (0, 3, 10):
+        turn_on(TODAY - datetime.timedelta(days=days_back), "alice", f"c{days_back}", "m", 1, 1)
+    since, until = TODAY - datetime.timedelta(days=10), TODAY - datetime.timedelta(days=3)
+    body = pg_client.get(f"/usage?since={since}&until={until}", headers=bearer()).get_json()
+    assert [day["date"] for day in body["days"]] == [since.isoformat(), until.isoformat()]
+
+
+@pytest.mark.parametrize("query", ["since=yesterday", "until=2026-13-01", "since=2026-12-02&until=2026-12-01",
+                                   "since=2020-01-01&until=2026-01-01", "since=2026-1-1"])
+def test_usage_refuses_dates_it_cannot_read(pg_client, query):
+    """A bad date, an inverted range or one over a year is a 400."""
+    assert_error(pg_client.get(f"/usage?{query}", headers=bearer()), 400, "invalid_request")
+
+
+def test_usage_needs_a_token(pg_client):
+    """GET /usage without a token is 401."""
+    assert_error(pg_client.get("/usage"), 401, "unauthorized")
+
+
+def test_a_turn_records_its_model_and_whether_its_counts_are_the_models(pg_client, llm):
+    """A reply with the model's usage is kept as such; one without is kept as an estimate."""
+    llm.script(Script(reply="four words of reply", model="served-model"), Script(reply="x", usage=False))
+    pg_client.post("/chat/run", json={"message": "hi", "conversation_id": "c1"}, headers=bearer())
+    pg_client.post("/chat/run", json={"message": "hi", "conversation_id": "c2"}, headers=bearer())
+    days = pg_client.get("/usage", headers=bearer()).get_json()["days"]
+    assert {(d["model"], d["estimated_turns"]) for d in days} == {("served-model", 0), ("fake-model", 1)}
+
+
+def usage_cli(app, *args):
+    """Run `flask usage ARGS`; the click result."""
+    return app.test_cli_runner().invoke(args=["usage", *args])
+
+
+def test_the_usage_command_sums_per_user_in_every_format(pg_app):
+    """`flask usage` gives each user and model's totals as a table, CSV or JSON, for a user or all."""
+    turn_on(TODAY, "alice", "a1", "m1", 10, 2)
+    turn_on(TODAY - datetime.timedelta(days=2), "alice", "a2", "m1", 5, 1)
+    turn_on(TODAY, "bob", "b1", "m2", 7, 3, token_source="estimate")
+    table = usage_cli(pg_app, "--since", "7d")
+    assert table.exit_code == 0, table.output
+    assert re.search(r"^alice\s+m1\s+2\s+15\s+3\s+0$", table.output, re.M)
+    assert re.search(r"^bob\s+m2\s+1\s+7\s+3\s+1$", table.output, re.M)
+    rows = list(csv.DictReader(io.StringIO(usage_cli(pg_app, "--format", "csv", "--user", "bob").output)))
+    assert rows == [{"user": "bob", "model": "m2", "turns": "1", "prompt_tokens": "7", "completion_tokens": "3",
+                     "estimated_turns": "1"}]
+    report = json.loads(usage_cli(pg_app, "--format", "json", "--since", TODAY.isoformat()).output)
+    assert {(u["user"], u["turns"]) for u in report["users"]} == {("alice", 1), ("bob", 1)}
+
+
+def test_the_usage_command_refuses_a_since_it_cannot_read(pg_app):
+    """--since must be a date or a number of days."""
+    result = usage_cli(pg_app, "--since", "last week")
+    assert result.exit_code == 2 and "--since" in result.output
+
+
+# The daily budget
+
+@pytest.fixture
+def budgeted(make_pg_app, redis_client):
+    """An app whose users may spend 100 tokens a day."""
+    return make_pg_app(TOKEN_BUDGET_PER_DAY=100)
+
+
+def test_past_the_budget_a_turn_is_429_before_the_model_is_asked(budgeted, llm, redis_client):
+    """Once today's spending reaches the budget: 429 budget_exceeded with when it resets; the model is not asked."""
+    client = budgeted.test_client()
+    llm.script(*[Script(reply="word " * 30) for _ in range(5)])
+    statuses = [client.post("/chat/run", json={"message": "hi", "conversation_id": f"c{n}"},
+                            headers=bearer()).status_code for n in range(5)]
+    assert statuses[0] == 200 and 429 in statuses
+    asked = len(llm.requests)
+    refused = client.post("/chat/run", json={"message": "hi", "conversation_id": "late"}, headers=bearer())
+    assert_error(refused, 429, "budget_exceeded")
+    assert "resets at" in refused.get_json()["error"]["message"]
+    assert 0 < int(refused.headers["Retry-After"]) <= 86400
+    assert len(llm.requests) == asked
+    assert client.post("/chat/run", json={"message": "hi", "conversation_id": "c9"},
+                       headers=bearer("bob")).status_code == 200
+
+
+def test_a_turn_begun_within_the_budget_finishes(start_service, llm):
+    """The budget is checked when a turn begins: a long reply that goes past it is streamed to its end."""
+    service = start_service(TOKEN_BUDGET_PER_DAY=10)
+    llm.script(Script(chunks=["word "] * 50))
+    with service.stream("hi", "c1") as response:
+        received = data_events(response)
+    assert "error" not in received[-1] and len(received) == 51
+    assert_error(service.run("again", "c2"), 429, "budget_exceeded")
+
+
+def test_the_budget_is_shared_by_every_instance(start_service, llm):
+    """Tokens spent through one instance count on another (Redis holds the count)."""
+    first, second = start_service(TOKEN_BUDGET_PER_DAY=50), start_service(TOKEN_BUDGET_PER_DAY=50)
+    llm.script(Script(reply="word " * 60))
+    assert first.run("hi", "c1").status_code == 200
+    assert_error(second.run("hi", "c2"), 429, "budget_exceeded")
+
+
+def test_a_count_redis_lost_is_rebuilt_from_the_database(budgeted, llm, redis_client):
+    """With Redis emptied, today's spending comes back from the kept turns: still refused."""
+    turn_on(TODAY, "alice", "earlier", "m", 80, 30)
+    redis_client.flushdb()
+    assert_error(budgeted.test_client().post("/chat/run", json={"message": "hi", "conversation_id": "c1"},
+                                             headers=bearer()), 429, "budget_exceeded")
+    assert llm.requests == []
+    assert int(redis_client.get(f"chat:spent:alice:{TODAY.isoformat()}")) == 110
+
+
+def test_without_a_budget_nothing_is_counted(pg_client, llm, redis_client):
+    """TOKEN_BUDGET_PER_DAY is off by default: no count is kept."""
+    pg_client.post("/chat/run", json={"message": "hi", "conversation_id": "c1"}, headers=bearer())
+    assert redis_client.keys("chat:spent:*") == []
+
+
+# Metrics
+
+def scrape(service, token=None):
+    """GET /metrics; the response."""
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    return requests.get(service.url + "/metrics", headers={**headers, "Connection": "close"}, timeout=10)
+
+
+def sample(text, name, **labels):
+    """The value of one sample of the Prometheus text, or None."""
+    wanted = ",".join(f'{key}="{value}"' for key, value in sorted(labels.items()))
+    for line in text.splitlines():
+        if line.startswith("#"):
+            continue
+        metric, _, value = line.rpartition(" ")
+        found_name, _, found_labels = metric.partition("{")
+        found = ",".join(sorted(found_labels.rstrip("}").split(","))) if found_labels else ""
+        if found_name == name and found == wanted:
+            return float(value)
+    return None
+
+
+def test_metrics_count_requests_turns_tokens_and_errors_over_two_workers(start_service, llm):
+    """Requests by route and status, turns by outcome, first tokens and durations, tokens by model and model
+    errors, summed over both workers; no user id or message text in them."""
+    service = start_service(workers=2)
+    llm.script(Script(reply="three word reply", model="m-1"), Script(chunks=["a ", "b"], model="m-1"),
+               Script(status=500))
+    assert service.run("secret message text", "c1").status_code == 200
+    with service.stream("secret message text", "c1") as response:
+        data_events(response)
+    assert service.run("secret message text", "c1").status_code == 502
+    text = ""
+
+    def counted():
+        """Whether the metrics show all three turns (the workers write them as they end)."""
+        nonlocal text
+        text = scrape(service).text
+        return sample(text, "chat_turns_total", kind="stream", outcome="complete") == 1
+
+    assert wait_until(counted, timeout=10)
+    assert sample(text, "chat_turns_total", kind="run", outcome="complete") == 1
+    assert sample(text, "chat_turns_total", kind="run", outcome="error") == 1
+    assert sample(text, "chat_requests_total", route="/chat/run", method="POST", status="200") == 1
+    assert sample(text, "chat_requests_total", route="/chat/run", method="POST", status="502") == 1
+    assert sample(text, "chat_model_errors_total", code="llm_error") == 1
+    assert sample(text, "chat_tokens_total", model="m-1", type="completion") == 5
+    assert sample(text, "chat_time_to_first_token_seconds_count") == 1
+    assert sample(text, "chat_turn_duration_seconds_count", kind="run") == 2
+    assert sample(text, "chat_part_up", part="database") == 1 and sample(text, "chat_part_up", part="cache") == 1
+    assert "secret message text" not in text and "alice" not in text and "c1" not in text
+
+
+def test_open_streams_are_a_live_gauge(start_service, llm):
+    """A stream being read counts while it is open, and not after."""
+    service = start_service()
+    llm.script(Script(chunks=["a", "b"], chunk_delay=30))
+    with service.stream("hi", "c1") as response:
+        assert response.status_code == 200
+        assert wait_until(lambda: sample(scrape(service).text, "chat_open_streams") == 1, timeout=10)
+        llm.release()
+        data_events(response)
+    assert wait_until(lambda: sample(scrape(service).text, "chat_open_streams") == 0, timeout=10)
+
+
+def test_metrics_token_is_required_when_set(start_service):
+    """With METRICS_TOKEN, /metrics needs it as a bearer token; a user's token is not it."""
+    service = start_service(METRICS_TOKEN="scraper-secret-123")
+    assert_error(scrape(service), 401, "unauthorized")
+    assert_error(scrape(service, "wrong"), 401, "unauthorized")
+    answer = scrape(service, "scraper-secret-123")
+    assert answer.status_code == 200 and answer.headers["Content-Type"].startswith("text/plain")
+    assert "chat_requests_total" in answer.text
+
+
+def test_metrics_can_be_turned_off(start_service):
+    """METRICS=off: no /metrics."""
+    assert_error(scrape(start_service(METRICS="off")), 404, "not_found")
+
+
+def test_the_metrics_folder_is_cleaned_when_gunicorn_starts_and_exits(start_service, tmp_path):
+    """A named PROMETHEUS_MULTIPROC_DIR is emptied at start (no counts from a previous run) and kept."""
+    folder = tmp_path / "metrics"
+    folder.mkdir()
+    (folder / "counter_1.db").write_bytes(b"stale")
+    service = start_service(PROMETHEUS_MULTIPROC_DIR=str(folder))
+    assert not (folder / "counter_1.db").exists()
+    assert scrape(service).status_code == 200
