@@ -13,7 +13,7 @@ from flask_jwt_extended.exceptions import JWTExtendedException, NoAuthorizationE
 
 import logs
 import token_keys
-from errors import ApiError, Unauthorized
+from errors import RateLimited, Unauthorized
 
 VERIFIED_TOKENS_KEPT = 10000
 # The characters of the memory the verified tokens may hold (tokens and what they carry).
@@ -77,9 +77,18 @@ def local_secret(instance_path):
     path = os.path.join(instance_path, "jwt-secret")
     if not os.path.exists(path):
         os.makedirs(instance_path, exist_ok=True)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        # Written whole under another name, then linked into place: two workers starting at once
+        # never read a half-written secret, and the first link wins.
+        draft = f"{path}.{os.getpid()}"
+        fd = os.open(draft, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as out:
             out.write(secrets.token_urlsafe(48))
+        try:
+            os.link(draft, path)
+        except FileExistsError:
+            pass
+        finally:
+            os.remove(draft)
     with open(path) as kept:
         return kept.read().strip()
 
@@ -245,8 +254,7 @@ def limit_rate(user):
     elapsed = now % RATE_WINDOW
     if sliding_count(previous, current, elapsed, RATE_WINDOW) > limit:
         wait = seconds_until_room(previous, current, elapsed, RATE_WINDOW, limit)
-        raise ApiError(429, "rate_limited", f"at most {limit} requests a minute",
-                       {"Retry-After": str(wait)})
+        raise RateLimited(limit, wait)
 
 
 def sliding_count(previous, current, elapsed, window):

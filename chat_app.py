@@ -28,12 +28,13 @@ from coordination import MemoryCoordination, RedisCoordination
 from errors import ApiError, DatabaseDown, InvalidRequest, NotFound
 from health import Health
 from history import TITLE_CHARS, History
-from journal import NoJournal, RedisJournal
+from journal import RedisJournal
 from llm import make_model
 from metrics import Meter, exposition
 from models import utcnow
-from redis_link import LocalTrip, RedisLink
-from turns import ChatService, new_conversation_id
+from redis_link import RedisLink
+from resume import Replays
+from turns import ChatService, Shared, TurnSettings, new_conversation_id
 from usage import MAX_DAYS, days_ago, per_user, totals, usage
 
 log = logging.getLogger("chat_app")
@@ -95,27 +96,22 @@ def wire_services(app):
     """Build the cache, the coordination between processes, the model and the services on them."""
     config = app.config
     meter = app.extensions["meter"] = Meter(enabled=config["METRICS"])
-    if config["REDIS_URL"]:
-        link = RedisLink(config["REDIS_URL"], config["REDIS_TLS_VERIFY"], config["REDIS_TLS_CA_FILE"])
-        conversation_cache = RedisCache(link, config["CACHE_TTL_SECONDS"])
-        coordination = RedisCoordination(link, config["LEASE_SECONDS"])
-        journal = RedisJournal(link, config["STREAM_RETAIN_SECONDS"])
-        round_trip = link.round_trip
-    else:
-        conversation_cache = MemoryCache(config["CACHE_TTL_SECONDS"])
-        coordination, journal = MemoryCoordination(config["LEASE_SECONDS"]), NoJournal()
-        round_trip = LocalTrip
-    service = ChatService(
-        make_model(config), conversation_cache, coordination, config["CHAT_HISTORY_LIMIT"],
-        config["LLM_SYSTEM_PROMPT"], config["SSE_HEARTBEAT_SECONDS"],
-        context_tokens=config["LLM_CONTEXT_TOKENS"], round_trip=round_trip,
-        max_streams=config["MAX_STREAMS_PER_USER"], journal=journal,
-        grace=config["STREAM_RESUME_GRACE_SECONDS"], retain=config["STREAM_RETAIN_SECONDS"],
-        budget=config["TOKEN_BUDGET_PER_DAY"], meter=meter)
+    shared = shared_stores(config)
+    service = ChatService(make_model(config), shared, TurnSettings.of(config), meter)
     app.extensions["chat"] = service
-    app.extensions["coordination"] = coordination
-    app.extensions["history"] = History(conversation_cache, coordination, round_trip, journal)
-    app.extensions["health"] = Health(conversation_cache, coordination, service.describe_model, meter=meter)
+    app.extensions["replays"] = Replays(service)
+    app.extensions["coordination"] = shared.coordination
+    app.extensions["history"] = History(shared.cache, shared.coordination, shared.round_trip, shared.journal)
+    app.extensions["health"] = Health(shared.cache, shared.coordination, service.describe_model, meter=meter)
+
+
+def shared_stores(config):
+    """What the processes share: in Redis when REDIS_URL is set, else in this process."""
+    if not config["REDIS_URL"]:
+        return Shared(MemoryCache(config["CACHE_TTL_SECONDS"]), MemoryCoordination(config["LEASE_SECONDS"]))
+    link = RedisLink(config["REDIS_URL"], config["REDIS_TLS_VERIFY"], config["REDIS_TLS_CA_FILE"])
+    return Shared(RedisCache(link, config["CACHE_TTL_SECONDS"]), RedisCoordination(link, config["LEASE_SECONDS"]),
+                  RedisJournal(link, config["STREAM_RETAIN_SECONDS"]), link.round_trip)
 
 
 def note_route():
@@ -213,7 +209,7 @@ def stream():
 def resume(conversation_id):
     """Stream the conversation's current or last turn from after the Last-Event-ID: replay, then live."""
     note(conversation_id=conversation_id)
-    events = services("chat").resume(g.user, valid_path_id(conversation_id), last_event_id())
+    events = services("replays").resume(g.user, valid_path_id(conversation_id), last_event_id())
     if events is None:
         return "", 204
     return event_stream(events, conversation_id)
@@ -315,7 +311,7 @@ def read_cursor(cursor, kind):
         return None
     try:
         position = json.loads(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)))
-    except ValueError:
+    except (ValueError, RecursionError):
         position = None
     if kind is int and isinstance(position, int) and not isinstance(position, bool) \
             and 0 <= position <= MAX_MESSAGE_ID:

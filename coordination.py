@@ -79,7 +79,7 @@ class Coordination(Protocol):
 
     backend: str
 
-    def take(self, name, holder, trip) -> Pending:
+    def take(self, name, holder, trip, token=None) -> Pending:
         """Hold the conversation for one turn: a lease (renewed until released), or None if another holds it."""
 
     def holder_of(self, name):
@@ -113,6 +113,16 @@ class Coordination(Protocol):
         """Add `tokens` to the user's count for `day`."""
 
 
+def lease_key(name):
+    """The Redis key of the lease on a conversation."""
+    return LOCK_KEY.format(name)
+
+
+def lease_token(token, holder):
+    """What a lease's key holds: the taker's token, and what holds it (for holder_of)."""
+    return f"{token} {holder}"
+
+
 class Keeper:
     """Renews everything this process holds, in one round trip, three times per expiry."""
 
@@ -130,7 +140,7 @@ class Keeper:
             self._started = True
             threading.Thread(target=self._run, daemon=True).start()
 
-    def let_go(self, held):
+    def forget(self, held):
         """Stop renewing `held`."""
         self._held.discard(held)
 
@@ -154,7 +164,7 @@ class Keeper:
             if renewed.value is False and not item.released:
                 log.warning("a turn lost its lease (Redis lost it, or the process stalled for %g s)",
                             self.seconds)
-                self.let_go(item)
+                self.forget(item)
 
 
 class RedisCoordination:
@@ -173,28 +183,29 @@ class RedisCoordination:
         self.fallback = MemoryCoordination(lease_seconds)
         link.outage.while_down = WHILE_REDIS_IS_DOWN
 
-    def take(self, name, holder, trip):
+    def take(self, name, holder, trip, token=None):
         """Hold the conversation for one turn, across every process: a lease, or None if it is held.
 
-        `holder` (say "stream") is kept with the lease, for holder_of.
+        `holder` (say "stream") is kept with the lease, for holder_of. The lease's key and token
+        are lease_key(name) and lease_token(token, holder): a token the caller gives (its turn's
+        id) lets it name the lease before the round trip is sent.
         """
-        key, token = LOCK_KEY.format(name), f"{secrets.token_hex(16)} {holder}"
+        own = token or secrets.token_hex(16)
+        key, token = lease_key(name), lease_token(own, holder)
         self._release_missed(trip)
 
         def taken(reply):
             """The lease, renewed from now on, if the SET took it."""
-            return self._kept(pending.asked) if reply else None
+            return self._kept(RedisLease(self, key, token)) if reply else None
 
         def held_here(failure):
             """Redis failed: hold the conversation in this process only."""
             if not isinstance(failure, RedisDown):
                 self._unreleased.add((key, token))  # a Redis that hung may still carry the SET out later
             log.debug("Redis unavailable, holding the conversation in this process only: %s", type(failure).__name__)
-            return self.fallback.take(name, holder, LocalTrip()).value
+            return self.fallback.take(name, holder, LocalTrip(), own).value
 
-        pending = trip.add("SET", key, token, "NX", "PX", self._expiry_ms(), then=taken, otherwise=held_here)
-        pending.asked = RedisLease(self, key, token)  # what the SET asks for, known before it is sent
-        return pending
+        return trip.add("SET", key, token, "NX", "PX", self._expiry_ms(), then=taken, otherwise=held_here)
 
     def open_stream(self, user, limit, trip):
         """Take one of the user's `limit` stream slots across every process: a slot, or None if all are taken."""
@@ -252,9 +263,9 @@ class RedisCoordination:
         """A lease's expiry, in milliseconds."""
         return int(self.lease_seconds * 1000)
 
-    def let_go(self, held, command, trip=None):
+    def release(self, held, command, trip=None):
         """Stop renewing `held` and send `command` to release it (if Redis is away, again with the next take)."""
-        self.keeper.let_go(held)
+        self.keeper.forget(held)
 
         def expires(failure):
             """Redis failed: the release goes again with the next take, and the lease lapses meanwhile."""
@@ -280,11 +291,15 @@ class RedisCoordination:
         return None if token is None else token.partition(" ")[2]
 
     def publish_stop(self, name):
-        """Ask whichever process streams the conversation to stop."""
-        self.link.call(self.link.client.publish, self.stop_channel, name)
+        """Ask whichever process streams the conversation to stop (this one, if Redis is away)."""
+        try:
+            self.link.call(self.link.client.publish, self.stop_channel, name)
+        except redis.RedisError:
+            self.fallback.publish_stop(name)
 
     def listen_for_stops(self, on_stop):
         """Call `on_stop(name)` for every stop published, from a background thread."""
+        self.fallback.listen_for_stops(on_stop)
         listener = self.link.listener()
         threading.Thread(target=_receive_stops, args=(listener, self.stop_channel, on_stop), daemon=True).start()
 
@@ -360,7 +375,7 @@ class RedisLease:
         """Let the next turn in (once), in `trip` if given."""
         if not self.released:
             self.released = True
-            self.coordination.let_go(self, ("EVAL", _RELEASE_IF_OURS, 1, self.key, self.token), trip)
+            self.coordination.release(self, ("EVAL", _RELEASE_IF_OURS, 1, self.key, self.token), trip)
 
 
 class RedisSlot:
@@ -372,16 +387,18 @@ class RedisSlot:
         self.released = False
 
     def renew(self, trip):
-        """Move the slot's expiry on."""
+        """Move the slot's expiry on, and the set's own with it (an empty set must not outlive its slots)."""
         expiry = int(time.time() * 1000) + self.coordination._expiry_ms()
-        return trip.add("ZADD", self.key, "XX", "CH", expiry, self.member,
-                        then=bool, otherwise=lambda failure: None)
+        renewed = trip.add("ZADD", self.key, "XX", "CH", expiry, self.member,
+                           then=bool, otherwise=lambda failure: None)
+        trip.add("PEXPIRE", self.key, 2 * self.coordination._expiry_ms(), otherwise=lambda failure: None)
+        return renewed
 
     def release(self, trip=None):
         """Free the slot (once), in `trip` if given."""
         if not self.released:
             self.released = True
-            self.coordination.let_go(self, ("ZREM", self.key, self.member), trip)
+            self.coordination.release(self, ("ZREM", self.key, self.member), trip)
 
 
 class MemoryCoordination:
@@ -401,20 +418,16 @@ class MemoryCoordination:
         self._on_stop = None
         self.keeper = Keeper(LocalTrip, lease_seconds)
 
-    def take(self, name, holder="", trip=None):
+    def take(self, name, holder="", trip=None, token=None):
         """Hold the conversation for one turn: a lease, or None if it is held."""
         with self._mutex:
             if self.holder_of(name) is not None:
-                busy = Pending.done(None)
-                busy.asked = None
-                return busy
-            token = f"{secrets.token_hex(16)} {holder}"
+                return Pending.done(None)
+            token = lease_token(token or secrets.token_hex(16), holder)
             self._holders[name] = (token, time.monotonic() + self.lease_seconds)
         lease = MemoryHeld(self, self._holders, name, token)
         self.keeper.keep(lease)
-        pending = Pending.done(lease)
-        pending.asked = lease
-        return pending
+        return Pending.done(lease)
 
     def holder_of(self, name):
         """Who holds the conversation now (the `holder` given to take), or None."""
@@ -460,7 +473,7 @@ class MemoryCoordination:
 
     def release(self, held, table, name, token):
         """Let go of a lease or slot, if still held."""
-        self.keeper.let_go(held)
+        self.keeper.forget(held)
         with self._mutex:
             if table.get(name, (None,))[0] == token:
                 del table[name]

@@ -81,3 +81,47 @@ class BudgetExceeded(ApiError):
         super().__init__(message=f"the daily budget of {budget} tokens is spent; it resets at "
                                  f"{midnight.strftime('%Y-%m-%dT%H:%M:%SZ')}",
                          headers={"Retry-After": str(max(1, int((midnight - now).total_seconds())))})
+
+
+class ContextTooLarge(ApiError):
+    """The message does not fit the model's context, even without history (the estimate's budget, or the model)."""
+
+    status, code = 413, "context_too_large"
+    message = "the message does not fit in the model's context window, even without history"
+
+
+class EmptyStream(ApiError):
+    """The model answered 200 and sent no event at all (llama-cpp-python, when the prompt does not fit)."""
+
+    status, code, message = 502, "llm_incomplete", "the model's stream ended before its first event"
+
+
+class ResumeUnavailable(ApiError):
+    """The journal cannot be read, so no instance can replay the turn now."""
+
+    status, code = 503, "resume_unavailable"
+    message = "the stream cannot be resumed right now (its journal is unavailable); the reply will be in the history"
+
+
+class NoReplyInProgress(ApiError):
+    """/chat/stop for a conversation with no stream running."""
+
+    status, code, message = 409, "no_reply_in_progress", "no reply is being streamed for this conversation"
+
+
+class TurnTakenOver(ApiError):
+    """This process stalled past its lease, and another saved the turn meanwhile (as interrupted)."""
+
+    status, code = 409, "turn_taken_over"
+    message = ("this instance lost hold of the conversation while it stalled; the turn was kept as far as "
+               "another instance had it")
+
+
+class RateLimited(ApiError):
+    """More requests in the last minute than RATE_LIMIT_PER_MINUTE."""
+
+    status, code = 429, "rate_limited"
+
+    def __init__(self, limit, retry_after):
+        """At most `limit` a minute; retry in `retry_after` seconds."""
+        super().__init__(message=f"at most {limit} requests a minute", headers={"Retry-After": str(retry_after)})

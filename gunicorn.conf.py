@@ -93,5 +93,6 @@ def drain_streams_on_sigterm(worker):
 
         worker.handle_exit(sig, frame)
         gevent.spawn_later(grace, service.cut_open_streams)
+        gevent.spawn_later(grace, worker.wsgi.extensions["replays"].stop_following)
 
     signal.signal(signal.SIGTERM, handle_sigterm)

@@ -84,13 +84,25 @@ class History:
             stale = Conversation.older_than(utcnow() - idle)
         removed = 0
         for start in range(0, len(stale), PRUNE_BATCH):
-            batch = stale[start:start + PRUNE_BATCH]
+            removed += self._prune_batch(stale[start:start + PRUNE_BATCH])
+        return removed
+
+    def _prune_batch(self, batch):
+        """Delete the conversations of a batch that no turn holds now (a busy one waits for the next prune)."""
+        with self.round_trip() as trip:
+            taken = [(row, self.coordination.take(scope(row[1], row[2]), "prune", trip)) for row in batch]
+        held = [(row, pending.value) for row, pending in taken if pending.value is not None]
+        try:
             with connection():
-                removed += Conversation.remove([key for key, _, _ in batch])
-            names = [scope(owner, conversation_id) for _, owner, conversation_id in batch]
+                removed = Conversation.remove([key for (key, _, _), _ in held])
+            names = [scope(owner, conversation_id) for (_, owner, conversation_id), _ in held]
             self.cache.drop(names)
             self.journal.drop(names)
-        return removed
+            return removed
+        finally:
+            with self.round_trip() as trip:
+                for _, lease in held:
+                    lease.release(trip)
 
     @staticmethod
     def _owned(user, conversation_id):

@@ -2,10 +2,12 @@
 
 Any instance can replay a journal to a reader who reconnects, and the next request that finds
 a journal whose turn never ended (its process died) saves what it holds. One Redis Stream per
-conversation holds its current or most recent turn: entries `start` (the user message),
-`events` (a batch of events, `first` numbering the first) and `end` (the final event).
-Events are batched by one writer per process every FLUSH_SECONDS, off the path from the
-model to the client; an ended turn's journal is kept STREAM_RETAIN_SECONDS.
+conversation holds its turns' entries: `start` (the user message), `events` (a batch of
+events, `first` numbering the first), `end` (the final event) and `abandoned` (a turn refused
+before it was accepted, which leaves the turn before it as the last). A turn's end trims the
+entries of the turns before it. Events are batched by one writer per process every
+FLUSH_SECONDS, off the path from the model to the client; a batch that fails is sent again
+with the next. An ended turn's journal is kept STREAM_RETAIN_SECONDS.
 
 Without Redis there is no journal (`NoJournal`): resume works within the process, from the
 turns it holds (turns.py), and a crash loses the turn in flight.
@@ -23,24 +25,28 @@ log = logging.getLogger(__name__)
 
 KEY = "chat:journal:{}"
 FLUSH_SECONDS = 0.25
+FOLLOW_SECONDS = 1.0
 # A journal whose turn never ended waits this long for the next request to save it.
 UNFINISHED_KEEP_SECONDS = 7 * 86400
 MAX_ENTRIES = 100000
 
-# Start a turn's journal, if the caller holds the conversation's lease and the last turn ended.
+# Start a turn's journal, if the caller holds the conversation's lease and the last turn is over
+# (ended, or abandoned). Returns the start entry's id, or why not: 'not-holder', 'unfinished'.
 _START = """
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 'not-holder' end
 local last = redis.call('XREVRANGE', KEYS[2], '+', '-', 'COUNT', 1)
 if #last > 0 then
     local fields = last[1][2]
     for i = 1, #fields, 2 do
-        if fields[i] == 'kind' and fields[i + 1] ~= 'end' then return 'unfinished' end
+        if fields[i] == 'kind' and fields[i + 1] ~= 'end' and fields[i + 1] ~= 'abandoned' then
+            return 'unfinished'
+        end
     end
 end
-redis.call('DEL', KEYS[2])
-redis.call('XADD', KEYS[2], '*', 'turn', ARGV[2], 'kind', 'start', 'message', ARGV[3])
+local id = redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[5], '*', 'turn', ARGV[2], 'kind', 'start',
+                      'message', ARGV[3])
 redis.call('PEXPIRE', KEYS[2], ARGV[4])
-return 'started'
+return id
 """
 
 
@@ -50,19 +56,21 @@ class JournalUnavailable(Exception):
 
 @dataclass
 class Record:
-    """What a journal holds of a turn."""
+    """What a journal holds of one turn."""
 
     turn_id: str
     message: str = ""
     events: list = field(default_factory=list)  # (n, data) in order
     final: tuple = None  # (n, data) once the turn ended
     last_entry: str = "0"
-    gap: bool = False  # an events entry is missing (a write failed while Redis was away)
+    gap: bool = False  # an events entry is missing
 
     def take(self, entries):
-        """Add journal entries (id, fields) read in order."""
+        """Add journal entries (id, fields) read in order; entries of other turns are passed over."""
         for entry_id, fields in entries:
             self.last_entry = entry_id
+            if fields.get("turn") != self.turn_id:
+                continue
             kind = fields.get("kind")
             if kind == "start":
                 self.message = fields.get("message", "")
@@ -79,20 +87,44 @@ class Record:
         return self.events[-1][0] + 1 if self.events else 1
 
 
+def last_record(entries):
+    """The Record of the last turn in a journal's entries that was not abandoned, or None."""
+    turns, abandoned = [], set()
+    for _, fields in entries:
+        if fields.get("kind") == "start":
+            turns.append(fields.get("turn", ""))
+        elif fields.get("kind") == "abandoned":
+            abandoned.add(fields.get("turn", ""))
+    kept = [turn for turn in turns if turn not in abandoned]
+    if not kept:
+        return None
+    record = Record(turn_id=kept[-1])
+    record.take(entries)
+    return record
+
+
 @runtime_checkable
 class Journal(Protocol):
     """Where turns are journaled; `name` is a conversation's scoped name."""
 
     shared: bool
 
-    def start(self, name, turn_id, message, lease, trip):
-        """Open the turn's journal in `trip`: 'started', 'unfinished' (a dead turn's is there) or 'not-holder'."""
+    def start(self, name, turn_id, message, lease_key, lease_token, trip):
+        """Open the turn's journal in `trip`, if the lease is the caller's: the start entry's id, 'unfinished'
+        (a dead turn's is there) or 'not-holder'."""
 
-    def keep(self, run):
+    def keep(self, feed):
         """Journal a streamed turn's events as its runner adds them."""
 
-    def end(self, name, turn_id, run, final, trip):
-        """Write the rest of the events and the final event (n, data) in `trip`, and keep the journal a while."""
+    def end(self, name, turn_id, feed, final, trip, started=None):
+        """Write the rest of the events and the final event (n, data) in `trip`; trim the turns before the one
+        whose start entry is `started`, and keep the journal a while."""
+
+    def abandon(self, name, turn_id, trip):
+        """Mark a turn refused before it was accepted: the turn before it is the last again."""
+
+    def drop(self, names):
+        """Forget the journals of conversations that were deleted."""
 
     def read(self, name):
         """The Record of the conversation's current or last turn, None if none is kept."""
@@ -110,24 +142,24 @@ class RedisJournal:
         """Journal through the Redis `link`; an ended turn is kept `retain_seconds`."""
         self.link = link
         self.retain_seconds = retain_seconds
-        self._runs = set()
+        self._feeds = set()
         self._writer = None
         self._warned = False
 
-    def start(self, name, turn_id, message, lease, trip):
-        """Open the turn's journal in `trip`, if `lease` holds the conversation and the last turn ended."""
-        return trip.add("EVAL", _START, 2, lease.key, KEY.format(name), lease.token, turn_id, message,
-                        UNFINISHED_KEEP_SECONDS * 1000, otherwise=lambda failure: "unavailable")
+    def start(self, name, turn_id, message, lease_key, lease_token, trip):
+        """Open the turn's journal in `trip`, if the lease is the caller's and the last turn is over."""
+        return trip.add("EVAL", _START, 2, lease_key, KEY.format(name), lease_token, turn_id, message,
+                        UNFINISHED_KEEP_SECONDS * 1000, MAX_ENTRIES, otherwise=lambda failure: "unavailable")
 
-    def keep(self, run):
-        """Journal `run`'s events every FLUSH_SECONDS until it ends."""
-        self._runs.add(run)
+    def keep(self, feed):
+        """Journal `feed`'s events every FLUSH_SECONDS until it ends."""
+        self._feeds.add(feed)
         if self._writer is None:  # started in the process that streams, after gunicorn forks
             self._writer = threading.Thread(target=self._write_forever, daemon=True)
             self._writer.start()
 
     def _write_forever(self):
-        """Flush every run's new events, in one round trip, for ever."""
+        """Flush every feed's new events, in one round trip, for ever."""
         while True:
             time.sleep(FLUSH_SECONDS)
             try:
@@ -136,49 +168,63 @@ class RedisJournal:
                 log.exception("could not journal events")
 
     def _flush(self):
-        """Write the new events of every journaled run in one round trip."""
+        """Write the new events of every journaled feed in one round trip."""
         held = []
         trip = self.link.round_trip()
-        for run in list(self._runs):
-            if run.ended:
-                self._runs.discard(run)
-            elif run.unjournaled and run.journal_lock.acquire(blocking=False):
-                held.append(run)
-                self._add_events(trip, run)
+        for feed in list(self._feeds):
+            if feed.ended:
+                self._feeds.discard(feed)
+            elif feed.unjournaled and feed.journal_lock.acquire(blocking=False):
+                held.append(feed)
+                self._add_events(trip, feed)
         try:
             trip.send()
         finally:
-            for run in held:
-                run.journal_lock.release()
+            for feed in held:
+                feed.journal_lock.release()
 
-    def _add_events(self, trip, run):
-        """Queue an entry for `run`'s events not yet journaled."""
-        events = run.take_unjournaled()
-        if events:
-            trip.add("XADD", KEY.format(run.name), "MAXLEN", "~", MAX_ENTRIES, "*", "turn", run.turn_id,
-                     "kind", "events", "first", events[0][0], "data", "\n".join(text for _, text in events),
-                     otherwise=self._lost)
+    def _add_events(self, trip, feed):
+        """Queue an entry for `feed`'s events not yet journaled; if it fails, they go with the next."""
+        events = feed.take_unjournaled()
+        if not events:
+            return
+
+        def put_back(failure):
+            """The write failed: the events go again, first, with the next one."""
+            feed.unjournaled[0:0] = events
+            self._lost(failure)
+
+        trip.add("XADD", KEY.format(feed.name), "MAXLEN", "~", MAX_ENTRIES, "*", "turn", feed.turn_id,
+                 "kind", "events", "first", events[0][0], "data", "\n".join(text for _, text in events),
+                 then=self._back, otherwise=put_back)
 
     def _lost(self, failure):
-        """A journal write failed: resume of that turn answers its gap; warn once per outage."""
+        """A journal write failed; warn once per outage."""
         if not self._warned:
             self._warned = True
             log.warning("journal unavailable, turns streamed now cannot be resumed: %s", type(failure).__name__)
 
-    def end(self, name, turn_id, run, final, trip):
-        """Write the rest of the events and the final event in `trip`, and keep the journal a while."""
-        if run is not None:
-            with run.journal_lock:
-                self._add_events(trip, run)
-        self._runs.discard(run)
+    def _back(self, reply):
+        """A write went through: Redis is back."""
+        self._warned = False
+        return reply
+
+    def end(self, name, turn_id, feed, final, trip, started=None):
+        """Write the rest of the events and the final event in `trip`, trim the turns before, keep it a while."""
+        if feed is not None:
+            with feed.journal_lock:
+                self._add_events(trip, feed)
+            self._feeds.discard(feed)
         key = KEY.format(name)
         trip.add("XADD", key, "*", "turn", turn_id, "kind", "end", "n", final[0], "data", final[1],
-                 otherwise=self._lost)
-        trip.add("PEXPIRE", key, int(self.retain_seconds * 1000), then=self._back, otherwise=self._lost)
+                 then=self._back, otherwise=self._lost)
+        if started:
+            trip.add("XTRIM", key, "MINID", started, otherwise=self._lost)
+        trip.add("PEXPIRE", key, int(self.retain_seconds * 1000), otherwise=self._lost)
 
-    def discard(self, name, trip):
-        """Forget the conversation's journal in `trip` (a turn refused before it was accepted)."""
-        trip.add("DEL", KEY.format(name), otherwise=self._lost)
+    def abandon(self, name, turn_id, trip):
+        """Mark a turn refused before it was accepted: the turn before it is the last again."""
+        trip.add("XADD", KEY.format(name), "*", "turn", turn_id, "kind", "abandoned", otherwise=self._lost)
 
     def drop(self, names):
         """Forget the journals of conversations that were deleted (left to expire if Redis is away)."""
@@ -188,28 +234,19 @@ class RedisJournal:
             except redis.RedisError as exc:
                 self._lost(exc)
 
-    def _back(self, reply):
-        """A write went through: Redis is back."""
-        self._warned = False
-        return reply
-
     def read(self, name):
         """The Record of the conversation's current or last turn, None if none is kept."""
         try:
             entries = self.link.call(self.link.client.xrange, KEY.format(name))
         except redis.RedisError as exc:
             raise JournalUnavailable(type(exc).__name__) from None
-        if not entries:
-            return None
-        record = Record(turn_id=entries[0][1].get("turn", ""))
-        record.take(entries)
-        return record
+        return last_record(entries)
 
     def follow(self, name, after_entry, wait):
-        """Entries after `after_entry`, waiting up to `wait` seconds for one."""
+        """Entries after `after_entry`, waiting up to `wait` seconds (at most FOLLOW_SECONDS) for one."""
         try:
-            found = self.link.call(self.link.client.xread, {KEY.format(name): after_entry},
-                                   block=int(wait * 1000))
+            found = self.link.blocking().xread({KEY.format(name): after_entry},
+                                               block=int(min(wait, FOLLOW_SECONDS) * 1000))
         except redis.RedisError as exc:
             raise JournalUnavailable(type(exc).__name__) from None
         return found[0][1] if found else []
@@ -220,18 +257,18 @@ class NoJournal:
 
     shared = False
 
-    def start(self, name, turn_id, message, lease, trip):
+    def start(self, name, turn_id, message, lease_key, lease_token, trip):
         """Nothing to open."""
         return None
 
-    def keep(self, run):
+    def keep(self, feed):
         """Nothing to journal."""
 
-    def end(self, name, turn_id, run, final, trip):
+    def end(self, name, turn_id, feed, final, trip, started=None):
         """Nothing to write."""
 
-    def discard(self, name, trip):
-        """Nothing to forget."""
+    def abandon(self, name, turn_id, trip):
+        """Nothing to mark."""
 
     def drop(self, names):
         """Nothing to forget."""

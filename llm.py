@@ -1,5 +1,6 @@
 """The language model: an OpenAI-compatible HTTP endpoint, or the built-in demo model."""
 
+import base64
 import itertools
 import json
 import logging
@@ -9,16 +10,21 @@ import socket
 import threading
 import time
 from dataclasses import dataclass, field
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 import requests
 import urllib3.exceptions
 from requests.adapters import HTTPAdapter
 
-from errors import ApiError
+from config import ConfigError
+from errors import ApiError, ContextTooLarge, EmptyStream
 
 log = logging.getLogger(__name__)
 READ_SIZE = 65536
+MAX_ANSWER_BYTES = 16 * 1024 * 1024
+ERROR_BODY_BYTES = 65536
+# The longest line of a streamed answer kept while waiting for its end.
+MAX_LINE_BYTES = 4 * 1024 * 1024
 LINE_BREAK = re.compile(rb"\r\n|\r|\n")
 # Connections to the model kept open for reuse: as many as a worker's open streams.
 KEPT_CONNECTIONS = 4096
@@ -75,7 +81,7 @@ def estimate_tokens(text):
 # What may be a secret in the text a model server sends back: bearer tokens, API keys and
 # the password of a URL. An upstream error quotes what it received (the Authorization header
 # included) and its own configuration, so its text goes to the log only after these are masked.
-SECRETS = re.compile(r"(?i)(bearer\s+)[^\s\"',;]+|\b(sk|pk|rk|key|api[-_]?key)-[A-Za-z0-9_-]{6,}"
+SECRETS = re.compile(r"(?i)((?:bearer|basic)\s+)[^\s\"',;]+|\b(sk|pk|rk|key|api[-_]?key)-[A-Za-z0-9_-]{6,}"
                      r"|(\b[a-z][a-z0-9+.-]*://[^\s:/@\"']*:)[^\s@/\"']+(@)")
 LOGGED_BODY_CHARS = 500
 # How model servers say the context is too long: OpenAI's and LiteLLM's code, the wording of
@@ -106,19 +112,6 @@ def retry_after_of(value):
     return None
 
 
-class ContextTooLong(ApiError):
-    """The model says what was sent does not fit its context window."""
-
-    status, code = 413, "context_too_large"
-    message = "the message does not fit in the model's context window, even without history"
-
-
-class EmptyStream(ApiError):
-    """The model answered 200 and sent no event at all (llama-cpp-python, when the prompt does not fit)."""
-
-    status, code, message = 502, "llm_incomplete", "the model's stream ended before its first event"
-
-
 def upstream_error(status, body, retry_after=None, known_secrets=()):
     """The ApiError for a model that answered with an HTTP error status.
 
@@ -128,7 +121,7 @@ def upstream_error(status, body, retry_after=None, known_secrets=()):
     log.warning("the model answered HTTP %s: %s", status, masked(body, known_secrets))
     message = f"the model answered HTTP {status}"
     if 400 <= status < 500 and CONTEXT_TOO_LONG.search(body):
-        return ContextTooLong()
+        return ContextTooLarge()
     if status == 429:
         retry_after = retry_after_of(retry_after)
         headers = {"Retry-After": retry_after} if retry_after else None
@@ -177,6 +170,15 @@ class ModelAdapter(HTTPAdapter):
                                  retries=self.max_retries, timeout=self.timeouts)
 
 
+def url_secrets(url):
+    """What of a URL's credentials an upstream may echo back: the password, and the Basic header made of them."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return ()
+    userinfo = parts.netloc.rpartition("@")[0]
+    return parts.password, base64.b64encode(unquote(userinfo).encode()).decode()
+
+
 def without_credentials(url):
     """The URL without any user:password it may carry, for showing."""
     parts = urlsplit(url)
@@ -196,7 +198,7 @@ class OpenAIChatModel:
         self.model = model
         self.timeout = timeout
         # Secrets an upstream error may echo back: the key, and credentials in the URL.
-        self.known_secrets = tuple(filter(None, [api_key, urlsplit(base_url).password]))
+        self.known_secrets = url_secrets(base_url) + ((api_key,) if api_key else ())
         session = requests.Session()
         # Read the proxy and CA settings of the environment once, not on every request.
         session.trust_env = False
@@ -236,7 +238,7 @@ class OpenAIChatModel:
             raise unreachable(exc, self.timeout) from None
         if response.status != 200:
             try:
-                text = response.read(decode_content=True).decode("utf-8", "replace")
+                text = response.read(ERROR_BODY_BYTES, decode_content=True).decode("utf-8", "replace")
             except (urllib3.exceptions.HTTPError, OSError):
                 text = ""
             discard(response)
@@ -248,7 +250,11 @@ class OpenAIChatModel:
         """The whole reply to `messages`, in one request."""
         response = self._post(messages, stream=False)
         try:
-            answer = json.loads(response.read(decode_content=True))
+            body = response.read(MAX_ANSWER_BYTES + 1, decode_content=True)
+            if len(body) > MAX_ANSWER_BYTES:
+                discard(response)
+                raise ApiError(502, "llm_bad_response", "the model's answer was too large")
+            answer = json.loads(body)
             if isinstance(answer, dict) and answer.get("error") is not None:
                 raise stream_error(json.dumps(answer["error"]), self.known_secrets)
             choice = answer["choices"][0]
@@ -258,7 +264,7 @@ class OpenAIChatModel:
         except (urllib3.exceptions.HTTPError, OSError) as exc:
             discard(response)
             raise unreachable(exc, self.timeout) from None
-        except (ValueError, KeyError, IndexError, TypeError):
+        except (ValueError, KeyError, IndexError, TypeError, RecursionError):
             raise ApiError(502, "llm_bad_response", "the model's answer was not a chat completion") from None
         usage = answer.get("usage") if isinstance(answer.get("usage"), dict) else {}
         return Reply(content=cleaned(content), model=model_name(answer.get("model")) or self.model,
@@ -275,7 +281,7 @@ class OpenAIChatModel:
         for _ in range(2):
             try:
                 discard(self._post(messages, stream=False, max_tokens=1))
-            except ContextTooLong:
+            except ContextTooLarge:
                 return False
             except ApiError as exc:
                 if exc.code == "llm_unavailable":
@@ -314,6 +320,8 @@ class EventDecoder:
                 return []
             self._started = True
             buffer = buffer.removeprefix(b"\xef\xbb\xbf")
+        if len(buffer) > MAX_LINE_BYTES and not LINE_BREAK.search(buffer):
+            raise ApiError(502, "llm_bad_response", "a line of the model's stream was too long")
         if buffer.endswith(b"\r"):  # maybe the first half of a CRLF: keep it for the next block
             lines = LINE_BREAK.split(buffer[:-1])
             self._buffer = lines.pop() + b"\r"
@@ -430,7 +438,7 @@ class ReplyStream:
             if not isinstance(text, str):
                 raise TypeError("content is not a string")
             return cleaned(text)
-        except (ValueError, KeyError, IndexError, TypeError, AttributeError):
+        except (ValueError, KeyError, IndexError, TypeError, AttributeError, RecursionError):
             raise ApiError(502, "llm_bad_response",
                            "the model sent a chunk that is not a chat completion chunk") from None
 
@@ -544,6 +552,9 @@ class DemoStream:
 
 def make_model(config):
     """The model the configuration names: a real endpoint, or the demo model."""
+    if config["LLM_BASE_URL"] and urlsplit(config["LLM_BASE_URL"]).password is not None and config["LLM_API_KEY"]:
+        # requests would send the URL's credentials as Basic auth in place of the key.
+        raise ConfigError("LLM_BASE_URL carries a user and password and LLM_API_KEY is set: give one of them")
     if config["LLM_BASE_URL"]:
         return OpenAIChatModel(config["LLM_BASE_URL"], config["LLM_API_KEY"], config["LLM_MODEL"],
                                config["LLM_TIMEOUT_SECONDS"], config["LLM_MAX_TOKENS"] or None)

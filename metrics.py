@@ -12,6 +12,8 @@ from prometheus_client import (CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry,
                                Histogram, generate_latest)
 from prometheus_client import multiprocess
 
+METHODS = {"GET", "HEAD", "POST", "PATCH", "DELETE", "OPTIONS", "PUT"}
+MAX_MODELS = 20
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 DURATION_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 
@@ -36,14 +38,15 @@ class Meter:
         """Count if `enabled`."""
         self.enabled = enabled
         self._requests = {}
+        self._models = set()
 
     def request(self, route, method, status):
-        """One request answered."""
+        """One request answered (a method no route has counts as "other": clients choose it)."""
         if self.enabled:
-            key = (route, method, status)
+            key = (route, method if method in METHODS else "other", status)
             counter = self._requests.get(key)
             if counter is None:
-                counter = self._requests[key] = REQUESTS.labels(route, method, str(status))
+                counter = self._requests[key] = REQUESTS.labels(key[0], key[1], str(status))
             counter.inc()
 
     def turn(self, kind, outcome, duration, first_token=None, model=None, prompt_tokens=None,
@@ -56,10 +59,18 @@ class Meter:
         if first_token is not None:
             FIRST_TOKEN.observe(first_token)
         if model:
+            model = self._model_label(model)
             if prompt_tokens:
                 TOKENS.labels(model, "prompt").inc(prompt_tokens)
             if completion_tokens:
                 TOKENS.labels(model, "completion").inc(completion_tokens)
+
+    def _model_label(self, model):
+        """The model's name as a label; past MAX_MODELS names (a server that names every reply), "other"."""
+        if model in self._models or len(self._models) < MAX_MODELS:
+            self._models.add(model)
+            return model
+        return "other"
 
     def model_error(self, code):
         """The model failed with `code`."""

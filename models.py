@@ -6,7 +6,7 @@ import os
 import secrets
 from urllib.parse import urlsplit
 
-from peewee import (AutoField, Case, CharField, DatabaseProxy, DateTimeField, ForeignKeyField,
+from peewee import (AutoField, Case, CharField, IntegrityError, DatabaseProxy, DateTimeField, ForeignKeyField,
                     IntegerField, Model, PeeweeException, PostgresqlDatabase,
                     TextField, fn)
 from playhouse.db_url import connect, register_database
@@ -225,7 +225,7 @@ class Message(BaseModel):
     prompt_tokens = IntegerField(null=True)
     created_at = DateTimeField(default=utcnow)
     # The turn that wrote the message: a turn saved after its process died is saved once.
-    turn = CharField(max_length=32, null=True, index=True)
+    turn = CharField(max_length=32, null=True)
     # Of a reply: the model that wrote it, and whether its counts are the model's own usage
     # ("model") or the service's estimate ("estimate").
     model = CharField(max_length=128, null=True)
@@ -233,7 +233,7 @@ class Message(BaseModel):
 
     class Meta:
         table_name = "chat_message"
-        indexes = ((("conversation", "id"), False),)
+        indexes = ((("conversation", "id"), False), (("turn", "role"), True))
 
     @classmethod
     def page_of(cls, conversation_key, limit, after=0):
@@ -269,6 +269,12 @@ class Message(BaseModel):
                  "estimated_turns": int(row[6] or 0)} for row in query.tuples()]
 
     @classmethod
+    def saved_status(cls, turn_id):
+        """The status of the turn's reply if the turn is kept, else None."""
+        reply = cls.select(cls.status).where((cls.turn == turn_id) & (cls.role == "assistant")).first()
+        return None if reply is None else reply.status
+
+    @classmethod
     def turn_saved(cls, turn_id):
         """Whether the turn's messages are already kept."""
         return cls.select(cls.id).where(cls.turn == turn_id).exists()
@@ -294,7 +300,8 @@ class Message(BaseModel):
 
 
 # A turn in one statement: create the user's conversation or mark its new version, then
-# insert both messages; `n` keeps the user's message first. BEGIN rides along, so the turn
+# insert both messages; `n` keeps the user's message first. A turn already saved (by another
+# process, after this one stalled past its lease) is not saved again. BEGIN rides along, so the turn
 # costs two round trips (this and COMMIT) where peewee's atomic() costs three; a connection
 # lost before COMMIT writes nothing. The one transaction peewee does not know of: save_turn
 # refuses to run inside one of peewee's, whose COMMIT it would otherwise end early.
@@ -302,7 +309,8 @@ SAVE_TURN_SQL = """
 BEGIN;
 WITH claimed AS (
     INSERT INTO chat_conversation (id, owner, title, created_at, updated_at, version)
-    VALUES (%(id)s, %(owner)s, %(title)s, %(now)s, %(now)s, %(version)s)
+    SELECT %(id)s, %(owner)s, %(title)s, %(now)s, %(now)s, %(version)s
+    WHERE NOT EXISTS (SELECT 1 FROM chat_message WHERE turn = %(turn)s)
     ON CONFLICT (owner, id) DO UPDATE SET updated_at = EXCLUDED.updated_at, version = EXCLUDED.version
     RETURNING key
 )
@@ -323,7 +331,8 @@ def save_turn(*, conversation_id, owner, message, reply, status, message_tokens=
               reply_tokens=None, prompt_tokens=None, turn_id=None, model=None, token_source=None):
     """Write a finished turn (the user message and the reply) all or nothing; the conversation's new version.
 
-    Creates the owner's conversation on its first turn.
+    Creates the owner's conversation on its first turn. A turn is saved once: None, writing nothing,
+    if a turn of that `turn_id` is saved already.
     """
     if db.in_transaction():
         raise RuntimeError("save_turn runs its own transaction; it cannot be nested in another")
@@ -332,18 +341,19 @@ def save_turn(*, conversation_id, owner, message, reply, status, message_tokens=
            "message_tokens": message_tokens, "reply": reply, "status": status,
            "reply_tokens": reply_tokens, "prompt_tokens": prompt_tokens, "turn": turn_id,
            "model": model, "token_source": token_source}
-    if backend_name() == "postgresql":
-        _save_on_postgres(row)
-    else:
-        _save_with_peewee(row)
-    return row["version"]
+    try:
+        saved = _save_on_postgres(row) if backend_name() == "postgresql" else _save_with_peewee(row)
+    except IntegrityError:  # the same turn, saved at the same moment by another process
+        return None
+    return row["version"] if saved else None
 
 
 def _save_on_postgres(row):
-    """The turn in one statement and a COMMIT."""
+    """The turn in one statement and a COMMIT; whether it was saved (not already)."""
     try:
-        db.execute_sql(SAVE_TURN_SQL, row)
+        saved = db.execute_sql(SAVE_TURN_SQL, row).rowcount
         db.execute_sql("COMMIT")
+        return bool(saved)
     except BaseException:
         with contextlib.suppress(*DATABASE_ERRORS):
             db.execute_sql("ROLLBACK")
@@ -351,8 +361,10 @@ def _save_on_postgres(row):
 
 
 def _save_with_peewee(row):
-    """The turn in peewee's transaction (SQLite has no data-modifying CTE)."""
+    """The turn in peewee's transaction (SQLite has no data-modifying CTE); whether it was saved (not already)."""
     with db.atomic():
+        if row["turn"] is not None and Message.turn_saved(row["turn"]):
+            return False
         key = (Conversation.insert(id=row["id"], owner=row["owner"], title=row["title"],
                                    created_at=row["now"], updated_at=row["now"], version=row["version"])
                .on_conflict(conflict_target=[Conversation.owner, Conversation.id],
@@ -368,6 +380,7 @@ def _save_with_peewee(row):
              "prompt_tokens": row["prompt_tokens"], "created_at": row["now"], "turn": row["turn"],
              "model": row["model"], "token_source": row["token_source"]},
         ]).execute()
+    return True
 
 
 def create_tables():

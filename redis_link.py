@@ -18,6 +18,7 @@ from outages import Outage, Unavailable, redis_reason
 log = logging.getLogger(__name__)
 
 RETRY_AFTER_FAILURE = 1.0
+BLOCKING_TIMEOUT = 5.0
 # Failures that make Redis unusable (an outage), as opposed to an error answered to one command.
 UNUSABLE = (redis.ConnectionError, redis.TimeoutError, redis.exceptions.NoPermissionError)
 
@@ -158,6 +159,7 @@ class RedisLink:
         self.client = redis.Redis.from_url(url, socket_timeout=1, **self.options)
         self.outage = Outage("Redis")
         self._retry_at = 0.0
+        self._blocking = None
 
     def call(self, operation, *args, **kwargs):
         """Run a Redis operation, failing fast for a second after Redis failed."""
@@ -184,6 +186,13 @@ class RedisLink:
     def listener(self):
         """A client of its own for a subscription, which holds its connection for ever (same TLS settings)."""
         return redis.Redis(connection_pool=redis.ConnectionPool.from_url(self.url, **self.options))
+
+    def blocking(self):
+        """A client for reads that wait (XREAD BLOCK up to a second): a longer timeout, and failures that
+        do not make the rest of the process give up on Redis for a second."""
+        if self._blocking is None:
+            self._blocking = redis.Redis.from_url(self.url, socket_timeout=BLOCKING_TIMEOUT, **self.options)
+        return self._blocking
 
     def ping(self):
         """Raise Unavailable, saying why, if Redis cannot be reached."""

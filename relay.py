@@ -1,4 +1,4 @@
-"""A streamed turn in this process: its runner adds the events, and any number of readers follow them.
+"""A streamed turn in this process: its runner adds the events to a feed, and any number of readers follow it.
 
 The turn lives apart from any one connection. Its first reader is the client that asked for
 it; a client that reconnects (GET /chat/stream/{id}) is another, and so is a second tab. When
@@ -12,7 +12,7 @@ import time
 import sse
 
 
-class TurnRun:
+class Feed:
     """The events of one streamed turn, framed once, as its runner adds them."""
 
     def __init__(self, turn_id, name, conversation_id):
@@ -59,7 +59,7 @@ class TurnRun:
     def read(self, after, heartbeat):
         """Yield the framed events after event number `after` as they come (those ready together in
         one piece), and a ping whenever none came for `heartbeat` seconds; stop after the final one."""
-        sent = after
+        sent = min(after, len(self.framed))  # an id past the last event claims nothing not yet sent
         while True:
             news = self._news
             if sent < len(self.framed):
@@ -85,6 +85,35 @@ class TurnRun:
         return False
 
     def cut(self, reason):
-        """Note why the turn is being cut short (the first reason given wins)."""
+        """Note why the turn is being cut short (the first reason given wins), and stop the model."""
         if self.cut_reason is None:
             self.cut_reason = reason
+        if self.upstream is not None:
+            self.upstream.cut()
+
+
+class Body:
+    """A streamed response's body: its events, and what to let go of when the server closes it.
+
+    A WSGI server closes a body it never iterated (a HEAD request, a client gone before the
+    first byte), and a generator's own `finally` runs only if it started: what the reader
+    holds is let go here, once, either way.
+    """
+
+    def __init__(self, events, on_close):
+        """Serve `events`; call `on_close()` when closed."""
+        self.events = events
+        self._on_close = on_close
+
+    def __iter__(self):
+        """The events."""
+        return self.events
+
+    def close(self):
+        """Close the events, then let go of what the reader holds (once)."""
+        try:
+            self.events.close()
+        finally:
+            on_close, self._on_close = self._on_close, None
+            if on_close is not None:
+                on_close()

@@ -1,9 +1,9 @@
 """A chat turn: hold the conversation, load its history, ask the model, keep both messages.
 
-A streamed turn runs on its own (a runner reads the model into a `relay.TurnRun`), so it
-outlives the connection that asked for it: its readers come and go, and any instance can
-replay it from the journal. A turn whose process died is saved by the next request that
-finds its journal unfinished.
+A streamed turn runs on its own (a runner reads the model into a `relay.Feed`), so it outlives
+the connection that asked for it: its readers come and go, and any instance can replay it from
+the journal (resume.py). A turn whose process died is saved by the next request that finds its
+journal unfinished.
 """
 
 import datetime
@@ -16,21 +16,23 @@ from dataclasses import dataclass, field
 
 import cache
 import sse
-from errors import (ApiError, BudgetExceeded, ConversationBusy, DatabaseDown, NotFound, ShuttingDown,
-                    TooManyStreams)
-from journal import JournalUnavailable, NoJournal
-from llm import ContextTooLong, EmptyStream, Reply, estimate_tokens
+from coordination import lease_key, lease_token
+from errors import (ApiError, BudgetExceeded, ContextTooLarge, ConversationBusy, DatabaseDown, EmptyStream,
+                    NoReplyInProgress, NotFound, ShuttingDown, TooManyStreams, TurnTakenOver)
+from journal import NoJournal
+from llm import Reply, estimate_tokens
 from metrics import Meter
-from models import (Conversation, DatabaseUnavailable, Message, connection, retried_once,
-                    save_turn, utcnow)
+from models import Conversation, DatabaseUnavailable, Message, connection, retried_once, save_turn, utcnow
 from redis_link import LocalTrip, scope
-from relay import TurnRun
+from relay import Body, Feed
 
 log = logging.getLogger(__name__)
 
 MESSAGE_OVERHEAD_TOKENS = 4
 # How often a turn with no reader checks whether one came back, on any instance.
 ALONE_CHECK_SECONDS = 0.5
+CUTS = {"stopped": (Message.STOPPED, None), "interrupted": (Message.INTERRUPTED, None),
+        "shutting_down": (Message.ERROR, ShuttingDown())}
 
 
 def new_conversation_id():
@@ -38,11 +40,37 @@ def new_conversation_id():
     return str(uuid.uuid4())
 
 
-class ResumeUnavailable(ApiError):
-    """The journal cannot be read, so no instance can replay the turn now."""
+@dataclass
+class TurnSettings:
+    """How turns are run: the settings of config.py that ChatService reads."""
 
-    status, code = 503, "resume_unavailable"
-    message = "the stream cannot be resumed right now (its journal is unavailable); the reply will be in the history"
+    history_limit: int = 20
+    system_prompt: str = None
+    heartbeat: float = 10
+    context_tokens: int = 16000
+    max_streams: int = 10
+    grace: float = 20
+    retain: float = 300
+    budget: int = 0
+
+    @classmethod
+    def of(cls, config):
+        """The settings in an app's config."""
+        return cls(history_limit=config["CHAT_HISTORY_LIMIT"], system_prompt=config["LLM_SYSTEM_PROMPT"],
+                   heartbeat=config["SSE_HEARTBEAT_SECONDS"], context_tokens=config["LLM_CONTEXT_TOKENS"],
+                   max_streams=config["MAX_STREAMS_PER_USER"], grace=config["STREAM_RESUME_GRACE_SECONDS"],
+                   retain=config["STREAM_RETAIN_SECONDS"], budget=config["TOKEN_BUDGET_PER_DAY"])
+
+
+@dataclass
+class Shared:
+    """What the processes share: the conversation cache, their coordination, the journal, and how to send
+    several of their commands in one round trip."""
+
+    cache: object
+    coordination: object
+    journal: object = field(default_factory=NoJournal)
+    round_trip: object = LocalTrip
 
 
 @dataclass
@@ -57,7 +85,7 @@ class Turn:
     turn_id: str = ""
     slot: object = None
     name: str = ""
-    journaled: bool = False
+    journal_start: str = None  # the journal's entry id of the turn's start, once journaled
     record: dict = field(default_factory=dict)
     history: list = field(default_factory=list)
     kept: list = field(default_factory=list)  # the history sent to the model
@@ -80,8 +108,8 @@ class Turn:
         """Seconds from the request to the first chunk, if one came."""
         return None if self.first_token_at is None else self.first_token_at - self.started
 
-    def let_go(self, trip=None):
-        """Release the conversation and the stream slot (each once), in `trip` if given."""
+    def release(self, trip=None):
+        """Let go of the conversation and the stream slot (each once), in `trip` if given."""
         self.lease.release(trip)
         if self.slot is not None:
             self.slot.release(trip)
@@ -101,55 +129,48 @@ class Turn:
 
     def metrics(self):
         """The figures of the finished turn, for the final event."""
-        metrics = {
-            "token_count": self.reply_tokens,
-            "processing_time": round(time.monotonic() - self.started, 4),
-            "prompt_tokens": self.prompt_tokens,
-            "completion_tokens": self.reply_tokens,
-            "model": self.model,
-            "token_source": self.token_source,
-            "history_messages": len(self.kept),
-        }
+        metrics = final_metrics(token_count=self.reply_tokens, processing_time=round(time.monotonic() - self.started, 4),
+                                prompt_tokens=self.prompt_tokens, model=self.model, token_source=self.token_source,
+                                history_messages=len(self.kept))
         if self.first_token_at is not None:
             metrics["time_to_first_token"] = round(self.first_token_at - self.started, 4)
         return metrics
 
     def final_data(self, error=None):
         """The `data:` text of the final event, with the error if the turn or its saving failed."""
-        final = {"content": "", "is_final": True, "metrics": self.metrics(),
-                 "conversation_id": self.conversation_id, "finish_reason": self.finish_reason}
-        if error is not None:
-            final["error"] = error.body()["error"]
-        return sse.data(final)
+        return final_data(self.conversation_id, self.finish_reason, self.metrics(), error)
+
+
+def final_metrics(token_count=None, processing_time=None, prompt_tokens=None, model=None, token_source=None,
+                  history_messages=None):
+    """The metrics of a final event, every key present (None where a figure is not known)."""
+    return {"token_count": token_count, "processing_time": processing_time, "prompt_tokens": prompt_tokens,
+            "completion_tokens": token_count, "model": model, "token_source": token_source,
+            "history_messages": history_messages}
+
+
+def final_data(conversation_id, finish_reason, metrics, error=None):
+    """The `data:` text of a final event: the one shape every turn ends with."""
+    final = {"content": "", "is_final": True, "metrics": metrics, "conversation_id": conversation_id,
+             "finish_reason": finish_reason}
+    if error is not None:
+        final["error"] = error.body()["error"]
+    return sse.data(final)
 
 
 class ChatService:
-    """Runs chat turns against the cache, the coordination between processes, the journal, the database and the model."""
+    """Runs chat turns against what the processes share, the database and the model."""
 
-    def __init__(self, model, conversation_cache, coordination, history_limit, system_prompt,
-                 heartbeat, context_tokens, round_trip=LocalTrip, max_streams=10, journal=None,
-                 grace=20, retain=300, budget=0, meter=None):
-        """Wire the service to its model, cache, coordination and journal (`round_trip` makes their round trips).
-
-        A stream with no reader goes on for `grace` seconds; without a shared journal, this
-        process keeps an ended turn for resume `retain` seconds.
-        """
+    def __init__(self, model, shared, settings=None, meter=None):
+        """Wire the service to its model and to `shared` (a Shared), run by `settings` (a TurnSettings)."""
         self.model = model
-        self.cache = conversation_cache
-        self.coordination = coordination
-        self.journal = journal or NoJournal()
-        self.round_trip = round_trip
-        self.history_limit = history_limit
-        self.system_prompt = system_prompt
-        self.heartbeat = heartbeat
-        self.max_streams = max_streams
-        self.context_tokens = context_tokens
-        self.grace = grace
-        self.retain = retain
-        self.budget = budget
+        self.shared = shared
+        self.cache, self.coordination, self.journal = shared.cache, shared.coordination, shared.journal
+        self.round_trip = shared.round_trip
+        self.settings = settings or TurnSettings()
         self.meter = meter or Meter(enabled=False)
-        self._runs = {}
-        self._ended = {}
+        self.feeds = {}  # the streamed turns this process runs, by conversation
+        self.ended = {}  # without a shared journal: ended feeds kept for resume, by conversation
         self._listening = False
 
     def describe_model(self):
@@ -163,16 +184,16 @@ class ChatService:
         turn = self.begin(user, conversation_id, message, record, kind="run")
         try:
             reply = self._asked(turn, self.model.complete)
-        except BaseException:
-            self._abandon(turn)
+        except BaseException as exc:
+            self._refused(turn, exc)
             raise
         self._take(turn, reply, reply.content)
-        run = TurnRun(turn.turn_id, turn.name, conversation_id)
-        run.add(sse.chunk_data(turn.reply))  # so a reader who resumes it gets the reply too
+        feed = Feed(turn.turn_id, turn.name, conversation_id)
+        feed.add(sse.chunk_data(turn.reply))  # so a reader who resumes it gets the reply too
         try:
-            error = self.finish(turn, run)
+            error = self.finish(turn, feed)
         finally:
-            turn.let_go()
+            turn.release()
         if error is not None:
             raise error
         return turn.reply
@@ -180,42 +201,49 @@ class ChatService:
     # A streamed turn
 
     def stream(self, user, conversation_id, message, record=None):
-        """Start a streamed turn: its SSE events, or ApiError before any event if the model refuses."""
+        """Start a streamed turn: its SSE body, or ApiError before any event if the model refuses."""
         self.listen_for_stops()
         turn = self.begin(user, conversation_id, message, record, kind="stream")
+        feed = self.feeds[turn.name] = Feed(turn.turn_id, turn.name, conversation_id)  # a stop may come now
         try:
             upstream = self._asked(turn, self.model.open_stream)
-        except BaseException:
-            self._abandon(turn)
+        except BaseException as exc:
+            self.feeds.pop(turn.name, None)
+            self._refused(turn, exc)
             raise
-        run = TurnRun(turn.turn_id, turn.name, conversation_id)
-        run.upstream = upstream
-        self._runs[turn.name] = run
-        if turn.journaled:
-            self.journal.keep(run)
+        feed.upstream = upstream
+        if feed.cut_reason is not None:
+            upstream.cut()  # stopped while the model was being asked
+        if turn.journal_start:
+            self.journal.keep(feed)
         # Read the model from the moment it answers, while the response to the client starts.
-        threading.Thread(target=self._run, args=(turn, run, upstream), daemon=True).start()
-        return self._read(run, 0, turn.slot, wait_for_end=True)
+        threading.Thread(target=self._relay_reply, args=(turn, feed, upstream), daemon=True).start()
+        return self.reader(feed, 0, wait_for_end=True)
 
-    def _run(self, turn, run, upstream):
-        """Relay the model's chunks into the run until the reply ends, then keep the turn and end the run."""
+    def _relay_reply(self, turn, feed, upstream):
+        """The runner: relay the model's chunks into the feed until the reply ends, then keep the turn."""
         parts = []
-        status, error, upstream = self._relay(turn, run, upstream, parts)
-        if run.cut_reason is not None:  # the cut, not what it broke, is how the turn ended
-            status, error = {"stopped": (Message.STOPPED, None), "interrupted": (Message.INTERRUPTED, None),
-                             "shutting_down": (Message.ERROR, ShuttingDown())}[run.cut_reason]
-        turn.status = status
-        self._take(turn, upstream.reply if upstream is not None else None, "".join(parts))
         try:
-            self.finish(turn, run, error)
+            status, error, upstream = self._read_model(turn, feed, upstream, parts)
+            if feed.cut_reason is not None:  # the cut, not what it broke, is how the turn ended
+                status, error = CUTS[feed.cut_reason]
+            turn.status = status
+            self._take(turn, upstream.reply, "".join(parts))
+            self.finish(turn, feed, error)
+        except Exception:  # noqa: BLE001 - a bug here must still end the feed and free the conversation
+            log.exception("a streamed turn failed")
+            if not feed.ended:
+                feed.end(final_data(turn.conversation_id, Message.ERROR, final_metrics(), ApiError()))
+            turn.release()
         finally:
-            self._runs.pop(turn.name, None)
+            if self.feeds.get(turn.name) is feed:
+                del self.feeds[turn.name]
             if not self.journal.shared:
-                self._keep_ended(run)
-            run.done.set()
+                self._keep_ended(feed)
+            feed.done.set()
 
-    def _relay(self, turn, run, upstream, parts):
-        """Add each chunk of the model's reply to the run; (status, error, the stream it came from).
+    def _read_model(self, turn, feed, upstream, parts):
+        """Add each chunk of the model's reply to the feed; (status, error, the stream it came from).
 
         A stream that sends nothing at all may be the model's way of saying the prompt is too
         long (llama-cpp-python): if so, the oldest history is left out and the model asked again.
@@ -226,13 +254,13 @@ class ChatService:
                     if turn.first_token_at is None:
                         turn.first_token_at = time.monotonic()
                     parts.append(text)
-                    run.add(sse.chunk_data(text))
+                    feed.add(sse.chunk_data(text))
             except EmptyStream as exc:
                 upstream.close()
                 try:
-                    if parts or run.cut_reason or not self._refit(turn):
+                    if parts or feed.cut_reason or not self._refit(turn):
                         return Message.ERROR, exc, upstream
-                    upstream = run.upstream = self._asked(turn, self.model.open_stream)
+                    upstream = feed.upstream = self._asked(turn, self.model.open_stream)
                 except ApiError as refused:
                     return Message.ERROR, refused, upstream
                 continue
@@ -240,7 +268,7 @@ class ChatService:
                 upstream.close()
                 return Message.ERROR, exc, upstream
             except Exception:
-                log.exception("model stream failed")
+                log.exception("the model's stream failed")
                 upstream.close()
                 return Message.ERROR, ApiError(502, "llm_unavailable", "the model's stream failed"), upstream
             upstream.finish()
@@ -249,147 +277,57 @@ class ChatService:
     def _refit(self, turn):
         """After an empty stream: whether the prompt did not fit and a shorter one is ready.
 
-        Raises ContextTooLong when even the message alone does not fit.
+        Raises ContextTooLarge when even the message alone does not fit.
         """
         if self.model.fits(turn.prompt):
             return False
         if not self._shorten(turn):
-            raise ContextTooLong()
+            raise ContextTooLarge()
         return True
 
-    def _read(self, run, after, slot=None, wait_for_end=False):
-        """Yield the run's events after event `after` to one reader; when it leaves, see whether anyone is left.
+    def reader(self, feed, after, release=None, wait_for_end=False):
+        """The body of one reader of the feed, from after event `after`; `release()` when it is closed.
 
-        The turn's own request waits for the turn to end (`wait_for_end`), so its log line says how it ended.
+        When the last reader here leaves, the turn waits for another (see _alone). The turn's own
+        request waits for the turn to end (`wait_for_end`), so its log line says how it ended.
         """
-        run.attach()
+        feed.attach()
         self.meter.stream_opened()
-        try:
-            yield from run.read(after, self.heartbeat)
-        finally:
+
+        def leave():
+            """The reader is gone."""
             self.meter.stream_closed()
-            if slot is not None:
-                slot.release()
-            if run.detach():
-                self._alone(run)
+            if release is not None:
+                release()
+            if feed.detach():
+                self._alone(feed)
             if wait_for_end:
-                run.done.wait(self.grace + 3600)
+                feed.done.wait(self.settings.grace + 3600)
 
-    def _alone(self, run):
-        """The run's last reader here left: stop the model now (no grace), or once no reader came back in time."""
-        if self.grace <= 0:
-            self._cut(run, "interrupted")
+        return Body(feed.read(after, self.settings.heartbeat), leave)
+
+    def _alone(self, feed):
+        """The feed's last reader here left: stop the model now (no grace), or once no reader came back in time."""
+        if self.settings.grace <= 0:
+            feed.cut("interrupted")
         else:
-            threading.Thread(target=self._wait_for_a_reader, args=(run,), daemon=True).start()
+            threading.Thread(target=self._wait_for_a_reader, args=(feed,), daemon=True).start()
 
-    def _wait_for_a_reader(self, run):
-        """Cut the run if no reader, here or on another instance, comes within the grace period."""
-        while not run.ended and run.readers == 0 and run.alone_since is not None:
-            if time.monotonic() - run.alone_since >= self.grace:
-                if not self.coordination.watched(run.turn_id):
-                    self._cut(run, "interrupted")
+    def _wait_for_a_reader(self, feed):
+        """Cut the feed if no reader, here or on another instance, comes within the grace period."""
+        while not feed.ended and feed.readers == 0 and feed.alone_since is not None:
+            if time.monotonic() - feed.alone_since >= self.settings.grace:
+                if not self.coordination.watched(feed.turn_id):
+                    feed.cut("interrupted")
                     return
-                run.alone_since = time.monotonic()  # a reader on another instance: wait on
+                feed.alone_since = time.monotonic()  # a reader on another instance: wait on
             time.sleep(ALONE_CHECK_SECONDS)
 
-    def _cut(self, run, reason):
-        """End the run's model request now, for `reason` (stopped, interrupted, shutting_down)."""
-        run.cut(reason)
-        run.upstream.cut()
-
-    def _keep_ended(self, run):
-        """Keep an ended run in this process for resume (the embedded defaults have no shared journal)."""
+    def _keep_ended(self, feed):
+        """Keep an ended feed in this process for resume (the embedded defaults have no shared journal)."""
         now = time.monotonic()
-        self._ended = {name: kept for name, kept in self._ended.items() if kept[1] > now}
-        self._ended[run.name] = (run, now + self.retain)
-
-    # Resume
-
-    def resume(self, user, conversation_id, last_event_id=None):
-        """The events of the conversation's current or last turn after `last_event_id` ("turn:n"), live
-        until the final one; None when there is nothing to send. Raises NotFound, ResumeUnavailable."""
-        name = scope(user, conversation_id)
-        after_turn, after = last_event_id or (None, 0)
-        run = self._runs.get(name) or self._kept_run(name)
-        if run is not None:
-            after = after if after_turn == run.turn_id else 0
-            if run.ended and after >= len(run.framed):
-                return None
-            return self._read(run, after, self._stream_slot(user))
-        try:
-            record = self.journal.read(name) if self.journal.shared else None
-        except JournalUnavailable:
-            raise ResumeUnavailable() from None
-        if record is None:
-            with connection():
-                known = Conversation.state_of(user, conversation_id)[0] is not None
-            if not known and self.coordination.holder_of(name) is None:
-                raise NotFound()
-            return None
-        after = after if after_turn == record.turn_id else 0
-        if record.final is not None and after >= record.final[0]:
-            return None
-        return self._follow(user, conversation_id, name, record, after, self._stream_slot(user))
-
-    def _kept_run(self, name):
-        """An ended run this process keeps for resume, if it has not expired."""
-        kept = self._ended.get(name)
-        return kept[0] if kept is not None and kept[1] > time.monotonic() else None
-
-    def _stream_slot(self, user):
-        """One of the user's stream slots, or 429."""
-        with self.round_trip() as trip:
-            opened = self.coordination.open_stream(user, self.max_streams, trip)
-        if opened.value is None:
-            raise TooManyStreams(self.max_streams)
-        return opened.value
-
-    def _follow(self, user, conversation_id, name, record, after, slot):
-        """Replay a journaled turn after event `after`, then follow it live until its final event."""
-        with self.round_trip() as trip:
-            watching = self.coordination.watch(record.turn_id, trip)
-        sent, last_ping = after, time.monotonic()
-        self.meter.stream_opened()
-        try:
-            while True:
-                if record.gap:
-                    yield self._gap_event(record, conversation_id)
-                    return
-                for number, text in record.events:
-                    if number > sent:
-                        yield sse.frame(f"{record.turn_id}:{number}", text)
-                        sent = number
-                if record.final is not None:
-                    yield sse.frame(f"{record.turn_id}:{record.final[0]}", record.final[1])
-                    return
-                entries = self.journal.follow(name, record.last_entry, min(1.0, self.heartbeat))
-                if entries:
-                    record.take(entries)
-                    continue
-                if time.monotonic() - last_ping >= self.heartbeat:
-                    last_ping = time.monotonic()
-                    yield sse.PING
-                if self.coordination.holder_of(name) is None:
-                    # Nobody runs the turn: its process died. Save it and end its journal, or stop here
-                    # if the journal went (the conversation was deleted).
-                    self.recover(user, conversation_id)
-                    if self.journal.read(name) is None:
-                        yield self._gap_event(record, conversation_id, "the turn's journal is gone")
-                        return
-        except JournalUnavailable:
-            yield self._gap_event(record, conversation_id, "the journal became unavailable")
-        finally:
-            self.meter.stream_closed()
-            watching.value.release()
-            slot.release()
-
-    @staticmethod
-    def _gap_event(record, conversation_id, why="part of this reply was not kept for resuming"):
-        """A final event saying the replay cannot go on, and where the reply is."""
-        error = ResumeUnavailable(message=f"{why}; read it in /conversations/{conversation_id}")
-        final = {"content": "", "is_final": True, "metrics": None, "conversation_id": conversation_id,
-                 "finish_reason": "error", "error": error.body()["error"]}
-        return sse.frame(f"{record.turn_id}:{record.next_number()}", sse.data(final))
+        self.ended = {name: kept for name, kept in self.ended.items() if kept[1] > now}
+        self.ended[feed.name] = (feed, now + self.settings.retain)
 
     # Recovery of a turn whose process died
 
@@ -411,29 +349,21 @@ class ChatService:
         record = self.journal.read(name)
         if record is None or record.final is not None:
             return
-        reply = self._recovered_reply(record)
+        reply = recovered_reply(record)
         with connection():
-            if not Message.turn_saved(record.turn_id):
+            status = Message.saved_status(record.turn_id)
+            if status is None:
+                status = Message.INTERRUPTED
                 save_turn(conversation_id=conversation_id, owner=user, message=record.message, reply=reply,
-                          status=Message.INTERRUPTED, message_tokens=estimate_tokens(record.message),
-                          reply_tokens=estimate_tokens(reply), turn_id=record.turn_id)
+                          status=status, message_tokens=estimate_tokens(record.message),
+                          reply_tokens=estimate_tokens(reply), turn_id=record.turn_id, token_source="estimate")
                 log.info("kept the turn a stopped process left: %d characters of reply", len(reply))
-        final = {"content": "", "is_final": True, "conversation_id": conversation_id,
-                 "finish_reason": Message.INTERRUPTED,
-                 "metrics": {"token_count": estimate_tokens(reply), "processing_time": None,
-                             "prompt_tokens": None, "completion_tokens": estimate_tokens(reply), "model": None}}
+        metrics = final_metrics(token_count=estimate_tokens(reply), token_source="estimate")
+        final = (record.next_number(), final_data(conversation_id, status, metrics))
         with self.round_trip() as trip:
-            self.journal.end(name, record.turn_id, None, (record.next_number(), sse.data(final)), trip)
-
-    @staticmethod
-    def _recovered_reply(record):
-        """The reply a journal holds: its chunks, up to the first gap."""
-        parts = []
-        for expected, (number, text) in enumerate(record.events, start=1):
-            if number != expected:
-                break
-            parts.append(sse.content_of(text))
-        return "".join(parts)
+            self.journal.end(name, record.turn_id, None, final, trip)
+            if self.settings.budget:
+                self.coordination.spend(user, utcnow().date(), estimate_tokens(record.message + reply), trip)
 
     # The parts of every turn
 
@@ -446,7 +376,7 @@ class ChatService:
         while True:
             try:
                 return ask(turn.prompt)
-            except ContextTooLong as exc:
+            except ContextTooLarge as exc:
                 if self._shorten(turn):
                     continue
                 failure = exc
@@ -454,9 +384,14 @@ class ChatService:
                 failure = exc
             turn.record.update(model=getattr(self.model, "model", None), outcome=Message.ERROR,
                                error=failure.code)
+            raise failure
+
+    def _refused(self, turn, failure):
+        """The model refused the turn before it began: count it, and keep nothing of it."""
+        if isinstance(failure, ApiError):
             self.meter.turn(turn.kind, Message.ERROR, time.monotonic() - turn.started)
             self.meter.model_error(failure.code)
-            raise failure
+        self._abandon(turn)
 
     def _shorten(self, turn):
         """Leave the oldest turn of history out of the prompt; False if there is none left to leave out."""
@@ -472,38 +407,44 @@ class ChatService:
     def begin(self, user, conversation_id, message, record=None, kind="run"):
         """Hold the conversation, journal the message, load the history (cache, else database).
 
-        The lease, the cached copy, a stream slot and the journal's start ride in one round trip.
+        The lease, the cached copy, a stream slot, the tokens spent today and the journal's start
+        ride in one round trip.
         """
-        if self._cost(self._head()) + self._cost([{"content": message}]) > self.context_tokens:
-            raise ApiError(413, "context_too_large",
-                           f"the message alone exceeds the model's context budget of "
-                           f"{self.context_tokens} tokens")
-        name, turn_id, today = scope(user, conversation_id), secrets.token_hex(8), utcnow().date()
+        if self._cost(self._head()) + self._cost([{"content": message}]) > self.settings.context_tokens:
+            raise ContextTooLarge(message=f"the message alone exceeds the model's context budget of "
+                                          f"{self.settings.context_tokens} tokens")
+        turn = Turn(user=user, conversation_id=conversation_id, message=message, lease=None, kind=kind,
+                    turn_id=secrets.token_hex(8), name=scope(user, conversation_id),
+                    record=record if record is not None else {})
+        today = utcnow().date()
         with self.round_trip() as trip:
-            taken = self.coordination.take(name, kind, trip)
-            cached = self.cache.read(name, trip)
-            opened = self.coordination.open_stream(user, self.max_streams, trip) if kind == "stream" else None
-            started = self.journal.start(name, turn_id, message, taken.asked, trip) if taken.asked else None
-            spent = self.coordination.spent(user, today, trip) if self.budget else None
-        lease, slot = taken.value, opened and opened.value
-        if lease is None or (opened and slot is None):
-            for held in (lease, slot):
-                if held is not None:
-                    held.release()
-            raise ConversationBusy() if lease is None else TooManyStreams(self.max_streams)
-        turn = Turn(user=user, conversation_id=conversation_id, message=message, lease=lease, kind=kind,
-                    turn_id=turn_id, slot=slot, name=name, record=record if record is not None else {})
+            taken = self.coordination.take(turn.name, kind, trip, token=turn.turn_id)
+            cached = self.cache.read(turn.name, trip)
+            opened = self.coordination.open_stream(user, self.settings.max_streams, trip) if kind == "stream" \
+                else None
+            started = self.journal.start(turn.name, turn.turn_id, message, *self._lease_of(turn), trip)
+            spent = self.coordination.spent(user, today, trip) if self.settings.budget else None
+        turn.lease, turn.slot = taken.value, opened and opened.value
         try:
-            turn.journaled = self._journal_started(turn, started)
+            if turn.lease is None:
+                raise ConversationBusy()
+            if opened is not None and turn.slot is None:
+                raise TooManyStreams(self.settings.max_streams)
+            turn.journal_start = self._journal_started(turn, started)
             if spent is not None:
                 self._within_budget(user, today, spent.value)
             turn.history = self._load(user, conversation_id, cached.value)
             turn.kept = self._fitting_history(turn)
             turn.prompt = self._head() + turn.kept + [{"role": "user", "content": message}]
         except BaseException:
-            self._abandon(turn)
+            self._abandon(turn, started)
             raise
         return turn
+
+    @staticmethod
+    def _lease_of(turn):
+        """(key, token) of the lease the turn asks for, so the journal can check it is the turn's."""
+        return lease_key(turn.name), lease_token(turn.turn_id, turn.kind)
 
     def _within_budget(self, user, today, spent):
         """429 budget_exceeded if the user has spent TOKEN_BUDGET_PER_DAY today (a turn begun within it finishes).
@@ -512,30 +453,31 @@ class ChatService:
         starts from the database's sum.
         """
         if spent is None:
+            start = datetime.datetime.combine(today, datetime.time())
             spent = self.coordination.count_spent(user, today, retried_once(
-                lambda: Message.spent(user, datetime.datetime.combine(today, datetime.time()),
-                                      datetime.datetime.combine(today, datetime.time()) + datetime.timedelta(days=1))))
-        if spent >= self.budget:
-            raise BudgetExceeded(self.budget)
+                lambda: Message.spent(user, start, start + datetime.timedelta(days=1))))
+        if spent >= self.settings.budget:
+            raise BudgetExceeded(self.settings.budget)
 
-    def _abandon(self, turn):
+    def _abandon(self, turn, started=None):
         """Let go of a turn that was refused (the client is told): nothing of it is kept, journal included."""
         with self.round_trip() as trip:
-            if turn.journaled:
-                self.journal.discard(turn.name, trip)
-            turn.let_go(trip)
+            if turn.journal_start or journal_id(started.value if started is not None else None):
+                self.journal.abandon(turn.name, turn.turn_id, trip)
+            for held in (turn.lease, turn.slot):
+                if held is not None:
+                    held.release(trip)
 
     def _journal_started(self, turn, started):
-        """Whether the turn's journal is open; a turn a dead process left is saved first."""
-        if started is None:
-            return False
-        state = started.value
+        """The journal's id of the turn's start entry, or None if it is not journaled; a turn a dead process
+        left is saved first."""
+        state = started.value if started is not None else None
         if state == "unfinished":
             self._recover(turn.user, turn.conversation_id, turn.name)
             with self.round_trip() as trip:
-                again = self.journal.start(turn.name, turn.turn_id, turn.message, turn.lease, trip)
+                again = self.journal.start(turn.name, turn.turn_id, turn.message, *self._lease_of(turn), trip)
             state = again.value
-        return state == "started"
+        return journal_id(state)
 
     def _load(self, user, conversation_id, raw):
         """The recent messages of the user's conversation: the cached ones (`raw`) if they are the database's."""
@@ -549,11 +491,12 @@ class ChatService:
             return []
         if cached is not None and cached[0] == version:
             return cached[1]
-        return Message.recent(key, self.history_limit)
+        return Message.recent(key, self.settings.history_limit)
 
     def _head(self):
         """The system prompt, as the first messages of every request."""
-        return [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
+        prompt = self.settings.system_prompt
+        return [{"role": "system", "content": prompt}] if prompt else []
 
     @staticmethod
     def _cost(messages):
@@ -563,7 +506,7 @@ class ChatService:
     def _fitting_history(self, turn):
         """The recent history that fits the budget beside the system prompt and the new message."""
         head, new = self._head(), [{"role": "user", "content": turn.message}]
-        room = self.context_tokens - self._cost(head) - self._cost(new)
+        room = self.settings.context_tokens - self._cost(head) - self._cost(new)
         kept = []
         for message in reversed([m for m in turn.history if m["content"]]):
             room -= self._cost([message])
@@ -588,45 +531,55 @@ class ChatService:
                               else turn.status)
         turn.record.update(turn.log_fields())
 
-    def finish(self, turn, run, error=None):
-        """Save both messages, then, in one round trip, refresh the cache, let the next turn in and end the
-        journal; then end the run with the final event. Returns the final event's error: the turn's
-        own, or a failure to save."""
-        try:
-            with connection():
-                version = save_turn(conversation_id=turn.conversation_id, owner=turn.user,
-                                    message=turn.message, reply=turn.reply, status=turn.status,
-                                    message_tokens=turn.message_tokens, reply_tokens=turn.reply_tokens,
-                                    prompt_tokens=turn.prompt_tokens, turn_id=turn.turn_id, model=turn.model,
-                                    token_source=turn.token_source)
-        except DatabaseUnavailable:
-            version, error = None, error or DatabaseDown()
+    def finish(self, turn, feed, error=None):
+        """Keep the turn, let the next one in, and end the feed with the final event; the final event's error
+        (the turn's own, or a failure to keep it)."""
+        version, error = self._save(turn, error)
         if error is not None:
             turn.record["error"] = error.code
         final = turn.final_data(error)
-        with self.round_trip() as trip:
-            if version is not None:
-                history = (turn.history + [{"role": "user", "content": turn.message},
-                                           {"role": "assistant", "content": turn.reply}])[-self.history_limit:]
-                self.cache.write(turn.name, cache.encode(version, history), trip)
-            if turn.journaled:
-                self.journal.end(turn.name, turn.turn_id, run, (len(run.framed) + 1, final), trip)
-            if self.budget and version is not None:
-                self.coordination.spend(turn.user, utcnow().date(), turn.tokens(), trip)
-            turn.let_go(trip)
-        run.end(final)
+        self._after_save(turn, feed, version, final, kept=not isinstance(error, TurnTakenOver))
+        feed.end(final)
         self.meter.turn(turn.kind, turn.status, time.monotonic() - turn.started, turn.time_to_first_token(),
                         turn.model, turn.prompt_tokens, turn.reply_tokens)
         if error is not None and error.code.startswith("llm_"):
             self.meter.model_error(error.code)
         return error
 
+    def _save(self, turn, error):
+        """Save both messages: (the conversation's new version or None, the final event's error)."""
+        try:
+            with connection():
+                version = save_turn(conversation_id=turn.conversation_id, owner=turn.user, message=turn.message,
+                                    reply=turn.reply, status=turn.status, message_tokens=turn.message_tokens,
+                                    reply_tokens=turn.reply_tokens, prompt_tokens=turn.prompt_tokens,
+                                    turn_id=turn.turn_id, model=turn.model, token_source=turn.token_source)
+        except DatabaseUnavailable:
+            return None, error or DatabaseDown()
+        if version is None:  # saved already: this process stalled past its lease, and another kept the turn
+            return None, TurnTakenOver()
+        return version, error
+
+    def _after_save(self, turn, feed, version, final, kept=True):
+        """In one round trip: refresh the cache, end the journal, count the tokens, let the next turn in."""
+        with self.round_trip() as trip:
+            if version is not None:
+                history = (turn.history + [{"role": "user", "content": turn.message},
+                                           {"role": "assistant", "content": turn.reply}])
+                self.cache.write(turn.name, cache.encode(version, history[-self.settings.history_limit:]), trip)
+            if turn.journal_start and kept:
+                self.journal.end(turn.name, turn.turn_id, feed, (len(feed.framed) + 1, final), trip,
+                                 started=turn.journal_start)
+            if self.settings.budget and version is not None:
+                self.coordination.spend(turn.user, utcnow().date(), turn.tokens(), trip)
+            turn.release(trip)
+
     # Stop and shutdown
 
     def cut_open_streams(self):
         """End every open stream now with a final error event (the service is shutting down)."""
-        for run in list(self._runs.values()):
-            self._cut(run, "shutting_down")
+        for feed in list(self.feeds.values()):
+            feed.cut("shutting_down")
 
     def stop(self, user, conversation_id):
         """Stop the reply being streamed for the user's conversation, from whichever process streams it."""
@@ -638,7 +591,7 @@ class ChatService:
             # A conversation's first turn is not in the database yet, but its lease is held.
             if key is None and kind is None:
                 raise NotFound()
-            raise ApiError(409, "no_reply_in_progress", "no reply is being streamed for this conversation")
+            raise NoReplyInProgress()
         self.coordination.publish_stop(name)
 
     def listen_for_stops(self):
@@ -649,7 +602,21 @@ class ChatService:
 
     def _stop_here(self, name):
         """Stop the conversation's stream if this process runs it, with or without a reader."""
-        run = self._runs.get(name)
-        if run is not None:
-            self._cut(run, "stopped")
+        feed = self.feeds.get(name)
+        if feed is not None:
+            feed.cut("stopped")
 
+
+def journal_id(state):
+    """The start entry's id a journal's start answered, or None for any refusal ("unfinished", ...)."""
+    return state if isinstance(state, str) and state[:1].isdigit() else None
+
+
+def recovered_reply(record):
+    """The reply a journal holds: its chunks, up to the first gap."""
+    parts = []
+    for expected, (number, text) in enumerate(record.events, start=1):
+        if number != expected:
+            break
+        parts.append(sse.content_of(text))
+    return "".join(parts)

@@ -8,11 +8,13 @@ within SSE_WRITE_TIMEOUT_SECONDS; past either, the client is treated as gone.
 """
 
 import errno
+import json
 import logging
 import socket
 import time
 
 import gunicorn.http.wsgi
+import gunicorn.util
 from gunicorn.http.errors import NoMoreData
 from gunicorn.workers.ggevent import GeventWorker
 
@@ -20,6 +22,23 @@ log = logging.getLogger(__name__)
 
 # The Server header names the software; the service does not say what it runs on.
 gunicorn.http.wsgi.SERVER = "chat-api"
+# What gunicorn itself refuses (a request line or headers too long, a malformed request) is answered
+# in the service's one error shape too, not as an HTML page.
+ERROR_CODES = {400: "invalid_request", 403: "forbidden", 414: "too_large", 417: "invalid_request",
+               431: "too_large", 500: "internal_error", 501: "not_implemented"}
+
+
+def write_json_error(sock, status, reason, detail):
+    """gunicorn's own error answer, as `{"error": {"code", "message"}}` (its detail, which may quote the
+    request, is left out)."""
+    body = json.dumps({"error": {"code": ERROR_CODES.get(status, "invalid_request"),
+                                 "message": reason.lower()}}).encode()
+    head = (f"HTTP/1.1 {status} {reason}\r\nConnection: close\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n").encode("latin-1")
+    gunicorn.util.write_nonblock(sock, head + body)
+
+
+gunicorn.util.write_error = write_json_error
 
 
 class ClientTooSlow(NoMoreData):

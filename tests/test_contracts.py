@@ -108,7 +108,7 @@ def test_a_lease_nobody_renews_expires(shared):
     _, coordination, round_trip = shared
     coordination.lease_seconds = 0.3
     lease = sent(round_trip, lambda trip: coordination.take("c1", "run", trip))
-    coordination.keeper.let_go(lease)  # as if the holder's process had died
+    coordination.keeper.forget(lease)  # as if the holder's process had died
     assert wait_until(lambda: coordination.holder_of("c1") is None, timeout=5)
 
 

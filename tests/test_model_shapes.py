@@ -7,7 +7,8 @@ import pytest
 import requests
 
 from errors import ApiError
-from llm import ContextTooLong, EventDecoder, OpenAIChatModel
+from errors import ContextTooLarge
+from llm import EventDecoder, OpenAIChatModel
 from tests.fake_llm import Script
 from tests.helpers import bearer, complete, seen_by_model, stored_messages, wait_until
 from tests.sse_client import PING, data_events, events
@@ -129,7 +130,7 @@ CONTEXT_ERRORS = [
 def test_each_servers_way_of_saying_the_context_is_too_long_is_recognised(model, llm, status, body):
     """OpenAI's code and the wording of vLLM, llama.cpp and LiteLLM all mean: too long."""
     llm.script(Script(status=status, error_message=body))
-    with pytest.raises(ContextTooLong):
+    with pytest.raises(ContextTooLarge):
         model.complete(HELLO)
 
 
