@@ -9,7 +9,7 @@ postgresql://root@127.0.0.1:5432/chat_bench, created if missing and its tables r
 ``--redis-url``, default redis://127.0.0.1:6379/9, flushed). Everything else it starts itself
 on loopback and stops at the end, also on Ctrl-C or an error: the fake model
 (``python -m tests.fake_llm --gevent``), the service (``gunicorn --config gunicorn.conf.py
-'chat_app:create_app()'`` in production mode, with DATABASE_POOL_SIZE=32) and the load generators (bench/loadgen.py, each
+'chat_app:create_app()'`` in production mode, on the default settings) and the load generators (bench/loadgen.py, each
 a separate gevent process, so their CPU is never counted as the service's). Every process is
 started in its own session and its whole process group is killed on the way out.
 
@@ -34,6 +34,12 @@ It measures, and writes as results.md and results.json in --out (with the logs i
   service, one after the other with the same client code; each chunk's lateness against its
   stream's 20 ms schedule, p50/p99 of each and the difference.
 
+Side by side in the same run: CPU per turn with METRICS=off (and, in a full run, with the database
+pool sized to the load, DATABASE_POOL_SIZE=32), and what the meter's calls cost a turn, timed
+in-process; with ``--against REVISION`` (repeatable), the latency, turns and relay phases also run
+on the service as it was at that git revision (exported with ``git archive``, on a database of its
+own), so a change is measured before and after in one run on the same noisy machine.
+
 PostgreSQL's and Redis's CPU is reported for context, never counted as the worker's. Targets
 that are missed are reported, not asserted: the exit status is 0 unless something crashed.
 The run raises its limit on open files to the hard limit; every process it starts inherits it.
@@ -57,6 +63,7 @@ import json
 import math
 import os
 import platform
+import re
 import resource
 import shutil
 import signal
@@ -84,9 +91,9 @@ STREAM_CHUNKS = 41  # 40 gaps of 500 ms: 20 s of streaming
 GAP_SLACK_MS = 100
 # Streams open at this rate (at most 12 s of ramp), so they are all open for at least 8 s of the 20.
 STREAM_OPEN_RATE = 250
-# Database connections per worker: sized to the load, as a deployment would. With the default
-# 10, turns at saturation queue for a connection, and the waiting costs about 8% more CPU a turn.
-POOL_SIZE = 32
+# Every service runs on the default settings (as the Procfile does) but for what a benchmark must set;
+# CPU per turn is also measured with the database pool sized to the load, as a busy deployment would.
+TUNED_POOL_SIZE = 32
 RELAY_CHUNK_DELAY = 0.02
 # Relayed streams open at this rate, and the model holds each stream's first chunk for a while, so
 # that (unless the worker is slow to set them up) the first streams do not relay while the last
@@ -331,11 +338,11 @@ class Processes:
         self.log_dir = log_dir
         self.running = []
 
-    def start(self, name, argv, env=None):
+    def start(self, name, argv, env=None, cwd=ROOT):
         """Start a process in a new session with its output in `<log_dir>/<name>.log` (overwritten)."""
         # The child inherits the raised limit on open files (main() raised it) and the log file.
         with open(os.path.join(self.log_dir, f"{name}.log"), "wb") as log_file:
-            process = subprocess.Popen(argv, cwd=ROOT, env=env or os.environ.copy(), stdin=subprocess.DEVNULL,
+            process = subprocess.Popen(argv, cwd=cwd, env=env or os.environ.copy(), stdin=subprocess.DEVNULL,
                                        stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)
         process.name = name
         self.running.append(process)
@@ -398,18 +405,31 @@ class FakeModel:
         self.processes.stop(self.process)
 
 
+class Variant:
+    """What a service runs: the code (this tree, or a git revision exported to `root`), its database and
+    the settings that differ from the defaults."""
+
+    def __init__(self, label, root=ROOT, env=None, database_url=None, phases=()):
+        """A variant named `label`; `phases` are the phases it is compared in (none for the main one)."""
+        self.label = label
+        self.root = root
+        self.env = env or {}
+        self.database_url = database_url
+        self.phases = phases
+
+
 class Service:
     """The chat service under gunicorn with the gevent worker, as the Procfile runs it."""
 
-    def __init__(self, processes, name, bench, workers, llm_url):
-        """Start gunicorn with `workers` workers on the given model; wait until it serves."""
+    def __init__(self, processes, name, bench, workers, llm_url, variant):
+        """Start gunicorn with `workers` workers on the given model, running `variant`; wait until it serves."""
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.processes = processes
         self.expected_workers = workers
-        self.env = service_env(bench, llm_url, workers, self.port)
+        self.env = {**service_env(bench, llm_url, workers, self.port, variant.database_url), **variant.env}
         argv = [sys.executable, "-m", "gunicorn", "--config", "gunicorn.conf.py", "chat_app:create_app()"]
-        self.process = processes.start(name, argv, env=self.env)
+        self.process = processes.start(name, argv, env=self.env, cwd=variant.root)
         wait_until(self._ready, 60, interval=0.2, what=f"the service ({name}) to answer /status")
 
     def _ready(self):
@@ -445,19 +465,25 @@ class Service:
         self.processes.stop(self.process, timeout=15)
 
 
+def slug(label):
+    """A label as a piece of a file name."""
+    return re.sub(r"[^a-z0-9]+", "-", label.lower()).strip("-")
+
+
 def uuid_hex():
     """A random hex string."""
     return os.urandom(8).hex()
 
 
-def service_env(bench, llm_url, workers, port):
-    """The service's environment: production mode on PostgreSQL, Redis and the fake model."""
+def service_env(bench, llm_url, workers, port, database_url):
+    """The service's environment: production mode on PostgreSQL, Redis and the fake model, every other
+    setting at its default."""
     env = os.environ.copy()
     env.update({
-        "APP_ENV": "production", "JWT_SECRET_KEY": SECRET, "DATABASE_URL": bench.database_url,
+        "APP_ENV": "production", "JWT_SECRET_KEY": SECRET, "DATABASE_URL": database_url,
         "REDIS_URL": bench.redis_url, "LLM_BASE_URL": llm_url, "LLM_MODEL": MODEL,
         "WEB_CONCURRENCY": str(workers), "LOG_LEVEL": "warning", "PORT": str(port),
-        "GRACEFUL_TIMEOUT": "5", "DATABASE_POOL_SIZE": str(POOL_SIZE),
+        "GRACEFUL_TIMEOUT": "5",
         # The load is a few users with thousands of streams: the per-user cap is not what is measured.
         "MAX_STREAMS_PER_USER": "1000000",
     })
@@ -534,6 +560,32 @@ class Bench:
         self.results = {"phases": {}}
         self.figures = {}
         self.notes = []
+        self.main = Variant("this tree", database_url=args.database_url)
+        self.variants = self.compared_variants(args.against)
+
+    def compared_variants(self, revisions):
+        """What runs beside this tree: metrics off and a larger pool (for CPU per turn), and the given git
+        revisions (for latency, CPU per turn and the relay)."""
+        variants = [Variant("METRICS=off", env={"METRICS": "off"}, database_url=self.database_url,
+                            phases=("turns",))]
+        if not self.args.quick:
+            variants.append(Variant(f"DATABASE_POOL_SIZE={TUNED_POOL_SIZE}", database_url=self.database_url,
+                                    env={"DATABASE_POOL_SIZE": str(TUNED_POOL_SIZE)}, phases=("turns",)))
+        for revision in revisions:
+            sha = subprocess.run(["git", "-C", ROOT, "rev-parse", "--verify", f"{revision}^{{commit}}"], check=True,
+                                 capture_output=True, text=True).stdout.strip()
+            root = os.path.join(self.work_dir, f"rev-{sha[:10]}")
+            os.makedirs(root)
+            archive = subprocess.Popen(["git", "-C", ROOT, "archive", sha], stdout=subprocess.PIPE)
+            subprocess.run(["tar", "-x", "-C", root], stdin=archive.stdout, check=True)
+            archive.wait()
+            variants.append(Variant(f"{revision} ({sha[:10]})", root=root, database_url=f"{self.database_url}_{sha[:10]}",
+                                    phases=("latency", "turns", "relay")))
+        return variants
+
+    def compared_in(self, phase):
+        """The variants compared with this tree in `phase`, if it runs."""
+        return [variant for variant in self.variants if phase in variant.phases and phase in self.phases]
 
     def close(self):
         """Stop everything and remove the scratch files."""
@@ -543,24 +595,33 @@ class Bench:
     # setup
 
     def prepare_stores(self):
-        """Create the database if missing, recreate its tables, and empty the Redis database."""
-        parts = urlsplit(self.database_url)
-        admin = psycopg2.connect(urlunsplit(parts._replace(path="/postgres")), connect_timeout=5)
-        admin.autocommit = True
-        with admin.cursor() as cursor:
-            cursor.execute("SELECT 1 FROM pg_database WHERE datname = %s", (self.database_name,))
-            if cursor.fetchone() is None:
-                cursor.execute(f'CREATE DATABASE "{self.database_name}"')
-        admin.close()
-        with contextlib.closing(psycopg2.connect(self.database_url, connect_timeout=5)) as conn:
-            conn.autocommit = True
-            with conn.cursor() as cursor:
-                cursor.execute("DROP TABLE IF EXISTS message, conversation CASCADE")
+        """Empty the Redis database, and give each variant's code a database with fresh tables."""
         client = redis.Redis.from_url(self.redis_url, socket_timeout=5)
         client.flushdb()
         client.close()
-        env = service_env(self, "http://127.0.0.1:9/v1", 1, 0)
-        subprocess.run([sys.executable, "-m", "flask", "--app", "chat_app", "init-db"], cwd=ROOT, env=env,
+        prepared = set()
+        for variant in [self.main] + self.variants:
+            if (variant.database_url, variant.root) not in prepared:
+                prepared.add((variant.database_url, variant.root))
+                self.prepare_database(variant)
+
+    def prepare_database(self, variant):
+        """Create the variant's database if missing and recreate its tables with its own init-db."""
+        parts = urlsplit(variant.database_url)
+        name = parts.path.lstrip("/")
+        admin = psycopg2.connect(urlunsplit(parts._replace(path="/postgres")), connect_timeout=5)
+        admin.autocommit = True
+        with admin.cursor() as cursor:
+            cursor.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,))
+            if cursor.fetchone() is None:
+                cursor.execute(f'CREATE DATABASE "{name}"')
+        admin.close()
+        with contextlib.closing(psycopg2.connect(variant.database_url, connect_timeout=5)) as conn:
+            conn.autocommit = True
+            with conn.cursor() as cursor:
+                cursor.execute("DROP TABLE IF EXISTS chat_message, chat_conversation, message, conversation CASCADE")
+        env = {**service_env(self, "http://127.0.0.1:9/v1", 1, 0, variant.database_url), **variant.env}
+        subprocess.run([sys.executable, "-m", "flask", "--app", "chat_app", "init-db"], cwd=variant.root, env=env,
                        check=True, timeout=60, stdout=subprocess.DEVNULL)
 
     # phases
@@ -706,16 +767,16 @@ class Bench:
         summary["clean"] = summary["failed"] == 0 and bool(gaps) and summary["gap_p95_ms"] <= limit
         return summary
 
-    def start_profiler(self, pid, seconds):
-        """py-spy sampling the worker for `seconds`, or None if py-spy is not installed."""
+    def start_profiler(self, pid, seconds, raw_name="profile-raw.txt"):
+        """py-spy sampling the worker for `seconds` into `raw_name`, or None if py-spy is not installed."""
         spy = shutil.which("py-spy", path=os.path.dirname(sys.executable)) or shutil.which("py-spy")
         if spy is None:
             self.notes.append("--profile: py-spy is not installed (pip install py-spy); no profile taken")
             return None
-        raw = os.path.join(self.out, "profile-raw.txt")
+        raw = os.path.join(self.out, raw_name)
         with contextlib.suppress(FileNotFoundError):
             os.remove(raw)
-        argv = [spy, "record", "--nonblocking", "-r", "200", "-d", str(int(seconds)), "-p", str(pid),
+        argv = [spy, "record", "--nonblocking", "-r", "200", "-d", str(max(1, round(seconds))), "-p", str(pid),
                 "-f", "raw", "-o", raw]
         return self.processes.start("py-spy", argv), raw
 
@@ -732,11 +793,11 @@ class Bench:
             return None
         return summarise_profile(raw)
 
-    def relay(self, fake, service=None):
+    def relay(self, fake, service=None, profile=False):
         """Concurrent streams of the paced model, straight from it or (given a service) through one worker.
 
         The CPU of every part is sampled all along; relay_summary() keeps the window in which every
-        stream was relaying.
+        stream was relaying. With `profile`, py-spy samples the worker while every stream relays.
         """
         streams, chunks = self.settings["relay_streams"], self.settings["relay_chunks"]
         target = "direct" if service is None else "service"
@@ -752,10 +813,17 @@ class Bench:
         watch = CpuWatch(self.database_name, service.workers() if service else [], fake.process.pid,
                          clients.pids(), master=service and service.process.pid)
         samples = [watch.snapshot()]
+        relaying_from = start_at + ramp + RELAY_FIRST_CHUNK_DELAY + 0.3
+        spy = None
         while clients.running() and time.monotonic() < deadline + 10:
             time.sleep(SAMPLE_INTERVAL)
             samples.append(watch.snapshot())
+            if profile and spy is None and time.monotonic() >= relaying_from:
+                spy = self.start_profiler(service.workers()[0], max(1, chunks * RELAY_CHUNK_DELAY * 0.7),
+                                          "profile-relay-raw.txt") or False
         summary = relay_summary(clients.collect(30), samples, RELAY_CHUNK_DELAY)
+        if spy:
+            summary["profile"] = self.finish_profiler(spy)
         if summary["failed"]:
             self.notes.append(f"relay ({target}): {summary['failed']} streams failed: {summary['failures']}")
         if not summary["window_chunks"]:
@@ -770,9 +838,10 @@ class Bench:
 
     # the whole run
 
-    def service(self, name, workers, llm_url):
-        """Start the service; the first one started tells the worker's limit on open files."""
-        service = Service(self.processes, name, self, workers, llm_url)
+    def service(self, name, workers, llm_url, variant=None):
+        """Start the service (this tree's, or a variant's); the first one started tells the worker's limit on
+        open files."""
+        service = Service(self.processes, name, self, workers, llm_url, variant or self.main)
         self.results["settings"].setdefault("worker_open_files_limit", open_files_limit(service.workers()[0]))
         return service
 
@@ -790,7 +859,7 @@ class Bench:
             "stream_gap_limit_ms": STREAM_CHUNK_DELAY * 1000 + GAP_SLACK_MS,
             "stream_open_rate_per_s": STREAM_OPEN_RATE, "relay_chunk_delay_s": RELAY_CHUNK_DELAY,
             "relay_open_rate_per_s": RELAY_OPEN_RATE, "relay_first_chunk_delay_s": RELAY_FIRST_CHUNK_DELAY,
-            "sample_interval_s": SAMPLE_INTERVAL, "database_pool_size": POOL_SIZE,
+            "sample_interval_s": SAMPLE_INTERVAL,
             "database_url": self.database_url, "redis_url": self.redis_url,
         }
         if {"latency", "turns"} & set(self.phases) or self.args.profile:
@@ -801,6 +870,8 @@ class Bench:
             self.relay_phases()
         if "resume" in self.phases:
             self.resume_phase()
+        if "turns" in self.phases:
+            self.results["phases"]["metrics_cost"] = metrics_cost()
         run_after = whole.snapshot()
         self.results["phases"]["whole_run"] = {
             k: v for k, v in CpuWatch.between(run_before, run_after).items()
@@ -825,6 +896,7 @@ class Bench:
                 log(f"CPU per turn: {self.settings['connections']} connections, 1 worker")
                 phases["turns_1"] = self.turns(service, instant, "turns-1-worker")
             service.stop()
+            self.instant_variants(instant)
 
         if "turns" in self.phases:
             service = self.service("service-2-workers", 2, instant.url)
@@ -841,6 +913,22 @@ class Bench:
                                            profile_seconds=self.settings["profile_seconds"])
             service.stop()
         instant.stop()
+
+    def instant_variants(self, instant):
+        """Latency and CPU per turn of each variant compared in them, on one worker as for this tree."""
+        compared = {variant.label: variant for phase in ("latency", "turns") for variant in self.compared_in(phase)}
+        for variant in compared.values():
+            measured = self.results["phases"].setdefault("variants", {}).setdefault(variant.label, {})
+            service = self.service(f"service-{slug(variant.label)}", 1, instant.url, variant)
+            service.warm_up(self.tokens)
+            if variant in self.compared_in("latency"):
+                log(f"latency, {variant.label}: streamed turns, then /chat/run")
+                measured["ttft"] = self.latency(service, instant, "stream")
+                measured["run"] = self.latency(service, instant, "run")
+            if variant in self.compared_in("turns"):
+                log(f"CPU per turn, {variant.label}: {self.settings['connections']} connections, 1 worker")
+                measured["turns_1"] = self.turns(service, instant, f"turns-{slug(variant.label)}")
+            service.stop()
 
     def stream_phases(self):
         """Open streams of a slow model, level by level, until a level is not clean."""
@@ -870,8 +958,16 @@ class Bench:
         service = self.service("service-relay", 1, paced.url)
         service.warm_up(self.tokens)
         log(f"relay: {streams} streams through one worker")
-        through = self.relay(paced, service)
+        through = self.relay(paced, service, profile=self.args.profile)
         service.stop()
+        for variant in self.compared_in("relay"):
+            other = self.service(f"service-relay-{slug(variant.label)}", 1, paced.url, variant)
+            other.warm_up(self.tokens)
+            log(f"relay, {variant.label}: {streams} streams through one worker")
+            measured = self.results["phases"].setdefault("variants", {}).setdefault(variant.label, {})
+            measured["relay"] = {"streams": streams, "chunks": chunks, "direct": direct,
+                                 "service": self.relay(paced, other)}
+            other.stop()
         paced.stop()
         log(f"  worker CPU {through['worker_cpu_per_chunk_us']:.1f} µs per relayed chunk "
             f"({through['window_chunks']} chunks in {through['window_s']:.2f} s); chunk lateness p99 "
@@ -949,6 +1045,10 @@ class Bench:
             self.relay_figures(phases["relay"])
         if "resume" in phases:
             self.resume_figures(phases["resume"])
+        if "variants" in phases:
+            self.variant_figures(phases, phases["variants"])
+        if "metrics_cost" in phases:
+            self.metrics_figures(phases["metrics_cost"], phases.get("turns_1"))
         self.figure("postgres_cpu_s_run", "PostgreSQL CPU over the whole run (context)",
                     phases["whole_run"]["postgres_s"], "s")
         self.figure("redis_cpu_s_run", "Redis CPU over the whole run (context)", phases["whole_run"]["redis_s"], "s")
@@ -964,7 +1064,7 @@ class Bench:
 
     def latency_figures(self, ttft, run):
         """Added time to first token and added total time of /chat/run."""
-        for q, target in ((50, 2), (95, 5), (99, None)):
+        for q, target in ((50, 1.5), (95, None), (99, 3)):
             self.figure(f"ttft_added_p{q}_ms", f"added time to first token p{q}", ttft[f"added_p{q}_ms"], "ms",
                         target, "<=" if target else None)
         for side in ("direct", "service"):
@@ -985,17 +1085,17 @@ class Bench:
         if carried is None:
             self.notes.append(f"no stream level was clean; memory per stream is from the {levels[0]['level']} level")
         self.figure("open_streams_per_worker", "open streams one worker carries (largest clean level)",
-                    carried["level"] if carried else 0, "streams", 2000, ">=")
+                    carried["level"] if carried else 0, "streams", 3000, ">=")
         self.figure("streams_failed", "streams failed at that level",
                     carried["failed"] if carried else levels[0]["failed"], "streams", 0, "<=")
         self.figure("stream_gap_p95_ms", "chunk gap p95 at that level (upstream: 500 ms)",
                     measured["gap_p95_ms"], "ms", STREAM_CHUNK_DELAY * 1000 + GAP_SLACK_MS, "<=")
-        self.figure("memory_per_stream_kb", "memory per open stream", measured["rss_per_stream_kb"], "KB", 100, "<=")
+        self.figure("memory_per_stream_kb", "memory per open stream", measured["rss_per_stream_kb"], "KB", 60, "<=")
 
     def turn_figures(self, one, two):
         """CPU per turn, turns per second with 1 and 2 workers, and what shares the cores with them."""
-        self.figure("cpu_per_turn_ms", "worker CPU per turn (1 worker)", one["worker_cpu_per_turn_ms"], "ms",
-                    1.5, "<=")
+        self.figure("cpu_per_turn_ms", "worker CPU per turn (1 worker, default settings)",
+                    one["worker_cpu_per_turn_ms"], "ms", 1.2, "<=")
         self.figure("turns_per_s_1_worker", "turns per second, 1 worker", one["turns_per_s"], "turns/s")
         self.figure("turns_per_s_2_workers", "turns per second, 2 workers", two["turns_per_s"], "turns/s")
         self.figure("scaling_ratio", "scaling, 2 workers / 1 worker",
@@ -1009,6 +1109,38 @@ class Bench:
                     one.get("postgres_cpu_per_turn_ms", float("nan")), "ms")
         self.figure("redis_cpu_per_turn_ms", "Redis CPU per turn (context)",
                     one.get("redis_cpu_per_turn_ms", float("nan")), "ms")
+
+    def variant_figures(self, phases, variants):
+        """How each variant compares with this tree: metrics off, a larger pool, earlier revisions."""
+        for label, measured in variants.items():
+            key = slug(label).replace("-", "_")
+            if "turns_1" in measured and "turns_1" in phases:
+                mine, theirs = phases["turns_1"]["worker_cpu_per_turn_ms"], measured["turns_1"]["worker_cpu_per_turn_ms"]
+                self.figure(f"cpu_per_turn_ms_{key}", f"worker CPU per turn, {label} (context)", theirs, "ms")
+                if label == "METRICS=off":
+                    self.figure("metrics_cpu_share_ab", "CPU per turn with metrics on over off, A/B of whole turns "
+                                "(context: noisier than the in-process figure)", (mine / theirs - 1) * 100, "%")
+            if "ttft" in measured and "ttft" in phases:
+                for q in (50, 99):
+                    self.figure(f"ttft_added_p{q}_ms_{key}", f"added time to first token p{q}, {label} (context)",
+                                measured["ttft"][f"added_p{q}_ms"], "ms")
+            if "relay" in measured and "relay" in phases:
+                mine = phases["relay"]["service"]["worker_cpu_per_chunk_us"]
+                theirs = measured["relay"]["service"]["worker_cpu_per_chunk_us"]
+                self.figure(f"relay_cpu_per_chunk_us_{key}", f"worker CPU per relayed chunk, {label} (context)",
+                            theirs, "µs")
+                self.figure(f"relay_cpu_change_{key}", f"worker CPU per relayed chunk, this tree against {label}",
+                            (mine / theirs - 1) * 100, "%")
+
+    def metrics_figures(self, cost, turns):
+        """What counting for Prometheus costs a turn, timed in-process, against the worker's CPU per turn."""
+        self.figure("metrics_cpu_per_turn_us", "metrics CPU per /chat/run turn (the meter's calls, in-process)",
+                    cost["run_us"], "µs")
+        self.figure("metrics_cpu_per_stream_us", "metrics CPU per streamed turn (the meter's calls, in-process)",
+                    cost["stream_us"], "µs")
+        if turns and turns["worker_cpu_per_turn_ms"]:
+            self.figure("metrics_cpu_share", "metrics' share of the worker's CPU per /chat/run turn",
+                        cost["run_us"] / (turns["worker_cpu_per_turn_ms"] * 1000) * 100, "%", 3, "<=")
 
     def resume_figures(self, resume):
         """Time from GET /chat/stream/{id} to the first replayed event."""
@@ -1043,6 +1175,43 @@ class Bench:
                     service["fake_cpu_per_chunk_us"], "µs")
         self.figure("relay_clients_cpu_per_chunk_us", "clients' CPU per chunk, through the service (context)",
                     service["clients_cpu_per_chunk_us"], "µs")
+
+
+METER_TIMING = """
+import json, sys, tempfile, time, os
+os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="chat-bench-metrics-")
+sys.path.insert(0, os.getcwd())
+from metrics import Meter
+meter, n = Meter(), int(sys.argv[1])
+
+def run_turn():
+    meter.turn("run", "complete", 0.004, None, "bench-model", 40, 12)
+    meter.request("/chat/run", "POST", 200)
+
+def stream_turn():
+    meter.stream_opened()
+    meter.turn("stream", "complete", 0.03, 0.002, "bench-model", 40, 12)
+    meter.stream_closed()
+    meter.request("/chat/stream", "POST", 200)
+
+figures = {}
+for name, turn in (("run_us", run_turn), ("stream_us", stream_turn)):
+    for _ in range(1000):
+        turn()
+    started = time.process_time()
+    for _ in range(n):
+        turn()
+    figures[name] = (time.process_time() - started) / n * 1e6
+print(json.dumps(figures))
+"""
+
+
+def metrics_cost(n=20000):
+    """CPU µs the meter's calls cost one /chat/run turn and one streamed turn, in multiprocess mode as under
+    gunicorn, timed in a process of their own."""
+    done = subprocess.run([sys.executable, "-c", METER_TIMING, str(n)], cwd=ROOT, check=True, capture_output=True,
+                          text=True, timeout=120)
+    return json.loads(done.stdout)
 
 
 def relay_summary(results, samples, delay):
@@ -1268,13 +1437,18 @@ def markdown(results):
         lines += latency_table(phases["ttft"], phases["run"])
     if "relay" in phases:
         lines += relay_table(phases["relay"])
+    if "variants" in phases:
+        lines += variants_table(phases)
     whole = phases["whole_run"]
     lines += ["", (f"PostgreSQL used {whole['postgres_s']:.1f} s and Redis {whole['redis_s']:.1f} s of CPU over "
                    f"the {whole['wall_s']:.0f} s run (all their processes, from /proc; other users of the same "
                    "servers count too). None of it is counted as the worker's."), ""]
     profile = (phases.get("profile") or {}).get("profile")
     if profile:
-        lines += profile_lists(profile)
+        lines += profile_lists(profile, "one worker under /chat/run load")
+    relay_profile = ((phases.get("relay") or {}).get("service") or {}).get("profile")
+    if relay_profile:
+        lines += profile_lists(relay_profile, "one worker relaying the streams")
     if results["notes"]:
         lines += ["## Notes", ""] + [f"- {note}" for note in results["notes"]] + [""]
     return "\n".join(lines)
@@ -1313,7 +1487,8 @@ def how(settings, phases):
                      f"{delay_ms:.0f} ms schedule, set by the stream's least late chunk; the added delay is the "
                      "service's lateness percentile minus the direct one.")
     lines.append(f"- The worker's limit on open files: {settings.get('worker_open_files_limit', 'n/a')}; "
-                 f"DATABASE_POOL_SIZE={settings['database_pool_size']} connections per worker. "
+                 "every other setting at its default (DATABASE_POOL_SIZE 10 connections per worker) but where a "
+                 "variant names one. "
                  f"{settings['users']} users, a new conversation for every turn.")
     return lines
 
@@ -1399,9 +1574,31 @@ def relay_table(relay):
     return lines
 
 
-def profile_lists(profile):
+def variants_table(phases):
+    """This tree beside each variant, figure by figure, as measured in this run."""
+    variants = phases["variants"]
+    rows = (("added time to first token p50 / p99 ms", "ttft",
+             lambda phase: f"{phase['added_p50_ms']:.2f} / {phase['added_p99_ms']:.2f}"),
+            ("added total time of /chat/run p50 ms", "run", lambda phase: f"{phase['added_p50_ms']:.2f}"),
+            ("worker CPU per turn ms (turns/s)", "turns_1",
+             lambda phase: f"{phase['worker_cpu_per_turn_ms']:.3f} ({phase['turns_per_s']:.0f})"),
+            ("worker CPU per relayed chunk µs; added delay p99 ms", "relay",
+             lambda phase: (f"{phase['service']['worker_cpu_per_chunk_us']:.1f}; "
+                            f"{phase['service']['lateness_p99_ms'] - phase['direct']['lateness_p99_ms']:.2f}")))
+    lines = ["", "## Side by side, in this run", "",
+             "| figure | this tree | " + " | ".join(variants) + " |", "|---|---|" + "---|" * len(variants)]
+    for name, key, cell in rows:
+        if key not in phases and not any(key in measured for measured in variants.values()):
+            continue
+        cells = [cell(phases[key]) if key in phases else "—"]
+        cells += [cell(measured[key]) if key in measured else "—" for measured in variants.values()]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def profile_lists(profile, what):
     """py-spy's summary: top functions by package, self and cumulative time."""
-    lines = [f"## py-spy, one worker under /chat/run load ({profile['samples']} samples)", ""]
+    lines = [f"## py-spy, {what} ({profile['samples']} samples)", ""]
     for kind, title in (("self_by_package", "Self time by package"), ("self", "Top functions by self time"),
                         ("cumulative", "Top functions by cumulative time"),
                         ("service_cumulative", "The service's own functions by cumulative time")):
@@ -1452,6 +1649,9 @@ def parse_args(argv=None):
                         help=f"comma-separated phases to run, of {', '.join(PHASES)} (default: all)")
     parser.add_argument("--database-url", default="postgresql://root@127.0.0.1:5432/chat_bench")
     parser.add_argument("--redis-url", default="redis://127.0.0.1:6379/9")
+    parser.add_argument("--against", action="append", default=[], metavar="REVISION",
+                        help="also run the latency, turns and relay phases on the service as it was at this git "
+                             "revision, side by side in the same run (repeatable)")
     return parser.parse_args(argv)
 
 

@@ -27,7 +27,12 @@ FIGURES = {
     "relay_delay_service_p99_ms", "relay_fake_cpu_per_chunk_us", "relay_clients_cpu_per_chunk_us",
     "resume_same_instance_p50_ms", "resume_same_instance_p95_ms", "resume_other_instance_p50_ms",
     "resume_other_instance_p95_ms",
+    "cpu_per_turn_ms_metrics_off", "metrics_cpu_share_ab", "metrics_cpu_per_turn_us", "metrics_cpu_per_stream_us",
+    "metrics_cpu_share",
 }
+# Figures of the revision the quick run is compared with (--against HEAD), by the start of their key.
+AGAINST = ("cpu_per_turn_ms_head_", "ttft_added_p50_ms_head_", "ttft_added_p99_ms_head_", "relay_cpu_per_chunk_us_head_",
+           "relay_cpu_change_head_")
 LATENCIES = [f"{kind}_{side}_p{q}_ms" for kind, quantiles in (("ttft", (50, 95, 99)), ("run", (50, 95)))
              for side in ("direct", "service") for q in quantiles]
 # figure: (low, high), the bounds a plausible value lies strictly between on any machine that runs the suite
@@ -40,6 +45,12 @@ BETWEEN = {
     "turns_per_s_2_workers": (10, 50000),
     "scaling_ratio": (0, 4),
     "scaling_ceiling": (0, 20),
+    "cpu_per_turn_ms_metrics_off": (0, 50),
+    # the meter's calls for one turn: microseconds, a small share of the turn
+    "metrics_cpu_per_turn_us": (0, 1000),
+    "metrics_cpu_per_stream_us": (0, 1000),
+    "metrics_cpu_share": (0, 100),
+    "metrics_cpu_share_ab": (-100, 100),
     # from the GET to the first replayed event: at most the journal's flush (250 ms) and a Redis wait (1 s)
     **{f"resume_{where}_p{q}_ms": (0, 3000) for where in ("same_instance", "other_instance") for q in (50, 95)},
 }
@@ -91,12 +102,14 @@ def assert_targets_judged(results):
 def test_quick_benchmark_reports_every_figure_in_its_plausible_range(tmp_path, postgres_url, redis_url):
     """`bench/run.py --quick` exits 0 and writes results.json with every figure plausible and its target judged."""
     command = [sys.executable, os.path.join("bench", "run.py"), "--quick", "--out", str(tmp_path),
-               "--database-url", BENCH_DATABASE_URL, "--redis-url", BENCH_REDIS_URL]
-    finished = subprocess.run(command, check=False, cwd=ROOT, capture_output=True, text=True, timeout=300)
+               "--database-url", BENCH_DATABASE_URL, "--redis-url", BENCH_REDIS_URL, "--against", "HEAD"]
+    finished = subprocess.run(command, check=False, cwd=ROOT, capture_output=True, text=True, timeout=420)
     assert finished.returncode == 0, finished.stdout[-3000:] + finished.stderr[-3000:]
 
     results = json.loads((tmp_path / "results.json").read_text())
     assert FIGURES <= set(results["figures"])
+    for start in AGAINST:
+        assert any(key.startswith(start) for key in results["figures"]), (start, sorted(results["figures"]))
     assert_plausible(results)
     assert_targets_judged(results)
     assert_relay_figures_are_measurements(results)
@@ -246,3 +259,24 @@ def test_report_of_a_relay_only_run_has_only_the_relay():
     assert "## Relayed streams" in text and "- phases: relay" in text
     for other in ("## Open streams", "## Closed-loop", "## Latency", "time to first token"):
         assert other not in text
+
+
+def test_variants_are_judged_against_this_tree(tmp_path):
+    """A variant's figures stand beside this tree's, and the relay's change is this tree's cost over the variant's."""
+    bench = bench_module()
+    run = bench.Bench(bench.parse_args(["--quick", "--phases", "turns,relay", "--out", str(tmp_path)]))
+    try:
+        turns = {"worker_cpu_per_turn_ms": 1.1, "turns_per_s": 900.0}
+        relay = {"direct": {"lateness_p99_ms": 2.0}, "service": {"worker_cpu_per_chunk_us": 50.0, "lateness_p99_ms": 6.0}}
+        earlier = {"direct": relay["direct"], "service": {"worker_cpu_per_chunk_us": 40.0, "lateness_p99_ms": 5.0}}
+        phases = {"turns_1": turns, "relay": relay,
+                  "variants": {"METRICS=off": {"turns_1": {"worker_cpu_per_turn_ms": 1.0, "turns_per_s": 950.0}},
+                               "v0.4 (abc)": {"relay": earlier}}}
+        run.variant_figures(phases, phases["variants"])
+        assert math.isclose(run.figures["metrics_cpu_share_ab"]["value"], 10.0)
+        assert math.isclose(run.figures["relay_cpu_change_v0_4_abc"]["value"], 25.0)
+        assert run.figures["relay_cpu_per_chunk_us_v0_4_abc"]["value"] == 40.0
+        table = "\n".join(bench.variants_table(phases))
+        assert "| worker CPU per relayed chunk µs; added delay p99 ms | 50.0; 4.00 | — | 40.0; 3.00 |" in table
+    finally:
+        run.close()
