@@ -219,7 +219,8 @@ def event_stream(events, conversation_id):
     """A server-sent events response."""
     headers = {"Cache-Control": "no-cache, no-store", "X-Accel-Buffering": "no",
                "Connection": "keep-alive", "X-Conversation-Id": conversation_id}
-    return Response(events, mimetype="text/event-stream", headers=headers)
+    # Passed through as it is: the server iterates the events themselves, with no encoding layer between.
+    return Response(events, mimetype="text/event-stream", headers=headers, direct_passthrough=True)
 
 
 def last_event_id():

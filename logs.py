@@ -7,7 +7,6 @@ import secrets
 import sys
 import time
 
-from werkzeug.wsgi import ClosingIterator
 
 REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 RECORD_KEY = "chat.request_log"
@@ -73,4 +72,30 @@ class RequestLog:
             if self.on_done is not None:
                 self.on_done(environ.get(ROUTE_KEY, "unmatched"), record["method"], record.get("status"))
 
-        return ClosingIterator(self.app(environ, start), done)
+        return LoggedBody(self.app(environ, start), done)
+
+
+class LoggedBody:
+    """A response body that writes the request's log line when the server closes it.
+
+    The server iterates the app's own body, not a wrapper around each piece (a stream's
+    events go out without a layer of ours between them and the socket).
+    """
+
+    def __init__(self, body, on_close):
+        """Serve `body`; call `on_close()` after closing it."""
+        self.body = body
+        self._on_close = on_close
+
+    def __iter__(self):
+        """The app's body itself."""
+        return iter(self.body)
+
+    def close(self):
+        """Close the app's body, then log."""
+        try:
+            close = getattr(self.body, "close", None)
+            if close is not None:
+                close()
+        finally:
+            self._on_close()

@@ -1,6 +1,7 @@
 """Server-sent events framing: one JSON object a `data:` line, so content can never split an event."""
 
 import json
+from json.encoder import encode_basestring  # json.dumps's own string encoder (C), as ensure_ascii=False uses it
 
 PING = b": ping\n\n"
 # Valid in SSE, but line breaks to Python's str.splitlines() and to JavaScript: escaped.
@@ -12,9 +13,13 @@ def data(payload):
 
     Text from the model reaches here cleaned (llm.cleaned): no lone surrogate, so it is UTF-8.
     """
-    text = json.dumps(payload, ensure_ascii=False, separators=(", ", ": "))
+    return escaped(json.dumps(payload, ensure_ascii=False, separators=(", ", ": ")))
+
+
+def escaped(text):
+    """JSON text with the line separators Python's and JavaScript's line splitting break on escaped."""
     if "\u2028" in text or "\u2029" in text or "\u0085" in text:
-        text = text.translate(LINE_SEPARATORS)
+        return text.translate(LINE_SEPARATORS)
     return text
 
 
@@ -24,8 +29,9 @@ def frame(event_id, text):
 
 
 def chunk_data(content):
-    """The `data:` text of the event for one piece of the reply."""
-    return data({"content": content, "is_final": False, "metrics": None})
+    """The `data:` text of the event for one piece of the reply: `data()` of it, written out, since it is
+    made for every chunk."""
+    return escaped('{"content": ' + encode_basestring(content) + ', "is_final": false, "metrics": null}')
 
 
 def content_of(text):
