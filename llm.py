@@ -370,6 +370,83 @@ class EventDecoder:
         return ("error" if event == "error" else "data"), text
 
 
+class BrokenBody(ValueError):
+    """The model's body is not well-formed HTTP/1.1 chunks, or ended before its last chunk."""
+
+
+class ChunkedBody:
+    """A streamed answer's body in HTTP/1.1 chunks, read straight from the connection: one `recv` a block.
+
+    urllib3's and http.client's reading of a chunked body takes about a dozen Python calls for
+    every piece the model sends (a size line read, the piece, its CRLF, each through their
+    buffered reader); here one `recv` brings whatever has come and the chunk framing is taken
+    off it in place. A body that is not chunked is read through urllib3.
+    """
+
+    MAX_SIZE_LINE = 1024
+
+    def __init__(self, response):
+        """Read `response`'s body (a urllib3 response whose body http.client has not begun reading)."""
+        self.response = response
+        self._head = response._fp.fp  # http.client's reader: what came with the headers is in it
+        self._sock = response.connection.sock
+        self._rest = b""
+        self._left = 0  # bytes of the current chunk still to come
+        self._trailers = False  # past the last chunk: its trailer lines, up to an empty one
+        self._head_read = False
+        self.ended = False
+
+    @staticmethod
+    def fits(response):
+        """Whether `response` has a chunked body, none of it read yet, on a connection of its own."""
+        body = getattr(response, "_fp", None)
+        connection = getattr(response, "connection", None)
+        return (getattr(body, "chunked", False) and getattr(body, "chunk_left", 0) is None
+                and getattr(body, "fp", None) is not None and getattr(connection, "sock", None) is not None)
+
+    def blocks(self):
+        """Yield the body's bytes as they arrive, from where the last call left off, until its last chunk;
+        BrokenBody if it is not chunks or ends before."""
+        while not self.ended:
+            if self._head_read:
+                block = self._sock.recv(READ_SIZE)
+            else:  # what came with the headers first, then the socket alone
+                block, self._head_read = self._head.read1(READ_SIZE), True
+            if not block:
+                raise BrokenBody("the body ended before its last chunk")
+            data = self._unframe(block)
+            if data:
+                yield data
+        self.response._fp.close()  # http.client's response is done with; the connection stays open
+
+    def _unframe(self, block):
+        """The body bytes in `block` with the chunk framing taken off; an unfinished line waits for the next."""
+        buffer = self._rest + block if self._rest else block
+        self._rest = b""
+        pieces, at, end = [], 0, len(buffer)
+        while at < end and not self.ended:
+            if self._left:
+                taken = min(self._left, end - at)
+                pieces.append(buffer[at:at + taken])
+                at += taken
+                self._left -= taken
+                continue
+            line_end = buffer.find(b"\n", at)
+            if line_end < 0:
+                if end - at > self.MAX_SIZE_LINE:
+                    raise BrokenBody("a chunk's size line is too long")
+                self._rest = buffer[at:]
+                break
+            line = buffer[at:line_end].strip()
+            at = line_end + 1
+            if self._trailers:
+                self.ended = not line
+            elif line:  # an empty line is the CRLF that ends a chunk's data
+                self._left = int(line.split(b";", 1)[0], 16)  # ValueError: not a size
+                self._trailers = self._left == 0
+        return pieces[0] if len(pieces) == 1 else b"".join(pieces)
+
+
 def stream_error(upstream_text, known_secrets=()):
     """The ApiError for an error the model reported inside its stream (its text goes to the log, masked)."""
     log.warning("the model reported an error mid-stream: %s", masked(upstream_text, known_secrets))
@@ -387,6 +464,7 @@ class ReplyStream:
         self.reply = Reply(model=model)
         self._guard = threading.Lock()
         self._done_with = False
+        self._chunked = None  # the ChunkedBody the body is read through, once known (False: through urllib3)
 
     def __iter__(self):
         """Yield each piece of text as the model sends it; raise ApiError if the stream breaks or reports an error."""
@@ -407,6 +485,11 @@ class ReplyStream:
     def _blocks(self):
         """Yield bytes as they arrive, each wait bounded by the timeout."""
         try:
+            if self._chunked is None:
+                self._chunked = ChunkedBody(self.response) if ChunkedBody.fits(self.response) else False
+            if self._chunked:
+                yield from self._chunked.blocks()
+                return
             while True:
                 block = self.response.read1(READ_SIZE)
                 if not block:

@@ -1,7 +1,12 @@
 """The model client against a real OpenAI-compatible HTTP server on loopback."""
 
-import pytest
+from types import SimpleNamespace
 
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+import llm
 from errors import ApiError
 from llm import DemoModel, OpenAIChatModel
 from tests.helpers import free_port
@@ -176,3 +181,52 @@ def test_describe_hides_credentials_in_the_base_url():
     """A base URL with user:password shows without them."""
     model = OpenAIChatModel("https://user:hunter2@llm.example/v1", None, "m", timeout=1)
     assert model.describe()["base_url"] == "https://llm.example/v1"
+
+
+def chunked_body(blocks):
+    """A ChunkedBody over `blocks` as the socket would give them (the first as what came with the headers)."""
+    blocks = list(blocks)
+    closed = []
+    head = SimpleNamespace(read1=lambda size: blocks.pop(0) if blocks else b"")
+    sock = SimpleNamespace(recv=lambda size: blocks.pop(0) if blocks else b"")
+    response = SimpleNamespace(_fp=SimpleNamespace(fp=head, close=lambda: closed.append(True)),
+                               connection=SimpleNamespace(sock=sock))
+    return llm.ChunkedBody(response), closed
+
+
+def framed(pieces, extension=b"", trailers=b""):
+    """`pieces` as an HTTP/1.1 chunked body."""
+    return b"".join(b"%x%s\r\n%s\r\n" % (len(p), extension, p) for p in pieces) + b"0\r\n" + trailers + b"\r\n"
+
+
+@given(st.lists(st.binary(min_size=1, max_size=40), max_size=8), st.data())
+def test_a_chunked_body_split_anywhere_reads_back_whole(pieces, data):
+    """However the framed body is cut into blocks, its bytes come back whole, and the body ends at its last chunk."""
+    body = framed(pieces, extension=data.draw(st.sampled_from([b"", b";name=value"])),
+                  trailers=data.draw(st.sampled_from([b"", b"X-Trailer: yes\r\n"])))
+    cuts = sorted(data.draw(st.sets(st.integers(1, max(1, len(body) - 1)), max_size=10)))
+    blocks = [body[a:b] for a, b in zip([0] + cuts, cuts + [len(body)]) if body[a:b]]
+    reader, closed = chunked_body(blocks + [b"never read"])
+    assert b"".join(reader.blocks()) == b"".join(pieces)
+    assert reader.ended and closed == [True]
+
+
+def test_a_chunked_body_read_again_goes_on_where_it_left_off():
+    """A reader that stops mid-body (at [DONE]) and reads again later loses nothing in between."""
+    reader, closed = chunked_body([framed([b"one", b"two", b"three"])[:9], framed([b"one", b"two", b"three"])[9:]])
+    first = reader.blocks()
+    assert next(first) == b"one"
+    first.close()
+    assert b"".join(reader.blocks()) == b"twothree" and closed == [True]
+
+
+@pytest.mark.parametrize("blocks", [
+    pytest.param([b"zz\r\nabc\r\n"], id="size not hex"),
+    pytest.param([b"3\r\nabc\r\n", b""], id="ends before the last chunk"),
+    pytest.param([b"1" * 2000], id="size line too long"),
+])
+def test_a_body_that_is_not_chunks_is_broken(blocks):
+    """What is not HTTP/1.1 chunks, or stops before the last one, is a BrokenBody, never a hang or a wrong reply."""
+    reader, _ = chunked_body(blocks)
+    with pytest.raises(ValueError):
+        b"".join(reader.blocks())
