@@ -9,6 +9,7 @@ import re
 import socket
 import threading
 import time
+import weakref
 from dataclasses import dataclass, field
 from urllib.parse import unquote, urlsplit, urlunsplit
 
@@ -385,11 +386,15 @@ class ChunkedBody:
 
     MAX_SIZE_LINE = 1024
 
-    def __init__(self, response):
-        """Read `response`'s body (a urllib3 response whose body http.client has not begun reading)."""
+    def __init__(self, response, timeout):
+        """Read `response`'s body (a urllib3 response whose body http.client has not begun reading); a silence
+        of `timeout` seconds is a socket.timeout."""
         self.response = response
         self._head = response._fp.fp  # http.client's reader: what came with the headers is in it
         self._sock = response.connection.sock
+        self.timeout = timeout
+        self.last_read = time.monotonic()
+        self.timed_out = False
         self._rest = b""
         self._left = 0  # bytes of the current chunk still to come
         self._trailers = False  # past the last chunk: its trailer lines, up to an empty one
@@ -409,15 +414,41 @@ class ChunkedBody:
         BrokenBody if it is not chunks or ends before."""
         while not self.ended:
             if self._head_read:
-                block = self._sock.recv(READ_SIZE)
+                block = self._recv()
             else:  # what came with the headers first, then the socket alone
                 block, self._head_read = self._head.read1(READ_SIZE), True
+                self._sock.settimeout(None)  # the watchdog bounds the silences (urllib3 sets it again)
+                WATCHDOG.watch(self)
             if not block:
                 raise BrokenBody("the body ended before its last chunk")
             data = self._unframe(block)
             if data:
                 yield data
         self.response._fp.close()  # http.client's response is done with; the connection stays open
+
+    def _recv(self):
+        """The next block from the socket; socket.timeout if the watchdog cut a silence short."""
+        try:
+            block = self._sock.recv(READ_SIZE)
+        except OSError:
+            if self.timed_out:
+                raise socket.timeout() from None
+            raise
+        if not block and self.timed_out:
+            raise socket.timeout()
+        self.last_read = time.monotonic()
+        return block
+
+    def silent_too_long(self, now):
+        """Whether nothing came for longer than the timeout: if so, the connection is shut down."""
+        if self.ended or now - self.last_read <= self.timeout:
+            return False
+        self.timed_out = True
+        try:
+            self._sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        return True
 
     def _unframe(self, block):
         """The body bytes in `block` with the chunk framing taken off; an unfinished line waits for the next."""
@@ -445,6 +476,41 @@ class ChunkedBody:
                 self._left = int(line.split(b";", 1)[0], 16)  # ValueError: not a size
                 self._trailers = self._left == 0
         return pieces[0] if len(pieces) == 1 else b"".join(pieces)
+
+
+class Watchdog:
+    """Cuts the streams from the model that went silent for longer than their timeout, in each process.
+
+    A timeout on the socket would start and stop a timer for every piece the model sends; the
+    watchdog looks at every open stream's last arrival a few times a second instead, so a
+    silence is cut within TICK of its timeout.
+    """
+
+    TICK = 0.2
+
+    def __init__(self):
+        """No stream watched yet."""
+        self._bodies = weakref.WeakSet()
+        self._pid = None
+
+    def watch(self, body):
+        """Watch `body` (a ChunkedBody) until it ends; the watchdog starts in a process with its first body."""
+        self._bodies.add(body)
+        if self._pid != os.getpid():  # none yet in this process (a fork's parent may have had one)
+            self._pid = os.getpid()
+            threading.Thread(target=self._run, daemon=True).start()
+
+    def _run(self):
+        """Look at every watched stream, for ever."""
+        while True:
+            time.sleep(self.TICK)
+            now = time.monotonic()
+            for body in list(self._bodies):
+                if body.ended or body.silent_too_long(now):
+                    self._bodies.discard(body)
+
+
+WATCHDOG = Watchdog()
 
 
 def stream_error(upstream_text, known_secrets=()):
@@ -486,7 +552,8 @@ class ReplyStream:
         """Yield bytes as they arrive, each wait bounded by the timeout."""
         try:
             if self._chunked is None:
-                self._chunked = ChunkedBody(self.response) if ChunkedBody.fits(self.response) else False
+                self._chunked = ChunkedBody(self.response, self.timeout) if ChunkedBody.fits(self.response) \
+                    else False
             if self._chunked:
                 yield from self._chunked.blocks()
                 return

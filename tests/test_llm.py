@@ -188,10 +188,10 @@ def chunked_body(blocks):
     blocks = list(blocks)
     closed = []
     head = SimpleNamespace(read1=lambda size: blocks.pop(0) if blocks else b"")
-    sock = SimpleNamespace(recv=lambda size: blocks.pop(0) if blocks else b"")
+    sock = SimpleNamespace(recv=lambda size: blocks.pop(0) if blocks else b"", settimeout=lambda seconds: None)
     response = SimpleNamespace(_fp=SimpleNamespace(fp=head, close=lambda: closed.append(True)),
                                connection=SimpleNamespace(sock=sock))
-    return llm.ChunkedBody(response), closed
+    return llm.ChunkedBody(response, timeout=60), closed
 
 
 def framed(pieces, extension=b"", trailers=b""):
