@@ -66,21 +66,26 @@ class Record:
     gap: bool = False  # an events entry is missing
 
     def take(self, entries):
-        """Add journal entries (id, fields) read in order; entries of other turns are passed over."""
+        """Add journal entries (id, fields) read in order; entries of other turns, and of this one after its end,
+        are passed over."""
         for entry_id, fields in entries:
             self.last_entry = entry_id
-            if fields.get("turn") != self.turn_id:
+            if fields.get("turn") != self.turn_id or self.final is not None:
                 continue
             kind = fields.get("kind")
             if kind == "start":
                 self.message = fields.get("message", "")
             elif kind == "events":
-                first = int(fields["first"])
-                if first != self.next_number():
-                    self.gap = True
-                self.events.extend(enumerate(fields["data"].split("\n"), start=first))
+                self._add_batch(int(fields["first"]), fields["data"].split("\n"))
             elif kind == "end":
                 self.final = (int(fields["n"]), fields["data"])
+
+    def _add_batch(self, first, texts):
+        """Add a batch of events numbered from `first`: those already here (a batch sent twice) are skipped."""
+        expected = self.next_number()
+        if first > expected:
+            self.gap = True
+        self.events.extend((n, text) for n, text in enumerate(texts, start=first) if n >= expected)
 
     def next_number(self):
         """The number the next event will have."""
