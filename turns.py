@@ -18,8 +18,8 @@ import cache
 import sse
 from coordination import lease_key, lease_token
 from errors import (ApiError, BudgetExceeded, ContextTooLarge, ConversationBusy, DatabaseDown, EmptyStream,
-                    NoReplyInProgress, NotFound, ShuttingDown, TooManyStreams, TurnTakenOver)
-from journal import NoJournal
+                    NoReplyInProgress, NotFound, RecoveryUnavailable, ShuttingDown, TooManyStreams, TurnTakenOver)
+from journal import JournalUnavailable, NoJournal
 from llm import Reply, estimate_tokens
 from metrics import Meter
 from models import Conversation, DatabaseUnavailable, Message, connection, retried_once, save_turn, utcnow
@@ -470,10 +470,13 @@ class ChatService:
 
     def _journal_started(self, turn, started):
         """The journal's id of the turn's start entry, or None if it is not journaled; a turn a dead process
-        left is saved first."""
+        left is saved first (503 if its journal cannot be read: the turns would be kept out of order)."""
         state = started.value if started is not None else None
         if state == "unfinished":
-            self._recover(turn.user, turn.conversation_id, turn.name)
+            try:
+                self._recover(turn.user, turn.conversation_id, turn.name)
+            except JournalUnavailable:
+                raise RecoveryUnavailable() from None
             with self.round_trip() as trip:
                 again = self.journal.start(turn.name, turn.turn_id, turn.message, *self._lease_of(turn), trip)
             state = again.value

@@ -12,8 +12,11 @@ import time
 import pytest
 import requests
 
+import journal
 import models
-from tests.helpers import bearer, stored_messages, wait_until
+from journal import JournalUnavailable
+from redis_link import scope
+from tests.helpers import assert_error, bearer, stored_messages, wait_until
 from tests.fake_llm import Script
 from tests.faults import RedisServer
 from tests.sse_client import PING, events_with_ids
@@ -297,3 +300,23 @@ def test_a_resumed_stream_counts_against_the_users_streams(start_service, llm):
         refused = resume(service, "c1")
         assert refused.status_code == 429 and refused.json()["error"]["code"] == "too_many_streams"
         llm.release()
+
+
+@pytest.mark.parametrize("path", ["/chat/run", "/chat/stream"])
+def test_a_turn_after_a_dead_one_whose_journal_cannot_be_read_is_a_503_to_retry(make_pg_app, redis_client,
+                                                                                  monkeypatch, path):
+    """The journal says a dead process left a turn, then Redis fails before it is read: 503 with Retry-After
+    (the dead turn's message must be saved first, to keep the turns in order), and nothing is saved."""
+    app = make_pg_app()
+    redis_client.xadd(journal.KEY.format(scope("alice", "c1")),
+                      {"turn": "0123456789abcdef", "kind": "start", "message": "left by a dead process"})
+
+    def unreadable(name):
+        """Redis failed between the journal's start and its read."""
+        raise JournalUnavailable("ConnectionError")
+
+    monkeypatch.setattr(app.extensions["chat"].journal, "read", unreadable)
+    response = app.test_client().post(path, json={"message": "next", "conversation_id": "c1"}, headers=bearer())
+    assert_error(response, 503, "recovery_unavailable")
+    assert int(response.headers["Retry-After"]) >= 1
+    assert stored_messages("c1") == []
