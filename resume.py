@@ -99,7 +99,7 @@ class Replays:
         try:
             while True:
                 if record.gap:
-                    yield self._cut_short(record, conversation_id, "part of this reply was not kept for resuming")
+                    yield self._cut_short(conversation_id, "part of this reply was not kept for resuming")
                     return
                 for number, text in record.events:
                     if number > sent:
@@ -109,7 +109,7 @@ class Replays:
                     yield sse.frame(f"{record.turn_id}:{record.final[0]}", record.final[1])
                     return
                 if self._stopping.is_set():
-                    yield self._cut_short(record, conversation_id, error=ShuttingDown())
+                    yield self._cut_short(conversation_id, error=ShuttingDown())
                     return
                 entries = self.journal.follow(name, record.last_entry, min(1.0, self.settings.heartbeat))
                 if entries:
@@ -119,10 +119,10 @@ class Replays:
                     last_ping = time.monotonic()
                     yield sse.PING
                 if self.coordination.holder_of(name) is None and not self._saved_or_gone(user, conversation_id, name):
-                    yield self._cut_short(record, conversation_id, "the turn's journal is gone")
+                    yield self._cut_short(conversation_id, "the turn's journal is gone")
                     return
         except (JournalUnavailable, DatabaseUnavailable):
-            yield self._cut_short(record, conversation_id, "the journal or the database became unavailable")
+            yield self._cut_short(conversation_id, "the journal or the database became unavailable")
 
     def _saved_or_gone(self, user, conversation_id, name):
         """Nobody runs the turn (its process died): save it and end its journal; False if the journal went
@@ -131,11 +131,14 @@ class Replays:
         return self.journal.read(name) is not None
 
     @staticmethod
-    def _cut_short(record, conversation_id, why=None, error=None):
-        """A final event saying the replay cannot go on (and where the reply is)."""
+    def _cut_short(conversation_id, why=None, error=None):
+        """A final event saying the replay cannot go on (and where the reply is).
+
+        It has no id: it is not one of the turn's events, and a reader who resumes from the last
+        real one must get the next real one.
+        """
         error = error or ResumeUnavailable(message=f"{why}; read it in /conversations/{conversation_id}")
-        return sse.frame(f"{record.turn_id}:{record.next_number()}",
-                         final_data(conversation_id, "error", final_metrics(), error))
+        return sse.unnumbered(final_data(conversation_id, "error", final_metrics(), error))
 
     def stop_following(self):
         """End every replay of another instance's turn with a final event (the service is shutting down)."""

@@ -23,6 +23,11 @@ def frame(event_id, text):
     return f"id: {event_id}\ndata: {text}\n\n".encode("utf-8")
 
 
+def unnumbered(text):
+    """An event with no id line, for what is not an event of the turn: an SSE client keeps the last id it had."""
+    return f"data: {text}\n\n".encode("utf-8")
+
+
 def chunk_data(content):
     """The `data:` text of the event for one piece of the reply."""
     return data({"content": content, "is_final": False, "metrics": None})

@@ -33,8 +33,13 @@ def paced(delay=0.1, words=WORDS):
 
 def read_events(response, stop_after=None):
     """The (id, payload) events of a stream, pings left out; only the first `stop_after` if given."""
+    return take_events(events_with_ids(response), stop_after)
+
+
+def take_events(received, stop_after=None):
+    """The next (id, payload) events of an iterator of them, pings left out; only `stop_after` of them if given."""
     got = []
-    for event_id, payload in events_with_ids(response):
+    for event_id, payload in received:
         if payload == PING:
             continue
         got.append((event_id, payload))
@@ -60,6 +65,11 @@ def number(event_id):
 def text_of(got):
     """The reply pieced together from events."""
     return "".join(payload["content"] for _, payload in got)
+
+
+def last_id(got):
+    """The Last-Event-ID an SSE client keeps after `got`: the id of the last event that had one."""
+    return [event_id for event_id, _ in got if event_id is not None][-1]
 
 
 def assert_whole_turn(got):
@@ -137,6 +147,28 @@ def test_two_readers_at_once_both_get_every_event(start_service, llm):
         from_direct = read_events(direct)
     assert from_direct == from_tab
     assert_whole_turn(from_direct)
+
+
+def test_a_replay_cut_short_leaves_the_client_its_last_real_event_id(start_service, llm):
+    """Instance two, following instance one's turn, shuts down: its made-up final event has no id, so the
+    client resumes on instance one from the last real event, and misses nothing."""
+    first, second = start_service(**GRACE), start_service(**GRACE, GRACEFUL_TIMEOUT=5)
+    words = [f"w{n} " for n in range(100)]
+    llm.script(paced(0.1, words))  # 10 s: still running when instance two cuts its reader, 2 s after SIGTERM
+    with first.stream("tell me", "c1") as response:
+        got = read_events(response, stop_after=1)
+    with resume(second, "c1", got[-1][0]) as followed:
+        received = events_with_ids(followed)
+        got += take_events(received, stop_after=3)
+        second.process.send_signal(signal.SIGTERM)
+        got += take_events(received)
+    cut_id, cut = got.pop()
+    assert cut["is_final"] and cut["error"]["code"] == "shutting_down", cut
+    assert cut_id is None
+    with resume(first, "c1", last_id(got)) as rest:
+        got += read_events(rest)
+    assert_whole_turn(got)
+    assert text_of(got) == "".join(words)
 
 
 def test_resume_after_the_end_replays_the_missed_events_then_nothing_once_not_retained(start_service, llm):
