@@ -215,7 +215,7 @@ class ChatService:
         if feed.cut_reason is not None:
             upstream.cut()  # stopped while the model was being asked
         if turn.journal_start:
-            self.journal.keep(feed)
+            self.journal.keep(feed, *self._lease_of(turn))
         # Read the model from the moment it answers, while the response to the client starts.
         threading.Thread(target=self._relay_reply, args=(turn, feed, upstream), daemon=True).start()
         return self.reader(feed, 0, wait_for_end=True)

@@ -1,6 +1,8 @@
 """Races and leaks of turns, leases, stream slots and the journal, against the real service."""
 
+import contextlib
 import datetime
+import hashlib
 import os
 import signal
 import time
@@ -16,10 +18,10 @@ from journal import RedisJournal
 from redis_link import RedisLink, scope
 from tests.fake_llm import Script
 from tests.faults import RedisServer
-from tests.helpers import (REDIS_URL, complete, seen_by_model, slow_stream, stored_messages,
+from tests.helpers import (REDIS_URL, complete, lease_key, seen_by_model, slow_stream, stored_messages,
                            wait_until)
 from tests.sse_client import PING, events_with_ids, rest_of
-from tests.test_resume import descendants, read_events, resume
+from tests.test_resume import descendants, read_events, resume, take_events
 
 pytestmark = pytest.mark.slow
 
@@ -110,6 +112,76 @@ def worker_pid(service):
     workers = descendants(service.process.pid)
     assert len(workers) == 1, workers
     return workers[0]
+
+
+@contextlib.contextmanager
+def stalled(service, redis_client, conversation_id):
+    """The service's worker frozen (SIGSTOP) until its turn's lease on the conversation has expired; woken after."""
+    pid = worker_pid(service)
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        assert wait_until(lambda: redis_client.get(lease_key(conversation_id)) is None, timeout=30)
+        yield
+    finally:
+        os.kill(pid, signal.SIGCONT)
+
+
+def test_a_stalled_process_journals_nothing_once_another_saved_its_turn(start_service, llm, redis_client):
+    """Instance one stalls past its lease mid-stream; instance two saves its turn (ending its journal) and runs
+    another; instance one wakes with chunks to journal: none is written, and the next turn is journaled as ever."""
+    first, second = start_service(LEASE_SECONDS=1.5), start_service(LEASE_SECONDS=1.5)
+    llm.script(Script(chunks=[f"w{n} " for n in range(60)], chunk_delay=0.1))  # chunks come in while it stalls
+    with first.stream("stalled turn", "c1") as response:
+        received = events_with_ids(response)
+        stalled_turn = take_events(received, stop_after=1)[0][0].split(":")[0]
+        assert wait_until(lambda: ("events", stalled_turn) in journal_entries(redis_client, "c1"))
+        with stalled(first, redis_client, "c1"):
+            assert second.run("next", "c1").status_code == 200
+        after_recovery = journal_entries(redis_client, "c1")
+        final = take_events(received)[-1][1]
+    assert final.get("error", {}).get("code") == "turn_taken_over", final
+    assert journal_entries(redis_client, "c1") == after_recovery
+    llm.script(Script(chunks=["a fresh ", "turn"]))
+    with second.stream("again", "c1") as response:
+        latest = read_events(response)
+    with resume(first, "c1") as replay:
+        assert read_events(replay) == latest
+
+
+def test_a_journal_lost_mid_turn_is_written_again_with_an_expiry(service, llm, redis_client):
+    """The journal's key goes (evicted, say) while a turn streams: the batch that writes it again gives it an expiry."""
+    key = journal.KEY.format(scope("alice", "c1"))
+    llm.script(Script(chunks=[f"w{n} " for n in range(40)], chunk_delay=0.1))
+    with service.stream("tell me", "c1") as response:
+        received = events_with_ids(response)
+        take_events(received, stop_after=1)
+        assert wait_until(lambda: redis_client.exists(key))
+        redis_client.delete(key)
+        assert wait_until(lambda: redis_client.exists(key))
+        expiry = redis_client.pttl(key)
+        take_events(received)
+    assert expiry > 0
+
+
+def test_a_redis_that_forgot_the_journals_script_mid_turn_is_sent_it_again_and_misses_no_batch(start_service, llm):
+    """Redis forgets its scripts (a restart, SCRIPT FLUSH) while a turn streams: the writer sends the script again
+    within the turn, and the turn replays whole."""
+    private = RedisServer().start()
+    try:
+        service = start_service(REDIS_URL=private.url, STREAM_RESUME_GRACE_SECONDS=20)
+        sha = hashlib.sha1(journal._ADD_EVENTS.encode()).hexdigest()
+        llm.script(Script(chunks=[f"w{n} " for n in range(40)], chunk_delay=0.1))
+        with private.client() as client, service.stream("tell me", "c1") as response:
+            received = events_with_ids(response)
+            got = take_events(received, stop_after=1)
+            assert wait_until(lambda: client.script_exists(sha)[0])
+            client.script_flush()
+            assert wait_until(lambda: client.script_exists(sha)[0])
+            got += take_events(received)
+        with resume(service, "c1") as replay:
+            assert read_events(replay) == got
+    finally:
+        private.close()
 
 
 def test_a_turn_whose_process_stalled_past_its_lease_is_saved_once(start_service, llm, redis_client):
