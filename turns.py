@@ -314,13 +314,19 @@ class ChatService:
             threading.Thread(target=self._wait_for_a_reader, args=(feed,), daemon=True).start()
 
     def _wait_for_a_reader(self, feed):
-        """Cut the feed if no reader, here or on another instance, comes within the grace period."""
+        """Cut the feed once it has had no reader, here or on another instance, for the whole grace period.
+
+        A reader on another instance is seen in Redis while it reads: the grace starts again when it leaves.
+        """
+        read_elsewhere = 0.0
         while not feed.ended and feed.readers == 0 and feed.alone_since is not None:
-            if time.monotonic() - feed.alone_since >= self.settings.grace:
-                if not self.coordination.watched(feed.turn_id):
-                    feed.cut("interrupted")
-                    return
-                feed.alone_since = time.monotonic()  # a reader on another instance: wait on
+            if self.coordination.watched(feed.turn_id):
+                read_elsewhere = time.monotonic()
+            # Checked again after the call to Redis: a reader here may have come meanwhile.
+            elif feed.readers == 0 and feed.alone_since is not None \
+                    and time.monotonic() - max(feed.alone_since, read_elsewhere) >= self.settings.grace:
+                feed.cut("interrupted")
+                return
             time.sleep(ALONE_CHECK_SECONDS)
 
     def _keep_ended(self, feed):

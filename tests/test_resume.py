@@ -211,6 +211,23 @@ def test_with_no_reader_within_the_grace_the_model_is_stopped_and_the_turn_saved
     assert status == "interrupted" and content.startswith(text_of(got)) and content != "".join(WORDS)
 
 
+def test_a_reader_who_leaves_another_instance_gets_a_whole_grace_before_the_turn_is_cut(start_service, llm):
+    """The asking client leaves; a reader on instance two stays past the grace, then leaves too: the model
+    stream stays open for a whole grace after that reader left, then is closed as nobody came back."""
+    grace = 3
+    first, second = (start_service(STREAM_RESUME_GRACE_SECONDS=grace) for _ in range(2))
+    llm.script(paced(0.1, [f"w{n} " for n in range(150)]))  # 15 s: longer than all of it
+    with first.stream("tell me", "c1") as response:
+        got = read_events(response, stop_after=1)
+    with resume(second, "c1", got[-1][0]) as tab:
+        got += read_events(tab, stop_after=50)  # about 5 s, past the grace the asking client left
+    left_at = time.monotonic()
+    assert llm.wait_for_disconnects(1, timeout=20)
+    assert llm.disconnect_times[0] - left_at >= 0.8 * grace
+    assert wait_until(lambda: len(stored_messages("c1", "alice")) == 2)
+    assert stored_messages("c1", "alice")[1][2] == "interrupted"
+
+
 def test_a_reader_who_comes_back_within_the_grace_keeps_the_turn_going_to_complete(start_service, llm):
     """The model keeps going while nobody reads; a reader within the grace gets it to the end."""
     service = start_service(STREAM_RESUME_GRACE_SECONDS=5)
