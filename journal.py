@@ -24,6 +24,8 @@ from typing import Protocol, runtime_checkable
 
 import redis
 
+from redis_link import Pending
+
 log = logging.getLogger(__name__)
 
 KEY = "chat:journal:{}"
@@ -33,23 +35,35 @@ FOLLOW_SECONDS = 1.0
 UNFINISHED_KEEP_SECONDS = 7 * 86400
 MAX_ENTRIES = 100000
 
-# Start a turn's journal, if the caller holds the conversation's lease and the last turn is over
-# (ended, or abandoned). Returns the start entry's id, or why not: 'not-holder', 'unfinished'.
-_START = """
-if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 'not-holder' end
-local last = redis.call('XREVRANGE', KEYS[2], '+', '-', 'COUNT', 1)
-if #last > 0 then
+# Whether the last turn in the journal KEYS[2] is unfinished: its last entry is neither an end nor an abandon.
+_LAST_TURN_UNFINISHED = """
+local function last_turn_unfinished()
+    local last = redis.call('XREVRANGE', KEYS[2], '+', '-', 'COUNT', 1)
+    if #last == 0 then return false end
     local fields = last[1][2]
     for i = 1, #fields, 2 do
-        if fields[i] == 'kind' and fields[i + 1] ~= 'end' and fields[i + 1] ~= 'abandoned' then
-            return 'unfinished'
-        end
+        if fields[i] == 'kind' then return fields[i + 1] ~= 'end' and fields[i + 1] ~= 'abandoned' end
     end
+    return false
 end
+"""
+
+# Start a turn's journal, if the caller holds the conversation's lease (KEYS[1]) and the last turn is over
+# (ended, or abandoned). Returns the start entry's id, or why not: 'not-holder', 'unfinished'.
+_START = _LAST_TURN_UNFINISHED + """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 'not-holder' end
+if last_turn_unfinished() then return 'unfinished' end
 local id = redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[5], '*', 'turn', ARGV[2], 'kind', 'start',
                       'message', ARGV[3])
 redis.call('PEXPIRE', KEYS[2], ARGV[4])
 return id
+"""
+
+# Whether a dead process left the journal's last turn: it is unfinished and nobody holds the lease (KEYS[1]).
+_LEFT_BY_THE_DEAD = _LAST_TURN_UNFINISHED + """
+if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+if last_turn_unfinished() then return 1 end
+return 0
 """
 
 
@@ -142,6 +156,10 @@ class Journal(Protocol):
 
     def abandon(self, name, turn_id, trip):
         """Mark a turn refused before it was accepted: the turn before it is the last again."""
+
+    def left_by_the_dead(self, name, lease_key, trip):
+        """In `trip`: whether the conversation's last turn is unfinished and nobody holds its lease (`lease_key`),
+        so a process that died left it (False if Redis cannot say)."""
 
     def drop(self, names):
         """Forget the journals of conversations that were deleted."""
@@ -268,6 +286,11 @@ class RedisJournal:
         """Mark a turn refused before it was accepted: the turn before it is the last again."""
         trip.add("XADD", KEY.format(name), "*", "turn", turn_id, "kind", "abandoned", otherwise=self._lost)
 
+    def left_by_the_dead(self, name, lease_key, trip):
+        """In `trip`: whether a process that died left the conversation's last turn (False if Redis cannot say)."""
+        return trip.add("EVAL", _LEFT_BY_THE_DEAD, 2, lease_key, KEY.format(name), then=bool,
+                        otherwise=lambda failure: False)
+
     def drop(self, names):
         """Forget the journals of conversations that were deleted (left to expire if Redis is away)."""
         if names:
@@ -311,6 +334,10 @@ class NoJournal:
 
     def abandon(self, name, turn_id, trip):
         """Nothing to mark."""
+
+    def left_by_the_dead(self, name, lease_key, trip):
+        """No turn outlives its process here."""
+        return Pending.done(False)
 
     def drop(self, names):
         """Nothing to forget."""

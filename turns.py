@@ -350,6 +350,20 @@ class ChatService:
         finally:
             taken.value.release()
 
+    def recover_if_left(self, user, conversation_id):
+        """Save the turn a process that died left in the conversation, if there is one (one round trip to find out,
+        only with a shared journal); if Redis fails meanwhile, the history is shown without it."""
+        if not self.journal.shared:
+            return
+        name = scope(user, conversation_id)
+        with self.round_trip() as trip:
+            left = self.journal.left_by_the_dead(name, lease_key(name), trip)
+        if left.value:
+            try:
+                self.recover(user, conversation_id)
+            except JournalUnavailable:
+                log.warning("could not save the turn a stopped process left: its journal is unavailable")
+
     def _recover(self, user, conversation_id, name):
         """Save what the journal holds of an unended turn, once, and end the journal (the caller holds the lease)."""
         record = self.journal.read(name)

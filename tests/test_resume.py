@@ -282,6 +282,30 @@ def test_an_instance_killed_mid_stream_loses_nothing_and_frees_the_conversation_
         {"role": "user", "content": "tell me a long one"}, {"role": "assistant", "content": partial}]
 
 
+@pytest.mark.parametrize("method, body", [("GET", None), ("PATCH", {"title": "renamed"})])
+def test_a_first_turn_whose_instance_died_is_saved_when_the_conversation_is_read_or_renamed(start_service, llm,
+                                                                                           method, body):
+    """SIGKILL mid-stream of a conversation's first turn: reading or renaming the conversation on the other
+    instance saves the journaled turn first (the user message and the partial reply, interrupted), not a 404."""
+    doomed, survivor = start_service(LEASE_SECONDS=2), start_service(LEASE_SECONDS=2)
+    llm.script(paced(0.1))
+    with doomed.stream("tell me a long one", "c1") as response:
+        got = read_events(response, stop_after=10)
+        kill_hard(doomed)
+    answers = []
+    assert wait_until(lambda: answers.append(survivor.request(method, "/conversations/c1", body)) or
+                      answers[-1].status_code == 200, timeout=15, interval=0.5), answers[-1].text
+    kept = stored_messages("c1", "alice")
+    assert [(role, status) for role, _, status in kept] == [("user", "complete"), ("assistant", "interrupted")]
+    assert kept[0][1] == "tell me a long one"
+    assert kept[1][1] and "".join(WORDS).startswith(kept[1][1]) and text_of(got)
+    shown = answers[-1].json()
+    if method == "GET":
+        assert [m["content"] for m in shown["messages"]] == [content for _, content, _ in kept]
+    else:
+        assert (shown["conversation"]["title"], shown["conversation"]["message_count"]) == ("renamed", 2)
+
+
 @pytest.fixture
 def private_redis():
     """A redis-server of this test's own."""
