@@ -283,8 +283,10 @@ class RedisJournal:
         trip.add("PEXPIRE", key, int(self.retain_seconds * 1000), otherwise=self._lost)
 
     def abandon(self, name, turn_id, trip):
-        """Mark a turn refused before it was accepted: the turn before it is the last again."""
-        trip.add("XADD", KEY.format(name), "*", "turn", turn_id, "kind", "abandoned", otherwise=self._lost)
+        """Mark a turn refused before it was accepted: the turn before it is the last again, kept as an ended one."""
+        key = KEY.format(name)
+        trip.add("XADD", key, "*", "turn", turn_id, "kind", "abandoned", otherwise=self._lost)
+        trip.add("PEXPIRE", key, int(self.retain_seconds * 1000), otherwise=self._lost)
 
     def left_by_the_dead(self, name, lease_key, trip):
         """In `trip`: whether a process that died left the conversation's last turn (False if Redis cannot say)."""

@@ -218,6 +218,29 @@ def test_a_refused_turn_leaves_the_last_turn_replayable(service, llm):
         assert read_events(again) == first
 
 
+@pytest.mark.parametrize("refusal, settings", [
+    ("llm_error", {}), ("budget_exceeded", {"TOKEN_BUDGET_PER_DAY": 1}),
+    ("too_many_streams", {"MAX_STREAMS_PER_USER": 1})])
+def test_a_refused_turn_leaves_the_last_turn_kept_only_as_long_as_any_ended_one(start_service, llm, redis_client,
+                                                                               refusal, settings):
+    """After a refused turn the journal expires STREAM_RETAIN_SECONDS after it, as after the turn it leaves last,
+    not in the days an unfinished turn is kept for."""
+    service = start_service(STREAM_RETAIN_SECONDS=300, **settings)
+    key = journal.KEY.format(scope("alice", "c1"))
+    llm.script(Script(chunks=["first ", "reply"]))
+    with service.stream("one", "c1") as response:
+        read_events(response)
+    if refusal == "too_many_streams":
+        with slow_stream(service, llm, "other"):
+            refused = service.stream("two", "c1")
+            llm.release()
+    else:
+        llm.script(Script(status=500))
+        refused = service.stream("two", "c1")
+    assert refused.json()["error"]["code"] == refusal
+    assert 0 < redis_client.pttl(key) <= 300 * 1000
+
+
 def test_prune_skips_a_conversation_a_turn_holds_and_deletes_it_once_free(start_service, llm, redis_client):
     """A conversation busy with a turn is left to the next prune (nothing deleted comes back); once free it goes."""
     service = start_service()
