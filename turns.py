@@ -194,6 +194,8 @@ class ChatService:
             error = self.finish(turn, feed)
         finally:
             turn.release()
+        if not self.journal.shared:
+            self._keep_ended(feed)
         if error is not None:
             raise error
         return turn.reply

@@ -346,22 +346,40 @@ def test_redis_lost_mid_turn_leaves_the_reader_alone_and_resume_answers_503_unti
     assert wait_until(resumes, timeout=20, interval=0.5)
 
 
-def test_on_the_embedded_defaults_a_stream_resumes_within_the_process(start_service, llm, postgres, tmp_path):
-    """SQLite and the in-process cache: drop and resume on the same service."""
+@pytest.fixture
+def embedded_service(start_service, postgres, tmp_path):
+    """The service on the embedded defaults: a SQLite file and the in-process cache, no Redis."""
     url = f"sqlite:///{tmp_path / 'chat.db'}"
     sqlite = models.open_database(url, 1, 5)
     with models.db.connection_context():
         models.create_tables()
     sqlite.close_all()
     models.db.initialize(postgres)
-    service = start_service(DATABASE_URL=url, REDIS_URL="", **GRACE)
+    return start_service(DATABASE_URL=url, REDIS_URL="", **GRACE)
+
+
+def test_on_the_embedded_defaults_a_stream_resumes_within_the_process(embedded_service, llm):
+    """SQLite and the in-process cache: drop and resume on the same service."""
     llm.script(paced(0.05))
-    with service.stream("tell me", "c1") as response:
+    with embedded_service.stream("tell me", "c1") as response:
         got = read_events(response, stop_after=4)
-    with resume(service, "c1", got[-1][0]) as rest:
+    with resume(embedded_service, "c1", got[-1][0]) as rest:
         got += read_events(rest)
     assert_whole_turn(got)
     assert text_of(got) == "".join(WORDS)
+
+
+def test_on_the_embedded_defaults_a_run_turn_is_the_one_resume_replays_after_it(embedded_service, llm):
+    """A streamed turn, then a /chat/run turn: resume replays the run turn (the most recent), not the one before."""
+    llm.script(paced(0, ["streamed ", "reply"]))
+    with embedded_service.stream("one", "c1") as response:
+        read_events(response)
+    llm.script(Script(reply="the run reply"))
+    assert embedded_service.run("two", "c1").status_code == 200
+    with resume(embedded_service, "c1") as replay:
+        got = read_events(replay)
+    assert_whole_turn(got)
+    assert text_of(got) == "the run reply"
 
 
 def test_a_resumed_stream_counts_against_the_users_streams(start_service, llm):
