@@ -38,9 +38,9 @@ class Replays:
             if feed.ended and after >= len(feed.framed):
                 return None
             return self.service.reader(feed, after, release=self._stream_slot(user).release)
-        record = self._record(name)
+        record = self._record(user, conversation_id, name)
         if record is None:
-            if not self._known(user, conversation_id) and self.coordination.holder_of(name) is None:
+            if not self._theirs(user, conversation_id, name):
                 raise NotFound()
             return None
         after = after if after_turn == record.turn_id else 0
@@ -60,14 +60,23 @@ class Replays:
 
         return Body(self._follow(user, conversation_id, name, record, after), leave)
 
-    def _record(self, name):
-        """The journal's Record of the conversation's last turn (None without a shared journal, or none kept)."""
+    def _record(self, user, conversation_id, name):
+        """The journal's Record of the conversation's last turn (None without a shared journal, or none kept).
+
+        While the journal cannot be read: 503, but only for a conversation of the user's (else 404, as ever).
+        """
         if not self.journal.shared:
             return None
         try:
             return self.journal.read(name)
         except JournalUnavailable:
+            if not self._theirs(user, conversation_id, name):
+                raise NotFound() from None
             raise ResumeUnavailable() from None
+
+    def _theirs(self, user, conversation_id, name):
+        """Whether the user has the conversation: in the database, or held by its first turn (not saved yet)."""
+        return self._known(user, conversation_id) or self.coordination.holder_of(name) is not None
 
     @staticmethod
     def _known(user, conversation_id):

@@ -346,6 +346,18 @@ def test_redis_lost_mid_turn_leaves_the_reader_alone_and_resume_answers_503_unti
     assert wait_until(resumes, timeout=20, interval=0.5)
 
 
+def test_while_redis_is_down_resume_is_404_for_a_conversation_the_user_does_not_have(start_service, llm,
+                                                                                     private_redis):
+    """With the journal unreadable, ownership is still checked first: 404 for bob and for an unknown id, and the
+    503 only for alice's own conversation."""
+    service = start_service(REDIS_URL=private_redis.url)
+    assert service.run("hi", "c1").status_code == 200
+    private_redis.stop()
+    assert_error(resume(service, "c1", user="bob"), 404, "not_found")
+    assert_error(resume(service, "never-was"), 404, "not_found")
+    assert_error(resume(service, "c1"), 503, "resume_unavailable")
+
+
 @pytest.fixture
 def embedded_service(start_service, postgres, tmp_path):
     """The service on the embedded defaults: a SQLite file and the in-process cache, no Redis."""
