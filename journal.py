@@ -211,13 +211,13 @@ class RedisJournal:
         """Write the new events of every journaled feed, if its turn still holds its lease, in one round trip."""
         held = []
         trip = self.link.round_trip()
-        for feed, lease in list(self._feeds.items()):
-            if feed.ended:
-                self._feeds.pop(feed, None)
-            elif feed.unjournaled and feed.journal_lock.acquire(blocking=False):
-                held.append(feed)
-                self._add_events(trip, feed, lease)
         try:
+            for feed, lease in list(self._feeds.items()):
+                if feed.ended:
+                    self._feeds.pop(feed, None)
+                elif feed.unjournaled and feed.journal_lock.acquire(blocking=False):
+                    held.append(feed)
+                    self._add_events(trip, feed, lease)
             trip.send()
         finally:
             for feed in held:
@@ -310,10 +310,10 @@ class RedisJournal:
         return last_record(entries)
 
     def follow(self, name, after_entry, wait):
-        """Entries after `after_entry`, waiting up to `wait` seconds (at most FOLLOW_SECONDS) for one."""
+        """Entries after `after_entry`, waiting up to `wait` seconds (1 ms to FOLLOW_SECONDS) for one."""
+        block = max(1, int(min(wait, FOLLOW_SECONDS) * 1000))  # BLOCK 0 would wait for ever
         try:
-            found = self.link.blocking().xread({KEY.format(name): after_entry},
-                                               block=int(min(wait, FOLLOW_SECONDS) * 1000))
+            found = self.link.blocking().xread({KEY.format(name): after_entry}, block=block)
         except redis.RedisError as exc:
             raise JournalUnavailable(type(exc).__name__) from None
         return found[0][1] if found else []

@@ -1,7 +1,11 @@
-"""What a journal's entries say of a turn: the Record replayed and recovered from them (pure Python)."""
+"""A turn's journal: the Record replayed and recovered from its entries (pure Python), and its writer and
+follower against the real Redis."""
 
 import sse
-from journal import Record, last_record
+from journal import Record, RedisJournal, last_record
+from redis_link import RedisLink
+from relay import Feed
+from tests.helpers import wait_until
 from turns import recovered_reply
 
 
@@ -80,3 +84,22 @@ def test_the_recovered_reply_stops_at_the_first_gap():
     record = Record(turn_id="t1")
     record.take(entries(start("t1"), batch("t1", 1, "a ", "b "), batch("t1", 4, "d ")))
     assert recovered_reply(record) == "a b "
+
+
+def test_a_failure_while_a_batch_is_queued_leaves_the_feed_unlocked(redis_url):
+    """A bug while the writer queues a feed's batch must not leave the feed's journal lock held: the turn's end
+    takes it, and would wait for ever."""
+    writer = RedisJournal(RedisLink(redis_url), 300)
+    feed = Feed("0123456789abcdef", "alice:c1", "c1")
+    feed.unjournaled.append((1, None))  # not text: joining the batch fails
+    writer.keep(feed, "chat:turn-lock:alice:c1", "0123456789abcdef stream")
+    assert wait_until(lambda: not feed.unjournaled, timeout=5)  # the writer took the batch, and failed
+    assert feed.journal_lock.acquire(timeout=2)
+    feed.journal_lock.release()
+    feed.end(sse.chunk_data(""))  # the writer lets go of it
+
+
+def test_following_with_a_wait_under_a_millisecond_still_returns(redis_url):
+    """A wait that rounds to 0 ms must not become XREAD BLOCK 0 (for ever): nothing comes, and it says so."""
+    follower = RedisJournal(RedisLink(redis_url), 300)
+    assert follower.follow("alice:nothing-here", "0", 0.0004) == []
