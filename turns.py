@@ -208,19 +208,25 @@ class ChatService:
         turn = self.begin(user, conversation_id, message, record, kind="stream")
         feed = self.feeds[turn.name] = Feed(turn.turn_id, turn.name, conversation_id)  # a stop may come now
         try:
-            upstream = self._asked(turn, self.model.open_stream)
+            upstream = feed.upstream = self._asked(turn, self.model.open_stream)
+            if feed.cut_reason is not None:
+                upstream.cut()  # stopped while the model was being asked
+            if turn.journal_start:
+                self.journal.keep(feed, *self._lease_of(turn))
+            # Read the model from the moment it answers, while the response to the client starts.
+            threading.Thread(target=self._relay_reply, args=(turn, feed, upstream), daemon=True).start()
         except BaseException as exc:
-            self.feeds.pop(turn.name, None)
-            self._refused(turn, exc)
+            self._never_ran(turn, feed, exc)
             raise
-        feed.upstream = upstream
-        if feed.cut_reason is not None:
-            upstream.cut()  # stopped while the model was being asked
-        if turn.journal_start:
-            self.journal.keep(feed, *self._lease_of(turn))
-        # Read the model from the moment it answers, while the response to the client starts.
-        threading.Thread(target=self._relay_reply, args=(turn, feed, upstream), daemon=True).start()
         return self.reader(feed, 0, wait_for_end=True)
+
+    def _never_ran(self, turn, feed, failure):
+        """The model refused the streamed turn, or its runner could not start: let go of all of it."""
+        self.feeds.pop(turn.name, None)
+        feed.ended = True  # the journal's writer lets go of it
+        if feed.upstream is not None:
+            feed.upstream.close()
+        self._refused(turn, failure)
 
     def _relay_reply(self, turn, feed, upstream):
         """The runner: relay the model's chunks into the feed until the reply ends, then keep the turn."""

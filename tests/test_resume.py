@@ -16,7 +16,7 @@ import journal
 import models
 from journal import JournalUnavailable
 from redis_link import scope
-from tests.helpers import assert_error, bearer, stored_messages, wait_until
+from tests.helpers import SLOW_REPLY, assert_error, bearer, stored_messages, wait_until
 from tests.fake_llm import Script
 from tests.faults import RedisServer
 from tests.sse_client import PING, events_with_ids
@@ -304,6 +304,28 @@ def test_a_first_turn_whose_instance_died_is_saved_when_the_conversation_is_read
         assert [m["content"] for m in shown["messages"]] == [content for _, content, _ in kept]
     else:
         assert (shown["conversation"]["title"], shown["conversation"]["message_count"]) == ("renamed", 2)
+
+
+def test_a_stream_whose_runner_cannot_start_lets_the_conversation_go(make_pg_app, llm, monkeypatch):
+    """A failure after the model answered but before the turn's runner started: a 500 in the one shape, the
+    model's stream closed, and the conversation free for the next turn (not held until the lease expires)."""
+    app = make_pg_app()
+    service = app.extensions["chat"]
+
+    def broken(*args):
+        """A bug, as it would show."""
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(service.journal, "keep", broken)
+    llm.script(SLOW_REPLY)
+    client = app.test_client()
+    assert_error(client.post("/chat/stream", json={"message": "one", "conversation_id": "c1"}, headers=bearer()),
+                 500, "internal_error")
+    monkeypatch.undo()
+    assert (service.feeds, llm.wait_for_idle(timeout=5)) == ({}, True)
+    response = client.post("/chat/stream", json={"message": "two", "conversation_id": "c1"}, headers=bearer())
+    assert response.status_code == 200 and b'"is_final": true' in response.get_data()
+    assert [content for _, content, _ in stored_messages("c1")] == ["two", "echo: two"]
 
 
 @pytest.fixture
