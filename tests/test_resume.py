@@ -136,17 +136,23 @@ def test_a_dropped_stream_resumes_on_the_other_instance_with_nothing_missed_or_r
     assert stored_messages("c1", "alice")[1] == ("assistant", "".join(WORDS), "complete")
 
 
-def test_two_readers_at_once_both_get_every_event(start_service, llm):
-    """The asking client and a second tab on another instance see the same events."""
-    first, second = start_service(), start_service()
-    llm.script(paced(0.05))
-    with first.stream("tell me", "c1") as direct:
-        assert direct.status_code == 200
-        with resume(second, "c1") as tab:
-            from_tab = read_events(tab)
-        from_direct = read_events(direct)
-    assert from_direct == from_tab
-    assert_whole_turn(from_direct)
+@pytest.mark.parametrize("where", ["on another instance", "on the same instance"])
+def test_two_readers_at_once_both_get_every_event(start_service, llm, where):
+    """The asking client and a second tab see the same events, both while the turn is live: each has its first
+    chunk before the model sends the rest."""
+    first = start_service(LLM_TIMEOUT_SECONDS=20)
+    second = start_service(LLM_TIMEOUT_SECONDS=20) if where == "on another instance" else first
+    llm.script(Script(chunks=[f"w{n} " for n in range(10)], chunk_delay=30))  # the rest waits for llm.release()
+    with first.stream("tell me", "c1") as direct, resume(second, "c1") as tab:
+        assert (direct.status_code, tab.status_code) == (200, 200)
+        from_direct, from_tab = events_with_ids(direct), events_with_ids(tab)
+        got_direct, got_tab = take_events(from_direct, stop_after=1), take_events(from_tab, stop_after=1)
+        llm.release()
+        got_direct += take_events(from_direct)
+        got_tab += take_events(from_tab)
+    assert got_direct == got_tab
+    assert_whole_turn(got_direct)
+    assert text_of(got_direct) == "".join(f"w{n} " for n in range(10))
 
 
 def test_a_replay_cut_short_leaves_the_client_its_last_real_event_id(start_service, llm):
@@ -200,12 +206,16 @@ def test_resume_refuses_a_last_event_id_it_did_not_make(service):
 
 
 def test_with_no_reader_within_the_grace_the_model_is_stopped_and_the_turn_saved_interrupted(start_service, llm):
-    """The model request is closed once STREAM_RESUME_GRACE_SECONDS pass with no reader."""
-    service = start_service(STREAM_RESUME_GRACE_SECONDS=1)
-    llm.script(paced(0.2))
+    """The model request stays open for STREAM_RESUME_GRACE_SECONDS after the client left, and is closed once
+    they pass with no reader."""
+    grace = 2
+    service = start_service(STREAM_RESUME_GRACE_SECONDS=grace)
+    llm.script(paced(0.2))  # 8 s: longer than the grace
     with service.stream("tell me", "c1") as response:
         got = read_events(response, stop_after=2)
+    left_at = time.monotonic()
     assert llm.wait_for_disconnects(1, timeout=10)
+    assert llm.disconnect_times[0] - left_at >= 0.8 * grace
     assert wait_until(lambda: len(stored_messages("c1", "alice")) == 2, timeout=10)
     role, content, status = stored_messages("c1", "alice")[1]
     assert status == "interrupted" and content.startswith(text_of(got)) and content != "".join(WORDS)
