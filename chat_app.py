@@ -101,7 +101,8 @@ def wire_services(app):
     app.extensions["chat"] = service
     app.extensions["replays"] = Replays(service)
     app.extensions["coordination"] = shared.coordination
-    app.extensions["history"] = History(shared.cache, shared.coordination, shared.round_trip, shared.journal)
+    app.extensions["history"] = History(shared.cache, shared.coordination, shared.round_trip, shared.journal,
+                                        service.recover_if_left)
     app.extensions["health"] = Health(shared.cache, shared.coordination, service.describe_model, meter=meter)
 
 

@@ -103,6 +103,18 @@ class ResumeUnavailable(ApiError):
     message = "the stream cannot be resumed right now (its journal is unavailable); the reply will be in the history"
 
 
+class RecoveryUnavailable(ApiError):
+    """A dead process left the conversation's last turn, and its journal cannot be read to save it before the next."""
+
+    status, code = 503, "recovery_unavailable"
+    message = ("an instance that stopped left this conversation's last turn, and it cannot be saved right now "
+               "(its journal is unavailable); try again shortly")
+
+    def __init__(self):
+        """Retry in a couple of seconds (Redis is tried again after a second)."""
+        super().__init__(headers={"Retry-After": "2"})
+
+
 class NoReplyInProgress(ApiError):
     """/chat/stop for a conversation with no stream running."""
 

@@ -16,12 +16,14 @@ class History:
     Conversation ids are per user: every operation names the user's own.
     """
 
-    def __init__(self, cache, coordination, round_trip=LocalTrip, journal=None):
-        """Wire the history to the cache and the journal (what to drop) and the coordination (leases)."""
+    def __init__(self, cache, coordination, round_trip=LocalTrip, journal=None, recover=None):
+        """Wire the history to the cache and the journal (what to drop), the coordination (leases), and
+        `recover(user, conversation_id)`, which saves a turn a process that died left in a conversation."""
         self.cache = cache
         self.coordination = coordination
         self.round_trip = round_trip
         self.journal = journal or NoJournal()
+        self.recover = recover or (lambda user, conversation_id: None)
 
     def conversations(self, user, limit, after=None):
         """A page of the user's conversations, newest activity first, and the position after it (or None).
@@ -37,7 +39,11 @@ class History:
         return [c.as_json() for c in page], following
 
     def conversation(self, user, conversation_id, limit, after=0):
-        """A conversation, a page of its messages in order, and the position after it (or None)."""
+        """A conversation, a page of its messages in order, and the position after it (or None).
+
+        A turn a process that died left is saved first, so it is there (a conversation's first one included).
+        """
+        self.recover(user, conversation_id)
         with connection():
             conversation = self._owned(user, conversation_id)
             page = Message.page_of(conversation.key, limit + 1, after)
@@ -46,7 +52,11 @@ class History:
         return conversation.as_json(count), [m.as_json() for m in page[:limit]], following
 
     def rename(self, user, conversation_id, title):
-        """Give the user's conversation a new title (checked by the caller); the conversation as shown."""
+        """Give the user's conversation a new title (checked by the caller); the conversation as shown.
+
+        A turn a process that died left is saved first, as for reading it.
+        """
+        self.recover(user, conversation_id)
         with connection():
             conversation = self._owned(user, conversation_id)
             conversation.title = title.strip()

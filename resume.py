@@ -38,9 +38,9 @@ class Replays:
             if feed.ended and after >= len(feed.framed):
                 return None
             return self.service.reader(feed, after, release=self._stream_slot(user).release)
-        record = self._record(name)
+        record = self._record(user, conversation_id, name)
         if record is None:
-            if not self._known(user, conversation_id) and self.coordination.holder_of(name) is None:
+            if not self._theirs(user, conversation_id, name):
                 raise NotFound()
             return None
         after = after if after_turn == record.turn_id else 0
@@ -60,14 +60,23 @@ class Replays:
 
         return Body(self._follow(user, conversation_id, name, record, after), leave)
 
-    def _record(self, name):
-        """The journal's Record of the conversation's last turn (None without a shared journal, or none kept)."""
+    def _record(self, user, conversation_id, name):
+        """The journal's Record of the conversation's last turn (None without a shared journal, or none kept).
+
+        While the journal cannot be read: 503, but only for a conversation of the user's (else 404, as ever).
+        """
         if not self.journal.shared:
             return None
         try:
             return self.journal.read(name)
         except JournalUnavailable:
+            if not self._theirs(user, conversation_id, name):
+                raise NotFound() from None
             raise ResumeUnavailable() from None
+
+    def _theirs(self, user, conversation_id, name):
+        """Whether the user has the conversation: in the database, or held by its first turn (not saved yet)."""
+        return self._known(user, conversation_id) or self.coordination.holder_of(name) is not None
 
     @staticmethod
     def _known(user, conversation_id):
@@ -99,7 +108,7 @@ class Replays:
         try:
             while True:
                 if record.gap:
-                    yield self._cut_short(record, conversation_id, "part of this reply was not kept for resuming")
+                    yield self._cut_short(conversation_id, "part of this reply was not kept for resuming")
                     return
                 for number, text in record.events:
                     if number > sent:
@@ -109,7 +118,7 @@ class Replays:
                     yield sse.frame(f"{record.turn_id}:{record.final[0]}", record.final[1])
                     return
                 if self._stopping.is_set():
-                    yield self._cut_short(record, conversation_id, error=ShuttingDown())
+                    yield self._cut_short(conversation_id, error=ShuttingDown())
                     return
                 entries = self.journal.follow(name, record.last_entry, min(1.0, self.settings.heartbeat))
                 if entries:
@@ -119,10 +128,10 @@ class Replays:
                     last_ping = time.monotonic()
                     yield sse.PING
                 if self.coordination.holder_of(name) is None and not self._saved_or_gone(user, conversation_id, name):
-                    yield self._cut_short(record, conversation_id, "the turn's journal is gone")
+                    yield self._cut_short(conversation_id, "the turn's journal is gone")
                     return
         except (JournalUnavailable, DatabaseUnavailable):
-            yield self._cut_short(record, conversation_id, "the journal or the database became unavailable")
+            yield self._cut_short(conversation_id, "the journal or the database became unavailable")
 
     def _saved_or_gone(self, user, conversation_id, name):
         """Nobody runs the turn (its process died): save it and end its journal; False if the journal went
@@ -131,11 +140,14 @@ class Replays:
         return self.journal.read(name) is not None
 
     @staticmethod
-    def _cut_short(record, conversation_id, why=None, error=None):
-        """A final event saying the replay cannot go on (and where the reply is)."""
+    def _cut_short(conversation_id, why=None, error=None):
+        """A final event saying the replay cannot go on (and where the reply is).
+
+        It has no id: it is not one of the turn's events, and a reader who resumes from the last
+        real one must get the next real one.
+        """
         error = error or ResumeUnavailable(message=f"{why}; read it in /conversations/{conversation_id}")
-        return sse.frame(f"{record.turn_id}:{record.next_number()}",
-                         final_data(conversation_id, "error", final_metrics(), error))
+        return sse.unnumbered(final_data(conversation_id, "error", final_metrics(), error))
 
     def stop_following(self):
         """End every replay of another instance's turn with a final event (the service is shutting down)."""

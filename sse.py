@@ -28,6 +28,11 @@ def frame(event_id, text):
     return f"id: {event_id}\ndata: {text}\n\n".encode("utf-8")
 
 
+def unnumbered(text):
+    """An event with no id line, for what is not an event of the turn: an SSE client keeps the last id it had."""
+    return f"data: {text}\n\n".encode("utf-8")
+
+
 def chunk_data(content):
     """The `data:` text of the event for one piece of the reply: `data()` of it, written out, since it is
     made for every chunk."""

@@ -18,8 +18,8 @@ import cache
 import sse
 from coordination import lease_key, lease_token
 from errors import (ApiError, BudgetExceeded, ContextTooLarge, ConversationBusy, DatabaseDown, EmptyStream,
-                    NoReplyInProgress, NotFound, ShuttingDown, TooManyStreams, TurnTakenOver)
-from journal import NoJournal
+                    NoReplyInProgress, NotFound, RecoveryUnavailable, ShuttingDown, TooManyStreams, TurnTakenOver)
+from journal import JournalUnavailable, NoJournal
 from llm import Reply, estimate_tokens
 from metrics import Meter
 from models import Conversation, DatabaseUnavailable, Message, connection, retried_once, save_turn, utcnow
@@ -194,6 +194,8 @@ class ChatService:
             error = self.finish(turn, feed)
         finally:
             turn.release()
+        if not self.journal.shared:
+            self._keep_ended(feed)
         if error is not None:
             raise error
         return turn.reply
@@ -206,19 +208,25 @@ class ChatService:
         turn = self.begin(user, conversation_id, message, record, kind="stream")
         feed = self.feeds[turn.name] = Feed(turn.turn_id, turn.name, conversation_id)  # a stop may come now
         try:
-            upstream = self._asked(turn, self.model.open_stream)
+            upstream = feed.upstream = self._asked(turn, self.model.open_stream)
+            if feed.cut_reason is not None:
+                upstream.cut()  # stopped while the model was being asked
+            if turn.journal_start:
+                self.journal.keep(feed, *self._lease_of(turn))
+            # Read the model from the moment it answers, while the response to the client starts.
+            threading.Thread(target=self._relay_reply, args=(turn, feed, upstream), daemon=True).start()
         except BaseException as exc:
-            self.feeds.pop(turn.name, None)
-            self._refused(turn, exc)
+            self._never_ran(turn, feed, exc)
             raise
-        feed.upstream = upstream
-        if feed.cut_reason is not None:
-            upstream.cut()  # stopped while the model was being asked
-        if turn.journal_start:
-            self.journal.keep(feed)
-        # Read the model from the moment it answers, while the response to the client starts.
-        threading.Thread(target=self._relay_reply, args=(turn, feed, upstream), daemon=True).start()
         return self.reader(feed, 0, wait_for_end=True)
+
+    def _never_ran(self, turn, feed, failure):
+        """The model refused the streamed turn, or its runner could not start: let go of all of it."""
+        self.feeds.pop(turn.name, None)
+        feed.ended = True  # the journal's writer lets go of it
+        if feed.upstream is not None:
+            feed.upstream.close()
+        self._refused(turn, failure)
 
     def _relay_reply(self, turn, feed, upstream):
         """The runner: relay the model's chunks into the feed until the reply ends, then keep the turn."""
@@ -314,13 +322,19 @@ class ChatService:
             threading.Thread(target=self._wait_for_a_reader, args=(feed,), daemon=True).start()
 
     def _wait_for_a_reader(self, feed):
-        """Cut the feed if no reader, here or on another instance, comes within the grace period."""
+        """Cut the feed once it has had no reader, here or on another instance, for the whole grace period.
+
+        A reader on another instance is seen in Redis while it reads: the grace starts again when it leaves.
+        """
+        read_elsewhere = 0.0
         while not feed.ended and feed.readers == 0 and feed.alone_since is not None:
-            if time.monotonic() - feed.alone_since >= self.settings.grace:
-                if not self.coordination.watched(feed.turn_id):
-                    feed.cut("interrupted")
-                    return
-                feed.alone_since = time.monotonic()  # a reader on another instance: wait on
+            if self.coordination.watched(feed.turn_id):
+                read_elsewhere = time.monotonic()
+            # Checked again after the call to Redis: a reader here may have come meanwhile.
+            elif feed.readers == 0 and feed.alone_since is not None \
+                    and time.monotonic() - max(feed.alone_since, read_elsewhere) >= self.settings.grace:
+                feed.cut("interrupted")
+                return
             time.sleep(ALONE_CHECK_SECONDS)
 
     def _keep_ended(self, feed):
@@ -343,6 +357,20 @@ class ChatService:
             self._recover(user, conversation_id, name)
         finally:
             taken.value.release()
+
+    def recover_if_left(self, user, conversation_id):
+        """Save the turn a process that died left in the conversation, if there is one (one round trip to find out,
+        only with a shared journal); if Redis fails meanwhile, the history is shown without it."""
+        if not self.journal.shared:
+            return
+        name = scope(user, conversation_id)
+        with self.round_trip() as trip:
+            left = self.journal.left_by_the_dead(name, lease_key(name), trip)
+        if left.value:
+            try:
+                self.recover(user, conversation_id)
+            except JournalUnavailable:
+                log.warning("could not save the turn a stopped process left: its journal is unavailable")
 
     def _recover(self, user, conversation_id, name):
         """Save what the journal holds of an unended turn, once, and end the journal (the caller holds the lease)."""
@@ -470,10 +498,13 @@ class ChatService:
 
     def _journal_started(self, turn, started):
         """The journal's id of the turn's start entry, or None if it is not journaled; a turn a dead process
-        left is saved first."""
+        left is saved first (503 if its journal cannot be read: the turns would be kept out of order)."""
         state = started.value if started is not None else None
         if state == "unfinished":
-            self._recover(turn.user, turn.conversation_id, turn.name)
+            try:
+                self._recover(turn.user, turn.conversation_id, turn.name)
+            except JournalUnavailable:
+                raise RecoveryUnavailable() from None
             with self.round_trip() as trip:
                 again = self.journal.start(turn.name, turn.turn_id, turn.message, *self._lease_of(turn), trip)
             state = again.value

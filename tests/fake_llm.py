@@ -504,6 +504,7 @@ class FakeLLM:
         self._queue: collections.deque[Script] = collections.deque()
         self._requests: list[dict] = []
         self._disconnects = 0
+        self._disconnected_at: list[float] = []
         self._active_streams = 0
         self._connections: set[socket.socket] = set()
         self._sleepers: set[_Bell] = set()
@@ -538,6 +539,12 @@ class FakeLLM:
         """Streams the client abandoned before they finished."""
         with self._cond:
             return self._disconnects
+
+    @property
+    def disconnect_times(self) -> list[float]:
+        """When (time.monotonic()) each abandoned stream's client left, in order."""
+        with self._cond:
+            return list(self._disconnected_at)
 
     @property
     def active_streams(self) -> int:
@@ -576,11 +583,12 @@ class FakeLLM:
             self._queue.extend(scripts)
 
     def reset(self) -> None:
-        """Forget queued scripts, recorded requests and the disconnect count."""
+        """Forget queued scripts, recorded requests and the disconnects."""
         with self._cond:
             self._queue.clear()
             self._requests.clear()
             self._disconnects = 0
+            self._disconnected_at.clear()
             self._cond.notify_all()
 
     def release(self) -> None:
@@ -679,6 +687,7 @@ class FakeLLM:
         with self._cond:
             if not self._stopping:
                 self._disconnects += 1
+                self._disconnected_at.append(time.monotonic())
                 self._cond.notify_all()
 
 

@@ -511,6 +511,19 @@ def test_client_closing_mid_stream_counts_a_disconnect(llm, raw):
     assert llm.wait_for_idle(timeout=3)
 
 
+def test_the_fake_notes_when_a_client_left_its_stream(llm, raw):
+    llm.script(Script(silence_after=0))
+    raw.send_chat(chat(stream=True))
+    raw.read_head()
+    raw.read_chunk()
+    before = time.monotonic()
+
+    raw.close()
+
+    assert llm.wait_for_disconnects(1, timeout=3)
+    assert before <= llm.disconnect_times[0] <= time.monotonic()
+
+
 def test_disconnect_is_noticed_while_silent_without_release(llm, raw):
     llm.script(Script(silence_after=0))
     raw.send_chat(chat(stream=True))
@@ -549,7 +562,7 @@ def test_reset_forgets_scripts_requests_and_disconnects(llm, raw):
 
     llm.reset()
 
-    assert (llm.requests, llm.disconnects) == ([], 0)
+    assert (llm.requests, llm.disconnects, llm.disconnect_times) == ([], 0, [])
     assert post(llm, chat()).json()["choices"][0]["message"]["content"] == "echo: hi there"
 
 
