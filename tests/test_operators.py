@@ -4,15 +4,18 @@ import csv
 import datetime
 import io
 import json
+import math
 import re
+import threading
 
 import pytest
 import requests
 
+import coordination
 import models
 from tests.fake_llm import Script
-from tests.helpers import assert_error, bearer, wait_until
-from tests.sse_client import data_events
+from tests.helpers import assert_error, bearer, slow_stream, wait_until
+from tests.sse_client import data_events, rest_of
 
 TODAY = datetime.datetime.now(datetime.timezone.utc).date()
 
@@ -139,12 +142,64 @@ def test_a_turn_begun_within_the_budget_finishes(start_service, llm):
     assert_error(service.run("again", "c2"), 429, "budget_exceeded")
 
 
-def test_the_budget_is_shared_by_every_instance(start_service, llm):
-    """Tokens spent through one instance count on another (Redis holds the count)."""
-    first, second = start_service(TOKEN_BUDGET_PER_DAY=50), start_service(TOKEN_BUDGET_PER_DAY=50)
-    llm.script(Script(reply="word " * 60))
+def spent_key(user="alice"):
+    """The Redis key of the user's count of today's tokens."""
+    return coordination.SPENT_KEY.format(user, TODAY.isoformat())
+
+
+def database_spent(user="alice"):
+    """The tokens the database's kept turns say the user spent today."""
+    midnight = datetime.datetime.combine(TODAY, datetime.time())
+    with models.db.connection_context():
+        return models.Message.spent(user, midnight, midnight + datetime.timedelta(days=1))
+
+
+def test_the_budget_is_shared_by_every_instance(start_service, llm, redis_client):
+    """Both instances add to one count in Redis, and refuse by it even when the database has forgotten the turns."""
+    first, second = start_service(TOKEN_BUDGET_PER_DAY=40), start_service(TOKEN_BUDGET_PER_DAY=40)
+    llm.script(Script(reply="word " * 20), Script(reply="word " * 20))
     assert first.run("hi", "c1").status_code == 200
-    assert_error(second.run("hi", "c2"), 429, "budget_exceeded")
+    assert second.run("hi", "c2").status_code == 200
+    assert int(redis_client.get(spent_key())) == database_spent() == 2 * (1 + 20)
+    with models.db.connection_context():
+        models.Message.delete().execute()  # only the count in Redis remembers the 42 tokens now
+    assert_error(first.run("hi", "c3"), 429, "budget_exceeded")
+    assert_error(second.run("hi", "c4"), 429, "budget_exceeded")
+
+
+def redis_round_trips(app, message, conversation_id):
+    """How many round trips to Redis a /chat/run turn of `message` makes (the request's own, not the keeper's)."""
+    link = app.extensions["coordination"].link
+    made = []
+    call = link.call
+
+    def counted(operation, *args, **kwargs):
+        """Count the request thread's round trips."""
+        if threading.current_thread() is threading.main_thread():
+            made.append(operation)
+        return call(operation, *args, **kwargs)
+
+    link.call = counted
+    try:
+        response = app.test_client().post("/chat/run", json={"message": message, "conversation_id": conversation_id},
+                                          headers=bearer())
+    finally:
+        del link.call
+    assert response.status_code == 200, response.get_json()
+    return len(made)
+
+
+def test_the_budget_adds_no_round_trip_to_a_turn(make_pg_app, llm, redis_client):
+    """With a budget, a turn (once the day's count is there) makes as many round trips to Redis as without one."""
+    without = make_pg_app()
+    redis_round_trips(without, "first", "c0")
+    unbudgeted = redis_round_trips(without, "hi", "c1")
+    redis_client.flushdb()
+    budgeted = make_pg_app(TOKEN_BUDGET_PER_DAY=1000)
+    redis_round_trips(budgeted, "first", "c0")
+    counted_before = int(redis_client.get(spent_key()))
+    assert redis_round_trips(budgeted, "hi", "c1") == unbudgeted
+    assert int(redis_client.get(spent_key())) > counted_before
 
 
 def test_a_count_redis_lost_is_rebuilt_from_the_database(budgeted, llm, redis_client):
@@ -154,7 +209,37 @@ def test_a_count_redis_lost_is_rebuilt_from_the_database(budgeted, llm, redis_cl
     assert_error(budgeted.test_client().post("/chat/run", json={"message": "hi", "conversation_id": "c1"},
                                              headers=bearer()), 429, "budget_exceeded")
     assert llm.requests == []
-    assert int(redis_client.get(f"chat:spent:alice:{TODAY.isoformat()}")) == 110
+    assert int(redis_client.get(spent_key())) == 110
+
+
+def test_a_count_lost_while_a_turn_runs_is_not_made_again_from_that_turn_alone(start_service, llm, redis_client):
+    """Redis loses the count while a turn streams on one instance: the turn's end does not start a count of its own
+    tokens, so the next turn, on another instance, counts from the database and is refused."""
+    first, second = start_service(TOKEN_BUDGET_PER_DAY=100), start_service(TOKEN_BUDGET_PER_DAY=100)
+    turn_on(TODAY, "alice", "earlier", "m", 80, 18)
+    with slow_stream(first, llm, "c1") as received:
+        assert int(redis_client.get(spent_key())) == 98
+        redis_client.delete(spent_key())
+        llm.release()
+        assert "error" not in rest_of(received)[-1]
+    assert database_spent() > 100 - 1
+    assert redis_client.get(spent_key()) is None
+    assert_error(second.run("hi", "c2"), 429, "budget_exceeded")
+    assert int(redis_client.get(spent_key())) == database_spent()
+
+
+def test_a_count_is_built_again_from_the_database_a_while_after_it_was(budgeted, llm, redis_client, monkeypatch):
+    """Tokens the count missed (Redis was unreachable when a turn ended) count again once the count expires:
+    it lives SPENT_RECOUNT_SECONDS from when it was built, however many turns add to it."""
+    monkeypatch.setattr(coordination, "SPENT_RECOUNT_SECONDS", 1)
+    client = budgeted.test_client()
+    assert client.post("/chat/run", json={"message": "hi", "conversation_id": "c1"}, headers=bearer()).status_code == 200
+    assert 0 < redis_client.pttl(spent_key()) <= 1000
+    turn_on(TODAY, "alice", "missed", "m", 80, 30)  # saved while Redis was away: the count never heard of it
+    assert wait_until(lambda: redis_client.exists(spent_key()) == 0, timeout=10)
+    assert_error(client.post("/chat/run", json={"message": "hi", "conversation_id": "c2"}, headers=bearer()),
+                 429, "budget_exceeded")
+    assert int(redis_client.get(spent_key())) == database_spent()
 
 
 def test_without_a_budget_nothing_is_counted(pg_client, llm, redis_client):
