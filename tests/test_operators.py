@@ -14,7 +14,8 @@ import requests
 import coordination
 import models
 from tests.fake_llm import Script
-from tests.helpers import assert_error, bearer, slow_stream, wait_until
+from tests.helpers import assert_error, bearer, message_rows, slow_stream, wait_until
+from tests.test_resume import kill_hard, read_events
 from tests.sse_client import data_events, rest_of
 
 TODAY = datetime.datetime.now(datetime.timezone.utc).date()
@@ -80,6 +81,19 @@ def test_a_turn_records_its_model_and_whether_its_counts_are_the_models(pg_clien
     assert {(d["model"], d["estimated_turns"]) for d in days} == {("served-model", 0), ("fake-model", 1)}
 
 
+@pytest.mark.parametrize("usage", [{"completion_tokens": 3}, {"prompt_tokens": 0, "completion_tokens": 3}],
+                         ids=["no-prompt-tokens", "zero-prompt-tokens"])
+def test_counts_are_the_models_only_if_it_reported_both(pg_client, llm, usage):
+    """A model that reports its completion tokens but not its prompt's: the prompt is estimated, so the turn is too."""
+    llm.script(Script(reply="one two three", usage_value=usage))
+    with pg_client.post("/chat/stream", json={"message": "hi", "conversation_id": "c1"}, headers=bearer()) as stream:
+        final = [json.loads(line[6:]) for line in stream.get_data(as_text=True).splitlines()
+                 if line.startswith("data: ")][-1]
+    assert (final["metrics"]["completion_tokens"], final["metrics"]["token_source"]) == (3, "estimate")
+    [day] = pg_client.get("/usage", headers=bearer()).get_json()["days"]
+    assert day["estimated_turns"] == 1
+
+
 def usage_cli(app, *args):
     """Run `flask usage ARGS`; the click result."""
     return app.test_cli_runner().invoke(args=["usage", *args])
@@ -130,6 +144,35 @@ def test_past_the_budget_a_turn_is_429_before_the_model_is_asked(budgeted, llm, 
     assert len(llm.requests) == asked
     assert client.post("/chat/run", json={"message": "hi", "conversation_id": "c9"},
                        headers=bearer("bob")).status_code == 200
+
+
+def test_budget_retry_after_is_never_before_midnight(budgeted, llm):
+    """Retry-After counts whole seconds up to midnight UTC, rounded up: a client that waits it is never early."""
+    turn_on(TODAY, "alice", "earlier", "m", 80, 30)
+    asked_at = datetime.datetime.now(datetime.timezone.utc)
+    refused = budgeted.test_client().post("/chat/run", json={"message": "hi", "conversation_id": "c1"},
+                                          headers=bearer())
+    answered_at = datetime.datetime.now(datetime.timezone.utc)
+    assert_error(refused, 429, "budget_exceeded")
+    midnight = datetime.datetime.combine(TODAY + datetime.timedelta(days=1), datetime.time(),
+                                         tzinfo=datetime.timezone.utc)
+    retry_after = int(refused.headers["Retry-After"])
+    assert (midnight - answered_at).total_seconds() <= retry_after <= math.ceil((midnight - asked_at).total_seconds())
+
+
+def test_a_turn_saved_after_its_process_died_counts_as_the_database_counts_it(start_service, llm, redis_client):
+    """A turn whose instance was killed is saved by the next one with its reply's estimate, and the count in
+    Redis adds what the database's sum adds for it (its reply; the prompt was never known)."""
+    settings = {"TOKEN_BUDGET_PER_DAY": 100000, "LEASE_SECONDS": 2}
+    doomed, survivor = start_service(**settings), start_service(**settings)
+    llm.script(Script(chunks=[f"word{n} " for n in range(40)], chunk_delay=0.1))
+    with doomed.stream("tell me a long one, please, with many words", "c1") as response:
+        assert len(read_events(response, stop_after=10)) == 10
+        kill_hard(doomed)
+    llm.script(*[Script(reply="still here") for _ in range(100)])
+    assert wait_until(lambda: survivor.run("are you there?", "c1").status_code == 200, timeout=20, interval=0.5)
+    assert [m["status"] for m in message_rows("c1")] == ["complete", "interrupted", "complete", "complete"]
+    assert int(redis_client.get(spent_key())) == database_spent()
 
 
 def test_a_turn_begun_within_the_budget_finishes(start_service, llm):
