@@ -15,6 +15,8 @@ import coordination
 import models
 from tests.fake_llm import Script
 from tests.helpers import assert_error, bearer, message_rows, slow_stream, wait_until
+from tests.test_faults_database import pg_proxy, through  # noqa: F401 - pg_proxy is a fixture
+from tests.test_operations import lines_for
 from tests.test_resume import kill_hard, read_events
 from tests.sse_client import data_events, rest_of
 
@@ -293,10 +295,51 @@ def test_without_a_budget_nothing_is_counted(pg_client, llm, redis_client):
 
 # Metrics
 
-def scrape(service, token=None):
-    """GET /metrics; the response."""
+def scrape(service, token=None, worker=None):
+    """GET /metrics (on the `worker` session's connection, if given); the response."""
     headers = {"Authorization": f"Bearer {token}"} if token else {}
+    if worker is not None:
+        return worker.get(service.url + "/metrics", headers=headers, timeout=10)
     return requests.get(service.url + "/metrics", headers={**headers, "Connection": "close"}, timeout=10)
+
+
+def worker_of(service, request_id):
+    """The pid of the worker that answered the request of `request_id` (its request-log line says)."""
+    assert wait_until(lambda: lines_for(service, request_id), timeout=10)
+    return lines_for(service, request_id)[0]["pid"]
+
+
+@pytest.fixture
+def workers():
+    """Sessions that each keep one connection to one worker of a service: `workers(service, n)` gives n,
+    each on another worker, so a test chooses which worker answers."""
+    opened = []
+
+    def one_on_each(service, count=2):
+        """`count` sessions, each answered by a worker of its own."""
+        found = {}
+        for attempt in range(200):
+            session = requests.Session()
+            opened.append(session)
+            request_id = f"which-worker-{attempt}"
+            assert session.get(service.url + "/status", headers={"X-Request-Id": request_id},
+                               timeout=10).status_code == 200
+            found.setdefault(worker_of(service, request_id), session)
+            if len(found) == count:
+                return list(found.values())
+        raise AssertionError(f"fewer than {count} workers answered 200 connections")
+
+    yield one_on_each
+    for session in opened:
+        session.close()
+
+
+def turn_on_worker(worker, service, path, message, conversation_id):
+    """A whole turn on `path` ("/chat/run" or "/chat/stream") on the worker's connection; the response."""
+    response = worker.post(service.url + path, json={"message": message, "conversation_id": conversation_id},
+                           headers=bearer(), timeout=30)
+    response.content  # noqa: B018 - read it all, so the turn is over when this returns
+    return response
 
 
 def sample(text, name, **labels):
@@ -313,16 +356,16 @@ def sample(text, name, **labels):
     return None
 
 
-def test_metrics_count_requests_turns_tokens_and_errors_over_two_workers(start_service, llm):
+def test_metrics_count_requests_turns_tokens_and_errors_over_two_workers(start_service, llm, workers):
     """Requests by route and status, turns by outcome, first tokens and durations, tokens by model and model
-    errors, summed over both workers; no user id or message text in them."""
+    errors, summed over both workers (each ran turns); no user id or message text in them."""
     service = start_service(workers=2)
+    first, second = workers(service, 2)
     llm.script(Script(reply="three word reply", model="m-1"), Script(chunks=["a ", "b"], model="m-1"),
                Script(status=500))
-    assert service.run("secret message text", "c1").status_code == 200
-    with service.stream("secret message text", "c1") as response:
-        data_events(response)
-    assert service.run("secret message text", "c1").status_code == 502
+    assert turn_on_worker(first, service, "/chat/run", "secret message text", "c1").status_code == 200
+    assert turn_on_worker(second, service, "/chat/stream", "secret message text", "c1").status_code == 200
+    assert turn_on_worker(second, service, "/chat/run", "secret message text", "c1").status_code == 502
     text = ""
 
     def counted():
@@ -342,6 +385,19 @@ def test_metrics_count_requests_turns_tokens_and_errors_over_two_workers(start_s
     assert sample(text, "chat_turn_duration_seconds_count", kind="run") == 2
     assert sample(text, "chat_part_up", part="database") == 1 and sample(text, "chat_part_up", part="cache") == 1
     assert "secret message text" not in text and "alice" not in text and "c1" not in text
+
+
+def test_an_outage_shows_as_0_whichever_worker_says_it(start_service, pg_proxy, workers):
+    """A part that goes down is 0 as soon as the worker scraped sees it, though the other worker last saw it up."""
+    service = start_service(workers=2, DATABASE_URL=through(pg_proxy))
+    first, second = workers(service, 2)
+    for worker in (first, second):
+        assert sample(scrape(service, worker=worker).text, "chat_part_up", part="database") == 1
+    pg_proxy.stop()
+    assert wait_until(lambda: sample(scrape(service, worker=first).text, "chat_part_up", part="database") == 0,
+                      timeout=10)
+    assert wait_until(lambda: sample(scrape(service, worker=second).text, "chat_part_up", part="database") == 0,
+                      timeout=10)
 
 
 def test_open_streams_are_a_live_gauge(start_service, llm):
