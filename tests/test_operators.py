@@ -6,6 +6,7 @@ import io
 import json
 import math
 import re
+import signal
 import threading
 
 import pytest
@@ -278,7 +279,8 @@ def test_a_count_is_built_again_from_the_database_a_while_after_it_was(budgeted,
     it lives SPENT_RECOUNT_SECONDS from when it was built, however many turns add to it."""
     monkeypatch.setattr(coordination, "SPENT_RECOUNT_SECONDS", 1)
     client = budgeted.test_client()
-    assert client.post("/chat/run", json={"message": "hi", "conversation_id": "c1"}, headers=bearer()).status_code == 200
+    answered = client.post("/chat/run", json={"message": "hi", "conversation_id": "c1"}, headers=bearer())
+    assert answered.status_code == 200
     assert 0 < redis_client.pttl(spent_key()) <= 1000
     turn_on(TODAY, "alice", "missed", "m", 80, 30)  # saved while Redis was away: the count never heard of it
     assert wait_until(lambda: redis_client.exists(spent_key()) == 0, timeout=10)
@@ -427,7 +429,7 @@ def test_metrics_can_be_turned_off(start_service):
     assert_error(scrape(start_service(METRICS="off")), 404, "not_found")
 
 
-def test_the_metrics_folder_is_cleaned_when_gunicorn_starts_and_exits(start_service, tmp_path):
+def test_a_named_metrics_folder_is_emptied_when_gunicorn_starts_and_kept_when_it_exits(start_service, tmp_path):
     """A named PROMETHEUS_MULTIPROC_DIR is emptied at start (no counts from a previous run) and kept."""
     folder = tmp_path / "metrics"
     folder.mkdir()
@@ -435,3 +437,27 @@ def test_the_metrics_folder_is_cleaned_when_gunicorn_starts_and_exits(start_serv
     service = start_service(PROMETHEUS_MULTIPROC_DIR=str(folder))
     assert not (folder / "counter_1.db").exists()
     assert scrape(service).status_code == 200
+    assert list(folder.glob("*.db"))
+    service.stop()
+    assert service.process.returncode == 0
+    assert list(folder.glob("*.db"))
+
+
+@pytest.mark.parametrize("reloaded", [False, True], ids=["run", "reloaded-by-sighup"])
+def test_gunicorn_makes_a_metrics_folder_and_removes_it_when_it_exits(start_service, tmp_path, reloaded):
+    """Without PROMETHEUS_MULTIPROC_DIR gunicorn makes a temporary folder the workers write to, and removes it
+    at exit, also after SIGHUP (which reads gunicorn.conf.py again) replaced the workers."""
+    temporary = tmp_path / "tmp"
+    temporary.mkdir()
+    service = start_service(TMPDIR=str(temporary))
+    [folder] = temporary.glob("chat-metrics-*")
+    assert scrape(service).status_code == 200
+    assert list(folder.glob("*.db"))
+    if reloaded:
+        service.process.send_signal(signal.SIGHUP)
+        assert wait_until(lambda: service.output().count("Booting worker") == 2, timeout=20)
+        assert wait_until(lambda: scrape(service).status_code == 200, timeout=20)
+        assert list(temporary.glob("chat-metrics-*")) == [folder]
+    service.stop()
+    assert service.process.returncode == 0
+    assert list(temporary.iterdir()) == []
