@@ -70,6 +70,17 @@ def test_usage_refuses_dates_it_cannot_read(pg_client, query):
     assert_error(pg_client.get(f"/usage?{query}", headers=bearer()), 400, "invalid_request")
 
 
+@pytest.mark.parametrize("since, until", [("0001-01-01", "0001-01-01"), ("9999-12-31", "9999-12-31"),
+                                          ("9999-01-01", "9999-12-31"), ("0001-01-01", "0001-12-31")])
+def test_usage_answers_for_the_first_and_last_days_a_date_can_name(client, since, until):
+    """The edges of the calendar are days like any other: no turns on them, and no error."""
+    response = client.get(f"/usage?since={since}&until={until}", headers=bearer())
+    assert response.status_code == 200, response.get_data(as_text=True)
+    assert response.get_json() == {"since": since, "until": until, "days": [],
+                                   "total": {"turns": 0, "prompt_tokens": 0, "completion_tokens": 0,
+                                             "estimated_turns": 0}}
+
+
 def test_usage_needs_a_token(pg_client):
     """GET /usage without a token is 401."""
     assert_error(pg_client.get("/usage"), 401, "unauthorized")
