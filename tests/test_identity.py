@@ -240,6 +240,15 @@ def test_a_user_claim_other_than_sub_names_the_user(make_idp_app, keys):
     assert stored_conversation(conversation_id, owner="00u1f9x7") is None
 
 
+def test_status_names_the_user_the_user_claim_names(make_idp_app, keys):
+    """/status with a token says who the caller is by JWT_USER_CLAIM (the page greets them with it); without, nobody."""
+    client = make_idp_app(JWT_USER_CLAIM="email").test_client()
+    signed = keys["rsa"].token(sub="00u1f9x7", email="alice@example.com")
+    assert client.get("/status", headers={"Authorization": f"Bearer {signed}"}).get_json()["user"] == \
+        "alice@example.com"
+    assert "user" not in client.get("/status").get_json()
+
+
 @pytest.mark.parametrize("email", [None, "", 42, "x" * 256, "a\x00b"],
                          ids=["missing", "empty", "number", "too-long", "nul"])
 def test_a_token_without_a_usable_user_claim_gets_401(make_idp_app, keys, email):
