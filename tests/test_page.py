@@ -268,6 +268,7 @@ def test_a_reload_before_the_model_answered_gets_a_new_chats_reply_from_its_star
     expect(chat.reply).to_have_text(full)
     expect(chat.reply_error).to_be_hidden()
     expect(chat.user_messages).to_have_text(["a reply the model holds back"])
+    expect(chat.page.locator("#messages .notice")).to_have_count(0)
     [conversation] = chat.stored_conversations()
     assert [m["content"] for m in chat.stored_messages(conversation["id"])] == ["a reply the model holds back", full]
     assert resumed.value.url.endswith(f"/chat/stream/{conversation['id']}")
@@ -296,6 +297,7 @@ def test_a_stream_that_breaks_before_its_first_event_is_picked_up_from_its_start
         expect(chat.reply).to_have_text(full)
         expect(chat.reply_error).to_be_hidden()
         expect(chat.replies).to_have_count(1)
+        expect(chat.page.locator("#messages .notice")).to_have_count(0)
     finally:
         proxy.stop()
 

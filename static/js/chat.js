@@ -380,8 +380,10 @@ export class ChatView {
     if (turn.unconfirmed) await this.confirm(turn);
   }
 
-  /** A reply followed without knowing its turn at first: if the history's last turn is not its message's, the
-   * reply shown was another turn's, so the history is shown instead. */
+  /**
+   * A reply followed without knowing its turn at first: if the history's last turn is not its
+   * message's, the reply shown was another turn's, so the history is shown instead.
+   */
   async confirm(turn) {
     let history;
     try {
