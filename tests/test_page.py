@@ -308,11 +308,13 @@ def test_events_of_another_turn_start_the_reply_again(chat, expect):
     expect(chat.page.locator("#sign-in")).to_be_visible()
     taken = chat.page.evaluate("""async () => {
       const { takeEvents } = await import("/static/js/chat.js");
-      const event = (id, content, final = false) => ({ lastEventId: id, data: JSON.stringify({ content, is_final: final }) });
+      const event = (id, content, final = false) =>
+        ({ lastEventId: id, data: JSON.stringify({ content, is_final: final }) });
       const same = { text: "saved ", lastEventId: "aaaa:2" };
       const sameFinal = takeEvents(same, [event("aaaa:3", "and more")]);
       const other = { text: "saved ", lastEventId: "aaaa:2" };
-      const otherFinal = takeEvents(other, [event("bbbb:1", "another "), event("bbbb:2", "turn"), event("bbbb:3", "", true)]);
+      const otherFinal = takeEvents(other,
+        [event("bbbb:1", "another "), event("bbbb:2", "turn"), event("bbbb:3", "", true)]);
       const fresh = { text: "", lastEventId: null };
       takeEvents(fresh, [event("cccc:1", "first")]);
       return [[same.text, same.lastEventId, Boolean(same.unconfirmed), sameFinal],
