@@ -368,12 +368,13 @@ def encodable(text):
 
 @status.get("/status")
 def service_status():
-    """Say whether the service and its parts are up; with a valid token, how they are, in detail."""
+    """Say whether the service and its parts are up; with a valid token, how they are, in detail, and who asks."""
     report = services("health").report()
-    if auth.optional_user() is None:
+    user = auth.optional_user()
+    if user is None:
         return jsonify(status=report["status"], database={"state": report["database"]["state"]},
                        cache={"state": report["cache"]["state"]})
-    response = jsonify(status=report["status"], version=VERSION, database=report["database"],
+    response = jsonify(status=report["status"], user=user, version=VERSION, database=report["database"],
                        cache=report["cache"], model=report["model"])
     return private_headers(response)
 

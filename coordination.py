@@ -29,7 +29,9 @@ STREAMS_KEY = "chat:streams:{}"
 WATCHERS_KEY = "chat:watchers:{}"
 RATE_KEY = "chat:rate:{}:{}"
 SPENT_KEY = "chat:spent:{}:{}"
-SPENT_KEEP_SECONDS = 2 * 86400
+# A day's count lives this long from when it was built from the database, whatever is added to it:
+# what it missed (turns that ended while Redis was unreachable) counts again within this time.
+SPENT_RECOUNT_SECONDS = 600
 # Pub/sub channels are one namespace for every database of a Redis server: the channel names the
 # database, so two deployments on one server (databases 0 and 1, say) never stop each other's turns.
 STOP_CHANNEL = "chat:stop:{}"
@@ -45,6 +47,15 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then
     return redis.call('DEL', KEYS[1])
 end
 return 0
+"""
+
+# Add to a day's count only if it is there: a count Redis lost is built again from the database by
+# the next turn's begin, never started from one turn's tokens. INCRBY keeps the key's expiry.
+_ADD_IF_COUNTED = """
+if redis.call('EXISTS', KEYS[1]) == 1 then
+    return redis.call('INCRBY', KEYS[1], ARGV[1])
+end
+return nil
 """
 
 # Extend a lock only if it still holds the token of the turn that took it.
@@ -107,10 +118,13 @@ class Coordination(Protocol):
         """The tokens the user spent on `day` (a date), as counted here; None if not counted (a new day, or lost)."""
 
     def count_spent(self, user, day, tokens):
-        """Start the day's count from `tokens` (the database's sum) unless another process already did; the count."""
+        """Start the day's count from `tokens` (the database's sum) unless another process already did; the count.
+
+        In Redis the count lives SPENT_RECOUNT_SECONDS, then the next turn builds it again.
+        """
 
     def spend(self, user, day, tokens, trip):
-        """Add `tokens` to the user's count for `day`."""
+        """Add `tokens` to the user's count for `day`, if it is counted (else the database's sum counts them)."""
 
 
 def lease_key(name):
@@ -329,17 +343,16 @@ class RedisCoordination:
         """Start the day's count from `tokens` unless another process already did; the count."""
         key = SPENT_KEY.format(quote(user, safe=""), day.isoformat())
         trip = self.link.round_trip()
-        trip.add("SET", key, tokens, "NX", "EX", SPENT_KEEP_SECONDS)
+        trip.add("SET", key, tokens, "NX", "EX", SPENT_RECOUNT_SECONDS)
         counted = trip.add("GET", key, then=lambda reply: tokens if reply is None else int(reply),
                            otherwise=lambda failure: tokens)
         trip.send()
         return counted.value
 
     def spend(self, user, day, tokens, trip):
-        """Add `tokens` to the user's count for `day` (a count Redis missed is rebuilt from the database)."""
+        """Add `tokens` to the user's count for `day` if Redis has it (one it lost is rebuilt from the database)."""
         key = SPENT_KEY.format(quote(user, safe=""), day.isoformat())
-        trip.add("INCRBY", key, tokens, otherwise=lambda failure: None)
-        trip.add("EXPIRE", key, SPENT_KEEP_SECONDS, otherwise=lambda failure: None)
+        trip.add("EVAL", _ADD_IF_COUNTED, 1, key, tokens, otherwise=lambda failure: None)
 
 
 def _receive_stops(listener, channel, on_stop):
@@ -508,9 +521,10 @@ class MemoryCoordination:
             return self._spent.setdefault((user, day), tokens)
 
     def spend(self, user, day, tokens, trip=None):
-        """Add `tokens` to the user's count for `day`."""
+        """Add `tokens` to the user's count for `day`, if it is counted (else the database's sum counts them)."""
         with self._mutex:
-            self._spent[(user, day)] = self._spent.get((user, day), 0) + tokens
+            if (user, day) in self._spent:
+                self._spent[(user, day)] += tokens
 
 
 class MemoryHeld:

@@ -1,6 +1,7 @@
 """The one shape of every error the API returns, and the kinds of error with a fixed meaning."""
 
 import datetime
+import math
 
 
 class ApiError(Exception):
@@ -80,7 +81,7 @@ class BudgetExceeded(ApiError):
         midnight = (now + datetime.timedelta(days=1)).replace(hour=0, minute=0, second=0, microsecond=0)
         super().__init__(message=f"the daily budget of {budget} tokens is spent; it resets at "
                                  f"{midnight.strftime('%Y-%m-%dT%H:%M:%SZ')}",
-                         headers={"Retry-After": str(max(1, int((midnight - now).total_seconds())))})
+                         headers={"Retry-After": str(max(1, math.ceil((midnight - now).total_seconds())))})
 
 
 class ContextTooLarge(ApiError):

@@ -27,9 +27,15 @@ control_socket_disable = True
 # prometheus_client's multiprocess mode: every worker writes its metrics to files in one folder, and
 # GET /metrics sums them. The folder is made here, before any worker imports prometheus_client,
 # emptied when gunicorn starts, and removed when it exits (unless the operator named one).
-METRICS_DIR_GIVEN = bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
-if not METRICS_DIR_GIVEN:
-    os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="chat-metrics-")
+# SIGHUP makes gunicorn read this file again in the same process, so the folder it made is noted
+# in the environment, to be told from one the operator named. A master started by SIGUSR2 inherits
+# that environment (and its listeners, GUNICORN_FD): the old master removes its folder when it
+# exits, so the new one makes its own.
+METRICS_DIR_MADE = "CHAT_METRICS_DIR_MADE"
+named = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+if not named or (named == os.environ.get(METRICS_DIR_MADE) and "GUNICORN_FD" in os.environ):
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = os.environ[METRICS_DIR_MADE] = tempfile.mkdtemp(prefix="chat-metrics-")
+METRICS_DIR_GIVEN = os.environ["PROMETHEUS_MULTIPROC_DIR"] != os.environ.get(METRICS_DIR_MADE)
 
 
 def on_starting(server):

@@ -15,12 +15,13 @@ requests_log = logging.getLogger("chat.requests")
 
 
 class JsonFormatter(logging.Formatter):
-    """One JSON object a line: time, level, logger and message, or a request's fields."""
+    """One JSON object a line: time, level, logger, the process (which gunicorn worker), and message or a
+    request's fields."""
 
     def format(self, record):
         """The record as one line of JSON."""
         line = {"time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S") + f".{int(record.msecs):03d}Z",
-                "level": record.levelname.lower(), "logger": record.name}
+                "level": record.levelname.lower(), "logger": record.name, "pid": record.process}
         if isinstance(record.msg, dict):
             line.update(record.msg)
         else:

@@ -27,8 +27,9 @@ TURN_DURATION = Histogram("chat_turn_duration_seconds", "From the request to the
 TOKENS = Counter("chat_tokens", "Tokens of turns, by model and type (prompt, completion)", ["model", "type"])
 OPEN_STREAMS = Gauge("chat_open_streams", "Streams being read by a client now", multiprocess_mode="livesum")
 MODEL_ERRORS = Counter("chat_model_errors", "Failures of the model, by error code", ["code"])
+# The check made last, by whichever worker, says how a part is: another worker's older 1 must not hide an outage.
 UP = Gauge("chat_part_up", "Whether a part the service depends on answers (1) or not (0), by part", ["part"],
-           multiprocess_mode="livemax")
+           multiprocess_mode="livemostrecent")
 
 
 class Meter:

@@ -391,7 +391,7 @@ class ChatService:
         with self.round_trip() as trip:
             self.journal.end(name, record.turn_id, None, final, trip)
             if self.settings.budget:
-                self.coordination.spend(user, utcnow().date(), estimate_tokens(record.message + reply), trip)
+                self.coordination.spend(user, utcnow().date(), estimate_tokens(reply), trip)
 
     # The parts of every turn
 
@@ -557,7 +557,7 @@ class ChatService:
         turn.prompt_tokens = reply.prompt_tokens or self._cost(turn.prompt)
         turn.reply_tokens = reply.completion_tokens if reply.completion_tokens is not None \
             else estimate_tokens(content)
-        turn.token_source = "model" if reply.completion_tokens is not None else "estimate"
+        turn.token_source = "model" if reply.prompt_tokens and reply.completion_tokens is not None else "estimate"
         turn.finish_reason = (reply.finish_reason if turn.status == Message.COMPLETE
                               else turn.status)
         turn.record.update(turn.log_fields())

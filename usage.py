@@ -20,8 +20,14 @@ def usage(since, until, user=None):
     reported no usage of its own.
     """
     start = datetime.datetime.combine(since, datetime.time())
-    end = datetime.datetime.combine(until, datetime.time()) + datetime.timedelta(days=1)
-    return retried_once(lambda: Message.usage(start, end, user))
+    return retried_once(lambda: Message.usage(start, end_of(until), user))
+
+
+def end_of(day):
+    """The moment `day` (a date) ends: the next midnight, or the last moment a datetime can name after 9999-12-31."""
+    if day == datetime.date.max:
+        return datetime.datetime.max
+    return datetime.datetime.combine(day + datetime.timedelta(days=1), datetime.time())
 
 
 def totals(rows):

@@ -40,10 +40,11 @@ RECORD_REPLY_STATES = """
 class ChatPage:
     """The chat page of a running service, open in a browser tab."""
 
-    def __init__(self, page, service):
-        """Wrap a Playwright page; nothing is loaded yet."""
+    def __init__(self, page, service, url=None):
+        """Wrap a Playwright page of the service at `url` (its own address unless given); nothing is loaded yet."""
         self.page = page
         self.service = service
+        self.url = url or service.url
         self.token = None
 
     def sign_in(self, user="alice", **claims):
@@ -55,7 +56,7 @@ class ChatPage:
     def open_link(self, bearer_token):
         """Open the page with a token in the fragment, as a `create-token --link` link does."""
         self.token = bearer_token
-        self.page.goto(f"{self.service.url}/#token={bearer_token}")
+        self.page.goto(f"{self.url}/#token={bearer_token}")
 
     def send(self, text):
         """Type a message in the box and press Enter."""

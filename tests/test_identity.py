@@ -31,16 +31,21 @@ class SigningKey:
     """A key pair as an identity provider holds one: it signs tokens, and its public half is a JWK."""
 
     def __init__(self, kid, algorithm):
-        """A new RS256 (RSA 2048) or ES256 (P-256) key named `kid`."""
+        """A new key named `kid`: RSA 2048 for RS256 (or RS384, PS256), else P-256 for ES256."""
         self.kid, self.algorithm = kid, algorithm
-        if algorithm == "RS256":
+        if self.is_rsa:
             self.private = rsa.generate_private_key(public_exponent=65537, key_size=2048)
         else:
             self.private = ec.generate_private_key(ec.SECP256R1())
 
+    @property
+    def is_rsa(self):
+        """Whether the key is an RSA one."""
+        return self.algorithm.startswith(("RS", "PS"))
+
     def jwk(self):
         """The public key as the provider's JWKS lists it."""
-        kind = RSAAlgorithm if self.algorithm == "RS256" else ECAlgorithm
+        kind = RSAAlgorithm if self.is_rsa else ECAlgorithm
         return {**kind.to_jwk(self.private.public_key(), as_dict=True),
                 "kid": self.kid, "use": "sig", "alg": self.algorithm}
 
@@ -61,7 +66,8 @@ class SigningKey:
 def keys():
     """The provider's keys (made once a module: RSA key generation takes a while)."""
     return {"rsa": SigningKey("rsa-1", "RS256"), "rsa-next": SigningKey("rsa-2", "RS256"),
-            "ec": SigningKey("ec-1", "ES256"), "impostor": SigningKey("rsa-1", "RS256")}
+            "ec": SigningKey("ec-1", "ES256"), "impostor": SigningKey("rsa-1", "RS256"),
+            "rs384": SigningKey("rsa-384", "RS384"), "ps256": SigningKey("rsa-pss", "PS256")}
 
 
 class JWKSServer:
@@ -234,6 +240,15 @@ def test_a_user_claim_other_than_sub_names_the_user(make_idp_app, keys):
     assert stored_conversation(conversation_id, owner="00u1f9x7") is None
 
 
+def test_status_names_the_user_the_user_claim_names(make_idp_app, keys):
+    """/status with a token says who the caller is by JWT_USER_CLAIM (the page greets them with it); without, nobody."""
+    client = make_idp_app(JWT_USER_CLAIM="email").test_client()
+    signed = keys["rsa"].token(sub="00u1f9x7", email="alice@example.com")
+    assert client.get("/status", headers={"Authorization": f"Bearer {signed}"}).get_json()["user"] == \
+        "alice@example.com"
+    assert "user" not in client.get("/status").get_json()
+
+
 @pytest.mark.parametrize("email", [None, "", 42, "x" * 256, "a\x00b"],
                          ids=["missing", "empty", "number", "too-long", "nul"])
 def test_a_token_without_a_usable_user_claim_gets_401(make_idp_app, keys, email):
@@ -292,13 +307,34 @@ def test_an_unknown_kid_fetches_the_keys_at_most_once_a_minute(idp_client, jwks,
     assert jwks.fetches == 2
 
 
-@pytest.mark.parametrize("alg", ["none", "None", "HS256", "RS384", "PS256"])
-def test_a_token_whose_alg_is_not_configured_gets_401(idp_client, keys, alg):
-    """Only RS256 and ES256 are accepted from the provider: `alg: none` and the others get 401."""
+# Tokens signed as they should be with an algorithm the provider's settings leave out, and the
+# settings that accept that algorithm too.
+NOT_CONFIGURED = {
+    "HS256": (lambda keys: token(iss=ISSUER, aud=AUDIENCE), {"JWT_SECRET_KEY": SECRET}),
+    "RS384": (lambda keys: keys["rs384"].token(), {"JWT_ALGORITHMS": "RS256,RS384"}),
+    "PS256": (lambda keys: keys["ps256"].token(), {"JWT_ALGORITHMS": "RS256,PS256"}),
+}
+
+
+@pytest.mark.parametrize("alg", NOT_CONFIGURED)
+def test_a_token_whose_alg_is_not_configured_gets_401(make_idp_app, jwks, keys, alg):
+    """Only RS256 and ES256 are accepted from the provider: a token rightly signed with another algorithm gets
+    401, and the same token passes once the settings accept its algorithm (so nothing else refused it)."""
+    jwks.keys = [keys["rsa"], keys["ec"], keys["rs384"], keys["ps256"]]
+    signed, accepting = NOT_CONFIGURED[alg]
+    signed = signed(keys)
+    assert jwt.get_unverified_header(signed)["alg"] == alg
+    assert_refused(post(make_idp_app().test_client(), signed))
+    assert post(make_idp_app(**accepting).test_client(), signed).status_code == 200
+
+
+@pytest.mark.parametrize("alg", ["none", "None", "NONE"])
+def test_an_unsigned_token_gets_401(idp_client, keys, alg):
+    """`alg: none`, however it is spelled, with the empty signature such a token has, gets 401."""
     header = {"alg": alg, "typ": "JWT", "kid": keys["rsa"].kid}
     now = int(time.time())
     claims = {"iss": ISSUER, "aud": AUDIENCE, "sub": "alice", "iat": now, "exp": now + 600}
-    assert_refused(post(idp_client, f"{b64url(header)}.{b64url(claims)}.{b64url(b'signature')}"))
+    assert_refused(post(idp_client, f"{b64url(header)}.{b64url(claims)}."))
 
 
 def test_jwt_algorithms_narrows_what_the_provider_may_use(make_idp_app, keys):

@@ -1,6 +1,7 @@
 """The chat page in a real browser: Debian's Chromium driven by Playwright, against the service
 under gunicorn + gevent with PostgreSQL, Redis and the fake model."""
 
+import contextlib
 import os
 import re
 import subprocess
@@ -13,6 +14,8 @@ import requests
 from tests.browser import CHROMIUM, CHROMIUM_ARGS, RECORD_REPLY_STATES, TIMEOUT_MS, TRAPS, ChatPage
 from tests.helpers import ROOT, SECRET, phase_failed, service_missing, token
 from tests.fake_llm import Script
+from tests.faults import TcpProxy
+from tests.test_faults_database import pg_proxy, through  # noqa: F401 - pg_proxy is a fixture
 
 XSS = "<img src=x onerror=alert(1)>"
 METRICS = re.compile(r"^\d+ tokens? · \d+\.\d s$")
@@ -37,10 +40,10 @@ def browser():
         chromium.close()
 
 
-@pytest.fixture
-def tab(browser, request, tmp_path):
+@contextlib.contextmanager
+def browser_tab(browser, request, tmp_path, **options):
     """A fresh browser tab (its own storage) with the script-injection traps; a screenshot if the test fails."""
-    context = browser.new_context(viewport={"width": 1280, "height": 800})
+    context = browser.new_context(**options)
     context.set_default_timeout(TIMEOUT_MS)
     context.add_init_script(TRAPS)
     page = context.new_page()
@@ -55,6 +58,21 @@ def tab(browser, request, tmp_path):
     context.close()
     assert dialogs == [], "the page opened a native dialog"
     assert errors == [], "the page's scripts threw"
+
+
+@pytest.fixture
+def tab(browser, request, tmp_path):
+    """A tab of a desktop browser's size."""
+    with browser_tab(browser, request, tmp_path, viewport={"width": 1280, "height": 800}) as page:
+        yield page
+
+
+@pytest.fixture
+def phone_tab(browser, request, tmp_path):
+    """A tab of a phone's size, with a touch screen."""
+    with browser_tab(browser, request, tmp_path, viewport={"width": 375, "height": 740}, is_mobile=True,
+                     has_touch=True) as page:
+        yield page
 
 
 @pytest.fixture
@@ -150,6 +168,13 @@ def test_an_expired_link_shows_sign_in_with_a_sentence(chat, expect):
     expect(chat.page.locator("#app")).to_be_hidden()
 
 
+def test_the_page_greets_the_user_by_the_name_the_service_knows_them_by(start_service, tab, expect):
+    """With JWT_USER_CLAIM=email the page shows the token's email (from /status), not its opaque sub."""
+    chat = ChatPage(tab, start_service(JWT_USER_CLAIM="email"))
+    chat.sign_in("00u1f9x7", email="alice@example.com")
+    expect(chat.page.locator("#user-name")).to_have_text("alice@example.com")
+
+
 def test_sign_out_forgets_the_token(chat, expect):
     """Sign out returns to the sign-in form and the browser keeps no token."""
     chat.sign_in()
@@ -220,6 +245,86 @@ def test_a_reload_mid_reply_continues_it_without_repeating_text(start_service, t
     assert chat.stored_messages(conversation["id"])[-1]["content"] == full
 
 
+def resumed_stream(request):
+    """Whether a request of the page is a resume (GET /chat/stream/{id})."""
+    return request.method == "GET" and "/chat/stream/" in request.url
+
+
+def test_a_reload_before_the_model_answered_gets_a_new_chats_reply_from_its_start(start_service, tab, llm, expect):
+    """Reloaded after a new chat's message went but before the model answered (the service has sent nothing, not
+    even the conversation's id), the page asks for the reply from its first event and shows all of it, once."""
+    chat = ChatPage(tab, start_service(STREAM_RESUME_GRACE_SECONDS=20))
+    full = words(12)
+    llm.script(Script(reply=full, header_delay=30))
+    chat.sign_in()
+    chat.send("a reply the model holds back")
+    assert llm.wait_for_requests(1)
+    with chat.page.expect_request(resumed_stream) as resumed:
+        chat.page.reload()
+    assert "last-event-id" not in resumed.value.headers
+    expect(chat.replies).to_have_count(1)
+    llm.release()
+    expect(chat.reply_meta).to_have_text(METRICS)
+    expect(chat.reply).to_have_text(full)
+    expect(chat.reply_error).to_be_hidden()
+    expect(chat.user_messages).to_have_text(["a reply the model holds back"])
+    expect(chat.page.locator("#messages .notice")).to_have_count(0)
+    [conversation] = chat.stored_conversations()
+    assert [m["content"] for m in chat.stored_messages(conversation["id"])] == ["a reply the model holds back", full]
+    assert resumed.value.url.endswith(f"/chat/stream/{conversation['id']}")
+
+
+def test_a_stream_that_breaks_before_its_first_event_is_picked_up_from_its_start(start_service, tab, llm, expect):
+    """The connection drops after the response began but before any event came: the page asks for the reply
+    again without Last-Event-ID and shows it whole."""
+    # The model holds its first chunk until released: longer than the usual test timeout, since the proxy's cut
+    # may take seconds to see every connection closed.
+    service = start_service(STREAM_RESUME_GRACE_SECONDS=20, SSE_HEARTBEAT_SECONDS=1, LLM_TIMEOUT_SECONDS=20)
+    proxy = TcpProxy("127.0.0.1", service.port).start()
+    try:
+        chat = ChatPage(tab, service, url=f"http://127.0.0.1:{proxy.port}")
+        full = words(12)
+        llm.script(Script(reply=full, first_chunk_delay=30))
+        chat.sign_in()
+        with chat.page.expect_response(lambda response: response.request.method == "POST"
+                                       and response.url.endswith("/chat/stream")):
+            chat.send("a reply whose connection breaks")
+        with chat.page.expect_request(resumed_stream) as resumed:
+            proxy.cut()
+        assert "last-event-id" not in resumed.value.headers
+        llm.release()
+        expect(chat.reply_meta).to_have_text(METRICS)
+        expect(chat.reply).to_have_text(full)
+        expect(chat.reply_error).to_be_hidden()
+        expect(chat.replies).to_have_count(1)
+        expect(chat.page.locator("#messages .notice")).to_have_count(0)
+    finally:
+        proxy.stop()
+
+
+def test_events_of_another_turn_start_the_reply_again(chat, expect):
+    """Resumed events of the saved turn add to its text; events of another turn replace it, from their start."""
+    chat.page.goto(chat.service.url + "/")
+    expect(chat.page.locator("#sign-in")).to_be_visible()
+    taken = chat.page.evaluate("""async () => {
+      const { takeEvents } = await import("/static/js/chat.js");
+      const event = (id, content, final = false) =>
+        ({ lastEventId: id, data: JSON.stringify({ content, is_final: final }) });
+      const same = { text: "saved ", lastEventId: "aaaa:2" };
+      const sameFinal = takeEvents(same, [event("aaaa:3", "and more")]);
+      const other = { text: "saved ", lastEventId: "aaaa:2" };
+      const otherFinal = takeEvents(other,
+        [event("bbbb:1", "another "), event("bbbb:2", "turn"), event("bbbb:3", "", true)]);
+      const fresh = { text: "", lastEventId: null };
+      takeEvents(fresh, [event("cccc:1", "first")]);
+      return [[same.text, same.lastEventId, Boolean(same.unconfirmed), sameFinal],
+              [other.text, other.lastEventId, Boolean(other.unconfirmed), Boolean(otherFinal && otherFinal.is_final)],
+              [fresh.text, fresh.lastEventId, Boolean(fresh.unconfirmed)]];
+    }""")
+    assert taken == [["saved and more", "aaaa:3", False, None], ["another turn", "bbbb:3", True, True],
+                     ["first", "cccc:1", False]]
+
+
 def test_line_breaks_and_code_blocks_show_as_such(chat, llm, expect):
     """Line breaks stay line breaks and a ``` block is a code block, its HTML-looking text kept as text."""
     llm.script(Script(reply="Here it is:\nline two\n```python\nprint('<b>hi</b>')\n```\nDone."))
@@ -247,6 +352,33 @@ def test_an_error_shows_where_the_reply_would_be(start_service, tab, llm, expect
     expect(chat.reply_error).to_contain_text(sentence)
     expect(chat.box).to_have_value("will this work?")
     expect(chat.page.get_by_role("button", name="Send")).to_be_visible()
+
+
+def test_the_services_rate_limit_says_when_to_try_again(start_service, tab, llm, expect):
+    """Past RATE_LIMIT_PER_MINUTE (here used up by another client of the same user) the reply's place says 429's
+    when to retry, and the message goes back in the box."""
+    service = start_service(RATE_LIMIT_PER_MINUTE=5)
+    chat = ChatPage(tab, service)
+    chat.sign_in()
+    for _ in range(10):
+        if service.request("GET", "/conversations").status_code == 429:
+            break
+    chat.send("one more?")
+    expect(chat.reply_error).to_have_text(re.compile(r"^Too many requests for now\. Try again in \d+ seconds?\.$"))
+    expect(chat.box).to_have_value("one more?")
+    assert len(llm.requests) == 0
+
+
+def test_a_database_outage_says_so_where_the_reply_would_be(start_service, tab, llm, pg_proxy, expect):
+    """With the database gone after sign-in, a message's 503 is said where its reply would be; it can be sent again."""
+    chat = ChatPage(tab, start_service(DATABASE_URL=through(pg_proxy)))
+    chat.sign_in()
+    pg_proxy.stop()
+    chat.send("is anyone there?")
+    expect(chat.reply_error).to_have_text(
+        "The service is unavailable right now (the database is unavailable). Try again in a moment.")
+    expect(chat.box).to_have_value("is anyone there?")
+    assert len(llm.requests) == 0
 
 
 def test_a_busy_conversation_says_so_where_the_reply_would_be(chat, llm, service, expect):
@@ -307,6 +439,35 @@ def test_the_list_loads_older_conversations_as_it_scrolls(chat, service, expect)
     expect(chat.page.locator("#more-conversations")).to_be_hidden()
 
 
+def test_at_phone_width_the_list_is_a_drawer_and_nothing_runs_off_the_screen(service, phone_tab, llm, expect):
+    """At 375 px the conversation list opens as a drawer over the chat, the box and Send are on screen and work
+    by touch, and no page content (a long word, a wide code block) makes the page scroll sideways."""
+    chat = ChatPage(phone_tab, service)
+    llm.script(Script(reply="A long line:\n```\n" + "x = 1; " * 60 + "\n```\n" + "y" * 200))
+    chat.sign_in()
+    sidebar = chat.page.locator("#sidebar")
+    expect(sidebar).to_be_hidden()
+    expect(chat.box).to_be_in_viewport(ratio=1)
+    chat.box.tap()
+    chat.box.fill("a" * 300)
+    send = chat.page.get_by_role("button", name="Send")
+    expect(send).to_be_in_viewport(ratio=1)
+    send.tap()
+    expect(chat.reply_meta).to_have_text(METRICS)
+    assert chat.page.evaluate("document.documentElement.scrollWidth <= innerWidth")
+    chat.page.get_by_role("button", name="Conversations").tap()
+    expect(sidebar).to_be_visible()
+    expect(sidebar).to_be_in_viewport()
+    chat.page.get_by_role("button", name="New chat").tap()
+    expect(sidebar).to_be_hidden()
+    expect(chat.page.locator("#chat-title")).to_have_text("New chat")
+    chat.page.get_by_role("button", name="Conversations").tap()
+    chat.conversations.first.locator(".open").tap()
+    expect(sidebar).to_be_hidden()
+    expect(chat.user_messages).to_have_text(["a" * 300])
+    assert chat.page.evaluate("document.documentElement.scrollWidth <= innerWidth")
+
+
 # What must never happen
 
 
@@ -355,7 +516,9 @@ def test_keyboard_only_tab_to_the_box_type_and_enter_sends(chat, expect):
 
 
 def test_the_stream_parser_follows_the_sse_rules(chat, expect):
-    """The page's SSE parser splits lines on CR, LF and CRLF (even across reads), joins data lines, keeps ids."""
+    """The page's SSE parser splits lines on CR, LF and CRLF (even across reads), joins data lines, keeps ids (an
+    empty id resets it, one with NUL is ignored), drops one leading BOM and one space after the colon, and reads a
+    long line that comes in many small pieces."""
     chat.page.goto(chat.service.url + "/")
     expect(chat.page.locator("#sign-in")).to_be_visible()
     cases = [
@@ -369,6 +532,13 @@ def test_the_stream_parser_follows_the_sse_rules(chat, expect):
         (["event: note\n\n", "data: z\n\n"], [["z", ""]]),
         (["data: kept\n\ndata: dropped"], [["kept", ""]]),
         (["data: é\n\n"], [["é", ""]]),
+        (["\ufeffdata: a\n\n"], [["a", ""]]),
+        (["\ufeff", "\ufeffdata: a\n\n", "data: b\n\n"], [["b", ""]]),
+        (["data:  two spaces\n\n"], [[" two spaces", ""]]),
+        (["id: t1:4\ndata: x\n\n", "id: t1\u00005\ndata: y\n\n"], [["x", "t1:4"], ["y", "t1:4"]]),
+        (["id: t1:4\ndata: x\n\n", "id\ndata: y\n\n", "id: t1:6\ndata: z\n\nid: \ndata: w\n\n"],
+         [["x", "t1:4"], ["y", ""], ["z", "t1:6"], ["w", ""]]),
+        (["data: ", *["0123456789"] * 20000, "\r", "\n\n"], [["0123456789" * 20000, ""]]),
     ]
     parsed = chat.page.evaluate("""async (cases) => {
       const { EventStreamParser } = await import("/static/js/sse.js");

@@ -31,17 +31,6 @@ export function onRefused(listener) {
   whenRefused = listener;
 }
 
-/** The user a token names (its `sub`), read without checking it, to greet them; "" if unreadable. */
-export function userOf(jwt) {
-  try {
-    const payload = jwt.split(".")[1].replace(/-/g, "+").replace(/_/g, "/");
-    const bytes = Uint8Array.from(atob(payload), (char) => char.charCodeAt(0));
-    const sub = JSON.parse(new TextDecoder().decode(bytes)).sub;
-    return typeof sub === "string" ? sub : "";
-  } catch {
-    return "";
-  }
-}
 
 /** Send a request with the token; the response if it is a success, else an ApiError thrown. */
 async function send(method, path, { body, headers = {}, signal } = {}) {
@@ -90,6 +79,19 @@ function retryAfterSeconds(response) {
   if (/^\d+$/.test(value.trim())) return Number(value.trim());
   const when = Date.parse(value);
   return Number.isNaN(when) ? null : Math.max(0, Math.ceil((when - Date.now()) / 1000));
+}
+
+/**
+ * The signed-in user as the service names them ("user" of GET /status with the token: the claim
+ * JWT_USER_CLAIM names, which the page cannot know); "" if the service does not say.
+ */
+export async function signedInUser() {
+  try {
+    const body = await (await send("GET", "/status")).json();
+    return typeof body.user === "string" ? body.user : "";
+  } catch {
+    return "";
+  }
 }
 
 const conversationPath = (id) => `/conversations/${encodeURIComponent(id)}`;

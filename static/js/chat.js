@@ -31,6 +31,48 @@ export const replyInProgress = {
   },
 };
 
+/**
+ * A new conversation's id, chosen by the page so that a reply can be picked up after a reload even
+ * before the service has answered: a random (version 4) UUID. crypto.randomUUID() would need a secure
+ * context, which a page served over plain http:// on an intranet is not.
+ */
+export function newConversationId() {
+  const bytes = crypto.getRandomValues(new Uint8Array(16));
+  bytes[6] = (bytes[6] & 0x0f) | 0x40;
+  bytes[8] = (bytes[8] & 0x3f) | 0x80;
+  const hex = [...bytes].map((byte) => byte.toString(16).padStart(2, "0")).join("");
+  return `${hex.slice(0, 8)}-${hex.slice(8, 12)}-${hex.slice(12, 16)}-${hex.slice(16, 20)}-${hex.slice(20)}`;
+}
+
+/** The turn an event id names (ids are `<turn>:<n>`), or null without one. */
+export function turnOf(eventId) {
+  return eventId ? eventId.split(":")[0] : null;
+}
+
+/**
+ * Add a batch of a reply's events to its turn: the text grows and the last event id moves on; returns
+ * the final event's payload if the batch holds it. Events of another turn than the one the text came
+ * from start the text again from theirs (never one turn's text run on into another's), and leave the
+ * turn unconfirmed: the history says, once it ends, whose reply it was.
+ */
+export function takeEvents(turn, events) {
+  let final = null;
+  for (const event of events) {
+    if (event.lastEventId) {
+      const known = turnOf(turn.lastEventId);
+      if (known !== null && turnOf(event.lastEventId) !== known) {
+        turn.text = "";
+        turn.unconfirmed = true;
+      }
+      turn.lastEventId = event.lastEventId;
+    }
+    const payload = parsed(event.data);
+    if (payload && payload.is_final) final = payload;
+    else if (payload && typeof payload.content === "string") turn.text += payload.content;
+  }
+  return final;
+}
+
 /** What to tell the user about an error, shown where the reply would be. */
 export function sentenceFor(error) {
   const retry = error.retryAfter === null || error.retryAfter === undefined
@@ -209,11 +251,17 @@ export class ChatView {
     if (!message.trim() || this.turn) return;
     this.input.value = "";
     this.append("user").show(message);
+    if (this.conversationId === null) this.conversationId = newConversationId();
     const turn = this.begin({ conversationId: this.conversationId, message, messagesBefore: this.shownCount - 1 });
+    // Remembered before it is sent: the service answers only once the model does, and a reload
+    // in between must still find the reply (GET /chat/stream/{id} without Last-Event-ID).
+    replyInProgress.remember(turn);
     let stream;
     try {
       stream = await api.startReply(message, turn.conversationId, turn.controller.signal);
     } catch (error) {
+      if (this.unloading) return;
+      replyInProgress.forget();
       this.end(turn);
       if (error.status === 401 || turn.abandoned) return;
       turn.reply.fail(sentenceFor(error));
@@ -222,7 +270,6 @@ export class ChatView {
     }
     turn.conversationId = stream.conversationId;
     turn.started = true;
-    if (this.conversationId === null && this.isShowing(turn)) this.conversationId = turn.conversationId;
     replyInProgress.remember(turn);
     if (turn.stopWanted) this.requestStop(turn);
     await this.follow(turn, stream);
@@ -260,6 +307,9 @@ export class ChatView {
     if (!last || last.role !== "user" || last.content !== saved.message) this.append("user").show(saved.message);
     const turn = this.begin({ ...saved, started: true, lastEventId: saved.lastEventId || null });
     turn.text = saved.text || "";
+    // Without an event id the page never learnt the turn: what the service replays may be another
+    // turn's (it refused this one before answering), so the history has the last word.
+    turn.unconfirmed = !turn.lastEventId;
     this.render(turn);
     let stream = null;
     let problem = null;
@@ -276,8 +326,8 @@ export class ChatView {
     }
     replyInProgress.forget();
     this.end(turn);
-    if (problem === null) {
-      await this.open(turn.conversationId);
+    if (problem === null || (turn.unconfirmed && problem.status === 404)) {
+      await this.settle(turn);
     } else if (problem.status !== 401) {
       turn.reply.fail("This reply could not be picked up after the page was reloaded"
         + (problem.status === 404 ? "" : ` (${problem.message})`)
@@ -290,12 +340,7 @@ export class ChatView {
     let final = null;
     try {
       for await (const events of stream.batches) {
-        for (const event of events) {
-          if (event.lastEventId) turn.lastEventId = event.lastEventId;
-          const payload = parsed(event.data);
-          if (payload && payload.is_final) final = payload;
-          else if (payload && typeof payload.content === "string") turn.text += payload.content;
-        }
+        final = takeEvents(turn, events);
         this.render(turn);
         if (final) break;
         replyInProgress.remember(turn);
@@ -305,16 +350,17 @@ export class ChatView {
     }
     if (this.unloading || turn.abandoned) return;
     if (final) {
-      this.finish(turn, final);
-    } else if (turn.lastEventId && (turn.resumes = (turn.resumes || 0) + 1) <= MAX_RESUMES) {
+      await this.finish(turn, final);
+    } else if (turn.started && (turn.resumes = (turn.resumes || 0) + 1) <= MAX_RESUMES) {
       await this.followAgain(turn);
     } else {
       this.lose(turn);
     }
   }
 
-  /** The stream ended early: resume it after the last event that arrived, if the service can. */
+  /** The stream ended early: resume it after the last event that arrived (from the first, if none did). */
   async followAgain(turn) {
+    if (!turn.lastEventId) turn.unconfirmed = true;
     let stream = null;
     try {
       stream = await api.resumeReply(turn.conversationId, turn.lastEventId, turn.controller.signal);
@@ -326,11 +372,40 @@ export class ChatView {
   }
 
   /** The reply ended with its final event: show how, and let the list know. */
-  finish(turn, final) {
+  async finish(turn, final) {
     replyInProgress.forget();
     turn.reply.finish(final);
     this.end(turn);
     this.onSaved(final.conversation_id || turn.conversationId);
+    if (turn.unconfirmed) await this.confirm(turn);
+  }
+
+  /**
+   * A reply followed without knowing its turn at first: if the history's last turn is not its
+   * message's, the reply shown was another turn's, so the history is shown instead.
+   */
+  async confirm(turn) {
+    let history;
+    try {
+      ({ messages: history } = await api.readConversation(turn.conversationId));
+    } catch {
+      return;
+    }
+    if (!alreadySaved(history, turn) && this.conversationId === turn.conversationId && this.turn === null) {
+      await this.settle(turn);
+    }
+  }
+
+  /** Show the conversation as the history keeps it; a message it does not hold goes back in the box. */
+  async settle(turn) {
+    const history = await this.open(turn.conversationId, "", { resuming: true });
+    if (history === null) return;
+    const kept = history.slice(turn.messagesBefore || 0)
+      .some((message) => message.role === "user" && message.content === turn.message);
+    if (kept) return;
+    if (!this.input.value) this.input.value = turn.message;
+    this.notice("Your last message was not answered: the page was reloaded before the service took it. "
+      + "It is back in the message box, to send again.");
   }
 
   /** The connection went before the reply finished and it cannot be picked up. */
@@ -379,11 +454,6 @@ export class ChatView {
     this.messages.replaceChildren(this.empty);
     this.empty.hidden = true;
     this.shownCount = 0;
-  }
-
-  /** Whether the view still shows a turn's conversation. */
-  isShowing(turn) {
-    return this.turn === turn;
   }
 
   /** Send or Stop, whichever fits, keeping the keyboard focus on the composer. */

@@ -60,7 +60,7 @@ async function start(focusComposer = false) {
   }
   $("sign-in").hidden = true;
   $("app").hidden = false;
-  $("user-name").textContent = api.userOf(token);
+  greet(token);
   const saved = replyInProgress.recall();
   if (saved) {
     list.select(saved.conversationId);
@@ -69,6 +69,13 @@ async function start(focusComposer = false) {
     chat.showNew();
     if (focusComposer) $("message").focus();
   }
+}
+
+/** Show who is signed in, as the service names them, unless the token changed meanwhile. */
+async function greet(token) {
+  $("user-name").textContent = "";
+  const user = await api.signedInUser();
+  if (api.token.get() === token) $("user-name").textContent = user;
 }
 
 /** A turn was saved: put its conversation at the top of the list. */

@@ -5,37 +5,50 @@
 export class EventStreamParser {
   constructor() {
     this.lastEventId = "";
-    this.pending = "";
+    this.partial = []; // the pieces of a line whose end has not come yet
+    this.afterCR = false; // the last piece ended with a CR, which a LF may follow (one CRLF)
+    this.started = false;
     this.data = [];
     this.type = "";
   }
 
-  /** Feed the next piece of text; returns the events it completed. */
+  /**
+   * Feed the next piece of text; returns the events it completed. Only the new piece is scanned: a
+   * long line that comes in many pieces is kept as pieces until its end, never scanned again.
+   */
   push(text) {
-    const buffer = this.pending + text;
+    if (!text) return [];
+    if (!this.started) {
+      this.started = true;
+      if (text.startsWith("\uFEFF")) text = text.slice(1); // the stream's one byte order mark
+    }
     const events = [];
-    let start = 0;
-    for (let i = 0; i < buffer.length; i++) {
-      const char = buffer[i];
+    let start = this.afterCR && text.startsWith("\n") ? 1 : 0;
+    this.afterCR = false;
+    for (let i = start; i < text.length; i++) {
+      const char = text[i];
       if (char !== "\n" && char !== "\r") continue;
-      // A CR at the end of the text may be the first half of a CRLF: wait for what follows.
-      if (char === "\r" && i + 1 === buffer.length) break;
-      const event = this.line(buffer.slice(start, i));
+      this.partial.push(text.slice(start, i));
+      const event = this.line(this.partial.join(""));
+      this.partial = [];
       if (event) events.push(event);
-      if (char === "\r" && buffer[i + 1] === "\n") i++;
+      if (char === "\r") {
+        if (i + 1 === text.length) this.afterCR = true;
+        else if (text[i + 1] === "\n") i++;
+      }
       start = i + 1;
     }
-    this.pending = buffer.slice(start);
+    if (start < text.length) this.partial.push(text.slice(start));
     return events;
   }
 
-  /** The stream ended: a last CR still ends its line, and an unfinished event is dropped. */
+  /** The stream ended: an unfinished line and event are dropped. */
   end() {
-    const events = this.pending.endsWith("\r") ? this.push("\n") : [];
-    this.pending = "";
+    this.partial = [];
+    this.afterCR = false;
     this.data = [];
     this.type = "";
-    return events;
+    return [];
   }
 
   /** Process one line; returns the event a blank line completes, else null. */
@@ -69,7 +82,7 @@ export class EventStreamParser {
  */
 export async function* eventBatches(body, parser = new EventStreamParser()) {
   const reader = body.getReader();
-  const decoder = new TextDecoder("utf-8");
+  const decoder = new TextDecoder("utf-8", { ignoreBOM: true }); // the parser drops the one BOM
   let finished = false;
   try {
     for (;;) {
