@@ -223,7 +223,11 @@ class ChatService:
     def _never_ran(self, turn, feed, failure):
         """The model refused the streamed turn, or its runner could not start: let go of all of it."""
         self.feeds.pop(turn.name, None)
-        feed.ended = True  # the journal's writer lets go of it
+        # A reader who resumed while the model was asked hears why the turn never ran (the journal's writer
+        # lets go of an ended feed).
+        error = failure if isinstance(failure, ApiError) else ApiError()
+        feed.end(final_data(turn.conversation_id, Message.ERROR, final_metrics(), error))
+        feed.done.set()
         if feed.upstream is not None:
             feed.upstream.close()
         self._refused(turn, failure)

@@ -7,6 +7,7 @@ the fake model.
 import os
 import re
 import signal
+import threading
 import time
 
 import pytest
@@ -455,3 +456,19 @@ def test_a_turn_after_a_dead_one_whose_journal_cannot_be_read_is_a_503_to_retry(
     assert_error(response, 503, "recovery_unavailable")
     assert int(response.headers["Retry-After"]) >= 1
     assert stored_messages("c1") == []
+
+
+def test_a_reader_who_came_while_the_model_was_asked_is_told_when_the_model_refuses(start_service, llm):
+    """A resume that attaches while the model is still being asked gets the refusal as a final event, not pings
+    for ever."""
+    service = start_service(workers=1, LLM_TIMEOUT_SECONDS=20)
+    llm.script(Script(status=502, header_delay=3))
+    asking = threading.Thread(target=lambda: service.stream("hi", "c1").close(), daemon=True)
+    asking.start()
+    assert llm.wait_for_requests(1)  # the turn is being asked for: its feed is up, the model not answered
+    with requests.get(f"{service.url}/chat/stream/c1", headers=bearer("alice"), stream=True,
+                      timeout=(5, 8)) as attached:
+        got = read_events(attached)
+    asking.join(10)
+    assert [payload["is_final"] for _, payload in got] == [True]
+    assert got[0][1]["error"]["code"].startswith("llm_"), got
