@@ -77,9 +77,10 @@ class Outage:
     """Whether a part (Redis, the database) can be used now, and if not, why.
 
     The first failure of an outage is logged with its reason, and the first success after it;
-    the failures in between are not (their reason is kept, for /status). An outage that begins
-    within QUIET_SECONDS of the last one logged is not logged, nor its end: a part that flaps
-    says so once a minute at most.
+    the failures in between are not (their reason is kept, for /status). A part that flaps says
+    so once a minute at most: an outage that begins within QUIET_SECONDS of the last one logged
+    is logged at its first failure once that minute is up, if it still goes on; one that ends
+    before is never logged, nor its end.
     """
 
     def __init__(self, part, while_down=""):
@@ -92,14 +93,14 @@ class Outage:
         self._mutex = threading.Lock()
 
     def failed(self, reason):
-        """The part failed for `reason`: logged if it begins an outage (and the last was not just now)."""
+        """The part failed for `reason`: logged if the outage was not, unless the last was logged just now."""
         with self._mutex:
-            beginning, self.reason = self.reason is None, reason
-            if beginning:
-                self._logged = time.monotonic() - self._logged_at >= QUIET_SECONDS
-                if self._logged:
-                    self._logged_at = time.monotonic()
-            said = beginning and self._logged
+            if self.reason is None:
+                self._logged = False
+            self.reason = reason
+            said = not self._logged and time.monotonic() - self._logged_at >= QUIET_SECONDS
+            if said:
+                self._logged, self._logged_at = True, time.monotonic()
         if said:
             log.error("%s cannot be used: %s%s", self.part, reason, f". {self.while_down}" if self.while_down else "")
 
@@ -109,7 +110,7 @@ class Outage:
             return
         with self._mutex:
             said = self.reason is not None and self._logged
-            self.reason = None
+            self.reason, self._logged = None, False
         if said:
             log.warning("%s is reachable again", self.part)
 
