@@ -21,6 +21,10 @@ RETRY_AFTER_FAILURE = 1.0
 BLOCKING_TIMEOUT = 5.0
 # Failures that make Redis unusable (an outage), as opposed to an error answered to one command.
 UNUSABLE = (redis.ConnectionError, redis.TimeoutError, redis.exceptions.NoPermissionError)
+# Failures to reach Redis at all (refused, timed out, authentication, TLS), after which the next
+# commands would fail too: the process stops asking for a second. An error answered to one
+# command (WRONGTYPE, NOSCRIPT, even NOPERM) says nothing of the next.
+UNREACHABLE = (redis.ConnectionError, redis.TimeoutError)
 
 
 def scope(user, conversation_id):
@@ -162,13 +166,14 @@ class RedisLink:
         self._blocking = None
 
     def call(self, operation, *args, **kwargs):
-        """Run a Redis operation, failing fast for a second after Redis failed."""
+        """Run a Redis operation, failing fast for a second after Redis could not be reached."""
         if time.monotonic() < self._retry_at:
             raise RedisDown(self.outage.reason or "Redis failed a moment ago")
         try:
             answer = operation(*args, **kwargs)
         except redis.RedisError as exc:
-            self._retry_at = time.monotonic() + RETRY_AFTER_FAILURE
+            if isinstance(exc, UNREACHABLE):
+                self._retry_at = time.monotonic() + RETRY_AFTER_FAILURE
             if isinstance(exc, UNUSABLE):
                 self.outage.failed(redis_reason(exc))
             raise
