@@ -1,7 +1,6 @@
 """The language model: an OpenAI-compatible HTTP endpoint, or the built-in demo model."""
 
 import base64
-import itertools
 import json
 import logging
 import os
@@ -25,6 +24,9 @@ MAX_ANSWER_BYTES = 16 * 1024 * 1024
 ERROR_BODY_BYTES = 65536
 # The longest line of a streamed answer kept while waiting for its end.
 MAX_LINE_BYTES = 4 * 1024 * 1024
+# The most of a streamed answer read: a whole answer's bound four times over, since each chunk
+# wraps its few characters of text in a JSON object of its own.
+MAX_STREAM_BYTES = 4 * MAX_ANSWER_BYTES
 LINE_BREAK = re.compile(rb"\r\n|\r|\n")
 # Connections to the model kept open for reuse: as many as a worker's open streams.
 KEPT_CONNECTIONS = 4096
@@ -299,46 +301,50 @@ class EventDecoder:
 
     Lines end in CR, LF or CRLF; a byte-order mark before the first line is dropped; `data:`
     lines are joined with newlines; an event dispatches at a blank line. An event named `error`
-    and an `error:` field line (llama.cpp) are errors; comments and other fields are skipped.
+    (with or without data) and an `error:` field line (llama.cpp) are errors; comments and other
+    fields are skipped. A line, and the data of one event, are bounded by MAX_LINE_BYTES.
     """
 
     def __init__(self):
         """Nothing read yet."""
-        self._buffer = b""
+        self._head = b""  # the first bytes, until they are known not to be a split byte-order mark
         self._started = False
-        self._data = []
+        self._after_cr = False  # the last block ended in CR: an LF first in the next is its CRLF's
+        self._partial, self._partial_bytes = [], 0  # the line not ended yet, in pieces
+        self._data, self._data_bytes = [], 0
         self._event = ""
         self._error = None
         self.events = 0
 
     def feed(self, block):
         """The events completed by `block`, in order."""
-        buffer = self._buffer + block
         if not self._started:
-            if len(buffer) < 3 and b"\xef\xbb\xbf".startswith(buffer):
-                self._buffer = buffer
+            block = self._head + block
+            if len(block) < 3 and b"\xef\xbb\xbf".startswith(block):
+                self._head = block
                 return []
             self._started = True
-            buffer = buffer.removeprefix(b"\xef\xbb\xbf")
-        if len(buffer) > MAX_LINE_BYTES and not LINE_BREAK.search(buffer):
-            raise ApiError(502, "llm_bad_response", "a line of the model's stream was too long")
-        if buffer.endswith(b"\r"):  # maybe the first half of a CRLF: keep it for the next block
-            lines = LINE_BREAK.split(buffer[:-1])
-            self._buffer = lines.pop() + b"\r"
-        else:
-            lines = LINE_BREAK.split(buffer)
-            self._buffer = lines.pop()
+            block = block.removeprefix(b"\xef\xbb\xbf")
+        if self._after_cr and block:
+            block, self._after_cr = block.removeprefix(b"\n"), False
+        if not block:
+            return []
+        self._after_cr = block.endswith(b"\r")
+        *ended, rest = LINE_BREAK.split(block)
         completed = []
-        for line in lines:
-            event = self._line(line)
-            if event is not None:
-                completed.append(event)
+        if ended:
+            ended[0] = b"".join(self._partial + [ended[0]])
+            self._partial, self._partial_bytes = [], 0
+            for line in ended:
+                event = self._line(line)
+                if event is not None:
+                    completed.append(event)
+        if rest:
+            self._partial.append(rest)
+            self._partial_bytes += len(rest)
+            if self._partial_bytes > MAX_LINE_BYTES:
+                raise ApiError(502, "llm_bad_response", "a line of the model's stream was too long")
         return completed
-
-    def close(self):
-        """The events the end of the body completes (a CR held back as a possible CRLF ends its line)."""
-        held, self._buffer = self._buffer, b""
-        return self.feed(held[:-1] + b"\n") if held.endswith(b"\r") else []
 
     def _line(self, line):
         """Take one line; the event it completes, if any."""
@@ -349,6 +355,9 @@ class EventDecoder:
         name, _, value = line.partition(b":")
         value = value[1:] if value.startswith(b" ") else value
         if name == b"data":
+            self._data_bytes += len(value) + 1
+            if self._data_bytes > MAX_LINE_BYTES:
+                raise ApiError(502, "llm_bad_response", "an event of the model's stream was too long")
             self._data.append(value)
         elif name == b"event":
             self._event = value.decode("utf-8", "replace")
@@ -359,11 +368,11 @@ class EventDecoder:
     def _dispatch(self):
         """The event the lines so far make, and a fresh start."""
         data, event, error = self._data, self._event, self._error
-        self._data, self._event, self._error = [], "", None
+        self._data, self._data_bytes, self._event, self._error = [], 0, "", None
         if error is not None:
             self.events += 1
             return "error", error.decode("utf-8", "replace")
-        if not data:
+        if not data and event != "error":  # an error said with no data is still said
             return None
         self.events += 1
         text = b"\n".join(data).decode("utf-8", "replace")
@@ -372,7 +381,7 @@ class EventDecoder:
 
 def stream_error(upstream_text, known_secrets=()):
     """The ApiError for an error the model reported inside its stream (its text goes to the log, masked)."""
-    log.warning("the model reported an error mid-stream: %s", masked(upstream_text, known_secrets))
+    log.warning("the model reported an error mid-stream: %s", masked(upstream_text, known_secrets) or "(no detail)")
     return ApiError(502, "llm_error", "the model reported an error while answering")
 
 
@@ -385,14 +394,15 @@ class ReplyStream:
         self.timeout = timeout
         self.known_secrets = known_secrets
         self.reply = Reply(model=model)
+        self.received = 0  # bytes of the body read so far
         self._guard = threading.Lock()
         self._done_with = False
 
     def __iter__(self):
         """Yield each piece of text as the model sends it; raise ApiError if the stream breaks or reports an error."""
         decoder = EventDecoder()
-        for block in itertools.chain(self._blocks(), [None]):
-            for kind, payload in (decoder.feed(block) if block is not None else decoder.close()):
+        for block in self._blocks():
+            for kind, payload in decoder.feed(block):
                 if kind == "error":
                     raise stream_error(payload, self.known_secrets)
                 if payload.strip() == "[DONE]":
@@ -405,12 +415,15 @@ class ReplyStream:
         raise ApiError(502, "llm_incomplete", "the model's stream ended before it was done")
 
     def _blocks(self):
-        """Yield bytes as they arrive, each wait bounded by the timeout."""
+        """Yield bytes as they arrive, each wait bounded by the timeout, up to MAX_STREAM_BYTES in all."""
         try:
             while True:
                 block = self.response.read1(READ_SIZE)
                 if not block:
                     return
+                self.received += len(block)
+                if self.received > MAX_STREAM_BYTES:
+                    raise ApiError(502, "llm_bad_response", "the model's streamed answer was too large")
                 yield block
         except (urllib3.exceptions.ReadTimeoutError, socket.timeout, TimeoutError):
             raise ApiError(504, "llm_timeout",

@@ -8,10 +8,10 @@ import requests
 
 from errors import ApiError
 from errors import ContextTooLarge
-from llm import EventDecoder, OpenAIChatModel
+from llm import MAX_LINE_BYTES, MAX_STREAM_BYTES, EventDecoder, OpenAIChatModel
 from tests.fake_llm import Script
 from tests.helpers import bearer, complete, seen_by_model, stored_messages, wait_until
-from tests.sse_client import PING, data_events, events
+from tests.sse_client import PING, data_events, events, next_data, rest_of
 
 HELLO = [{"role": "user", "content": "hello"}]
 
@@ -64,6 +64,7 @@ REPORTED_ERRORS = [
                               "choices": [{"index": 0, "delta": {"content": ""}, "finish_reason": "error"}]}))),
     ("an event named error", sse(GOOD[0]) + b"event: error\ndata: {\"message\": \"overloaded\"}\n\n"),
     ("llama.cpp: an error field line", sse(GOOD[0]) + b"error: {\"code\": 500, \"message\": \"slot unavailable\"}\n\n"),
+    ("an event named error without data", sse(GOOD[0]) + b"event: error\n\n"),
 ]
 
 
@@ -149,6 +150,47 @@ def test_the_decoder_dispatches_only_at_a_blank_line():
     assert decoder.feed(b"\n") == [("data", "two")]
 
 
+def test_the_decoder_dispatches_a_cr_only_event_at_its_last_cr():
+    """A CR ends its line at once: the event is not held back until the next block comes."""
+    decoder = EventDecoder()
+    assert decoder.feed(b"data: a\r\r") == [("data", "a")]
+    assert decoder.feed(b"data: b\r\n\r") == [("data", "b")]
+
+
+def test_an_lf_after_a_cr_that_ended_the_last_block_is_half_of_a_crlf():
+    """CR at the end of one block, LF at the start of the next: one line end, not a blank line between."""
+    decoder = EventDecoder()
+    assert decoder.feed(b"data: a\r") == []
+    assert decoder.feed(b"\ndata: b\r\n") == []
+    assert decoder.feed(b"\r\n") == [("data", "a\nb")]
+
+
+def test_the_data_of_one_event_is_bounded():
+    """`data:` lines that never reach a blank line are refused past MAX_LINE_BYTES in all, not kept."""
+    decoder = EventDecoder()
+    line = b"data: " + b"x" * (1024 * 1024) + b"\n"
+    with pytest.raises(ApiError) as failure:
+        for _ in range(MAX_LINE_BYTES // (1024 * 1024) + 1):
+            decoder.feed(line)
+    assert failure.value.code == "llm_bad_response"
+
+
+CR_ONLY = [sse(GOOD[0], end=b"\r"), sse(GOOD[1], end=b"\r"), sse(GOOD[2], "[DONE]", end=b"\r")]
+
+
+def test_each_cr_only_event_is_read_before_the_next_arrives(model, llm):
+    """CR-only endings, each event in its own read: each chunk is yielded while the server holds the next."""
+    llm.script(Script(raw=CR_ONLY, raw_gated=True))
+    stream = model.open_stream(HELLO)
+    chunks = iter(stream)
+    assert next(chunks) == "Hel"
+    llm.release()
+    assert next(chunks) == "lo"
+    llm.release()
+    assert list(chunks) == []
+    assert stream.reply.finish_reason == "stop"
+
+
 # The service under gunicorn
 
 @pytest.mark.parametrize("raw", [r for _, r in REPORTED_ERRORS], ids=[n for n, _ in REPORTED_ERRORS])
@@ -160,6 +202,42 @@ def test_an_error_reported_mid_stream_ends_the_turn_with_llm_error_and_keeps_it_
     assert [e["content"] for e in received[:-1]] == ["Hel"]
     assert received[-1]["error"]["code"] == "llm_error"
     assert received[-1]["finish_reason"] == "error"
+    assert stored_messages("c1") == [("user", "hi", "complete"), ("assistant", "Hel", "error")]
+
+
+def test_each_cr_only_event_reaches_the_client_before_the_model_sends_the_next(service, llm):
+    """Through the service: each chunk of a CR-only stream is relayed while the model holds back the next."""
+    llm.script(Script(raw=CR_ONLY, raw_gated=True))
+    with service.stream("hi", "c1") as response:
+        received = events(response)
+        assert next_data(received)["content"] == "Hel"
+        llm.release()
+        assert next_data(received)["content"] == "lo"
+        llm.release()
+        final = rest_of(received)[-1]
+    assert "error" not in final and final["finish_reason"] == "stop"
+    assert stored_messages("c1") == complete(("hi", "Hello"))
+
+
+MEBIBYTE = 1024 * 1024
+TOO_MUCH = [
+    ("data lines that never end their event",
+     [sse(GOOD[0])] + [b"data: " + b"x" * MEBIBYTE + b"\n"] * (MAX_LINE_BYTES // MEBIBYTE + 1)),
+    ("a stream longer than MAX_STREAM_BYTES (comments)",
+     [sse(GOOD[0])] + [b": " + b"x" * (MAX_LINE_BYTES - 16) + b"\n"] * (MAX_STREAM_BYTES // MAX_LINE_BYTES + 1)
+     + [sse(*GOOD[1:], "[DONE]")]),
+]
+
+
+@pytest.mark.parametrize("pieces", [p for _, p in TOO_MUCH], ids=[n for n, _ in TOO_MUCH])
+def test_a_stream_past_its_bounds_ends_the_turn_with_llm_bad_response(service, llm, pieces):
+    """Past one event's bound or the whole stream's, the turn ends with llm_bad_response; the partial reply
+    is kept as an error."""
+    llm.script(Script(raw=pieces))
+    with service.stream("hi", "c1") as response:
+        received = data_events(response)
+    assert [e["content"] for e in received[:-1]] == ["Hel"]
+    assert received[-1]["error"]["code"] == "llm_bad_response"
     assert stored_messages("c1") == [("user", "hi", "complete"), ("assistant", "Hel", "error")]
 
 
