@@ -92,6 +92,10 @@ LOGGED_BODY_CHARS = 500
 CONTEXT_TOO_LONG = re.compile(r"(?i)context_length_exceeded|maximum context length|context length|"
                               r"context window|exceed_context_size|exceeds? the available context|"
                               r"prompt is too long|too many tokens")
+# What says the trouble is the reply's length asked for (max_tokens), or a rate of tokens, not the
+# prompt: leaving history out would not help, even where the words above appear too.
+MAX_TOKENS_COMPLAINT = re.compile(r"(?i)max_tokens|max_completion_tokens")
+NOT_AN_OVERFLOW = re.compile(r"(?i)max_tokens|max_completion_tokens|rate limit|per minute|per day")
 HTTP_DATE = re.compile(r"[A-Za-z]{3}, \d{2} [A-Za-z]{3} \d{4} \d{2}:\d{2}:\d{2} GMT")
 
 
@@ -114,6 +118,11 @@ def retry_after_of(value):
     return None
 
 
+def context_overflow(text):
+    """Whether a model's error says the prompt does not fit its context (not that max_tokens is too large)."""
+    return bool(CONTEXT_TOO_LONG.search(text)) and not NOT_AN_OVERFLOW.search(text)
+
+
 def upstream_error(status, body, retry_after=None, known_secrets=()):
     """The ApiError for a model that answered with an HTTP error status.
 
@@ -122,14 +131,16 @@ def upstream_error(status, body, retry_after=None, known_secrets=()):
     """
     log.warning("the model answered HTTP %s: %s", status, masked(body, known_secrets))
     message = f"the model answered HTTP {status}"
-    if 400 <= status < 500 and CONTEXT_TOO_LONG.search(body):
-        return ContextTooLarge()
     if status == 429:
         retry_after = retry_after_of(retry_after)
         headers = {"Retry-After": retry_after} if retry_after else None
         return ApiError(503, "llm_rate_limited", message, headers)
+    if 400 <= status < 500 and context_overflow(body):
+        return ContextTooLarge()
     if status == 401 or status == 403:
         message += " (check LLM_API_KEY)"
+    elif 400 <= status < 500 and MAX_TOKENS_COMPLAINT.search(body):
+        message += " (check LLM_MAX_TOKENS)"
     return ApiError(502, "llm_error", message)
 
 
@@ -248,18 +259,20 @@ class OpenAIChatModel:
                                  self.known_secrets)
         return response
 
-    def complete(self, messages):
-        """The whole reply to `messages`, in one request."""
-        response = self._post(messages, stream=False)
+    def complete(self, messages, **options):
+        """The whole reply to `messages`, in one request (`options` go in its body)."""
+        response = self._post(messages, stream=False, **options)
         try:
             body = response.read(MAX_ANSWER_BYTES + 1, decode_content=True)
             if len(body) > MAX_ANSWER_BYTES:
                 discard(response)
                 raise ApiError(502, "llm_bad_response", "the model's answer was too large")
             answer = json.loads(body)
-            if isinstance(answer, dict) and answer.get("error") is not None:
-                raise stream_error(json.dumps(answer["error"]), self.known_secrets)
+            if reports_error(answer):
+                raise reported_error(body.decode("utf-8", "replace"), self.known_secrets)
             choice = answer["choices"][0]
+            if choice.get("finish_reason") == "error":
+                raise reported_error(body.decode("utf-8", "replace"), self.known_secrets)
             content = choice["message"]["content"] or ""
             if not isinstance(content, str):
                 raise TypeError("content is not a string")
@@ -282,7 +295,7 @@ class OpenAIChatModel:
         """
         for _ in range(2):
             try:
-                discard(self._post(messages, stream=False, max_tokens=1))
+                self.complete(messages, max_tokens=1)
             except ContextTooLarge:
                 return False
             except ApiError as exc:
@@ -379,9 +392,22 @@ class EventDecoder:
         return ("error" if event == "error" else "data"), text
 
 
-def stream_error(upstream_text, known_secrets=()):
-    """The ApiError for an error the model reported inside its stream (its text goes to the log, masked)."""
-    log.warning("the model reported an error mid-stream: %s", masked(upstream_text, known_secrets) or "(no detail)")
+def reports_error(answer):
+    """Whether a JSON answer (a whole one, or a chunk) is an error report: an `error` object, or vLLM's
+    top-level `{"object": "error", "message": ...}`."""
+    return isinstance(answer, dict) and (answer.get("error") is not None or answer.get("object") == "error")
+
+
+def reported_error(upstream_text, known_secrets=(), before_any_text=True):
+    """The ApiError for an error the model reported in a 200 answer (its text goes to the log, masked).
+
+    One that says the prompt does not fit, before any text of the reply, is ContextTooLarge:
+    the same as when it is said with an HTTP 400.
+    """
+    log.warning("the model reported an error while answering: %s",
+                masked(upstream_text, known_secrets) or "(no detail)")
+    if before_any_text and context_overflow(upstream_text):
+        return ContextTooLarge()
     return ApiError(502, "llm_error", "the model reported an error while answering")
 
 
@@ -395,6 +421,7 @@ class ReplyStream:
         self.known_secrets = known_secrets
         self.reply = Reply(model=model)
         self.received = 0  # bytes of the body read so far
+        self.said_something = False  # whether any text of the reply came
         self._guard = threading.Lock()
         self._done_with = False
 
@@ -404,11 +431,12 @@ class ReplyStream:
         for block in self._blocks():
             for kind, payload in decoder.feed(block):
                 if kind == "error":
-                    raise stream_error(payload, self.known_secrets)
+                    raise self._reported(payload)
                 if payload.strip() == "[DONE]":
                     return
                 text = self._apply(payload)
                 if text:
+                    self.said_something = True
                     yield text
         if decoder.events == 0:
             raise EmptyStream()
@@ -435,8 +463,8 @@ class ReplyStream:
         """Record one event's usage and finish reason; return its text."""
         try:
             event = json.loads(payload)
-            if event.get("error") is not None:  # vLLM, OpenRouter: an error object in a data event
-                raise stream_error(payload, self.known_secrets)
+            if reports_error(event):  # vLLM, OpenRouter: an error object in a data event
+                raise self._reported(payload)
             if isinstance(event.get("usage"), dict):
                 self.reply.prompt_tokens = token_figure(event["usage"].get("prompt_tokens"))
                 self.reply.completion_tokens = token_figure(event["usage"].get("completion_tokens"))
@@ -445,7 +473,7 @@ class ReplyStream:
                 return ""
             choice = event["choices"][0]
             if choice.get("finish_reason") == "error":
-                raise stream_error(payload, self.known_secrets)
+                raise self._reported(payload)
             self.reply.finish_reason = finish_reason_of(choice.get("finish_reason")) or self.reply.finish_reason
             text = (choice.get("delta") or {}).get("content") or ""
             if not isinstance(text, str):
@@ -454,6 +482,10 @@ class ReplyStream:
         except (ValueError, KeyError, IndexError, TypeError, AttributeError, RecursionError):
             raise ApiError(502, "llm_bad_response",
                            "the model sent a chunk that is not a chat completion chunk") from None
+
+    def _reported(self, payload):
+        """The ApiError for an error the model reported in the stream (ContextTooLarge if before any text)."""
+        return reported_error(payload, self.known_secrets, before_any_text=not self.said_something)
 
     def finish(self):
         """After [DONE]: read the rest of the body, so the connection can carry the next turn."""
