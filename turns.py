@@ -263,6 +263,8 @@ class ChatService:
                     upstream = feed.upstream = self._asked(turn, self.model.open_stream)
                 except ApiError as refused:
                     return Message.ERROR, refused, upstream
+                if feed.cut_reason is not None:
+                    upstream.cut()  # stopped, left or shut down while the model was asked again
                 continue
             except ApiError as exc:
                 upstream.close()
