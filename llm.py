@@ -595,8 +595,22 @@ class DemoStream:
         self.cut_short = True
 
 
+def checked_base_url(url):
+    """LLM_BASE_URL, if it is an http(s) URL with a host; ConfigError, without repeating it, if not."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ConfigError("LLM_BASE_URL must start with http:// or https:// (such as https://api.openai.com/v1)")
+    try:
+        parts.port
+    except ValueError:
+        raise ConfigError("the port in LLM_BASE_URL must be a number") from None
+    return url
+
+
 def make_model(config):
     """The model the configuration names: a real endpoint, or the demo model."""
+    if config["LLM_BASE_URL"]:
+        checked_base_url(config["LLM_BASE_URL"])
     if config["LLM_BASE_URL"] and urlsplit(config["LLM_BASE_URL"]).password is not None and config["LLM_API_KEY"]:
         # requests would send the URL's credentials as Basic auth in place of the key.
         raise ConfigError("LLM_BASE_URL carries a user and password and LLM_API_KEY is set: give one of them")

@@ -5,6 +5,7 @@ redis-py ConnectionError, libpq's message under peewee's OperationalError) and s
 own words, naming the setting to change. A reason never holds a URL or a password.
 """
 
+import contextlib
 import logging
 import socket
 import ssl
@@ -20,7 +21,10 @@ TLS_SETTINGS = ("set REDIS_TLS_VERIFY=false for providers that use self-signed c
                 "or REDIS_TLS_CA_FILE to the CA that signed the server's certificate")
 TLS_REQUIRED_HINT = "if the server requires TLS, REDIS_URL must start with rediss://"
 
-# libpq's messages (lowercased) and what they mean, first match wins.
+TABLES_MISSING = ("the tables do not exist: run `.venv/bin/flask --app chat_app init-db` (the Procfile's release "
+                  "command)")
+
+# libpq's messages (lowercased), and SQLite's, and what they mean, first match wins.
 POSTGRES_REASONS = [
     (("no pg_hba.conf entry", "no encryption"),
      "the server requires TLS (it refuses connections without encryption); add ?sslmode=require to DATABASE_URL"),
@@ -43,8 +47,7 @@ POSTGRES_REASONS = [
     (("could not translate host name",), "unknown host: the host name in DATABASE_URL does not resolve"),
     (('role "', "does not exist"), "the user of DATABASE_URL does not exist on the server"),
     (('database "', "does not exist"), "the database named in DATABASE_URL does not exist on the server"),
-    (('relation "', "does not exist"),
-     "the tables do not exist: run `flask --app chat_app init-db` (the Procfile's release command)"),
+    (('relation "', "does not exist"), TABLES_MISSING),
     (("too many clients",),
      "the server has no connection slots left; lower DATABASE_POOL_SIZE (each worker of each instance keeps "
      "up to that many)"),
@@ -61,6 +64,7 @@ POSTGRES_REASONS = [
     (("unable to open database file",),
      "cannot open the SQLite file of DATABASE_URL (does its folder exist, and may the service write there?)"),
     (("database is locked",), "the SQLite file of DATABASE_URL is locked by another process"),
+    (("no such table",), TABLES_MISSING),
 ]
 
 QUIET_SECONDS = 60
@@ -90,6 +94,7 @@ class Outage:
         self.reason = None
         self._logged = False  # whether the current outage was logged
         self._logged_at = -QUIET_SECONDS
+        self._said_elsewhere = 0  # blocks in which the caller says the failures itself
         self._mutex = threading.Lock()
 
     def failed(self, reason):
@@ -98,11 +103,23 @@ class Outage:
             if self.reason is None:
                 self._logged = False
             self.reason = reason
-            said = not self._logged and time.monotonic() - self._logged_at >= QUIET_SECONDS
+            quiet = self._said_elsewhere or time.monotonic() - self._logged_at < QUIET_SECONDS
+            said = not self._logged and not quiet
             if said:
                 self._logged, self._logged_at = True, time.monotonic()
         if said:
             log.error("%s cannot be used: %s%s", self.part, reason, f". {self.while_down}" if self.while_down else "")
+
+    @contextlib.contextmanager
+    def said_by_caller(self):
+        """Log no failure in the block: the caller says it (a command's `Error:` line)."""
+        with self._mutex:
+            self._said_elsewhere += 1
+        try:
+            yield
+        finally:
+            with self._mutex:
+                self._said_elsewhere -= 1
 
     def recovered(self):
         """The part answered: logged once, if its outage was."""
