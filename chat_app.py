@@ -461,7 +461,8 @@ def plain_failures(command):
     def run(*args, **kwargs):
         """Run the command."""
         try:
-            return command(*args, **kwargs)
+            with models.outage.said_by_caller():
+                return command(*args, **kwargs)
         except models.DatabaseUnavailable as exc:
             raise click.ClickException(f"the database cannot be used: {exc}") from None
     return run

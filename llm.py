@@ -1,7 +1,6 @@
 """The language model: an OpenAI-compatible HTTP endpoint, or the built-in demo model."""
 
 import base64
-import itertools
 import json
 import logging
 import os
@@ -26,6 +25,9 @@ MAX_ANSWER_BYTES = 16 * 1024 * 1024
 ERROR_BODY_BYTES = 65536
 # The longest line of a streamed answer kept while waiting for its end.
 MAX_LINE_BYTES = 4 * 1024 * 1024
+# The most of a streamed answer read: a whole answer's bound four times over, since each chunk
+# wraps its few characters of text in a JSON object of its own.
+MAX_STREAM_BYTES = 4 * MAX_ANSWER_BYTES
 LINE_BREAK = re.compile(rb"\r\n|\r|\n")
 # Connections to the model kept open for reuse: as many as a worker's open streams.
 KEPT_CONNECTIONS = 4096
@@ -91,6 +93,10 @@ LOGGED_BODY_CHARS = 500
 CONTEXT_TOO_LONG = re.compile(r"(?i)context_length_exceeded|maximum context length|context length|"
                               r"context window|exceed_context_size|exceeds? the available context|"
                               r"prompt is too long|too many tokens")
+# What says the trouble is the reply's length asked for (max_tokens), or a rate of tokens, not the
+# prompt: leaving history out would not help, even where the words above appear too.
+MAX_TOKENS_COMPLAINT = re.compile(r"(?i)max_tokens|max_completion_tokens")
+NOT_AN_OVERFLOW = re.compile(r"(?i)max_tokens|max_completion_tokens|rate limit|per minute|per day")
 HTTP_DATE = re.compile(r"[A-Za-z]{3}, \d{2} [A-Za-z]{3} \d{4} \d{2}:\d{2}:\d{2} GMT")
 
 
@@ -113,6 +119,11 @@ def retry_after_of(value):
     return None
 
 
+def context_overflow(text):
+    """Whether a model's error says the prompt does not fit its context (not that max_tokens is too large)."""
+    return bool(CONTEXT_TOO_LONG.search(text)) and not NOT_AN_OVERFLOW.search(text)
+
+
 def upstream_error(status, body, retry_after=None, known_secrets=()):
     """The ApiError for a model that answered with an HTTP error status.
 
@@ -121,14 +132,16 @@ def upstream_error(status, body, retry_after=None, known_secrets=()):
     """
     log.warning("the model answered HTTP %s: %s", status, masked(body, known_secrets))
     message = f"the model answered HTTP {status}"
-    if 400 <= status < 500 and CONTEXT_TOO_LONG.search(body):
-        return ContextTooLarge()
     if status == 429:
         retry_after = retry_after_of(retry_after)
         headers = {"Retry-After": retry_after} if retry_after else None
         return ApiError(503, "llm_rate_limited", message, headers)
+    if 400 <= status < 500 and context_overflow(body):
+        return ContextTooLarge()
     if status == 401 or status == 403:
         message += " (check LLM_API_KEY)"
+    elif 400 <= status < 500 and MAX_TOKENS_COMPLAINT.search(body):
+        message += " (check LLM_MAX_TOKENS)"
     return ApiError(502, "llm_error", message)
 
 
@@ -247,18 +260,20 @@ class OpenAIChatModel:
                                  self.known_secrets)
         return response
 
-    def complete(self, messages):
-        """The whole reply to `messages`, in one request."""
-        response = self._post(messages, stream=False)
+    def complete(self, messages, **options):
+        """The whole reply to `messages`, in one request (`options` go in its body)."""
+        response = self._post(messages, stream=False, **options)
         try:
             body = response.read(MAX_ANSWER_BYTES + 1, decode_content=True)
             if len(body) > MAX_ANSWER_BYTES:
                 discard(response)
                 raise ApiError(502, "llm_bad_response", "the model's answer was too large")
             answer = json.loads(body)
-            if isinstance(answer, dict) and answer.get("error") is not None:
-                raise stream_error(json.dumps(answer["error"]), self.known_secrets)
+            if reports_error(answer):
+                raise reported_error(body.decode("utf-8", "replace"), self.known_secrets)
             choice = answer["choices"][0]
+            if choice.get("finish_reason") == "error":
+                raise reported_error(body.decode("utf-8", "replace"), self.known_secrets)
             content = choice["message"]["content"] or ""
             if not isinstance(content, str):
                 raise TypeError("content is not a string")
@@ -281,7 +296,7 @@ class OpenAIChatModel:
         """
         for _ in range(2):
             try:
-                discard(self._post(messages, stream=False, max_tokens=1))
+                self.complete(messages, max_tokens=1)
             except ContextTooLarge:
                 return False
             except ApiError as exc:
@@ -300,46 +315,50 @@ class EventDecoder:
 
     Lines end in CR, LF or CRLF; a byte-order mark before the first line is dropped; `data:`
     lines are joined with newlines; an event dispatches at a blank line. An event named `error`
-    and an `error:` field line (llama.cpp) are errors; comments and other fields are skipped.
+    (with or without data) and an `error:` field line (llama.cpp) are errors; comments and other
+    fields are skipped. A line, and the data of one event, are bounded by MAX_LINE_BYTES.
     """
 
     def __init__(self):
         """Nothing read yet."""
-        self._buffer = b""
+        self._head = b""  # the first bytes, until they are known not to be a split byte-order mark
         self._started = False
-        self._data = []
+        self._after_cr = False  # the last block ended in CR: an LF first in the next is its CRLF's
+        self._partial, self._partial_bytes = [], 0  # the line not ended yet, in pieces
+        self._data, self._data_bytes = [], 0
         self._event = ""
         self._error = None
         self.events = 0
 
     def feed(self, block):
         """The events completed by `block`, in order."""
-        buffer = self._buffer + block
         if not self._started:
-            if len(buffer) < 3 and b"\xef\xbb\xbf".startswith(buffer):
-                self._buffer = buffer
+            block = self._head + block
+            if len(block) < 3 and b"\xef\xbb\xbf".startswith(block):
+                self._head = block
                 return []
             self._started = True
-            buffer = buffer.removeprefix(b"\xef\xbb\xbf")
-        if len(buffer) > MAX_LINE_BYTES and not LINE_BREAK.search(buffer):
-            raise ApiError(502, "llm_bad_response", "a line of the model's stream was too long")
-        if buffer.endswith(b"\r"):  # maybe the first half of a CRLF: keep it for the next block
-            lines = LINE_BREAK.split(buffer[:-1])
-            self._buffer = lines.pop() + b"\r"
-        else:
-            lines = LINE_BREAK.split(buffer)
-            self._buffer = lines.pop()
+            block = block.removeprefix(b"\xef\xbb\xbf")
+        if self._after_cr and block:
+            block, self._after_cr = block.removeprefix(b"\n"), False
+        if not block:
+            return []
+        self._after_cr = block.endswith(b"\r")
+        *ended, rest = LINE_BREAK.split(block)
         completed = []
-        for line in lines:
-            event = self._line(line)
-            if event is not None:
-                completed.append(event)
+        if ended:
+            ended[0] = b"".join(self._partial + [ended[0]])
+            self._partial, self._partial_bytes = [], 0
+            for line in ended:
+                event = self._line(line)
+                if event is not None:
+                    completed.append(event)
+        if rest:
+            self._partial.append(rest)
+            self._partial_bytes += len(rest)
+            if self._partial_bytes > MAX_LINE_BYTES:
+                raise ApiError(502, "llm_bad_response", "a line of the model's stream was too long")
         return completed
-
-    def close(self):
-        """The events the end of the body completes (a CR held back as a possible CRLF ends its line)."""
-        held, self._buffer = self._buffer, b""
-        return self.feed(held[:-1] + b"\n") if held.endswith(b"\r") else []
 
     def _line(self, line):
         """Take one line; the event it completes, if any."""
@@ -350,6 +369,9 @@ class EventDecoder:
         name, _, value = line.partition(b":")
         value = value[1:] if value.startswith(b" ") else value
         if name == b"data":
+            self._data_bytes += len(value) + 1
+            if self._data_bytes > MAX_LINE_BYTES:
+                raise ApiError(502, "llm_bad_response", "an event of the model's stream was too long")
             self._data.append(value)
         elif name == b"event":
             self._event = value.decode("utf-8", "replace")
@@ -360,11 +382,11 @@ class EventDecoder:
     def _dispatch(self):
         """The event the lines so far make, and a fresh start."""
         data, event, error = self._data, self._event, self._error
-        self._data, self._event, self._error = [], "", None
+        self._data, self._data_bytes, self._event, self._error = [], 0, "", None
         if error is not None:
             self.events += 1
             return "error", error.decode("utf-8", "replace")
-        if not data:
+        if not data and event != "error":  # an error said with no data is still said
             return None
         self.events += 1
         text = b"\n".join(data).decode("utf-8", "replace")
@@ -513,9 +535,22 @@ class Watchdog:
 WATCHDOG = Watchdog()
 
 
-def stream_error(upstream_text, known_secrets=()):
-    """The ApiError for an error the model reported inside its stream (its text goes to the log, masked)."""
-    log.warning("the model reported an error mid-stream: %s", masked(upstream_text, known_secrets))
+def reports_error(answer):
+    """Whether a JSON answer (a whole one, or a chunk) is an error report: an `error` object, or vLLM's
+    top-level `{"object": "error", "message": ...}`."""
+    return isinstance(answer, dict) and (answer.get("error") is not None or answer.get("object") == "error")
+
+
+def reported_error(upstream_text, known_secrets=(), before_any_text=True):
+    """The ApiError for an error the model reported in a 200 answer (its text goes to the log, masked).
+
+    One that says the prompt does not fit, before any text of the reply, is ContextTooLarge:
+    the same as when it is said with an HTTP 400.
+    """
+    log.warning("the model reported an error while answering: %s",
+                masked(upstream_text, known_secrets) or "(no detail)")
+    if before_any_text and context_overflow(upstream_text):
+        return ContextTooLarge()
     return ApiError(502, "llm_error", "the model reported an error while answering")
 
 
@@ -528,6 +563,8 @@ class ReplyStream:
         self.timeout = timeout
         self.known_secrets = known_secrets
         self.reply = Reply(model=model)
+        self.received = 0  # bytes of the body read so far
+        self.said_something = False  # whether any text of the reply came
         self._guard = threading.Lock()
         self._done_with = False
         self._chunked = None  # the ChunkedBody the body is read through, once known (False: through urllib3)
@@ -535,32 +572,30 @@ class ReplyStream:
     def __iter__(self):
         """Yield each piece of text as the model sends it; raise ApiError if the stream breaks or reports an error."""
         decoder = EventDecoder()
-        for block in itertools.chain(self._blocks(), [None]):
-            for kind, payload in (decoder.feed(block) if block is not None else decoder.close()):
+        for block in self._blocks():
+            for kind, payload in decoder.feed(block):
                 if kind == "error":
-                    raise stream_error(payload, self.known_secrets)
+                    raise self._reported(payload)
                 if payload.strip() == "[DONE]":
                     return
                 text = self._apply(payload)
                 if text:
+                    self.said_something = True
                     yield text
         if decoder.events == 0:
             raise EmptyStream()
         raise ApiError(502, "llm_incomplete", "the model's stream ended before it was done")
 
     def _blocks(self):
-        """Yield bytes as they arrive, each wait bounded by the timeout."""
+        """Yield bytes as they arrive, each wait bounded by the timeout, up to MAX_STREAM_BYTES in all."""
         try:
             if self._chunked is None:
                 self._chunked = ChunkedBody(self.response, self.timeout) if ChunkedBody.fits(self.response) \
                     else False
-            if self._chunked:
-                yield from self._chunked.blocks()
-                return
-            while True:
-                block = self.response.read1(READ_SIZE)
-                if not block:
-                    return
+            for block in self._chunked.blocks() if self._chunked else iter(self._read1, b""):
+                self.received += len(block)
+                if self.received > MAX_STREAM_BYTES:
+                    raise ApiError(502, "llm_bad_response", "the model's streamed answer was too large")
                 yield block
         except (urllib3.exceptions.ReadTimeoutError, socket.timeout, TimeoutError):
             raise ApiError(504, "llm_timeout",
@@ -568,12 +603,16 @@ class ReplyStream:
         except (urllib3.exceptions.HTTPError, OSError, ValueError):
             raise ApiError(502, "llm_unavailable", "the connection to the model broke") from None
 
+    def _read1(self):
+        """What urllib3 has of a body that is not chunks (b"" at its end)."""
+        return self.response.read1(READ_SIZE)
+
     def _apply(self, payload):
         """Record one event's usage and finish reason; return its text."""
         try:
             event = json.loads(payload)
-            if event.get("error") is not None:  # vLLM, OpenRouter: an error object in a data event
-                raise stream_error(payload, self.known_secrets)
+            if reports_error(event):  # vLLM, OpenRouter: an error object in a data event
+                raise self._reported(payload)
             if isinstance(event.get("usage"), dict):
                 self.reply.prompt_tokens = token_figure(event["usage"].get("prompt_tokens"))
                 self.reply.completion_tokens = token_figure(event["usage"].get("completion_tokens"))
@@ -582,7 +621,7 @@ class ReplyStream:
                 return ""
             choice = event["choices"][0]
             if choice.get("finish_reason") == "error":
-                raise stream_error(payload, self.known_secrets)
+                raise self._reported(payload)
             self.reply.finish_reason = finish_reason_of(choice.get("finish_reason")) or self.reply.finish_reason
             text = (choice.get("delta") or {}).get("content") or ""
             if not isinstance(text, str):
@@ -591,6 +630,10 @@ class ReplyStream:
         except (ValueError, KeyError, IndexError, TypeError, AttributeError, RecursionError):
             raise ApiError(502, "llm_bad_response",
                            "the model sent a chunk that is not a chat completion chunk") from None
+
+    def _reported(self, payload):
+        """The ApiError for an error the model reported in the stream (ContextTooLarge if before any text)."""
+        return reported_error(payload, self.known_secrets, before_any_text=not self.said_something)
 
     def finish(self):
         """After [DONE]: read the rest of the body, so the connection can carry the next turn."""
@@ -700,8 +743,22 @@ class DemoStream:
         self.cut_short = True
 
 
+def checked_base_url(url):
+    """LLM_BASE_URL, if it is an http(s) URL with a host; ConfigError, without repeating it, if not."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ConfigError("LLM_BASE_URL must start with http:// or https:// (such as https://api.openai.com/v1)")
+    try:
+        parts.port
+    except ValueError:
+        raise ConfigError("the port in LLM_BASE_URL must be a number") from None
+    return url
+
+
 def make_model(config):
     """The model the configuration names: a real endpoint, or the demo model."""
+    if config["LLM_BASE_URL"]:
+        checked_base_url(config["LLM_BASE_URL"])
     if config["LLM_BASE_URL"] and urlsplit(config["LLM_BASE_URL"]).password is not None and config["LLM_API_KEY"]:
         # requests would send the URL's credentials as Basic auth in place of the key.
         raise ConfigError("LLM_BASE_URL carries a user and password and LLM_API_KEY is set: give one of them")

@@ -10,9 +10,11 @@ from peewee import (AutoField, Case, CharField, IntegrityError, DatabaseProxy, D
                     IntegerField, Model, PeeweeException, PostgresqlDatabase,
                     TextField, fn)
 from playhouse.db_url import connect, register_database
+from playhouse.db_url import schemes as db_url_schemes
 from playhouse.migrate import SchemaMigrator, migrate
 from playhouse.pool import MaxConnectionsExceeded, PooledPostgresqlDatabase
 
+from config import ConfigError
 from outages import Outage, Unavailable, database_reason
 
 db = DatabaseProxy()
@@ -53,17 +55,39 @@ def pooled_url(url):
 
 def open_database(url, pool_size, pool_timeout):
     """Bind the models to the database at `url` through a bounded connection pool."""
-    url = pooled_url(url)
+    url = checked(pooled_url(url))
     options = {"max_connections": pool_size, "timeout": pool_timeout, "stale_timeout": 300}
     if url.startswith("sqlite"):
         path = urlsplit(url).path[1:]
         if path and path != ":memory:":
-            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+            make_folder_of(path)
         options.update(check_same_thread=False,
                        pragmas={"journal_mode": "wal", "busy_timeout": 5000, "foreign_keys": 1})
     database = connect(url, **options)
     db.initialize(database)
     return database
+
+
+def checked(url):
+    """The pooled DATABASE_URL, if peewee can read it; ConfigError, without repeating it, if not."""
+    scheme, sep, _ = url.partition("://")
+    if not sep or scheme not in db_url_schemes:
+        given = f" (it starts with {scheme.removesuffix('+pool')}://)" if sep else ""
+        raise ConfigError(f"DATABASE_URL must be a postgresql:// or sqlite:/// URL{given}")
+    try:
+        urlsplit(url).port
+    except ValueError:
+        raise ConfigError("the port in DATABASE_URL must be a number") from None
+    return url
+
+
+def make_folder_of(path):
+    """Make the folder of the SQLite file at `path`, if it is missing; ConfigError if it cannot be made."""
+    try:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    except OSError as exc:
+        why = "a file is where the folder would be" if isinstance(exc, FileExistsError) else exc.strerror
+        raise ConfigError(f"the folder of DATABASE_URL's SQLite file cannot be created ({why})") from None
 
 
 class PooledPostgres(PooledPostgresqlDatabase):

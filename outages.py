@@ -5,6 +5,7 @@ redis-py ConnectionError, libpq's message under peewee's OperationalError) and s
 own words, naming the setting to change. A reason never holds a URL or a password.
 """
 
+import contextlib
 import logging
 import socket
 import ssl
@@ -20,7 +21,10 @@ TLS_SETTINGS = ("set REDIS_TLS_VERIFY=false for providers that use self-signed c
                 "or REDIS_TLS_CA_FILE to the CA that signed the server's certificate")
 TLS_REQUIRED_HINT = "if the server requires TLS, REDIS_URL must start with rediss://"
 
-# libpq's messages (lowercased) and what they mean, first match wins.
+TABLES_MISSING = ("the tables do not exist: run `.venv/bin/flask --app chat_app init-db` (the Procfile's release "
+                  "command)")
+
+# libpq's messages (lowercased), and SQLite's, and what they mean, first match wins.
 POSTGRES_REASONS = [
     (("no pg_hba.conf entry", "no encryption"),
      "the server requires TLS (it refuses connections without encryption); add ?sslmode=require to DATABASE_URL"),
@@ -43,8 +47,7 @@ POSTGRES_REASONS = [
     (("could not translate host name",), "unknown host: the host name in DATABASE_URL does not resolve"),
     (('role "', "does not exist"), "the user of DATABASE_URL does not exist on the server"),
     (('database "', "does not exist"), "the database named in DATABASE_URL does not exist on the server"),
-    (('relation "', "does not exist"),
-     "the tables do not exist: run `flask --app chat_app init-db` (the Procfile's release command)"),
+    (('relation "', "does not exist"), TABLES_MISSING),
     (("too many clients",),
      "the server has no connection slots left; lower DATABASE_POOL_SIZE (each worker of each instance keeps "
      "up to that many)"),
@@ -61,6 +64,7 @@ POSTGRES_REASONS = [
     (("unable to open database file",),
      "cannot open the SQLite file of DATABASE_URL (does its folder exist, and may the service write there?)"),
     (("database is locked",), "the SQLite file of DATABASE_URL is locked by another process"),
+    (("no such table",), TABLES_MISSING),
 ]
 
 QUIET_SECONDS = 60
@@ -77,9 +81,10 @@ class Outage:
     """Whether a part (Redis, the database) can be used now, and if not, why.
 
     The first failure of an outage is logged with its reason, and the first success after it;
-    the failures in between are not (their reason is kept, for /status). An outage that begins
-    within QUIET_SECONDS of the last one logged is not logged, nor its end: a part that flaps
-    says so once a minute at most.
+    the failures in between are not (their reason is kept, for /status). A part that flaps says
+    so once a minute at most: an outage that begins within QUIET_SECONDS of the last one logged
+    is logged at its first failure once that minute is up, if it still goes on; one that ends
+    before is never logged, nor its end.
     """
 
     def __init__(self, part, while_down=""):
@@ -89,19 +94,32 @@ class Outage:
         self.reason = None
         self._logged = False  # whether the current outage was logged
         self._logged_at = -QUIET_SECONDS
+        self._said_elsewhere = 0  # blocks in which the caller says the failures itself
         self._mutex = threading.Lock()
 
     def failed(self, reason):
-        """The part failed for `reason`: logged if it begins an outage (and the last was not just now)."""
+        """The part failed for `reason`: logged if the outage was not, unless the last was logged just now."""
         with self._mutex:
-            beginning, self.reason = self.reason is None, reason
-            if beginning:
-                self._logged = time.monotonic() - self._logged_at >= QUIET_SECONDS
-                if self._logged:
-                    self._logged_at = time.monotonic()
-            said = beginning and self._logged
+            if self.reason is None:
+                self._logged = False
+            self.reason = reason
+            quiet = self._said_elsewhere or time.monotonic() - self._logged_at < QUIET_SECONDS
+            said = not self._logged and not quiet
+            if said:
+                self._logged, self._logged_at = True, time.monotonic()
         if said:
             log.error("%s cannot be used: %s%s", self.part, reason, f". {self.while_down}" if self.while_down else "")
+
+    @contextlib.contextmanager
+    def said_by_caller(self):
+        """Log no failure in the block: the caller says it (a command's `Error:` line)."""
+        with self._mutex:
+            self._said_elsewhere += 1
+        try:
+            yield
+        finally:
+            with self._mutex:
+                self._said_elsewhere -= 1
 
     def recovered(self):
         """The part answered: logged once, if its outage was."""
@@ -109,7 +127,7 @@ class Outage:
             return
         with self._mutex:
             said = self.reason is not None and self._logged
-            self.reason = None
+            self.reason, self._logged = None, False
         if said:
             log.warning("%s is reachable again", self.part)
 

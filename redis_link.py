@@ -9,10 +9,11 @@ the in-process backends answer at once and add nothing to it.
 
 import logging
 import time
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit
 
 import redis
 
+from config import ConfigError
 from outages import Outage, Unavailable, redis_reason
 
 log = logging.getLogger(__name__)
@@ -21,6 +22,10 @@ RETRY_AFTER_FAILURE = 1.0
 BLOCKING_TIMEOUT = 5.0
 # Failures that make Redis unusable (an outage), as opposed to an error answered to one command.
 UNUSABLE = (redis.ConnectionError, redis.TimeoutError, redis.exceptions.NoPermissionError)
+# Failures to reach Redis at all (refused, timed out, authentication, TLS), after which the next
+# commands would fail too: the process stops asking for a second. An error answered to one
+# command (WRONGTYPE, NOSCRIPT, even NOPERM) says nothing of the next.
+UNREACHABLE = (redis.ConnectionError, redis.TimeoutError)
 
 
 def scope(user, conversation_id):
@@ -145,6 +150,16 @@ def tls_options(url, verify=True, ca_file=None):
     return options
 
 
+def client_of(url, **options):
+    """redis-py's client of REDIS_URL; ConfigError, without repeating the URL, if it cannot be read."""
+    if urlsplit(url).scheme not in ("redis", "rediss", "unix"):
+        raise ConfigError("REDIS_URL must start with redis://, rediss:// or unix://")
+    try:
+        return redis.Redis.from_url(url, **options)
+    except ValueError as exc:  # a port or a query parameter redis-py cannot read: its words name which
+        raise ConfigError(f"REDIS_URL cannot be read: {exc}") from None
+
+
 class RedisLink:
     """The Redis client of a process, never waiting on Redis more than a second.
 
@@ -156,19 +171,20 @@ class RedisLink:
         self.url = url
         self.options = {"decode_responses": True, "socket_connect_timeout": 1, "health_check_interval": 30,
                         **tls_options(url, verify, ca_file)}
-        self.client = redis.Redis.from_url(url, socket_timeout=1, **self.options)
+        self.client = client_of(url, socket_timeout=1, **self.options)
         self.outage = Outage("Redis")
         self._retry_at = 0.0
         self._blocking = None
 
     def call(self, operation, *args, **kwargs):
-        """Run a Redis operation, failing fast for a second after Redis failed."""
+        """Run a Redis operation, failing fast for a second after Redis could not be reached."""
         if time.monotonic() < self._retry_at:
             raise RedisDown(self.outage.reason or "Redis failed a moment ago")
         try:
             answer = operation(*args, **kwargs)
         except redis.RedisError as exc:
-            self._retry_at = time.monotonic() + RETRY_AFTER_FAILURE
+            if isinstance(exc, UNREACHABLE):
+                self._retry_at = time.monotonic() + RETRY_AFTER_FAILURE
             if isinstance(exc, UNUSABLE):
                 self.outage.failed(redis_reason(exc))
             raise

@@ -257,8 +257,8 @@ class ChatService:
     def _read_model(self, turn, feed, upstream, parts):
         """Add each chunk of the model's reply to the feed; (status, error, the stream it came from).
 
-        A stream that sends nothing at all may be the model's way of saying the prompt is too
-        long (llama-cpp-python): if so, the oldest history is left out and the model asked again.
+        A stream that says, before any text, that the prompt is too long, or that sends nothing
+        at all (llama-cpp-python's way of saying so), is asked again with the oldest history left out.
         """
         while True:
             try:
@@ -267,14 +267,16 @@ class ChatService:
                         turn.first_token_at = time.monotonic()
                     parts.append(text)
                     feed.add(sse.chunk_data(text))
-            except EmptyStream as exc:
+            except (EmptyStream, ContextTooLarge) as exc:
                 upstream.close()
                 try:
-                    if parts or feed.cut_reason or not self._refit(turn):
+                    if parts or feed.cut_reason or not self._refit(turn, exc):
                         return Message.ERROR, exc, upstream
                     upstream = feed.upstream = self._asked(turn, self.model.open_stream)
                 except ApiError as refused:
                     return Message.ERROR, refused, upstream
+                if feed.cut_reason is not None:
+                    upstream.cut()  # stopped, left or shut down while the model was asked again
                 continue
             except ApiError as exc:
                 upstream.close()
@@ -286,12 +288,13 @@ class ChatService:
             upstream.finish()
             return Message.COMPLETE, None, upstream
 
-    def _refit(self, turn):
-        """After an empty stream: whether the prompt did not fit and a shorter one is ready.
+    def _refit(self, turn, failure):
+        """After an empty stream or one that said the prompt is too long: whether a shorter prompt is ready.
 
-        Raises ContextTooLarge when even the message alone does not fit.
+        An empty stream may have another cause: the model is asked, for one token, whether the
+        prompt fits. Raises ContextTooLarge when even the message alone does not fit.
         """
-        if self.model.fits(turn.prompt):
+        if isinstance(failure, EmptyStream) and self.model.fits(turn.prompt):
             return False
         if not self._shorten(turn):
             raise ContextTooLarge()

@@ -13,8 +13,10 @@ import logging
 import socket
 import time
 
+import click
 import gunicorn.http.wsgi
 import gunicorn.util
+from gunicorn.errors import AppImportError
 from gunicorn.http.errors import NoMoreData
 from gunicorn.workers.ggevent import GeventWorker
 
@@ -102,6 +104,13 @@ class ClientConnection:
 
 class Worker(GeventWorker):
     """gunicorn's gevent worker, its clients held to the deadlines the app is configured with."""
+
+    def load_wsgi(self):
+        """Build the app; a setting it cannot start with stops gunicorn with one line (`Error: ...`), no traceback."""
+        try:
+            super().load_wsgi()
+        except click.ClickException as exc:  # config.ConfigError
+            raise AppImportError(f"Error: {exc.format_message()}") from None
 
     def handle(self, listener, client, addr):
         """Serve a connection through a ClientConnection."""

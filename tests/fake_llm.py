@@ -74,6 +74,9 @@ class Script:
     usage_value: object = None
     raw: list[bytes] | None = None
     raw_delay: float = 0
+    # Each raw piece after the first waits for a release() of its own, so a test can see what the
+    # client made of one piece before the next is sent.
+    raw_gated: bool = False
 
     def text_for(self, request: dict) -> str:
         """The full reply text for this request."""
@@ -341,7 +344,9 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             self._start_stream(script.close_delimited)
             for number, piece in enumerate(script.raw):
                 if number:
-                    self._wait(script.raw_delay)
+                    self._wait(None if script.raw_gated else script.raw_delay)
+                if script.raw_gated:
+                    self._releases_seen = self.llm._release_count()  # the next piece waits for a later one
                 self._write_body(piece)
             if self._chunked:
                 self._send(LAST_CHUNK)
@@ -629,6 +634,11 @@ class FakeLLM:
         """Wake every paused handler; caller holds the condition."""
         for bell in self._sleepers:
             bell.ring()
+
+    def _release_count(self) -> int:
+        """How many times release() was called."""
+        with self._cond:
+            return self._releases
 
     def _admit(self, connection: socket.socket) -> bool:
         """Track a new connection so stop() can close it; refuse it when stopping."""

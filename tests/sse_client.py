@@ -23,6 +23,11 @@ def events_with_ids(response):
             raise AssertionError(f"not an SSE line: {line!r}")
 
 
+def data_events_in(text):
+    """The `data:` events of a stream's whole text, already read."""
+    return [json.loads(line[len("data: "):]) for line in text.splitlines() if line.startswith("data: ")]
+
+
 def events(response):
     """Yield each event of a streamed `requests` response: a dict per `data:` event, PING per comment."""
     for _, payload in events_with_ids(response):

@@ -2,6 +2,8 @@
 
 import os
 import stat
+import subprocess
+import sys
 import time
 
 import pytest
@@ -10,7 +12,7 @@ from flask.cli import FlaskGroup
 import chat_app
 import models
 from config import ConfigError
-from tests.helpers import SECRET, bearer, claims_of, stored_conversation
+from tests.helpers import ROOT, SECRET, Service, bearer, claims_of, free_port, stored_conversation
 
 TABLES = {"chat_conversation", "chat_message"}
 
@@ -206,3 +208,89 @@ def test_redis_tls_verify_refuses_anything_but_true_or_false(settings, monkeypat
     monkeypatch.setenv("REDIS_TLS_VERIFY", "maybe")
     with pytest.raises(ConfigError, match="REDIS_TLS_VERIFY must be true or false, not 'maybe'"):
         chat_app.create_app(settings)
+
+
+# The real command line, in a process of its own, and gunicorn on the same settings
+
+SETTINGS = ("APP_ENV", "DATABASE_URL", "REDIS_URL", "LLM_BASE_URL", "LLM_API_KEY", "JWT_SECRET_KEY", "JWT_PUBLIC_KEY",
+            "JWT_JWKS_URL", "JWT_SECRET_KEY_PREVIOUS")
+
+
+def environment(tmp_path, settings):
+    """This process's environment without the service's settings, then the test's defaults and `settings`."""
+    env = {name: value for name, value in os.environ.items() if name not in SETTINGS}
+    env.update(JWT_SECRET_KEY=SECRET, DATABASE_URL=f"sqlite:///{tmp_path / 'cli.db'}")
+    env.update(settings)
+    return {name: value for name, value in env.items() if value is not None}
+
+
+def real_cli(tmp_path, *args, **settings):
+    """Run `.venv/bin/flask --app chat_app ARGS` as a user would: (exit status, its output lines)."""
+    flask = os.path.join(os.path.dirname(sys.executable), "flask")
+    done = subprocess.run([flask, "--app", "chat_app", *args], cwd=ROOT, env=environment(tmp_path, settings),
+                          capture_output=True, text=True, timeout=60)
+    return done.returncode, [line for line in (done.stdout + done.stderr).splitlines() if line.strip()]
+
+
+def a_file(tmp_path):
+    """A file where a folder would have to be."""
+    (tmp_path / "a-file").write_text("")
+    return tmp_path / "a-file"
+
+
+# (name, settings (callables of tmp_path), the one line the command and gunicorn must say)
+BAD_SETTINGS = [
+    ("database-url-scheme", {"DATABASE_URL": lambda tmp: "mysq://chat@db.internal/chat"},
+     "Error: DATABASE_URL must be a postgresql:// or sqlite:/// URL (it starts with mysq://)"),
+    ("database-url-port", {"DATABASE_URL": lambda tmp: "postgresql://chat:hunter2@db.internal:54x2/chat"},
+     "Error: the port in DATABASE_URL must be a number"),
+    ("sqlite-folder", {"DATABASE_URL": lambda tmp: f"sqlite:///{a_file(tmp)}/data/chat.db"},
+     "Error: the folder of DATABASE_URL's SQLite file cannot be created (Not a directory)"),
+    ("llm-base-url-scheme", {"LLM_BASE_URL": lambda tmp: "llm.internal:8080"},
+     "Error: LLM_BASE_URL must start with http:// or https:// (such as https://api.openai.com/v1)"),
+    ("redis-url-scheme", {"REDIS_URL": lambda tmp: "http://127.0.0.1:6379/0"},
+     "Error: REDIS_URL must start with redis://, rediss:// or unix://"),
+    ("no-jwt-secret", {"JWT_SECRET_KEY": lambda tmp: None},
+     "Error: JWT_SECRET_KEY must be set to at least 32 bytes (or JWT_JWKS_URL or JWT_PUBLIC_KEY for your identity "
+     "provider's tokens, or APP_ENV=development to generate a local secret)"),
+]
+
+
+def settings_of(given, tmp_path):
+    """The settings of a BAD_SETTINGS row for this test's folder."""
+    return {name: value(tmp_path) for name, value in given.items()}
+
+
+@pytest.mark.parametrize("given,said", [(g, s) for _, g, s in BAD_SETTINGS], ids=[n for n, _, _ in BAD_SETTINGS])
+def test_a_setting_the_cli_cannot_start_with_is_one_error_line(tmp_path, given, said):
+    """`create-token` with a bad setting: exit status 1 and one line saying which and why, no traceback."""
+    status, lines = real_cli(tmp_path, "create-token", "alice", **settings_of(given, tmp_path))
+    assert (status, lines) == (1, [said])
+    assert "hunter2" not in "".join(lines)
+
+
+def test_a_database_that_cannot_be_reached_is_one_error_line(tmp_path):
+    """init-db with nothing listening at DATABASE_URL: only the Error: line (no log line before it)."""
+    status, lines = real_cli(tmp_path, "init-db", DATABASE_URL=f"postgresql://root@127.0.0.1:{free_port()}/chat")
+    assert (status, lines) == (1, ["Error: the database cannot be used: connection refused: nothing listens at the "
+                                   "host and port of DATABASE_URL (is PostgreSQL running?)"])
+
+
+def test_a_sqlite_file_without_tables_says_to_run_init_db(tmp_path):
+    """A command on a SQLite file init-db never ran on: the same hint as PostgreSQL's."""
+    status, lines = real_cli(tmp_path, "usage")
+    assert (status, lines) == (1, ["Error: the database cannot be used: the tables do not exist: run "
+                                   "`.venv/bin/flask --app chat_app init-db` (the Procfile's release command)"])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("given,said", [(g, s) for _, g, s in BAD_SETTINGS], ids=[n for n, _, _ in BAD_SETTINGS])
+def test_gunicorn_refuses_to_start_on_a_bad_setting_with_the_same_line(tmp_path, given, said):
+    """The service under gunicorn exits at once; its log holds the one line, and no traceback."""
+    service = Service(environment(tmp_path, {"APP_ENV": "production", **settings_of(given, tmp_path)}))
+    with pytest.raises(RuntimeError, match="gunicorn exited"):
+        service.start()
+    log = service.output()
+    assert said in log.splitlines()
+    assert "Traceback" not in log and "hunter2" not in log
+    assert service.process.wait(10) != 0

@@ -3,7 +3,7 @@
 import pytest
 
 from cache import ConversationCache, MemoryCache, RedisCache
-from coordination import Coordination, MemoryCoordination, RedisCoordination
+from coordination import LOCK_KEY, Coordination, MemoryCoordination, RedisCoordination
 from redis_link import LocalTrip, RedisLink
 from tests.helpers import free_port, wait_until
 
@@ -148,6 +148,20 @@ def test_a_published_stop_reaches_the_listener(shared):
     coordination.listen_for_stops(heard.append)
     assert wait_until(lambda: (coordination.publish_stop("c1"), heard)[1], timeout=10, interval=0.2)
     assert set(heard) == {"c1"}
+
+
+def test_an_error_redis_answers_to_one_command_does_not_make_the_process_give_up_on_it(redis_url, redis_client):
+    """WRONGTYPE to one command is that command's failure, not an outage: the next turn's lease is still
+    taken in Redis, and Redis still answers a ping."""
+    link = RedisLink(redis_url)
+    coordination = RedisCoordination(link)
+    redis_client.hset(LOCK_KEY.format("c1"), "not", "a lease")
+    assert coordination.holder_of("c1") is None  # WRONGTYPE: the in-process leases answer
+    lease = sent(link.round_trip, lambda trip: coordination.take("c2", "run", trip))
+    assert redis_client.get(LOCK_KEY.format("c2")) is not None
+    link.ping()
+    assert link.outage.reason is None
+    lease.release()
 
 
 def test_without_redis_a_read_is_a_miss(unreachable):

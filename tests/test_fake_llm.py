@@ -14,7 +14,7 @@ import pytest
 import requests
 
 from tests.fake_llm import FakeLLM, Script, parse_args, split_words, standalone_script
-from tests.helpers import ROOT
+from tests.helpers import ROOT, wait_until
 
 @pytest.fixture
 def llm():
@@ -219,6 +219,20 @@ def test_each_event_travels_in_its_own_http_chunk(llm, raw):
     assert all(e.startswith(b"data: ") and e.endswith(b"\n\n") and e.count(b"\n\n") == 1 for e in events)
     assert len(events) == 1 + 2 + 1 + 1  # role, contents, stop, [DONE]
     assert events[-1] == b"data: [DONE]\n\n"
+
+
+def test_gated_raw_pieces_wait_each_for_a_release_of_their_own(llm, raw):
+    llm.script(Script(raw=[b"one", b"two", b"three"], raw_gated=True))
+    raw.send_chat(chat(stream=True))
+    raw.read_head()
+
+    assert raw.read_chunk() == b"one"
+    assert wait_until(lambda: llm._sleepers)  # holding "two" back until a release
+    llm.release()
+    assert raw.read_chunk() == b"two"
+    llm.release()
+    assert raw.read_chunk() == b"three"
+    assert raw.read_chunk() == b""
 
 
 def test_comments_precede_every_event(llm, raw):

@@ -8,10 +8,10 @@ import requests
 
 from errors import ApiError
 from errors import ContextTooLarge
-from llm import EventDecoder, OpenAIChatModel
+from llm import MAX_LINE_BYTES, MAX_STREAM_BYTES, EventDecoder, OpenAIChatModel
 from tests.fake_llm import Script
-from tests.helpers import bearer, complete, seen_by_model, stored_messages, wait_until
-from tests.sse_client import PING, data_events, events
+from tests.helpers import assert_error, bearer, complete, seen_by_model, stored_messages, wait_until
+from tests.sse_client import PING, data_events, data_events_in, events, next_data, rest_of
 
 HELLO = [{"role": "user", "content": "hello"}]
 
@@ -64,6 +64,7 @@ REPORTED_ERRORS = [
                               "choices": [{"index": 0, "delta": {"content": ""}, "finish_reason": "error"}]}))),
     ("an event named error", sse(GOOD[0]) + b"event: error\ndata: {\"message\": \"overloaded\"}\n\n"),
     ("llama.cpp: an error field line", sse(GOOD[0]) + b"error: {\"code\": 500, \"message\": \"slot unavailable\"}\n\n"),
+    ("an event named error without data", sse(GOOD[0]) + b"event: error\n\n"),
 ]
 
 
@@ -112,6 +113,27 @@ def test_a_whole_answer_holding_an_error_object_is_a_502(model, llm):
     assert (failure.value.status, failure.value.code) == (502, "llm_error")
 
 
+# (name, the JSON body of a 200) of whole answers in which the server reports an error
+WHOLE_ANSWER_ERRORS = [
+    ("an error object", {"error": {"message": "Engine loop has died", "type": "InternalServerError"}}),
+    ("vLLM: a top-level error object", {"object": "error", "message": "Engine loop has died",
+                                        "type": "InternalServerError", "code": 500}),
+    ("a choice with finish_reason error", {"object": "chat.completion", "model": "real-model",
+                                           "choices": [{"index": 0, "finish_reason": "error",
+                                                        "message": {"role": "assistant", "content": "Engine loop"}}]}),
+]
+
+
+@pytest.mark.parametrize("answer", [a for _, a in WHOLE_ANSWER_ERRORS], ids=[n for n, _ in WHOLE_ANSWER_ERRORS])
+def test_a_whole_answer_reporting_an_error_is_a_502_llm_error_for_chat_run(pg_client, llm, answer):
+    """/chat/run on a 200 whose body reports an error: 502 llm_error with our own message, nothing kept."""
+    llm.script(Script(raw=[json.dumps(answer).encode()]))
+    response = pg_client.post("/chat/run", json={"message": "hi", "conversation_id": "c1"}, headers=bearer())
+    assert_error(response, 502, "llm_error")
+    assert "Engine loop" not in response.get_data(as_text=True)
+    assert stored_messages("c1") == []
+
+
 CONTEXT_ERRORS = [
     ("openai", 400, json.dumps({"error": {"message": "This model's maximum context length is 8192 tokens. However, "
                                                      "your messages resulted in 9000 tokens.",
@@ -134,12 +156,36 @@ def test_each_servers_way_of_saying_the_context_is_too_long_is_recognised(model,
         model.complete(HELLO)
 
 
-def test_a_plain_bad_request_is_not_taken_for_a_context_overflow(model, llm):
-    """A 400 about something else stays a 502 llm_error."""
-    llm.script(Script(status=400, error_message="Invalid value for 'temperature'"))
+# (name, status, upstream text, our code) of refusals that are not a context overflow
+NOT_CONTEXT_ERRORS = [
+    ("a plain bad request", 400, "Invalid value for 'temperature'", "llm_error"),
+    ("vllm: max_tokens too large", 400,
+     json.dumps({"object": "error", "message": "'max_tokens' or 'max_completion_tokens' is too large: 5000. This "
+                 "model's maximum context length is 2048 tokens and your request has 100 input tokens "
+                 "(5000 > 2048 - 100).", "type": "BadRequestError", "code": 400}), "llm_error"),
+    ("max_tokens must be less than the context length", 400,
+     "max_tokens must be less than the context length of 2048 tokens", "llm_error"),
+    ("a rate limit on tokens", 429, "Rate limit reached: too many tokens per minute", "llm_rate_limited"),
+]
+
+
+@pytest.mark.parametrize("status,body,code", [(s, b, c) for _, s, b, c in NOT_CONTEXT_ERRORS],
+                         ids=[n for n, _, _, _ in NOT_CONTEXT_ERRORS])
+def test_a_refusal_about_something_else_is_not_taken_for_a_context_overflow(model, llm, status, body, code):
+    """A 4xx about another setting (max_tokens) or a rate of tokens is not retried with less history."""
+    llm.script(Script(status=status, error_message=body))
     with pytest.raises(ApiError) as failure:
         model.complete(HELLO)
-    assert failure.value.code == "llm_error"
+    assert not isinstance(failure.value, ContextTooLarge)
+    assert failure.value.code == code
+
+
+def test_a_complaint_about_max_tokens_names_the_setting(model, llm):
+    """The model refusing max_tokens: our message points at LLM_MAX_TOKENS."""
+    llm.script(Script(status=400, error_message=NOT_CONTEXT_ERRORS[1][2]))
+    with pytest.raises(ApiError) as failure:
+        model.complete(HELLO)
+    assert failure.value.message == "the model answered HTTP 400 (check LLM_MAX_TOKENS)"
 
 
 def test_the_decoder_dispatches_only_at_a_blank_line():
@@ -147,6 +193,47 @@ def test_the_decoder_dispatches_only_at_a_blank_line():
     decoder = EventDecoder()
     assert decoder.feed(b"data: one\n\ndata: two\n") == [("data", "one")]
     assert decoder.feed(b"\n") == [("data", "two")]
+
+
+def test_the_decoder_dispatches_a_cr_only_event_at_its_last_cr():
+    """A CR ends its line at once: the event is not held back until the next block comes."""
+    decoder = EventDecoder()
+    assert decoder.feed(b"data: a\r\r") == [("data", "a")]
+    assert decoder.feed(b"data: b\r\n\r") == [("data", "b")]
+
+
+def test_an_lf_after_a_cr_that_ended_the_last_block_is_half_of_a_crlf():
+    """CR at the end of one block, LF at the start of the next: one line end, not a blank line between."""
+    decoder = EventDecoder()
+    assert decoder.feed(b"data: a\r") == []
+    assert decoder.feed(b"\ndata: b\r\n") == []
+    assert decoder.feed(b"\r\n") == [("data", "a\nb")]
+
+
+def test_the_data_of_one_event_is_bounded():
+    """`data:` lines that never reach a blank line are refused past MAX_LINE_BYTES in all, not kept."""
+    decoder = EventDecoder()
+    line = b"data: " + b"x" * (1024 * 1024) + b"\n"
+    with pytest.raises(ApiError) as failure:
+        for _ in range(MAX_LINE_BYTES // (1024 * 1024) + 1):
+            decoder.feed(line)
+    assert failure.value.code == "llm_bad_response"
+
+
+CR_ONLY = [sse(GOOD[0], end=b"\r"), sse(GOOD[1], end=b"\r"), sse(GOOD[2], "[DONE]", end=b"\r")]
+
+
+def test_each_cr_only_event_is_read_before_the_next_arrives(model, llm):
+    """CR-only endings, each event in its own read: each chunk is yielded while the server holds the next."""
+    llm.script(Script(raw=CR_ONLY, raw_gated=True))
+    stream = model.open_stream(HELLO)
+    chunks = iter(stream)
+    assert next(chunks) == "Hel"
+    llm.release()
+    assert next(chunks) == "lo"
+    llm.release()
+    assert list(chunks) == []
+    assert stream.reply.finish_reason == "stop"
 
 
 # The service under gunicorn
@@ -160,6 +247,42 @@ def test_an_error_reported_mid_stream_ends_the_turn_with_llm_error_and_keeps_it_
     assert [e["content"] for e in received[:-1]] == ["Hel"]
     assert received[-1]["error"]["code"] == "llm_error"
     assert received[-1]["finish_reason"] == "error"
+    assert stored_messages("c1") == [("user", "hi", "complete"), ("assistant", "Hel", "error")]
+
+
+def test_each_cr_only_event_reaches_the_client_before_the_model_sends_the_next(service, llm):
+    """Through the service: each chunk of a CR-only stream is relayed while the model holds back the next."""
+    llm.script(Script(raw=CR_ONLY, raw_gated=True))
+    with service.stream("hi", "c1") as response:
+        received = events(response)
+        assert next_data(received)["content"] == "Hel"
+        llm.release()
+        assert next_data(received)["content"] == "lo"
+        llm.release()
+        final = rest_of(received)[-1]
+    assert "error" not in final and final["finish_reason"] == "stop"
+    assert stored_messages("c1") == complete(("hi", "Hello"))
+
+
+MEBIBYTE = 1024 * 1024
+TOO_MUCH = [
+    ("data lines that never end their event",
+     [sse(GOOD[0])] + [b"data: " + b"x" * MEBIBYTE + b"\n"] * (MAX_LINE_BYTES // MEBIBYTE + 1)),
+    ("a stream longer than MAX_STREAM_BYTES (comments)",
+     [sse(GOOD[0])] + [b": " + b"x" * (MAX_LINE_BYTES - 16) + b"\n"] * (MAX_STREAM_BYTES // MAX_LINE_BYTES + 1)
+     + [sse(*GOOD[1:], "[DONE]")]),
+]
+
+
+@pytest.mark.parametrize("pieces", [p for _, p in TOO_MUCH], ids=[n for n, _ in TOO_MUCH])
+def test_a_stream_past_its_bounds_ends_the_turn_with_llm_bad_response(service, llm, pieces):
+    """Past one event's bound or the whole stream's, the turn ends with llm_bad_response; the partial reply
+    is kept as an error."""
+    llm.script(Script(raw=pieces))
+    with service.stream("hi", "c1") as response:
+        received = data_events(response)
+    assert [e["content"] for e in received[:-1]] == ["Hel"]
+    assert received[-1]["error"]["code"] == "llm_bad_response"
     assert stored_messages("c1") == [("user", "hi", "complete"), ("assistant", "Hel", "error")]
 
 
@@ -192,6 +315,49 @@ def test_a_message_that_alone_is_too_long_for_the_model_is_413(service, llm):
     response = service.run("far too long", "c1")
     assert response.status_code == 413 and response.json()["error"]["code"] == "context_too_large"
     assert len(stored_messages("c1")) == 2
+
+
+CONTEXT_ERROR_TEXT = json.loads(CONTEXT_ERRORS[2][2])["error"]
+# (name, a 200 answer saying the context is too long) as servers say it inside a stream or a whole answer
+OVERFLOWS_IN_A_200 = [
+    ("llama.cpp: an error line in the stream", "stream", b"error: " + json.dumps(CONTEXT_ERROR_TEXT).encode() + b"\n\n"),
+    ("vLLM: an error object in the stream", "stream", sse(CONTEXT_ERRORS[0][2], "[DONE]")),
+    ("an error object in a whole answer", "run", json.dumps({"error": CONTEXT_ERROR_TEXT}).encode()),
+    ("vLLM: a top-level error in a whole answer", "run", CONTEXT_ERRORS[1][2].encode()),
+]
+
+
+@pytest.mark.parametrize("path,raw", [(p, r) for _, p, r in OVERFLOWS_IN_A_200], ids=[n for n, _, _ in OVERFLOWS_IN_A_200])
+def test_a_context_overflow_reported_in_a_200_leaves_the_oldest_turns_out(service, llm, path, raw):
+    """Said inside a 200 before any text, the overflow is handled as the HTTP 400 one: asked again with the
+    oldest turn left out, and answered."""
+    history_of(service, 2)
+    llm.script(Script(raw=[raw]), Script(chunks=["fits ", "now"]))
+    response = service.turn(path, "the new one", "c1")
+    assert response.status_code == 200, response.text
+    if path == "stream":
+        final = [e for e in data_events_in(response.text) if e.get("is_final")][-1]
+        assert "error" not in final and final["metrics"]["history_messages"] == 2
+    else:
+        assert response.json()["response"] == "fits now"
+    assert [len(request["json"]["messages"]) for request in llm.requests[-2:]] == [5, 3]
+    assert stored_messages("c1")[-2:] == complete(("the new one", "fits now"))
+
+
+@pytest.mark.parametrize("path,raw", [(p, r) for _, p, r in OVERFLOWS_IN_A_200], ids=[n for n, _, _ in OVERFLOWS_IN_A_200])
+def test_a_message_the_model_says_alone_is_too_long_in_a_200_is_context_too_large(service, llm, path, raw):
+    """Down to the message alone and still too long: 413 for a run (nothing kept), a final event with
+    context_too_large for a stream (its reply kept as an error)."""
+    history_of(service, 1)
+    llm.script(Script(raw=[raw]), Script(raw=[raw]))
+    response = service.turn(path, "far too long", "c1")
+    if path == "run":
+        assert response.status_code == 413 and response.json()["error"]["code"] == "context_too_large"
+        assert len(stored_messages("c1")) == 2
+    else:
+        assert data_events_in(response.text)[-1]["error"]["code"] == "context_too_large"
+        assert stored_messages("c1")[2:] == [("user", "far too long", "complete"), ("assistant", "", "error")]
+    assert [len(request["json"]["messages"]) for request in llm.requests[-2:]] == [3, 1]
 
 
 def test_an_empty_stream_that_did_not_fit_is_asked_again_with_less_history(service, llm):

@@ -6,11 +6,16 @@ import re
 import subprocess
 import sys
 
+import jsonschema_rs
 import pytest
 import requests
 
 from config import VERSION
+from errors import ApiError
+from tests.fake_llm import Script
 from tests.helpers import ROOT, token
+from tests.sse_client import data_events
+from turns import final_data, final_metrics
 
 UNDOCUMENTED_METHODS = {"HEAD", "OPTIONS"}
 # The chat page (web.py) and its files are not part of the API.
@@ -59,6 +64,29 @@ def test_every_operation_documents_its_errors_in_the_one_shape():
                 if status.startswith(("4", "5")):
                     schema = response["content"]["application/json"]["schema"]
                     assert schema == {"$ref": "#/components/schemas/Error"}, (method, path, status)
+
+
+def component(name):
+    """A validator of the document's schema `name` (its references resolved in the document)."""
+    return jsonschema_rs.validator_for({"$ref": f"#/components/schemas/{name}", "components": document()["components"]})
+
+
+def test_a_final_event_whose_figures_are_unknown_keeps_to_the_document():
+    """The final event of a recovered turn or of a failure: every figure null, and still a StreamFinal."""
+    final = json.loads(final_data("c1", "error", final_metrics(), ApiError()))
+    component("StreamFinal").validate(final)
+
+
+@pytest.mark.parametrize("script", [Script(chunks=["a", "b"]), Script(chunks=["a", "b"], break_after=1)],
+                         ids=["complete", "broken-off"])
+def test_a_streamed_turns_events_keep_to_the_document(service, llm, script):
+    """Every chunk is a StreamChunk and the last event a StreamFinal, for a turn that ends well or not."""
+    llm.script(script)
+    with service.stream("hi", "c1") as response:
+        received = data_events(response)
+    for chunk in received[:-1]:
+        component("StreamChunk").validate(chunk)
+    component("StreamFinal").validate(received[-1])
 
 
 def test_service_serves_the_document(service):

