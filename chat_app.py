@@ -15,6 +15,7 @@ import click
 from flask import Blueprint, Flask, Response, current_app, g, jsonify, request
 from flask.cli import with_appcontext
 from flask_jwt_extended import create_access_token
+from gunicorn.http.errors import ParseException
 from werkzeug.exceptions import ClientDisconnected, HTTPException
 
 import auth
@@ -335,6 +336,8 @@ def json_body():
         body = None
     except (ClientDisconnected, OSError):  # the worker's deadline on a client that sends too slowly
         raise ApiError(408, "request_timeout", "the request body did not arrive in time") from None
+    except ParseException:  # gunicorn's reading of a chunked body whose framing is broken
+        raise InvalidRequest(message="the request body's chunked encoding is malformed") from None
     if not isinstance(body, dict):
         raise InvalidRequest(message="the body must be a JSON object")
     return body

@@ -17,15 +17,29 @@ BIG_CHUNKS = [("x" * 40000) + f" {n}" for n in range(300)]  # 12 MB: more than a
 
 
 def raw_request(service, method, path, body=b"", headers=None, receive_buffer=None):
-    """A connected socket that has sent one whole request (and reads nothing yet)."""
+    """A connected socket that has sent one whole request (and reads nothing yet).
+
+    The body's Content-Length is sent unless `headers` gives it as None.
+    """
     sock = socket.socket()
     if receive_buffer:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, receive_buffer)
     sock.connect(("127.0.0.1", service.port))
-    lines = [f"{method} {path} HTTP/1.1", "Host: test", f"Content-Length: {len(body)}",
-             *[f"{name}: {value}" for name, value in (headers or {}).items()], "", ""]
+    headers = {"Content-Length": len(body), **(headers or {})}
+    lines = [f"{method} {path} HTTP/1.1", "Host: test",
+             *[f"{name}: {value}" for name, value in headers.items() if value is not None], "", ""]
     sock.sendall("\r\n".join(lines).encode() + body)
     return sock
+
+
+def raw_answer(sock, timeout=10):
+    """The (status, JSON body) the server answered on `sock`, read until it closes the connection."""
+    sock.settimeout(timeout)
+    answer = b""
+    while chunk := sock.recv(65536):
+        answer += chunk
+    head, _, body = answer.partition(b"\r\n\r\n")
+    return int(head.split(b" ", 2)[1]), json.loads(body)
 
 
 def closed_by_server(sock, timeout):
@@ -190,6 +204,25 @@ def test_deeply_nested_json_is_a_400(service, method, path):
     response = requests.request(method, service.url + path, data=NESTED, timeout=10,
                                 headers={**bearer(), "Content-Type": "application/json", "Connection": "close"})
     assert_error_response(response, 400, "invalid_request")
+    assert no_traceback_in(service)
+
+
+CHUNKED = {"Content-Length": None, "Transfer-Encoding": "chunked", "Content-Type": "application/json"}
+BAD_CHUNKS = {"bad-chunk-size": b"zz\r\n{}\r\n0\r\n\r\n",
+              "missing-chunk-terminator": b"2\r\n{}XX0\r\n\r\n",
+              "cut-before-the-last-chunk": b"2\r\n{}\r\n0\r\n"}
+
+
+@pytest.mark.parametrize("method,path", [("POST", "/chat/run"), ("PATCH", "/conversations/c1")])
+@pytest.mark.parametrize("body", BAD_CHUNKS.values(), ids=BAD_CHUNKS.keys())
+def test_a_malformed_chunked_body_is_a_400(service, method, path, body):
+    """A chunked body whose framing is broken is a bad request in the one error shape, not a 500."""
+    sock = raw_request(service, method, path, body, headers={**CHUNKED, "Authorization": f"Bearer {token()}"})
+    sock.shutdown(socket.SHUT_WR)  # nothing more comes: a body cut short ends here
+    status, answer = raw_answer(sock)
+    sock.close()
+    assert (status, answer) == (400, {"error": {"code": "invalid_request",
+                                                "message": "the request body's chunked encoding is malformed"}})
     assert no_traceback_in(service)
 
 
