@@ -267,6 +267,17 @@ def test_a_token_whose_exp_is_a_string_of_digits_keeps_working(service, llm):
     assert no_traceback_in(service)
 
 
+@pytest.mark.parametrize("exp", [10**309, 10**400, "1" + "0" * 400], ids=["10^309", "10^400", "digits-10^400"])
+def test_a_token_whose_exp_is_past_any_time_is_a_401_and_status_stays_public(pg_client, exp):
+    """An `exp` too large for a float is refused as the token's own fault (twice: nothing bad was kept),
+    and /status with it answers as without a token."""
+    headers = {"Authorization": f"Bearer {token(exp=exp)}"}
+    for _ in range(2):
+        assert_error(pg_client.get("/conversations", headers=headers), 401, "unauthorized", mentions="exp")
+        public = pg_client.get("/status", headers=headers)
+        assert public.status_code == 200 and set(public.get_json()) == {"status", "database", "cache"}
+
+
 @pytest.mark.parametrize("path", ["/chat/run", "/chat/stream"])
 def test_a_reply_holding_nul_or_a_lone_surrogate_is_cleaned_saved_and_finished(service, llm, path):
     """What the database cannot keep is replaced by U+FFFD; the turn ends normally and is saved."""
