@@ -1,12 +1,15 @@
 """What each layer promises the one above it: the database's failures, its one transaction, the caller's token."""
 
+import logging
+
+import peewee
 import pytest
 from flask import g
 from flask_jwt_extended import get_jwt
 
 import auth
 import models
-from tests.helpers import bearer
+from tests.helpers import assert_error, bearer, database_backends
 
 
 def test_save_turn_refuses_to_run_inside_another_transaction(app):
@@ -26,6 +29,49 @@ def test_a_database_failure_is_database_unavailable(tmp_path):
     with pytest.raises(models.DatabaseUnavailable):
         with models.connection():
             models.Conversation.state_of("c1")
+
+
+# A query the database refuses as wrong: a bug of the service, not a database that cannot be used.
+WRONG_QUERIES = {"data-error": "SELECT 'x'::integer", "division-by-zero": "SELECT 1 / 0",
+                 "syntax-error": "SELEC 1", "unknown-column": "SELECT no_such_column FROM chat_message",
+                 "integrity-error": "INSERT INTO chat_message (conversation_key, role, content, status, created_at) "
+                                    "VALUES (-1, 'user', 'x', 'complete', now())"}
+
+
+@pytest.mark.parametrize("statement", WRONG_QUERIES.values(), ids=WRONG_QUERIES.keys())
+def test_a_query_the_database_refuses_is_a_bug_not_an_outage(postgres_url, postgres, caplog, statement):
+    """A DataError, ProgrammingError or IntegrityError reaches the caller as itself: no outage is said,
+    and the pool keeps its connections."""
+    caplog.set_level(logging.INFO, logger="outages")
+    with models.connection():
+        models.ping()  # the pool holds a connection, and no outage is left from an earlier test
+    caplog.clear()
+    backends = database_backends(postgres_url)
+    with pytest.raises(peewee.DatabaseError) as raised:
+        with models.connection():
+            models.db.execute_sql(statement)
+    assert not isinstance(raised.value, models.DatabaseUnavailable)
+    assert models.outage.reason is None
+    assert [r.getMessage() for r in caplog.records if r.name == "outages"] == []
+    assert database_backends(postgres_url) == backends >= 1
+
+
+def test_tables_never_made_are_an_outage_that_says_to_run_init_db(postgres):
+    """PostgreSQL's missing table, like SQLite's, means the database cannot be used yet: the reason names init-db."""
+    with pytest.raises(models.DatabaseUnavailable, match="init-db"):
+        with models.connection():
+            models.db.execute_sql("SELECT 1 FROM chat_never_made")
+
+
+def test_a_query_the_database_refuses_is_a_500_logged_once(pg_client, monkeypatch, caplog):
+    """Through the app: the one 500 of a bug, logged once with its traceback; /status says the database is up."""
+    monkeypatch.setattr(models.Conversation, "page_of",
+                        classmethod(lambda cls, *args: models.db.execute_sql("SELECT 1 / 0")))
+    with caplog.at_level(logging.INFO):
+        assert_error(pg_client.get("/conversations", headers=bearer()), 500, "internal_error")
+    assert [r.getMessage() for r in caplog.records if r.exc_info] == ["unexpected error"]
+    assert [r for r in caplog.records if r.name == "outages"] == []
+    assert pg_client.get("/status").get_json()["database"] == {"state": "ok"}
 
 
 def test_retried_once_retries_only_a_database_failure(postgres):
