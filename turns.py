@@ -16,10 +16,11 @@ from dataclasses import dataclass, field
 
 import cache
 import sse
-from coordination import lease_key, lease_token
+from cache import ConversationCache
+from coordination import Coordination, lease_key, lease_token
 from errors import (ApiError, BudgetExceeded, ContextTooLarge, ConversationBusy, DatabaseDown, EmptyStream,
                     NoReplyInProgress, NotFound, ShuttingDown, TooManyStreams, TurnTakenOver)
-from journal import NoJournal
+from journal import Journal, NoJournal
 from llm import Reply, estimate_tokens
 from metrics import Meter
 from models import Conversation, DatabaseUnavailable, Message, connection, retried_once, save_turn, utcnow
@@ -67,9 +68,9 @@ class Shared:
     """What the processes share: the conversation cache, their coordination, the journal, and how to send
     several of their commands in one round trip."""
 
-    cache: object
-    coordination: object
-    journal: object = field(default_factory=NoJournal)
+    cache: ConversationCache
+    coordination: Coordination
+    journal: Journal = field(default_factory=NoJournal)
     round_trip: object = LocalTrip
 
 

@@ -1,6 +1,9 @@
-"""What each layer promises the one above it: the database's failures, its one transaction, the caller's token."""
+"""What each layer promises the one above it: the database's failures, its one transaction, the caller's token;
+and that imports run one way, views -> services -> the database, the cache, the coordination and the model."""
 
+import ast
 import logging
+import os
 
 import peewee
 import pytest
@@ -9,7 +12,16 @@ from flask_jwt_extended import get_jwt
 
 import auth
 import models
-from tests.helpers import assert_error, bearer, database_backends
+from tests.helpers import ROOT, assert_error, bearer, database_backends
+
+# The layer that serves HTTP: the factory and its views, the hooks of a request, the page, the request log, the
+# worker. Below it: the services (SERVICES) and what they call.
+WEB_LAYER = {"chat_app", "auth", "web", "logs", "worker"}
+SERVICES = {"turns", "history", "usage", "health", "resume"}
+# What the factory and the CLI of chat_app may do with the database: open it, answer its failures, make its tables.
+DATABASE_IN_CHAT_APP = {"create_app", "plain_failures", "init_db_command"}
+# A service's parts, which the web layer reaches only through the service's own methods.
+SERVICE_PARTS = {"cache", "coordination", "journal", "model", "shared", "round_trip", "feeds"}
 
 
 def test_save_turn_refuses_to_run_inside_another_transaction(app):
@@ -105,3 +117,73 @@ def test_each_request_is_counted_once_for_the_rate_limit(make_pg_app):
     client = app.test_client()
     statuses = [client.get("/conversations", headers=bearer("alice")).status_code for _ in range(4)]
     assert statuses == [200, 200, 200, 429]
+
+
+# Imports run one way
+
+def modules():
+    """The names of the service's own modules (the top-level .py files)."""
+    return {name[:-3] for name in os.listdir(ROOT) if name.endswith(".py") and name.count(".") == 1}
+
+
+def parsed(module):
+    """The syntax tree of one of the service's modules."""
+    with open(os.path.join(ROOT, f"{module}.py")) as source:
+        return ast.parse(source.read())
+
+
+def imported(tree):
+    """The top-level names of the modules a syntax tree imports."""
+    found = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found |= {alias.name.split(".")[0] for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            found.add(node.module.split(".")[0])
+    return found
+
+
+def names_bound_to(tree, module):
+    """The names a syntax tree binds to `module` or to what it imports from it."""
+    found = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found |= {alias.asname or alias.name for alias in node.names if alias.name == module}
+        elif isinstance(node, ast.ImportFrom) and node.module == module:
+            found |= {alias.asname or alias.name for alias in node.names}
+    return found
+
+
+def names_in(node):
+    """Every plain name a piece of syntax uses."""
+    return {found.id for found in ast.walk(node) if isinstance(found, ast.Name)}
+
+
+def test_no_view_of_chat_app_uses_the_database_layer():
+    """Of chat_app's functions only the factory and the CLI name models; a view goes through a service."""
+    tree = parsed("chat_app")
+    database = names_bound_to(tree, "models")
+    using = {node.name for node in tree.body if isinstance(node, ast.FunctionDef) and names_in(node) & database}
+    assert using <= DATABASE_IN_CHAT_APP
+
+
+def test_only_the_services_and_the_factory_import_the_database_layer():
+    """models is imported by the services (and by chat_app's factory and CLI), by nothing else."""
+    importers = {module for module in modules() if "models" in imported(parsed(module))}
+    assert importers <= SERVICES | {"chat_app"}
+
+
+def test_nothing_below_the_web_layer_imports_flask():
+    """Services, the database, the cache, the coordination and the model never see a request: plain values in."""
+    flask_users = {module for module in modules() - WEB_LAYER
+                   if imported(parsed(module)) & {"flask", "flask_jwt_extended", "werkzeug"}}
+    assert flask_users == set()
+
+
+def test_the_web_layer_never_reaches_through_a_service_into_its_parts():
+    """No `services("chat").cache`, no `extensions["chat"].model`: the web layer calls a service's methods."""
+    reaches = [(module, node.lineno, node.attr) for module in WEB_LAYER for node in ast.walk(parsed(module))
+               if isinstance(node, ast.Attribute) and node.attr in SERVICE_PARTS
+               and isinstance(node.value, (ast.Call, ast.Subscript))]
+    assert reaches == []
+
