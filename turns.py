@@ -32,8 +32,9 @@ log = logging.getLogger(__name__)
 MESSAGE_OVERHEAD_TOKENS = 4
 # How often a turn with no reader checks whether one came back, on any instance.
 ALONE_CHECK_SECONDS = 0.5
+# How a cut turn is saved, and the kind of error its final event carries (built for each turn).
 CUTS = {"stopped": (Message.STOPPED, None), "interrupted": (Message.INTERRUPTED, None),
-        "shutting_down": (Message.ERROR, ShuttingDown())}
+        "shutting_down": (Message.ERROR, ShuttingDown)}
 
 
 def new_conversation_id():
@@ -227,7 +228,8 @@ class ChatService:
         try:
             status, error, upstream = self._read_model(turn, feed, upstream, parts)
             if feed.cut_reason is not None:  # the cut, not what it broke, is how the turn ended
-                status, error = CUTS[feed.cut_reason]
+                status, kind = CUTS[feed.cut_reason]
+                error = kind and kind()
             turn.status = status
             self._take(turn, upstream.reply, "".join(parts))
             self.finish(turn, feed, error)

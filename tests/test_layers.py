@@ -2,6 +2,7 @@
 and that imports run one way, views -> services -> the database, the cache, the coordination and the model."""
 
 import ast
+import importlib
 import logging
 import os
 
@@ -187,3 +188,21 @@ def test_the_web_layer_never_reaches_through_a_service_into_its_parts():
                and isinstance(node.value, (ast.Call, ast.Subscript))]
     assert reaches == []
 
+
+
+def held_values(value, depth=3):
+    """`value` and what it holds, a few containers deep."""
+    yield value
+    if depth and isinstance(value, dict):
+        value = list(value.values())
+    if depth and isinstance(value, (list, tuple, set, frozenset)):
+        for item in value:
+            yield from held_values(item, depth - 1)
+
+
+def test_no_error_is_a_shared_instance():
+    """An error is built where it is raised: a module-level one, raised by concurrent turns, would carry the
+    last raiser's traceback (and its frames) to every other."""
+    shared = [(module, name) for module in modules() for name, value in vars(importlib.import_module(module)).items()
+              if any(isinstance(held, BaseException) for held in held_values(value))]
+    assert shared == []
