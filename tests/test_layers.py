@@ -7,13 +7,14 @@ import logging
 import os
 
 import peewee
+import psycopg2
 import pytest
 from flask import g
 from flask_jwt_extended import get_jwt
 
 import auth
 import models
-from tests.helpers import ROOT, assert_error, bearer, database_backends
+from tests.helpers import ROOT, assert_error, bearer, database_backends, locked_table
 
 # The layer that serves HTTP: the factory and its views, the hooks of a request, the page, the request log, the
 # worker. Below it: the services (SERVICES) and what they call.
@@ -35,13 +36,66 @@ def test_save_turn_refuses_to_run_inside_another_transaction(app):
         assert models.Message.select().count() == 0
 
 
-def test_a_database_failure_is_database_unavailable(tmp_path):
-    """Any failure of the database reaches the layer above as DatabaseUnavailable, nothing else."""
-    models.open_database(f"sqlite:///{tmp_path / 'missing' / 'dir' / 'chat.db'}", 1, 1)
-    (tmp_path / "missing" / "dir").rmdir()
-    with pytest.raises(models.DatabaseUnavailable):
+def cut_by_statement_timeout(postgres_url):
+    """A read that waits on a locked table past the connection's statement_timeout."""
+    with locked_table(postgres_url, "chat_conversation"):
+        models.db.execute_sql("SET statement_timeout = '100ms'")
+        models.Conversation.state_of("alice", "c1")
+
+
+def cut_by_lock_timeout(postgres_url):
+    """A read that waits on a locked table past the connection's lock_timeout."""
+    with locked_table(postgres_url, "chat_conversation"):
+        models.db.execute_sql("SET lock_timeout = '100ms'")
+        models.Conversation.state_of("alice", "c1")
+
+
+def cut_by_the_server(postgres_url):
+    """A read on a connection the server ended since it was opened (a restart, an administrator)."""
+    backend = models.db.execute_sql("SELECT pg_backend_pid()").fetchone()[0]
+    admin = psycopg2.connect(postgres_url)
+    try:
+        with admin.cursor() as cursor:
+            cursor.execute("SELECT pg_terminate_backend(%s)", (backend,))
+    finally:
+        admin.close()
+    models.Conversation.state_of("alice", "c1")
+
+
+@pytest.mark.parametrize("cut,reason", [(cut_by_statement_timeout, "statement timeout"),
+                                        (cut_by_lock_timeout, "lock timeout"),
+                                        (cut_by_the_server, "the server closed the connection")],
+                         ids=["statement-timeout", "lock-timeout", "connection-ended"])
+def test_a_read_the_database_cuts_short_is_database_unavailable(postgres_url, postgres, cut, reason):
+    """A query the database cancels or a connection it ends reaches the layer above as DatabaseUnavailable,
+    saying why."""
+    with pytest.raises(models.DatabaseUnavailable, match=reason):
         with models.connection():
-            models.Conversation.state_of("c1")
+            cut(postgres_url)
+
+
+@pytest.mark.parametrize("failures", [1, 2], ids=["once", "twice"])
+def test_a_turn_reads_its_history_once_more_after_the_database_cut_it(pg_client, llm, monkeypatch, failures):
+    """The history read is tried again on a fresh connection: one cut is not seen, a second is a 503 before the
+    model is asked."""
+    state_of = models.Conversation.state_of.__func__
+    calls = []
+
+    def cut_then_read(cls, owner, conversation_id):
+        """The real read, on a connection the server ends first for the first `failures` calls."""
+        calls.append(conversation_id)
+        if len(calls) <= failures:
+            models.db.execute_sql("SELECT pg_terminate_backend(pg_backend_pid())")
+        return state_of(cls, owner, conversation_id)
+
+    monkeypatch.setattr(models.Conversation, "state_of", classmethod(cut_then_read))
+    response = pg_client.post("/chat/run", json={"message": "hi", "conversation_id": "c1"}, headers=bearer())
+    assert calls == ["c1", "c1"]
+    if failures == 1:
+        assert response.status_code == 200 and response.get_json()["response"] == "echo: hi"
+    else:
+        assert_error(response, 503, "database_unavailable")
+        assert llm.requests == []
 
 
 # A query the database refuses as wrong: a bug of the service, not a database that cannot be used.
