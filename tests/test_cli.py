@@ -5,21 +5,13 @@ import stat
 import time
 
 import pytest
-from flask.cli import FlaskGroup
 
 import chat_app
 import models
 from config import ConfigError
-from tests.helpers import SECRET, bearer, claims_of, stored_conversation
+from tests.helpers import SECRET, bearer, claims_of, flask_cli, stored_conversation
 
 TABLES = {"chat_conversation", "chat_message"}
-
-
-def flask_cli(app, monkeypatch, *args):
-    """Run `flask --app chat_app ARGS` in process against `app` and return the click result."""
-    monkeypatch.setenv("FLASK_RUN_FROM_CLI", "true")  # FlaskGroup sets it; monkeypatch restores it
-    group = FlaskGroup(create_app=lambda: app, load_dotenv=False)
-    return app.test_cli_runner().invoke(group, list(args))
 
 
 @pytest.fixture

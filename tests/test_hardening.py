@@ -8,7 +8,7 @@ import pytest
 import requests
 
 import auth
-from tests.helpers import REDIS_URL, assert_error, bearer, stored_messages, token, wait_until
+from tests.helpers import REDIS_URL, assert_error, bearer, cursor_of, stored_messages, token, wait_until
 from tests.fake_llm import Script
 from tests.sse_client import data_events
 
@@ -90,7 +90,7 @@ def test_a_stalled_reader_keeps_the_lease_short_and_renewed_then_is_treated_as_g
     started = time.monotonic()
     while time.monotonic() - started < 2.0:  # twice the lease's expiry
         assert 0 < redis_client.pttl(lease_key) <= 1000
-        assert_error_response(service.post("/chat/run", {"message": "me too", "conversation_id": "c1"}),
+        assert_error(service.post("/chat/run", {"message": "me too", "conversation_id": "c1"}),
                               409, "conversation_busy")
         time.sleep(0.2)
     assert llm.wait_for_disconnects(1, timeout=20)
@@ -101,12 +101,6 @@ def test_a_stalled_reader_keeps_the_lease_short_and_renewed_then_is_treated_as_g
     assert service.post("/chat/run", {"message": "next", "conversation_id": "c1"}).status_code == 200
     assert [m[1] for m in stored_messages("c1", "alice")][2:] == ["next", "second"]
     assert no_traceback_in(service)
-
-
-def assert_error_response(response, status, code):
-    """A requests response in the one error shape."""
-    assert response.status_code == status, response.text
-    assert response.json()["error"]["code"] == code
 
 
 # 2. The model's error text never reaches the caller
@@ -123,7 +117,7 @@ def test_an_upstream_error_gives_our_message_and_logs_its_text_masked(start_serv
     service = start_service(LLM_API_KEY="sk-live-0123456789abcdef")
     llm.script(Script(status=status, error_message=upstream_text))
     response = service.post("/chat/run", {"message": "hi", "conversation_id": "c1"})
-    assert_error_response(response, 502, "llm_error")
+    assert_error(response, 502, "llm_error")
     assert response.json()["error"]["message"].startswith(f"the model answered HTTP {status}")
     for leaked in ("sk-live", "hunter2", "Incorrect API key", "postgres://"):
         assert leaked not in response.text
@@ -203,7 +197,7 @@ def test_deeply_nested_json_is_a_400(service, method, path):
     """JSON nested past Python's recursion limit is a bad body, not a crash."""
     response = requests.request(method, service.url + path, data=NESTED, timeout=10,
                                 headers={**bearer(), "Content-Type": "application/json", "Connection": "close"})
-    assert_error_response(response, 400, "invalid_request")
+    assert_error(response, 400, "invalid_request")
     assert no_traceback_in(service)
 
 
@@ -226,12 +220,6 @@ def test_a_malformed_chunked_body_is_a_400(service, method, path, body):
     assert no_traceback_in(service)
 
 
-def cursor_of(position):
-    """A cursor made the way the service makes them, holding any position."""
-    import base64
-    return base64.urlsafe_b64encode(json.dumps(position).encode()).decode().rstrip("=")
-
-
 @pytest.mark.parametrize("path,position", [
     ("/conversations", ["2026-01-01T00:00:00", "a\u0000b"]),
     ("/conversations", ["2026-01-01T00:00:00", "\ud800"]),
@@ -243,7 +231,7 @@ def test_a_cursor_holding_odd_values_is_a_400(service, llm, path, position):
     service.post("/chat/run", {"message": "hi", "conversation_id": "c1"})
     response = requests.get(service.url + path, params={"cursor": cursor_of(position)},
                             headers={**bearer(), "Connection": "close"}, timeout=10)
-    assert_error_response(response, 400, "invalid_request")
+    assert_error(response, 400, "invalid_request")
     assert no_traceback_in(service)
 
 
@@ -253,7 +241,7 @@ def test_a_signed_token_with_an_unusable_subject_is_a_401_before_the_model(servi
     headers = {"Authorization": f"Bearer {token(subject)}", "Connection": "close"}
     response = requests.post(service.url + "/chat/run", json={"message": "hi", "conversation_id": "c1"},
                              headers=headers, timeout=10)
-    assert_error_response(response, 401, "unauthorized")
+    assert_error(response, 401, "unauthorized")
     assert llm.requests == []
     assert no_traceback_in(service)
 
@@ -315,7 +303,7 @@ def test_streams_per_user_are_capped_across_instances(start_service, llm):
     with first.stream("one", "c1") as one, second.stream("two", "c2") as two:
         assert (one.status_code, two.status_code) == (200, 200)
         third = first.post("/chat/stream", {"message": "three", "conversation_id": "c3"})
-        assert_error_response(third, 429, "too_many_streams")
+        assert_error(third, 429, "too_many_streams")
         other_user = second.stream("bob's", "c4", user="bob")
         assert other_user.status_code == 200
         other_user.close()
@@ -353,7 +341,7 @@ def test_a_header_that_is_not_exactly_bearer_token_is_refused(service, llm):
                     f"Bearer  {good}", f"Bearer {good}, Basic x"]:
         response = requests.get(service.url + "/conversations", headers={"Authorization": variant,
                                                                           "Connection": "close"}, timeout=10)
-        assert_error_response(response, 401, "unauthorized")
+        assert_error(response, 401, "unauthorized")
     ok = requests.get(service.url + "/conversations", headers={"Authorization": f"Bearer {good}",
                                                               "Connection": "close"}, timeout=10)
     assert ok.status_code == 200

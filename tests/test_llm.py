@@ -4,16 +4,10 @@ import pytest
 
 from errors import ApiError
 from llm import DemoModel, OpenAIChatModel
-from tests.helpers import free_port
+from tests.helpers import MODEL_API_KEY, free_port
 from tests.fake_llm import Script
 
 HELLO = [{"role": "user", "content": "hello"}]
-
-
-@pytest.fixture
-def model(llm):
-    """A client of the fake model with a one-second timeout."""
-    return OpenAIChatModel(llm.url, "sk-test-key", "fake-model", timeout=1)
 
 
 def streamed(model, messages=HELLO):
@@ -60,7 +54,7 @@ def test_requests_carry_model_messages_and_key(model, llm):
     assert request["json"]["model"] == "fake-model"
     assert request["json"]["messages"] == HELLO
     assert request["json"]["stream"] is False
-    assert request["headers"]["authorization"] == "Bearer sk-test-key"
+    assert request["headers"]["authorization"] == f"Bearer {MODEL_API_KEY}"
 
 
 def test_stream_yields_chunks_and_usage(model, llm):
@@ -160,7 +154,7 @@ def test_broken_stream_raises_after_the_good_chunks(model, llm, script, code):
 
 def test_describe_never_shows_the_key(model):
     """What /status shows of the model names the backend and model, not the API key."""
-    assert "sk-test-key" not in repr(model.describe())
+    assert MODEL_API_KEY not in repr(model.describe())
     assert model.describe()["model"] == "fake-model"
 
 
@@ -176,3 +170,4 @@ def test_describe_hides_credentials_in_the_base_url():
     """A base URL with user:password shows without them."""
     model = OpenAIChatModel("https://user:hunter2@llm.example/v1", None, "m", timeout=1)
     assert model.describe()["base_url"] == "https://llm.example/v1"
+

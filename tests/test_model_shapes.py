@@ -8,7 +8,7 @@ import requests
 
 from errors import ApiError
 from errors import ContextTooLarge
-from llm import EventDecoder, OpenAIChatModel
+from llm import EventDecoder
 from tests.fake_llm import Script
 from tests.helpers import bearer, complete, seen_by_model, stored_messages, wait_until
 from tests.sse_client import PING, data_events, events
@@ -65,12 +65,6 @@ REPORTED_ERRORS = [
     ("an event named error", sse(GOOD[0]) + b"event: error\ndata: {\"message\": \"overloaded\"}\n\n"),
     ("llama.cpp: an error field line", sse(GOOD[0]) + b"error: {\"code\": 500, \"message\": \"slot unavailable\"}\n\n"),
 ]
-
-
-@pytest.fixture
-def model(llm):
-    """A client of the fake model with a one-second timeout."""
-    return OpenAIChatModel(llm.url, "sk-secret-key-000000", "fake-model", timeout=1)
 
 
 def streamed_text(model, messages=HELLO):

@@ -9,13 +9,9 @@ import re
 import signal
 import time
 
-import pytest
-import requests
-
 import models
-from tests.helpers import bearer, stored_messages, wait_until
+from tests.helpers import descendants, read_events, resume, stored_messages, wait_until
 from tests.fake_llm import Script
-from tests.faults import RedisServer
 from tests.sse_client import PING, events_with_ids
 
 WORDS = [f"word{n} " for n in range(40)]
@@ -26,27 +22,6 @@ EVENT_ID = re.compile(r"[0-9a-f]{16}:[0-9]+")
 def paced(delay=0.1, words=WORDS):
     """A streamed reply of `words`, one every `delay` seconds."""
     return Script(chunks=list(words), chunk_delay=delay)
-
-
-def read_events(response, stop_after=None):
-    """The (id, payload) events of a stream, pings left out; only the first `stop_after` if given."""
-    got = []
-    for event_id, payload in events_with_ids(response):
-        if payload == PING:
-            continue
-        got.append((event_id, payload))
-        if stop_after is not None and len(got) == stop_after:
-            break
-    return got
-
-
-def resume(service, conversation_id, last_event_id=None, user="alice"):
-    """GET /chat/stream/{conversation_id}, with Last-Event-ID if given; the open response."""
-    headers = {**bearer(user), "Connection": "close"}
-    if last_event_id is not None:
-        headers["Last-Event-ID"] = last_event_id
-    return requests.get(f"{service.url}/chat/stream/{conversation_id}", headers=headers, stream=True,
-                        timeout=(5, 30))
 
 
 def number(event_id):
@@ -64,25 +39,6 @@ def assert_whole_turn(got):
     assert [number(i) for i, _ in got] == list(range(1, len(got) + 1))
     assert len({i.split(":")[0] for i, _ in got}) == 1
     assert [p["is_final"] for _, p in got] == [False] * (len(got) - 1) + [True]
-
-
-def descendants(pid):
-    """The pids of a process's children, grandchildren and so on."""
-    children = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as stat:
-                    parent = int(stat.read().rsplit(")", 1)[1].split()[1])
-            except (OSError, ValueError, IndexError):
-                continue
-            children.setdefault(parent, []).append(int(entry))
-    found, todo = [], [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            found.append(child)
-            todo.append(child)
-    return found
 
 
 def kill_hard(service):
@@ -228,14 +184,6 @@ def test_an_instance_killed_mid_stream_loses_nothing_and_frees_the_conversation_
     assert seen  # the client saw part of it
     assert llm.requests[-1]["json"]["messages"][-3:-1] == [
         {"role": "user", "content": "tell me a long one"}, {"role": "assistant", "content": partial}]
-
-
-@pytest.fixture
-def private_redis():
-    """A redis-server of this test's own."""
-    server = RedisServer().start()
-    yield server
-    server.close()
 
 
 def test_redis_lost_mid_turn_leaves_the_reader_alone_and_resume_answers_503_until_it_is_back(
