@@ -10,8 +10,8 @@ import pytest
 
 from auth import VerifiedTokens
 from config import VERSION
-from tests.helpers import (SECRET, assert_error, b64url, bearer, complete, run, seen_by_model, stored_counts, stored_messages,
-                           token, wait_until)
+from tests.helpers import (SECRET, assert_error, b64url, bearer, complete, run, seen_by_model, stored_counts,
+                           stored_messages, token, wait_until)
 from tests.fake_llm import Script
 
 VALID_BODY = {"message": "hi"}

@@ -1,6 +1,7 @@
 """What an attacker and a stalled client found, each closed: on gunicorn + gevent, PostgreSQL and Redis."""
 
 import json
+import re
 import socket
 import time
 
@@ -379,6 +380,73 @@ def test_a_body_that_never_finishes_gets_408(start_service):
         answer += sock.recv(65536)
     assert answer.startswith(b"HTTP/1.1 408")
     assert closed_by_server(sock, timeout=10)
+    assert no_traceback_in(service)
+
+
+def test_a_connection_that_never_sends_a_byte_is_dropped(start_service):
+    """The first request's first byte is due within CLIENT_READ_TIMEOUT_SECONDS of the connection, not within
+    keep-alive's 75 s."""
+    service = start_service(CLIENT_READ_TIMEOUT_SECONDS=1)
+    silent = [socket.create_connection(("127.0.0.1", service.port)) for _ in range(5)]
+    assert all(closed_by_server(sock, timeout=10) for sock in silent)
+    assert requests.get(service.url + "/status", timeout=5).status_code == 200
+
+
+def kept_alive_answer(sock):
+    """The status of the answer the server sent on a kept-alive `sock`, read to the end of its Content-Length."""
+    answer = b""
+    while b"\r\n\r\n" not in answer:
+        answer += sock.recv(65536)
+    head, _, body = answer.partition(b"\r\n\r\n")
+    length = int(re.search(rb"(?im)^content-length: *(\d+)", head).group(1))
+    while len(body) < length:
+        body += sock.recv(65536)
+    return int(head.split(b" ", 2)[1])
+
+
+def test_a_kept_alive_connection_may_wait_longer_than_the_read_deadline_between_requests(start_service):
+    """After a first request, the wait for the next one on the connection is bounded by keep-alive, not by
+    CLIENT_READ_TIMEOUT_SECONDS."""
+    service = start_service(CLIENT_READ_TIMEOUT_SECONDS=0.5)
+    sock = raw_request(service, "GET", "/status")
+    sock.settimeout(10)
+    assert kept_alive_answer(sock) == 200
+    assert not closed_by_server(sock, timeout=2)  # four read deadlines of idling between two requests
+    sock.sendall(b"GET /status HTTP/1.1\r\nHost: test\r\n\r\n")
+    sock.settimeout(10)
+    assert kept_alive_answer(sock) == 200
+    sock.close()
+
+
+def read_until(sock, marker, pause=0.0, size=65536):
+    """Read what the server sends on `sock`, `size` bytes at most a read and `pause` seconds between reads, until
+    `marker` came; whether it did (else the server closed the connection first)."""
+    received = bytearray()
+    sock.settimeout(30)
+    while marker not in received[-(len(marker) + size):]:
+        chunk = sock.recv(size)
+        if not chunk:
+            return False
+        received += chunk
+        time.sleep(pause)  # a slow reader: the pace is what is under test
+    return True
+
+
+def test_a_slow_reader_that_keeps_reading_a_large_replay_is_not_dropped(start_service, llm):
+    """SSE_WRITE_TIMEOUT_SECONDS bounds each wait with no progress, not a whole write: a resumed stream whose
+    replay is one 12 MB write, read 64 KB every 20 ms (seconds in all, no pause near the deadline), arrives whole."""
+    service = start_service(SSE_WRITE_TIMEOUT_SECONDS=1.5, LLM_TIMEOUT_SECONDS=60, STREAM_RESUME_GRACE_SECONDS=20)
+    llm.script(Script(chunks=BIG_CHUNKS, silence_after=len(BIG_CHUNKS)))  # then waits for llm.release()
+    last = f" {len(BIG_CHUNKS) - 1}\"".encode()
+    auth = {"Authorization": f"Bearer {token('alice')}"}
+    body = json.dumps({"message": "tell me everything", "conversation_id": "c1"}).encode()
+    first = raw_request(service, "POST", "/chat/stream", body, headers={**auth, "Content-Type": "application/json"})
+    assert read_until(first, last)  # the whole reply is in the turn's feed
+    replay = raw_request(service, "GET", "/chat/stream/c1", headers=auth, receive_buffer=65536)
+    assert read_until(replay, last, pause=0.02)
+    llm.release()
+    first.close()
+    replay.close()
     assert no_traceback_in(service)
 
 
