@@ -198,3 +198,18 @@ def test_redis_tls_verify_refuses_anything_but_true_or_false(settings, monkeypat
     monkeypatch.setenv("REDIS_TLS_VERIFY", "maybe")
     with pytest.raises(ConfigError, match="REDIS_TLS_VERIFY must be true or false, not 'maybe'"):
         chat_app.create_app(settings)
+
+
+@pytest.mark.parametrize("lease", ["0", "-1", "10.5", "600", "nan", "inf"])
+def test_lease_seconds_out_of_range_is_a_clear_startup_error(settings, monkeypatch, lease):
+    """LEASE_SECONDS must be more than 0 (at 0 the keeper would renew in a loop) and at most 10 (a dead instance
+    frees its conversations within it)."""
+    monkeypatch.setenv("LEASE_SECONDS", lease)
+    with pytest.raises(ConfigError, match=f"LEASE_SECONDS must be more than 0 and at most 10, not '{lease}'"):
+        chat_app.create_app({**settings, "JWT_SECRET_KEY": SECRET})
+
+
+def test_lease_seconds_within_range_is_taken(settings, monkeypatch):
+    """A short lease, as the tests of a stalled instance use, is accepted as given."""
+    monkeypatch.setenv("LEASE_SECONDS", "1.5")
+    assert chat_app.create_app({**settings, "JWT_SECRET_KEY": SECRET}).config["LEASE_SECONDS"] == 1.5
