@@ -21,6 +21,8 @@ VERIFIED_TOKENS_CHARS = 4_000_000
 # RFC 6750's b64token; a JWT is three base64url parts joined by dots.
 BEARER = re.compile(r"Bearer ([A-Za-z0-9._~+/-]+=*)")
 USER_CHARS = 255
+# The last second of the year 9999: an `exp` past it is no time a clock reaches (10**309 is no float at all).
+LATEST_EXPIRY = 253402300799
 RATE_WINDOW = 60
 # Any of these set, the service has keys of its own; none set in development, it generates a secret.
 KEY_SETTINGS = ("JWT_SECRET_KEY", "JWT_PUBLIC_KEY", "JWT_JWKS_URL")
@@ -144,6 +146,8 @@ def verified_claims(token):
     claim = current_app.config["JWT_USER_CLAIM"]
     if not usable_user(claims.get(claim)):
         raise Unauthorized(message=f"the token's user ({claim}) must be 1 to {USER_CHARS} characters of text")
+    if not usable_expiry(claims.get("exp")):
+        raise Unauthorized(message="the token's expiry (exp) must be a time before the year 10000")
     return header, claims
 
 
@@ -180,6 +184,11 @@ def usable_user(user):
     except UnicodeEncodeError:  # a lone surrogate
         return False
     return True
+
+
+def usable_expiry(expires):
+    """Whether a token's `exp` (None: it has none) is a time a clock can reach; PyJWT took it as a whole number."""
+    return expires is None or int(expires) <= LATEST_EXPIRY
 
 
 def restore_jwt_context(header, claims):
@@ -219,7 +228,8 @@ class VerifiedTokens:
 
     def remember(self, token, token_header, claims):
         """Keep a verified token until its `exp` (none: for ever)."""
-        # The claims were checked, so `exp` is a number or a string of one (which PyJWT takes).
+        # The claims were checked, so `exp` is a whole number (or a string of one, which PyJWT takes)
+        # of a time before the year 10000.
         expires = math.inf if claims.get("exp") is None else float(claims["exp"])
         weight = self._weight(token)
         while self._kept and (len(self._kept) >= self.size or self._held + weight > self.chars):

@@ -15,6 +15,7 @@ import click
 from flask import Blueprint, Flask, Response, current_app, g, jsonify, request
 from flask.cli import with_appcontext
 from flask_jwt_extended import create_access_token
+from gunicorn.http.errors import ParseException
 from werkzeug.exceptions import ClientDisconnected, HTTPException
 
 import auth
@@ -31,11 +32,10 @@ from history import TITLE_CHARS, History
 from journal import RedisJournal
 from llm import make_model
 from metrics import Meter, exposition
-from models import utcnow
 from redis_link import RedisLink
 from resume import Replays
 from turns import ChatService, Shared, TurnSettings, new_conversation_id
-from usage import MAX_DAYS, days_ago, per_user, totals, usage
+from usage import MAX_DAYS, days_ago, per_user, today, totals, usage
 
 log = logging.getLogger("chat_app")
 
@@ -337,6 +337,8 @@ def json_body():
         body = None
     except (ClientDisconnected, OSError):  # the worker's deadline on a client that sends too slowly
         raise ApiError(408, "request_timeout", "the request body did not arrive in time") from None
+    except ParseException:  # gunicorn's reading of a chunked body whose framing is broken
+        raise InvalidRequest(message="the request body's chunked encoding is malformed") from None
     if not isinstance(body, dict):
         raise InvalidRequest(message="the body must be a JSON object")
     return body
@@ -398,7 +400,7 @@ def prometheus_metrics():
 def read_usage():
     """The caller's tokens and turns per day and model, from `since` to `until` (dates, both included)."""
     since = query_date("since", days_ago(29))
-    until = query_date("until", utcnow().date())
+    until = query_date("until", today())
     if since > until or (until - since).days >= MAX_DAYS:
         raise InvalidRequest(message=f"since must be on or before until, at most {MAX_DAYS} days apart")
     rows = [{k: v for k, v in row.items() if k != "user"} for row in usage(since, until, g.user)]
@@ -531,9 +533,10 @@ def prune_command(days, yes):
 def usage_command(since, user, output):
     """Tokens and turns per user and model, for the operator."""
     start = since_option(since)
-    rows = per_user(usage(start, utcnow().date(), user))
+    until = today()
+    rows = per_user(usage(start, until, user))
     if output == "json":
-        click.echo(json.dumps({"since": start.isoformat(), "until": utcnow().date().isoformat(), "users": rows}))
+        click.echo(json.dumps({"since": start.isoformat(), "until": until.isoformat(), "users": rows}))
         return
     columns = ["user", "model", "turns", "prompt_tokens", "completion_tokens", "estimated_turns"]
     if output == "csv":

@@ -32,6 +32,14 @@ def _number(name, default, kind):
         raise ConfigError(f"{name} must be a {'whole ' if kind is int else ''}number, not {raw!r}") from None
 
 
+def _float_within(name, default, at_most):
+    """Read a float environment variable that must be more than 0 and at most `at_most`; a clear error if not."""
+    value = _float(name, default)
+    if not 0 < value <= at_most:  # NaN is refused too: no comparison holds for it
+        raise ConfigError(f"{name} must be more than 0 and at most {at_most:g}, not {os.environ.get(name)!r}")
+    return value
+
+
 def _flag(name, default):
     """Read a true/false environment variable; a clear error if it is neither."""
     raw = os.environ.get(name, "").strip().lower()
@@ -83,7 +91,8 @@ class Config:
         self.SSE_HEARTBEAT_SECONDS = _float("SSE_HEARTBEAT_SECONDS", 10)
         self.SSE_WRITE_TIMEOUT_SECONDS = _float("SSE_WRITE_TIMEOUT_SECONDS", 30)
         self.CLIENT_READ_TIMEOUT_SECONDS = _float("CLIENT_READ_TIMEOUT_SECONDS", 10)
-        self.LEASE_SECONDS = _float("LEASE_SECONDS", 10)
+        # A dead holder frees its conversations within the lease; at 0 its keeper would renew without pause.
+        self.LEASE_SECONDS = _float_within("LEASE_SECONDS", 10, at_most=10)
         self.MAX_STREAMS_PER_USER = _int("MAX_STREAMS_PER_USER", 10)
         self.TOKEN_BUDGET_PER_DAY = _int("TOKEN_BUDGET_PER_DAY", 0)
         self.METRICS = os.environ.get("METRICS", "on").lower() not in ("off", "0", "false", "no")

@@ -219,7 +219,7 @@ class RedisCoordination:
             log.debug("Redis unavailable, holding the conversation in this process only: %s", type(failure).__name__)
             return self.fallback.take(name, holder, LocalTrip(), own).value
 
-        return trip.add("SET", key, token, "NX", "PX", self._expiry_ms(), then=taken, otherwise=held_here)
+        return trip.add("SET", key, token, "NX", "PX", self.expiry_ms(), then=taken, otherwise=held_here)
 
     def open_stream(self, user, limit, trip):
         """Take one of the user's `limit` stream slots across every process: a slot, or None if all are taken."""
@@ -244,8 +244,8 @@ class RedisCoordination:
         member = secrets.token_hex(8)
         now_ms = int(time.time() * 1000)
         trip.add("ZREMRANGEBYSCORE", key, "-inf", now_ms)  # slots of holders that died
-        trip.add("ZADD", key, now_ms + self._expiry_ms(), member)
-        trip.add("PEXPIRE", key, 2 * self._expiry_ms())
+        trip.add("ZADD", key, now_ms + self.expiry_ms(), member)
+        trip.add("PEXPIRE", key, 2 * self.expiry_ms())
 
         def counted(taken):
             """The slot, if the set is within the limit with it."""
@@ -273,8 +273,8 @@ class RedisCoordination:
         self.keeper.keep(held)
         return held
 
-    def _expiry_ms(self):
-        """A lease's expiry, in milliseconds."""
+    def expiry_ms(self):
+        """A lease's (and a slot's) expiry, in milliseconds."""
         return int(self.lease_seconds * 1000)
 
     def release(self, held, command, trip=None):
@@ -381,7 +381,7 @@ class RedisLease:
 
     def renew(self, trip):
         """Extend the lease if it is still ours."""
-        return trip.add("EVAL", _EXTEND_IF_OURS, 1, self.key, self.token, self.coordination._expiry_ms(),
+        return trip.add("EVAL", _EXTEND_IF_OURS, 1, self.key, self.token, self.coordination.expiry_ms(),
                         then=bool, otherwise=lambda failure: None)
 
     def release(self, trip=None):
@@ -401,10 +401,10 @@ class RedisSlot:
 
     def renew(self, trip):
         """Move the slot's expiry on, and the set's own with it (an empty set must not outlive its slots)."""
-        expiry = int(time.time() * 1000) + self.coordination._expiry_ms()
+        expiry = int(time.time() * 1000) + self.coordination.expiry_ms()
         renewed = trip.add("ZADD", self.key, "XX", "CH", expiry, self.member,
                            then=bool, otherwise=lambda failure: None)
-        trip.add("PEXPIRE", self.key, 2 * self.coordination._expiry_ms(), otherwise=lambda failure: None)
+        trip.add("PEXPIRE", self.key, 2 * self.coordination.expiry_ms(), otherwise=lambda failure: None)
         return renewed
 
     def release(self, trip=None):

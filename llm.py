@@ -81,11 +81,19 @@ def estimate_tokens(text):
     return max(1, (len(text) + 3) // 4) if text else 0
 
 
-# What may be a secret in the text a model server sends back: bearer tokens, API keys and
-# the password of a URL. An upstream error quotes what it received (the Authorization header
-# included) and its own configuration, so its text goes to the log only after these are masked.
-SECRETS = re.compile(r"(?i)((?:bearer|basic)\s+)[^\s\"',;]+|\b(sk|pk|rk|key|api[-_]?key)-[A-Za-z0-9_-]{6,}"
-                     r"|(\b[a-z][a-z0-9+.-]*://[^\s:/@\"']*:)[^\s@/\"']+(@)")
+# What may be a secret in the text a model server sends back: bearer tokens, API keys (OpenAI's
+# sk-proj-..., Stripe-style sk_live_..., Hugging Face's hf_..., GitHub's and Slack's), the password of
+# a URL (up to the last @ before its host: a password may hold @ or /), and settings written out
+# (password=..., api_key: ..., client_secret=..., access_token=...). An upstream error quotes what it
+# received (the Authorization header included) and its own configuration, so its text goes to the log
+# only after these are masked. A URL's password is taken as at most 200 characters, so that text
+# of many "a://b:" (no @) costs a bounded search at each, not one to the end of the text.
+SECRETS = re.compile(
+    r"(?i)(?P<scheme>(?:bearer|basic)\s+)[^\s\"',;]+"
+    r"|\b(?:sk|pk|rk|key|api[-_]?key|hf|ghp|gho|github_pat|xox[abposr])[-_][A-Za-z0-9_-]{6,}"
+    r"|(?P<user>\b[a-z][a-z0-9+.-]*://[^\s:/@\"']*:)[^\s\"']{1,200}(?P<host>@[^\s@/\"']*)"
+    r"|(?P<setting>\b(?:[a-z0-9]+[-_]){0,3}(?:password|passwd|pwd|secret|token|api[-_]?key|apikey|access[-_]?key)"
+    r"[\"']?\s*[:=]\s*[\"']?)[^\s\"'&,;)}]+")
 LOGGED_BODY_CHARS = 500
 # How model servers say the context is too long: OpenAI's and LiteLLM's code, the wording of
 # OpenAI, vLLM and llama-cpp-python ("maximum context length"), llama.cpp's server
@@ -102,11 +110,16 @@ HTTP_DATE = re.compile(r"[A-Za-z]{3}, \d{2} [A-Za-z]{3} \d{4} \d{2}:\d{2}:\d{2} 
 
 def masked(text, known=()):
     """`text` with anything that looks like a secret (and every `known` one) masked, cut to a bound."""
-    for secret in known:
-        if secret:
-            text = text.replace(secret, "[masked]")
-    text = SECRETS.sub(lambda m: (m.group(1) or m.group(3) or "") + "[masked]" + (m.group(4) or ""), text)
+    for secret in sorted(filter(None, known), key=len, reverse=True):  # a secret holding another goes first
+        text = text.replace(secret, "[masked]")
+    text = SECRETS.sub(mask, text)
     return text[:LOGGED_BODY_CHARS] + ("..." if len(text) > LOGGED_BODY_CHARS else "")
+
+
+def mask(found):
+    """What a SECRETS match becomes: what names the secret stays (a scheme, a URL's user and host, a setting)."""
+    named = found.group("scheme") or found.group("user") or found.group("setting") or ""
+    return named + "[masked]" + (found.group("host") or "")
 
 
 def retry_after_of(value):
@@ -185,18 +198,19 @@ class ModelAdapter(HTTPAdapter):
 
 
 def url_secrets(url):
-    """What of a URL's credentials an upstream may echo back: the password, and the Basic header made of them."""
+    """What of a URL's credentials an upstream may echo back: the password as written and decoded (an upstream
+    sees `p@ss` where the URL says `p%40ss`), and the Basic header made of them."""
     parts = urlsplit(url)
     if parts.password is None:
         return ()
     userinfo = parts.netloc.rpartition("@")[0]
-    return parts.password, base64.b64encode(unquote(userinfo).encode()).decode()
+    return parts.password, unquote(parts.password), base64.b64encode(unquote(userinfo).encode()).decode()
 
 
 def without_credentials(url):
-    """The URL without any user:password it may carry, for showing."""
+    """The URL for showing: without any user:password it carries, nor its query string (which may hold a key)."""
     parts = urlsplit(url)
-    return urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
+    return urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2], query="", fragment=""))
 
 
 class OpenAIChatModel:

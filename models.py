@@ -7,8 +7,8 @@ import secrets
 from urllib.parse import urlsplit
 
 from peewee import (AutoField, Case, CharField, IntegrityError, DatabaseProxy, DateTimeField, ForeignKeyField,
-                    IntegerField, Model, PeeweeException, PostgresqlDatabase,
-                    TextField, fn)
+                    IntegerField, InterfaceError, Model, OperationalError, PeeweeException, PostgresqlDatabase,
+                    ProgrammingError, TextField, fn)
 from playhouse.db_url import connect, register_database
 from playhouse.db_url import schemes as db_url_schemes
 from playhouse.migrate import SchemaMigrator, migrate
@@ -21,9 +21,15 @@ db = DatabaseProxy()
 # Why the database cannot be used, if it cannot: logged once an outage, reported by /status.
 outage = Outage("The database")
 
-# Everything the database can fail with: peewee's errors, a pool with no free connection, and
-# the socket timeouts of a database that stopped answering (gunicorn.conf.py sets them).
-DATABASE_ERRORS = (PeeweeException, MaxConnectionsExceeded, OSError)
+# What says the database cannot be reached or used now: peewee's OperationalError (refused, cut,
+# shutting down, out of connection slots, a statement or lock timeout, SQLite's "database is
+# locked"), its InterfaceError (a connection already closed), a pool with no free connection, and
+# the socket timeouts of a database that stopped answering (gunicorn.conf.py sets them). Any other
+# error (DataError, IntegrityError, ProgrammingError...) is a query the database refused: a bug.
+DATABASE_ERRORS = (OperationalError, InterfaceError, MaxConnectionsExceeded, OSError)
+# PostgreSQL's code for a table that does not exist: the tables were never made (init-db), which
+# SQLite says with an OperationalError ("no such table").
+UNDEFINED_TABLE = "42P01"
 
 TITLE_CHARS = 200
 OWNER_CHARS = 255
@@ -110,16 +116,26 @@ class DatabaseUnavailable(Unavailable):
     """The database could not be used: down, unreachable, out of connections or too slow; str() says why."""
 
 
+def cannot_be_used(failure):
+    """Whether `failure` says the database cannot be reached or used now (else the query was wrong)."""
+    if isinstance(failure, ProgrammingError):
+        return getattr(failure.__context__, "pgcode", None) == UNDEFINED_TABLE
+    return isinstance(failure, DATABASE_ERRORS)
+
+
 @contextlib.contextmanager
 def connection(retrying=False):
-    """A pooled database connection for the block; any failure of the database is DatabaseUnavailable.
+    """A pooled database connection for the block; a database that cannot be used is DatabaseUnavailable.
 
     The failure begins an outage (logged once, with its reason) unless `retrying`: another try follows.
+    Any other error of the database (a query it refused) is raised as it is: a bug, not an outage.
     """
     try:
         with db.connection_context():
             yield
-    except DATABASE_ERRORS as exc:
+    except (*DATABASE_ERRORS, ProgrammingError) as exc:
+        if not cannot_be_used(exc):
+            raise
         reason = database_reason(exc, db.obj.connect_params.get("password"))
         if not retrying:
             outage.failed(reason)
@@ -379,7 +395,7 @@ def _save_on_postgres(row):
         db.execute_sql("COMMIT")
         return bool(saved)
     except BaseException:
-        with contextlib.suppress(*DATABASE_ERRORS):
+        with contextlib.suppress(PeeweeException, OSError):  # the first failure is the one to tell
             db.execute_sql("ROLLBACK")
         raise
 

@@ -16,10 +16,11 @@ from dataclasses import dataclass, field
 
 import cache
 import sse
-from coordination import lease_key, lease_token
+from cache import ConversationCache
+from coordination import Coordination, lease_key, lease_token
 from errors import (ApiError, BudgetExceeded, ContextTooLarge, ConversationBusy, DatabaseDown, EmptyStream,
                     NoReplyInProgress, NotFound, RecoveryUnavailable, ShuttingDown, TooManyStreams, TurnTakenOver)
-from journal import JournalUnavailable, NoJournal
+from journal import Journal, JournalUnavailable, NoJournal
 from llm import Reply, estimate_tokens
 from metrics import Meter
 from models import Conversation, DatabaseUnavailable, Message, connection, retried_once, save_turn, utcnow
@@ -31,8 +32,9 @@ log = logging.getLogger(__name__)
 MESSAGE_OVERHEAD_TOKENS = 4
 # How often a turn with no reader checks whether one came back, on any instance.
 ALONE_CHECK_SECONDS = 0.5
+# How a cut turn is saved, and the kind of error its final event carries (built for each turn).
 CUTS = {"stopped": (Message.STOPPED, None), "interrupted": (Message.INTERRUPTED, None),
-        "shutting_down": (Message.ERROR, ShuttingDown())}
+        "shutting_down": (Message.ERROR, ShuttingDown)}
 
 
 def new_conversation_id():
@@ -67,9 +69,9 @@ class Shared:
     """What the processes share: the conversation cache, their coordination, the journal, and how to send
     several of their commands in one round trip."""
 
-    cache: object
-    coordination: object
-    journal: object = field(default_factory=NoJournal)
+    cache: ConversationCache
+    coordination: Coordination
+    journal: Journal = field(default_factory=NoJournal)
     round_trip: object = LocalTrip
 
 
@@ -238,7 +240,8 @@ class ChatService:
         try:
             status, error, upstream = self._read_model(turn, feed, upstream, parts)
             if feed.cut_reason is not None:  # the cut, not what it broke, is how the turn ended
-                status, error = CUTS[feed.cut_reason]
+                status, kind = CUTS[feed.cut_reason]
+                error = kind and kind()
             turn.status = status
             self._take(turn, upstream.reply, "".join(parts))
             self.finish(turn, feed, error)

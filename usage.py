@@ -7,9 +7,14 @@ from models import Message, retried_once, utcnow
 MAX_DAYS = 366
 
 
+def today():
+    """Today's date (UTC), the day usage is counted in."""
+    return utcnow().date()
+
+
 def days_ago(days):
     """The date `days` days before today (UTC)."""
-    return utcnow().date() - datetime.timedelta(days=days)
+    return today() - datetime.timedelta(days=days)
 
 
 def usage(since, until, user=None):

@@ -1,10 +1,12 @@
 """The gunicorn worker: gevent's, with deadlines on what a client sends and on what it reads.
 
-gunicorn's gevent worker waits on a client as long as the client likes: a request whose
-headers or body never finish holds its connection, and a client that stops reading holds
-the turn that writes to it. Here a request must arrive whole within
-CLIENT_READ_TIMEOUT_SECONDS of its first byte, and each write to a client must be taken
-within SSE_WRITE_TIMEOUT_SECONDS; past either, the client is treated as gone.
+gunicorn's gevent worker waits on a client as long as the client likes: a connection that
+sends nothing, or a request whose headers or body never finish, holds its connection, and a
+client that stops reading holds the turn that writes to it. Here a connection's first request
+must begin within CLIENT_READ_TIMEOUT_SECONDS of the connection and each request arrive whole
+within as long of its first byte (a kept-alive connection may wait for its next request as long
+as gunicorn's keep-alive allows), and a client must take part of what is written to it within
+each SSE_WRITE_TIMEOUT_SECONDS; past either, the client is treated as gone.
 """
 
 import errno
@@ -55,24 +57,33 @@ class ClientConnection:
     """A client's socket, with a deadline on each request it sends and on each write it must take."""
 
     def __init__(self, sock, read_seconds, write_seconds):
-        """Wrap gunicorn's client `sock`."""
+        """Wrap gunicorn's client `sock`, accepted just now."""
         self._sock = sock
         self.read_seconds = read_seconds
         self.write_seconds = write_seconds
+        # The first request is due like the rest of one: a connection is not an invitation to wait.
+        self._first_due = time.monotonic() + read_seconds
         self._deadline = None
         self._too_slow = False
 
     def recv(self, size, *flags):
-        """Read what the client sent: a new request may take its time to begin, not to arrive."""
+        """Read what the client sent: a later request on the connection may take its time to begin, not to arrive."""
         if self._too_slow:
             raise ClientTooSlow()
-        if self._deadline is None:
-            # Waiting for a request to begin: gunicorn bounds this by its keep-alive timeout.
+        if self._deadline is None and self._first_due is None:
+            # Waiting for a later request to begin: gunicorn bounds this by its keep-alive timeout.
             self._sock.settimeout(None)
             data = self._sock.recv(size, *flags)
             self._deadline = time.monotonic() + self.read_seconds
             return data
-        left = self._deadline - time.monotonic()
+        data = self._recv_by(self._deadline or self._first_due, size, flags)
+        if self._deadline is None:  # the first request began
+            self._first_due, self._deadline = None, time.monotonic() + self.read_seconds
+        return data
+
+    def _recv_by(self, deadline, size, flags):
+        """Read what the client sent, if it sends before `deadline`; else it is too slow."""
+        left = deadline - time.monotonic()
         try:
             if left <= 0:
                 raise socket.timeout()
@@ -84,11 +95,19 @@ class ClientConnection:
             raise ClientTooSlow() from None
 
     def sendall(self, data, *flags):
-        """Write to the client, which must take it within the write deadline, else it is gone."""
+        """Write to the client, which must take part of it within each write deadline, else it is gone.
+
+        A socket's own sendall bounds the whole write, so a client reading a large one slowly but
+        steadily would be dropped: here each part the client takes renews the deadline.
+        """
         if self._sock.timeout != self.write_seconds:
             self._sock.settimeout(self.write_seconds)
         try:
-            return self._sock.sendall(data, *flags)
+            sent = self._sock.send(data, *flags)
+            if sent < len(data):  # the client's buffers are full: the rest goes as it reads
+                rest = memoryview(data)[sent:]
+                while rest:
+                    rest = rest[self._sock.send(rest, *flags):]
         except socket.timeout:
             log.info("the client read nothing for %g s; treated as gone", self.write_seconds)
             raise BrokenPipeError(errno.EPIPE, "the client stopped reading") from None

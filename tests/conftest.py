@@ -9,8 +9,10 @@ import redis
 
 import models
 from chat_app import create_app
+from llm import OpenAIChatModel
 from tests.fake_llm import FakeLLM
-from tests.helpers import (PHASE_REPORTS, POSTGRES_URL, REDIS_URL, SECRET, Service, reset_database,
+from tests.faults import RedisServer
+from tests.helpers import (MODEL_API_KEY, PHASE_REPORTS, POSTGRES_URL, REDIS_URL, SECRET, Service, reset_database,
                            service_missing)
 
 
@@ -83,6 +85,20 @@ def llm(llm_server):
     llm_server.reset()
     yield llm_server
     llm_server.release()
+
+
+@pytest.fixture
+def private_redis():
+    """A redis-server of this test's own, on a free port (to stop, hang or empty without touching the shared one)."""
+    server = RedisServer().start()
+    yield server
+    server.close()
+
+
+@pytest.fixture
+def model(llm):
+    """A client of the fake model with a one-second timeout."""
+    return OpenAIChatModel(llm.url, MODEL_API_KEY, "fake-model", timeout=1)
 
 
 @pytest.fixture(params=["postgres+redis", "sqlite+memory"])

@@ -1,26 +1,30 @@
 """What the tests share: settings, tokens, the one error shape, what the stores hold, the service under gunicorn."""
 
+import base64
 import contextlib
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 import jwt
 import psycopg2
 import pytest
 import requests
+from flask.cli import FlaskGroup
 
 import cache
 import coordination
 import models
 from redis_link import scope
 from tests.fake_llm import Script
-from tests.sse_client import data_events, events, next_data
+from tests.sse_client import PING, data_events, events, events_with_ids, next_data
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 IN_CI = os.environ.get("CI", "").lower() == "true"
@@ -30,6 +34,8 @@ REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
 BENCH_DATABASE_URL = os.environ.get("TEST_BENCH_DATABASE_URL", POSTGRES_URL.rsplit("/", 1)[0] + "/chat_bench")
 BENCH_REDIS_URL = os.environ.get("TEST_BENCH_REDIS_URL", REDIS_URL.rsplit("/", 1)[0] + "/9")
 SECRET = "test-secret-that-is-long-enough-for-hs256-0123456789"
+# The key the `model` fixture's client sends the fake model.
+MODEL_API_KEY = "sk-secret-key-000000"
 SLOW_REPLY = Script(chunks=["partial ", "rest of it"], chunk_delay=30)
 
 
@@ -89,6 +95,19 @@ def token(sub="alice", secret=SECRET, algorithm="HS256", lifetime=3600, **claims
 def bearer(sub="alice", **claims):
     """Authorization headers for `sub`."""
     return {"Authorization": f"Bearer {token(sub, **claims)}"}
+
+
+def b64url(data):
+    """Unpadded base64url of bytes, or of a dict as JSON (a token's parts as any issuer makes them)."""
+    if isinstance(data, dict):
+        data = json.dumps(data).encode()
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def cursor_of(position):
+    """A cursor made the way the service makes them, around any `position` (JSON-encoded unless bytes)."""
+    raw = position if isinstance(position, bytes) else json.dumps(position).encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
 
 
 def claims_of(printed):
@@ -152,6 +171,15 @@ def complete(*pairs):
     for message, reply in pairs:
         rows += [("user", message, "complete"), ("assistant", reply, "complete")]
     return rows
+
+
+def message_counts(owner=None):
+    """{conversation id: how many messages it has} of every conversation the database holds (the owner's, if given)."""
+    with models.db.connection_context():
+        query = models.Conversation.select()
+        if owner is not None:
+            query = query.where(models.Conversation.owner == owner)
+        return {c.id: c.messages.count() for c in query}
 
 
 def stored_counts():
@@ -264,6 +292,32 @@ def run(client, message, conversation_id=None, user="alice"):
     return response.get_json()
 
 
+def flask_cli(app, monkeypatch, *args):
+    """Run `flask --app chat_app ARGS` in process against `app` and return the click result."""
+    monkeypatch.setenv("FLASK_RUN_FROM_CLI", "true")  # FlaskGroup sets it; monkeypatch restores it
+    group = FlaskGroup(create_app=lambda: app, load_dotenv=False)
+    return app.test_cli_runner().invoke(group, list(args))
+
+
+def descendants(pid):
+    """The pids of a process's children, grandchildren and so on."""
+    children = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as stat:
+                    parent = int(stat.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue
+            children.setdefault(parent, []).append(int(entry))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
 class Service:
     """The service running under gunicorn with the gevent worker, in its own process."""
 
@@ -361,6 +415,76 @@ class Service:
         found = []
         wait_until(lambda: condition(found.append(self.status()) or found[-1]), timeout=timeout, interval=0.2)
         return found[-1]
+
+
+def resume(service, conversation_id, last_event_id=None, user="alice"):
+    """GET /chat/stream/{conversation_id}, with Last-Event-ID if given; the open response."""
+    headers = {**bearer(user), "Connection": "close"}
+    if last_event_id is not None:
+        headers["Last-Event-ID"] = last_event_id
+    return requests.get(f"{service.url}/chat/stream/{conversation_id}", headers=headers, stream=True,
+                        timeout=(5, 30))
+
+
+def read_events(response, stop_after=None):
+    """The (id, payload) events of a stream, pings left out; only the first `stop_after` if given."""
+    return take_events(events_with_ids(response), stop_after)
+
+
+def take_events(received, stop_after=None):
+    """The next (id, payload) events of an iterator of them, pings left out; only `stop_after` of them if given."""
+    got = []
+    for event_id, payload in received:
+        if payload == PING:
+            continue
+        got.append((event_id, payload))
+        if stop_after is not None and len(got) == stop_after:
+            break
+    return got
+
+
+# %(p)s is the worker's pid: which worker answered each request.
+ACCESS_LOG_WITH_PID = "--access-logfile - --access-logformat '%(p)s %(s)s \"%(r)s\"'"
+ACCESS_LINE = re.compile(r"<(\d+)> (\d{3}) \"POST /chat/(run|stream) HTTP/1.1\"")
+
+
+def busy_answers_by_worker(service):
+    """{pid: [status, ...]} of the chat requests in the access log of a service started with ACCESS_LOG_WITH_PID."""
+    answers = {}
+    for pid, status, _ in ACCESS_LINE.findall(service.output()):
+        answers.setdefault(pid, []).append(int(status))
+    return answers
+
+
+class Holder:
+    """A turn that holds a conversation until the fake model is released."""
+
+    def __init__(self, service, llm, path, conversation_id, message="first"):
+        """Start the turn and return once the model has its request (so the lock is held)."""
+        self.path = path
+        self.result = []
+        requests_before = len(llm.requests)
+        if path == "stream":
+            # The first chunk comes at once (so the 200 and headers are in), the second only on release.
+            llm.script(Script(chunks=["held ", "reply"], chunk_delay=60))
+            self.response = service.stream(message, conversation_id)
+            assert self.response.status_code == 200
+        else:
+            llm.script(Script(reply="held reply", header_delay=60))
+            self.thread = threading.Thread(
+                target=lambda: self.result.append(service.run(message, conversation_id)))
+            self.thread.start()
+        assert llm.wait_for_requests(requests_before + 1)
+
+    def finish(self):
+        """After llm.release(): the turn's outcome, checked to be a success."""
+        if self.path == "stream":
+            received = data_events(self.response)
+            assert "error" not in received[-1], received[-1]["error"]
+            return "".join(e["content"] for e in received)
+        self.thread.join(20)
+        assert self.result and self.result[0].status_code == 200, self.result
+        return self.result[0].json()["response"]
 
 
 @contextlib.contextmanager

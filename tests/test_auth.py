@@ -3,7 +3,6 @@
 import base64
 import hashlib
 import hmac
-import json
 import time
 
 import jwt
@@ -11,21 +10,14 @@ import pytest
 
 from auth import VerifiedTokens
 from config import VERSION
-from tests.helpers import (SECRET, assert_error, bearer, complete, run, seen_by_model, stored_counts, stored_messages,
-                           token, wait_until)
+from tests.helpers import (SECRET, assert_error, b64url, bearer, complete, run, seen_by_model, stored_counts,
+                           stored_messages, token, wait_until)
 from tests.fake_llm import Script
 
 VALID_BODY = {"message": "hi"}
 
 # The HS384/HS512 tokens are minted with the service's (HS256-sized) secret on purpose.
 pytestmark = pytest.mark.filterwarnings("ignore::jwt.warnings.InsecureKeyLengthWarning")
-
-
-def b64url(data):
-    """Unpadded base64url of `data` (a dict is JSON-encoded first)."""
-    if isinstance(data, dict):
-        data = json.dumps(data).encode()
-    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
 
 
 def claims(sub="alice"):

@@ -7,21 +7,13 @@ import sys
 import time
 
 import pytest
-from flask.cli import FlaskGroup
 
 import chat_app
 import models
 from config import ConfigError
-from tests.helpers import ROOT, SECRET, Service, bearer, claims_of, free_port, stored_conversation
+from tests.helpers import ROOT, SECRET, Service, bearer, claims_of, flask_cli, free_port, stored_conversation
 
 TABLES = {"chat_conversation", "chat_message"}
-
-
-def flask_cli(app, monkeypatch, *args):
-    """Run `flask --app chat_app ARGS` in process against `app` and return the click result."""
-    monkeypatch.setenv("FLASK_RUN_FROM_CLI", "true")  # FlaskGroup sets it; monkeypatch restores it
-    group = FlaskGroup(create_app=lambda: app, load_dotenv=False)
-    return app.test_cli_runner().invoke(group, list(args))
 
 
 @pytest.fixture
@@ -294,3 +286,18 @@ def test_gunicorn_refuses_to_start_on_a_bad_setting_with_the_same_line(tmp_path,
     assert said in log.splitlines()
     assert "Traceback" not in log and "hunter2" not in log
     assert service.process.wait(10) != 0
+
+
+@pytest.mark.parametrize("lease", ["0", "-1", "10.5", "600", "nan", "inf"])
+def test_lease_seconds_out_of_range_is_a_clear_startup_error(settings, monkeypatch, lease):
+    """LEASE_SECONDS must be more than 0 (at 0 the keeper would renew in a loop) and at most 10 (a dead instance
+    frees its conversations within it)."""
+    monkeypatch.setenv("LEASE_SECONDS", lease)
+    with pytest.raises(ConfigError, match=f"LEASE_SECONDS must be more than 0 and at most 10, not '{lease}'"):
+        chat_app.create_app({**settings, "JWT_SECRET_KEY": SECRET})
+
+
+def test_lease_seconds_within_range_is_taken(settings, monkeypatch):
+    """A short lease, as the tests of a stalled instance use, is accepted as given."""
+    monkeypatch.setenv("LEASE_SECONDS", "1.5")
+    assert chat_app.create_app({**settings, "JWT_SECRET_KEY": SECRET}).config["LEASE_SECONDS"] == 1.5

@@ -8,7 +8,6 @@ import pytest
 
 from coordination import WHILE_REDIS_IS_DOWN
 from tests.fake_llm import Script
-from tests.faults import RedisServer
 from tests.helpers import (
     cached_contents,
     cached_messages,
@@ -23,14 +22,6 @@ from tests.sse_client import data_events, events, rest_of
 
 # Each scenario breaks something on purpose and waits for the service to notice: seconds each.
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture
-def private_redis():
-    """A redis-server of this test's own, on a free port."""
-    server = RedisServer().start()
-    yield server
-    server.close()
 
 
 @pytest.fixture

@@ -6,54 +6,17 @@ While a turn runs, any other turn of the same conversation is refused with 409
 Nothing interleaves and nothing is lost; other conversations are never held up.
 """
 
-import re
 import threading
 
 import pytest
 
 import models
 from tests.fake_llm import Script
-from tests.helpers import assert_error, complete, lease_key, seen_by_model, stored_messages, wait_until
-from tests.sse_client import data_events
+from tests.helpers import (ACCESS_LOG_WITH_PID, Holder, assert_error, busy_answers_by_worker, complete, lease_key,
+                           seen_by_model, stored_messages, wait_until)
 
 # Each scenario holds a conversation in one process while turns from others race for it: seconds each.
 pytestmark = pytest.mark.slow
-
-# %(p)s is the worker's pid: which worker answered each request.
-ACCESS_LOG_WITH_PID = "--access-logfile - --access-logformat '%(p)s %(s)s \"%(r)s\"'"
-ACCESS_LINE = re.compile(r"<(\d+)> (\d{3}) \"POST /chat/(run|stream) HTTP/1.1\"")
-
-
-class Holder:
-    """A turn that holds a conversation until the fake model is released."""
-
-    def __init__(self, service, llm, path, conversation_id, message="first"):
-        """Start the turn and return once the model has its request (so the lock is held)."""
-        self.path = path
-        self.result = []
-        requests_before = len(llm.requests)
-        if path == "stream":
-            # The first chunk comes at once (so the 200 and headers are in), the second only on release.
-            llm.script(Script(chunks=["held ", "reply"], chunk_delay=60))
-            self.response = service.stream(message, conversation_id)
-            assert self.response.status_code == 200
-        else:
-            llm.script(Script(reply="held reply", header_delay=60))
-            self.thread = threading.Thread(
-                target=lambda: self.result.append(service.run(message, conversation_id)))
-            self.thread.start()
-        assert llm.wait_for_requests(requests_before + 1)
-
-    def finish(self):
-        """After llm.release(): the turn's outcome, checked to be a success."""
-        if self.path == "stream":
-            received = data_events(self.response)
-            assert "error" not in received[-1], received[-1]["error"]
-            return "".join(e["content"] for e in received)
-        self.thread.join(20)
-        assert self.result and self.result[0].status_code == 200, self.result
-        return self.result[0].json()["response"]
-
 
 def refused_while_held(llm, holding, contending, paths, conversation_id="c1"):
     """Hold the conversation with a stream on `holding`; each path's turn on `contending` is a 409; then let go."""
@@ -86,14 +49,6 @@ def test_second_turn_on_a_busy_conversation_is_409(start_service, llm, redis_cli
     assert seen_by_model(llm) == [
         "first", "held reply", "third"]
     assert stored_messages("c1") == complete(("first", "held reply"), ("third", "third reply"))
-
-
-def busy_answers_by_worker(service):
-    """{pid: [status, ...]} of the chat requests in the service's access log."""
-    answers = {}
-    for pid, status, _ in ACCESS_LINE.findall(service.output()):
-        answers.setdefault(pid, []).append(int(status))
-    return answers
 
 
 def test_busy_conversation_is_409_in_every_worker_process(start_service, llm):

@@ -1,6 +1,7 @@
 """What an attacker and a stalled client found, each closed: on gunicorn + gevent, PostgreSQL and Redis."""
 
 import json
+import re
 import socket
 import time
 
@@ -8,7 +9,7 @@ import pytest
 import requests
 
 import auth
-from tests.helpers import REDIS_URL, assert_error, bearer, stored_messages, token, wait_until
+from tests.helpers import REDIS_URL, assert_error, bearer, cursor_of, stored_messages, token, wait_until
 from tests.fake_llm import Script
 from tests.sse_client import data_events
 
@@ -17,15 +18,29 @@ BIG_CHUNKS = [("x" * 40000) + f" {n}" for n in range(300)]  # 12 MB: more than a
 
 
 def raw_request(service, method, path, body=b"", headers=None, receive_buffer=None):
-    """A connected socket that has sent one whole request (and reads nothing yet)."""
+    """A connected socket that has sent one whole request (and reads nothing yet).
+
+    The body's Content-Length is sent unless `headers` gives it as None.
+    """
     sock = socket.socket()
     if receive_buffer:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, receive_buffer)
     sock.connect(("127.0.0.1", service.port))
-    lines = [f"{method} {path} HTTP/1.1", "Host: test", f"Content-Length: {len(body)}",
-             *[f"{name}: {value}" for name, value in (headers or {}).items()], "", ""]
+    headers = {"Content-Length": len(body), **(headers or {})}
+    lines = [f"{method} {path} HTTP/1.1", "Host: test",
+             *[f"{name}: {value}" for name, value in headers.items() if value is not None], "", ""]
     sock.sendall("\r\n".join(lines).encode() + body)
     return sock
+
+
+def raw_answer(sock, timeout=10):
+    """The (status, JSON body) the server answered on `sock`, read until it closes the connection."""
+    sock.settimeout(timeout)
+    answer = b""
+    while chunk := sock.recv(65536):
+        answer += chunk
+    head, _, body = answer.partition(b"\r\n\r\n")
+    return int(head.split(b" ", 2)[1]), json.loads(body)
 
 
 def closed_by_server(sock, timeout):
@@ -76,7 +91,7 @@ def test_a_stalled_reader_keeps_the_lease_short_and_renewed_then_is_treated_as_g
     started = time.monotonic()
     while time.monotonic() - started < 2.0:  # twice the lease's expiry
         assert 0 < redis_client.pttl(lease_key) <= 1000
-        assert_error_response(service.post("/chat/run", {"message": "me too", "conversation_id": "c1"}),
+        assert_error(service.post("/chat/run", {"message": "me too", "conversation_id": "c1"}),
                               409, "conversation_busy")
         time.sleep(0.2)
     assert llm.wait_for_disconnects(1, timeout=20)
@@ -87,12 +102,6 @@ def test_a_stalled_reader_keeps_the_lease_short_and_renewed_then_is_treated_as_g
     assert service.post("/chat/run", {"message": "next", "conversation_id": "c1"}).status_code == 200
     assert [m[1] for m in stored_messages("c1", "alice")][2:] == ["next", "second"]
     assert no_traceback_in(service)
-
-
-def assert_error_response(response, status, code):
-    """A requests response in the one error shape."""
-    assert response.status_code == status, response.text
-    assert response.json()["error"]["code"] == code
 
 
 # 2. The model's error text never reaches the caller
@@ -109,7 +118,7 @@ def test_an_upstream_error_gives_our_message_and_logs_its_text_masked(start_serv
     service = start_service(LLM_API_KEY="sk-live-0123456789abcdef")
     llm.script(Script(status=status, error_message=upstream_text))
     response = service.post("/chat/run", {"message": "hi", "conversation_id": "c1"})
-    assert_error_response(response, 502, "llm_error")
+    assert_error(response, 502, "llm_error")
     assert response.json()["error"]["message"].startswith(f"the model answered HTTP {status}")
     for leaked in ("sk-live", "hunter2", "Incorrect API key", "postgres://"):
         assert leaked not in response.text
@@ -189,14 +198,27 @@ def test_deeply_nested_json_is_a_400(service, method, path):
     """JSON nested past Python's recursion limit is a bad body, not a crash."""
     response = requests.request(method, service.url + path, data=NESTED, timeout=10,
                                 headers={**bearer(), "Content-Type": "application/json", "Connection": "close"})
-    assert_error_response(response, 400, "invalid_request")
+    assert_error(response, 400, "invalid_request")
     assert no_traceback_in(service)
 
 
-def cursor_of(position):
-    """A cursor made the way the service makes them, holding any position."""
-    import base64
-    return base64.urlsafe_b64encode(json.dumps(position).encode()).decode().rstrip("=")
+CHUNKED = {"Content-Length": None, "Transfer-Encoding": "chunked", "Content-Type": "application/json"}
+BAD_CHUNKS = {"bad-chunk-size": b"zz\r\n{}\r\n0\r\n\r\n",
+              "missing-chunk-terminator": b"2\r\n{}XX0\r\n\r\n",
+              "cut-before-the-last-chunk": b"2\r\n{}\r\n0\r\n"}
+
+
+@pytest.mark.parametrize("method,path", [("POST", "/chat/run"), ("PATCH", "/conversations/c1")])
+@pytest.mark.parametrize("body", BAD_CHUNKS.values(), ids=BAD_CHUNKS.keys())
+def test_a_malformed_chunked_body_is_a_400(service, method, path, body):
+    """A chunked body whose framing is broken is a bad request in the one error shape, not a 500."""
+    sock = raw_request(service, method, path, body, headers={**CHUNKED, "Authorization": f"Bearer {token()}"})
+    sock.shutdown(socket.SHUT_WR)  # nothing more comes: a body cut short ends here
+    status, answer = raw_answer(sock)
+    sock.close()
+    assert (status, answer) == (400, {"error": {"code": "invalid_request",
+                                                "message": "the request body's chunked encoding is malformed"}})
+    assert no_traceback_in(service)
 
 
 @pytest.mark.parametrize("path,position", [
@@ -210,7 +232,7 @@ def test_a_cursor_holding_odd_values_is_a_400(service, llm, path, position):
     service.post("/chat/run", {"message": "hi", "conversation_id": "c1"})
     response = requests.get(service.url + path, params={"cursor": cursor_of(position)},
                             headers={**bearer(), "Connection": "close"}, timeout=10)
-    assert_error_response(response, 400, "invalid_request")
+    assert_error(response, 400, "invalid_request")
     assert no_traceback_in(service)
 
 
@@ -220,7 +242,7 @@ def test_a_signed_token_with_an_unusable_subject_is_a_401_before_the_model(servi
     headers = {"Authorization": f"Bearer {token(subject)}", "Connection": "close"}
     response = requests.post(service.url + "/chat/run", json={"message": "hi", "conversation_id": "c1"},
                              headers=headers, timeout=10)
-    assert_error_response(response, 401, "unauthorized")
+    assert_error(response, 401, "unauthorized")
     assert llm.requests == []
     assert no_traceback_in(service)
 
@@ -232,6 +254,17 @@ def test_a_token_whose_exp_is_a_string_of_digits_keeps_working(service, llm):
                 for _ in range(4)]
     assert statuses == [200] * 4
     assert no_traceback_in(service)
+
+
+@pytest.mark.parametrize("exp", [10**309, 10**400, "1" + "0" * 400], ids=["10^309", "10^400", "digits-10^400"])
+def test_a_token_whose_exp_is_past_any_time_is_a_401_and_status_stays_public(pg_client, exp):
+    """An `exp` too large for a float is refused as the token's own fault (twice: nothing bad was kept),
+    and /status with it answers as without a token."""
+    headers = {"Authorization": f"Bearer {token(exp=exp)}"}
+    for _ in range(2):
+        assert_error(pg_client.get("/conversations", headers=headers), 401, "unauthorized", mentions="exp")
+        public = pg_client.get("/status", headers=headers)
+        assert public.status_code == 200 and set(public.get_json()) == {"status", "database", "cache"}
 
 
 @pytest.mark.parametrize("path", ["/chat/run", "/chat/stream"])
@@ -271,7 +304,7 @@ def test_streams_per_user_are_capped_across_instances(start_service, llm):
     with first.stream("one", "c1") as one, second.stream("two", "c2") as two:
         assert (one.status_code, two.status_code) == (200, 200)
         third = first.post("/chat/stream", {"message": "three", "conversation_id": "c3"})
-        assert_error_response(third, 429, "too_many_streams")
+        assert_error(third, 429, "too_many_streams")
         other_user = second.stream("bob's", "c4", user="bob")
         assert other_user.status_code == 200
         other_user.close()
@@ -309,7 +342,7 @@ def test_a_header_that_is_not_exactly_bearer_token_is_refused(service, llm):
                     f"Bearer  {good}", f"Bearer {good}, Basic x"]:
         response = requests.get(service.url + "/conversations", headers={"Authorization": variant,
                                                                           "Connection": "close"}, timeout=10)
-        assert_error_response(response, 401, "unauthorized")
+        assert_error(response, 401, "unauthorized")
     ok = requests.get(service.url + "/conversations", headers={"Authorization": f"Bearer {good}",
                                                               "Connection": "close"}, timeout=10)
     assert ok.status_code == 200
@@ -347,6 +380,73 @@ def test_a_body_that_never_finishes_gets_408(start_service):
         answer += sock.recv(65536)
     assert answer.startswith(b"HTTP/1.1 408")
     assert closed_by_server(sock, timeout=10)
+    assert no_traceback_in(service)
+
+
+def test_a_connection_that_never_sends_a_byte_is_dropped(start_service):
+    """The first request's first byte is due within CLIENT_READ_TIMEOUT_SECONDS of the connection, not within
+    keep-alive's 75 s."""
+    service = start_service(CLIENT_READ_TIMEOUT_SECONDS=1)
+    silent = [socket.create_connection(("127.0.0.1", service.port)) for _ in range(5)]
+    assert all(closed_by_server(sock, timeout=10) for sock in silent)
+    assert requests.get(service.url + "/status", timeout=5).status_code == 200
+
+
+def kept_alive_answer(sock):
+    """The status of the answer the server sent on a kept-alive `sock`, read to the end of its Content-Length."""
+    answer = b""
+    while b"\r\n\r\n" not in answer:
+        answer += sock.recv(65536)
+    head, _, body = answer.partition(b"\r\n\r\n")
+    length = int(re.search(rb"(?im)^content-length: *(\d+)", head).group(1))
+    while len(body) < length:
+        body += sock.recv(65536)
+    return int(head.split(b" ", 2)[1])
+
+
+def test_a_kept_alive_connection_may_wait_longer_than_the_read_deadline_between_requests(start_service):
+    """After a first request, the wait for the next one on the connection is bounded by keep-alive, not by
+    CLIENT_READ_TIMEOUT_SECONDS."""
+    service = start_service(CLIENT_READ_TIMEOUT_SECONDS=0.5)
+    sock = raw_request(service, "GET", "/status")
+    sock.settimeout(10)
+    assert kept_alive_answer(sock) == 200
+    assert not closed_by_server(sock, timeout=2)  # four read deadlines of idling between two requests
+    sock.sendall(b"GET /status HTTP/1.1\r\nHost: test\r\n\r\n")
+    sock.settimeout(10)
+    assert kept_alive_answer(sock) == 200
+    sock.close()
+
+
+def read_until(sock, marker, pause=0.0, size=65536):
+    """Read what the server sends on `sock`, `size` bytes at most a read and `pause` seconds between reads, until
+    `marker` came; whether it did (else the server closed the connection first)."""
+    received = bytearray()
+    sock.settimeout(30)
+    while marker not in received[-(len(marker) + size):]:
+        chunk = sock.recv(size)
+        if not chunk:
+            return False
+        received += chunk
+        time.sleep(pause)  # a slow reader: the pace is what is under test
+    return True
+
+
+def test_a_slow_reader_that_keeps_reading_a_large_replay_is_not_dropped(start_service, llm):
+    """SSE_WRITE_TIMEOUT_SECONDS bounds each wait with no progress, not a whole write: a resumed stream whose
+    replay is one 12 MB write, read 64 KB every 20 ms (seconds in all, no pause near the deadline), arrives whole."""
+    service = start_service(SSE_WRITE_TIMEOUT_SECONDS=1.5, LLM_TIMEOUT_SECONDS=60, STREAM_RESUME_GRACE_SECONDS=20)
+    llm.script(Script(chunks=BIG_CHUNKS, silence_after=len(BIG_CHUNKS)))  # then waits for llm.release()
+    last = f" {len(BIG_CHUNKS) - 1}\"".encode()
+    auth = {"Authorization": f"Bearer {token('alice')}"}
+    body = json.dumps({"message": "tell me everything", "conversation_id": "c1"}).encode()
+    first = raw_request(service, "POST", "/chat/stream", body, headers={**auth, "Content-Type": "application/json"})
+    assert read_until(first, last)  # the whole reply is in the turn's feed
+    replay = raw_request(service, "GET", "/chat/stream/c1", headers=auth, receive_buffer=65536)
+    assert read_until(replay, last, pause=0.02)
+    llm.release()
+    first.close()
+    replay.close()
     assert no_traceback_in(service)
 
 

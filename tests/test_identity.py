@@ -1,6 +1,5 @@
 """Tokens from the company's identity provider: a real JWKS endpoint on loopback, keys made in the test."""
 
-import base64
 import hashlib
 import hmac
 import json
@@ -18,8 +17,7 @@ from jwt.algorithms import ECAlgorithm, RSAAlgorithm
 import chat_app
 import token_keys
 from config import ConfigError
-from tests.helpers import SECRET, assert_error, free_port, stored_conversation, token, wait_until
-from tests.test_cli import flask_cli
+from tests.helpers import SECRET, assert_error, b64url, flask_cli, free_port, stored_conversation, token, wait_until
 
 ISSUER = "https://sso.example.internal/realms/staff"
 AUDIENCE = "chat-api"
@@ -184,13 +182,6 @@ def post(client, token_text):
 def assert_refused(response, mentions=None):
     """The response is 401 unauthorized."""
     assert_error(response, 401, "unauthorized", mentions)
-
-
-def b64url(data):
-    """Unpadded base64url of bytes, or of a dict as JSON."""
-    if isinstance(data, dict):
-        data = json.dumps(data).encode()
-    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
 
 
 def hmac_signed(header, secret, sub="alice"):

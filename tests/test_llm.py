@@ -1,24 +1,18 @@
 """The model client against a real OpenAI-compatible HTTP server on loopback."""
 
+import logging
 from types import SimpleNamespace
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-import llm
 from errors import ApiError
-from llm import DemoModel, OpenAIChatModel
-from tests.helpers import free_port
+from llm import ChunkedBody, DemoModel, OpenAIChatModel, masked
+from tests.helpers import MODEL_API_KEY, free_port
 from tests.fake_llm import Script
 
 HELLO = [{"role": "user", "content": "hello"}]
-
-
-@pytest.fixture
-def model(llm):
-    """A client of the fake model with a one-second timeout."""
-    return OpenAIChatModel(llm.url, "sk-test-key", "fake-model", timeout=1)
 
 
 def streamed(model, messages=HELLO):
@@ -65,7 +59,7 @@ def test_requests_carry_model_messages_and_key(model, llm):
     assert request["json"]["model"] == "fake-model"
     assert request["json"]["messages"] == HELLO
     assert request["json"]["stream"] is False
-    assert request["headers"]["authorization"] == "Bearer sk-test-key"
+    assert request["headers"]["authorization"] == f"Bearer {MODEL_API_KEY}"
 
 
 def test_stream_yields_chunks_and_usage(model, llm):
@@ -165,7 +159,7 @@ def test_broken_stream_raises_after_the_good_chunks(model, llm, script, code):
 
 def test_describe_never_shows_the_key(model):
     """What /status shows of the model names the backend and model, not the API key."""
-    assert "sk-test-key" not in repr(model.describe())
+    assert MODEL_API_KEY not in repr(model.describe())
     assert model.describe()["model"] == "fake-model"
 
 
@@ -191,7 +185,7 @@ def chunked_body(blocks):
     sock = SimpleNamespace(recv=lambda size: blocks.pop(0) if blocks else b"", settimeout=lambda seconds: None)
     response = SimpleNamespace(_fp=SimpleNamespace(fp=head, close=lambda: closed.append(True)),
                                connection=SimpleNamespace(sock=sock))
-    return llm.ChunkedBody(response, timeout=60), closed
+    return ChunkedBody(response, timeout=60), closed
 
 
 def framed(pieces, extension=b"", trailers=b""):
@@ -230,3 +224,48 @@ def test_a_body_that_is_not_chunks_is_broken(blocks):
     reader, _ = chunked_body(blocks)
     with pytest.raises(ValueError):
         b"".join(reader.blocks())
+
+
+def test_describe_leaves_out_the_query_string_of_the_base_url():
+    """A base URL's query string (which may carry a key) is not shown, nor its credentials."""
+    model = OpenAIChatModel("https://user:hunter2@llm.example/v1?api-version=2024-06-01&key=s3cr3t", None, "m",
+                            timeout=1)
+    assert model.describe()["base_url"] == "https://llm.example/v1"
+
+
+# What an upstream's error text may quote, the secret in it, and what of the text stays readable.
+SECRET_TEXTS = {
+    "url-password-with-at": ("could not connect to postgres://admin:hun@ter2@db.internal:5432/llm", "ter2",
+                             "postgres://admin:[masked]@db.internal:5432/llm"),
+    "url-password-with-slash": ("mysql://u:p/ss@h:3306 refused", "p/ss", "mysql://u:[masked]@h:3306 refused"),
+    "password-query-parameter": ("login?password=hunter2&user=bob failed", "hunter2", "user=bob failed"),
+    "api-key-setting": ("api_key=abc123def456 is not valid", "abc123def456", "is not valid"),
+    "secret-setting": ("client_secret: s3cr3t-value, scope x", "s3cr3t-value", "scope x"),
+    "token-setting": ("token=tok_0123456789 expired", "tok_0123456789", "expired"),
+    "password-in-json": ('{"password": "hunter2", "user": "bob"}', "hunter2", '"user": "bob"'),
+    "stripe-style-key": ("Incorrect API key provided: sk_live_0123456789abcdef.", "0123456789abcdef",
+                         "Incorrect API key provided"),
+    "project-key": ("key sk-proj-AbCdEf0123456789xyz is revoked", "AbCdEf0123456789xyz", "is revoked"),
+    "hugging-face-token": ("hf_AbCdEfGhIjKlMnOpQrStUvWxYz012345 lacks access", "AbCdEfGhIjKlMnOpQrStUvWxYz012345",
+                           "lacks access"),
+    "bearer-header": ("got Authorization: Bearer eyJhbGciOi.eyJzdWIi.c2lnbmF0dXJl", "eyJhbGciOi",
+                      "got Authorization: Bearer"),
+}
+
+
+@pytest.mark.parametrize("text,secret,kept", SECRET_TEXTS.values(), ids=SECRET_TEXTS.keys())
+def test_an_upstream_text_is_logged_with_its_secrets_masked(text, secret, kept):
+    """Every form of secret an upstream may quote is masked; the rest of its text stays to read."""
+    logged = masked(text)
+    assert secret not in logged and "[masked]" in logged
+    assert kept in logged
+
+
+def test_the_configured_url_password_is_masked_as_the_upstream_decodes_it(llm, caplog):
+    """LLM_BASE_URL's password, percent-encoded in the URL, is masked in the form an upstream echoes: decoded."""
+    url = llm.url.replace("://", "://bob:p%40ss%2Fw0rd@")
+    llm.script(Script(status=401, error_message="user bob, password p@ss/w0rd: refused"))
+    with caplog.at_level(logging.WARNING, logger="llm"), pytest.raises(ApiError):
+        OpenAIChatModel(url, None, "m", timeout=1).complete(HELLO)
+    logged = "\n".join(record.getMessage() for record in caplog.records)
+    assert "refused" in logged and "p@ss/w0rd" not in logged and "p%40ss" not in logged

@@ -8,7 +8,7 @@ import requests
 
 from errors import ApiError
 from errors import ContextTooLarge
-from llm import MAX_LINE_BYTES, MAX_STREAM_BYTES, EventDecoder, OpenAIChatModel
+from llm import MAX_LINE_BYTES, MAX_STREAM_BYTES, EventDecoder
 from tests.fake_llm import Script
 from tests.helpers import assert_error, bearer, complete, seen_by_model, stored_messages, wait_until
 from tests.sse_client import PING, data_events, data_events_in, events, next_data, rest_of
@@ -66,12 +66,6 @@ REPORTED_ERRORS = [
     ("llama.cpp: an error field line", sse(GOOD[0]) + b"error: {\"code\": 500, \"message\": \"slot unavailable\"}\n\n"),
     ("an event named error without data", sse(GOOD[0]) + b"event: error\n\n"),
 ]
-
-
-@pytest.fixture
-def model(llm):
-    """A client of the fake model with a one-second timeout."""
-    return OpenAIChatModel(llm.url, "sk-secret-key-000000", "fake-model", timeout=1)
 
 
 def streamed_text(model, messages=HELLO):

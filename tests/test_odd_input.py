@@ -1,20 +1,14 @@
 """Odd input from clients and models, and answers gunicorn gives itself: never a 500, always the one error shape."""
 
-import base64
 import json
 import logging
 
 import requests
 
 from tests.fake_llm import Script
-from tests.helpers import assert_error, bearer
+from tests.helpers import assert_error, bearer, cursor_of
 
 DEEP = b"[" * 5000 + b"]" * 5000
-
-
-def cursor_of(raw):
-    """A cursor the way the service encodes one, around `raw` bytes."""
-    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
 
 
 def test_deeply_nested_cursor_is_a_400_not_a_500(pg_client):
@@ -27,11 +21,13 @@ def test_deeply_nested_cursor_is_a_400_not_a_500(pg_client):
 
 
 def test_model_answer_nested_too_deep_is_a_502_not_a_500(pg_client, llm, caplog):
-    """/chat/run: a model whose answer is JSON nested deeper than the parser goes is a bad response, not a bug."""
+    """/chat/run: a model whose answer is JSON nested deeper than the parser goes is a bad response, not a bug,
+    and logs no traceback."""
     llm.script(Script(raw=[DEEP]))
     with caplog.at_level(logging.ERROR):
         response = pg_client.post("/chat/run", json={"message": "hi"}, headers=bearer())
     assert_error(response, 502, "llm_bad_response")
+    assert not [r for r in caplog.records if r.exc_info], [r.getMessage() for r in caplog.records]
 
 
 def test_stream_chunk_nested_too_deep_is_llm_bad_response_without_a_traceback(pg_client, llm, caplog):

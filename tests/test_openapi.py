@@ -1,5 +1,6 @@
 """The OpenAPI document: it names every route the app has, and the running service keeps to it."""
 
+import ast
 import json
 import os
 import re
@@ -106,3 +107,53 @@ def test_schemathesis_finds_no_server_error_and_no_response_off_the_document(ser
                "--generation-allow-x00", "false", "--request-timeout", "10"]
     result = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-2000:]
+
+
+def error_codes():
+    """Every error code the service's own modules can answer with: the kinds' `code`, the codes given to ApiError,
+    and the codes of HTTP statuses (`..._CODES` tables and their fallback)."""
+    codes = set()
+    for name in os.listdir(ROOT):
+        if not name.endswith(".py") or name.count(".") != 1:
+            continue
+        with open(os.path.join(ROOT, name)) as source:
+            tree = ast.parse(source.read())
+        for node in ast.walk(tree):
+            codes |= codes_in(node)
+    return codes
+
+
+def codes_in(node):
+    """The error codes one piece of syntax names (see error_codes)."""
+    if isinstance(node, ast.Assign) and any(isinstance(t, ast.Name) and t.id.endswith("_CODES") for t in node.targets):
+        return {value.value for value in node.value.values}
+    if isinstance(node, ast.Assign) and isinstance(node.targets[0], (ast.Name, ast.Tuple)):
+        names = [t.id for t in getattr(node.targets[0], "elts", node.targets) if isinstance(t, ast.Name)]
+        values = getattr(node.value, "elts", [node.value])
+        return {v.value for n, v in zip(names, values) if n == "code" and isinstance(v, ast.Constant)}
+    if isinstance(node, ast.Call):
+        called = getattr(node.func, "id", None) or getattr(node.func, "attr", None)
+        given = [k.value for k in node.keywords if k.arg == "code"]
+        if called == "ApiError" and len(node.args) >= 2:
+            given.append(node.args[1])
+        if called == "get" and getattr(node.func.value, "id", "").endswith("_CODES"):
+            given.append(node.args[1])
+        return {g.value for g in given if isinstance(g, ast.Constant) and isinstance(g.value, str)}
+    return set()
+
+
+def readme_error_table():
+    """The README's table of errors."""
+    with open(os.path.join(ROOT, "README.md")) as readme:
+        text = readme.read()
+    return text.split("### Errors", 1)[1].split("\n## ", 1)[0]
+
+
+def test_every_error_code_the_service_answers_is_documented():
+    """Each code the code can produce is in the README's error table and in the OpenAPI document's list of codes."""
+    codes = error_codes()
+    assert {"internal_error", "llm_incomplete", "shutting_down", "turn_taken_over"} <= codes  # the search works
+    assert {code for code in codes if f"`{code}`" not in readme_error_table()} == set()
+    documented = document()["components"]["schemas"]["ErrorDetail"]["properties"]["code"].get("enum", [])
+    assert codes - set(documented) == set()
+    assert set(documented) - codes == set()

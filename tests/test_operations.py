@@ -16,6 +16,7 @@ from tests.helpers import (
     bearer,
     cache_key,
     listening_for_stops,
+    message_counts,
     run,
     slow_stream,
     token,
@@ -359,12 +360,6 @@ def make_turn(app, conversation_id, age=None):
              .where(models.Conversation.id == conversation_id).execute())
 
 
-def rows():
-    """{conversation id: message count} of everything in the database."""
-    with models.db.connection_context():
-        return {c.id: c.messages.count() for c in models.Conversation.select()}
-
-
 def prune(app, *args, answer=None):
     """Run `flask prune ARGS` (answering its question with `answer`, or --yes); the click result."""
     if answer is None:
@@ -382,7 +377,7 @@ def test_prune_deletes_old_conversations_and_keeps_recent_ones(pg_app):
     result = prune(pg_app, "--older-than", "30")
     assert result.exit_code == 0, result.output
     assert re.search(r"\bdeleted 2\b", result.output)
-    assert rows() == {"recent": 2, "fresh": 2}
+    assert message_counts() == {"recent": 2, "fresh": 2}
 
 
 def test_prune_drops_the_cached_copies_of_what_it_deletes(pg_app, redis_client):
@@ -400,7 +395,7 @@ def test_prune_with_nothing_old_deletes_nothing(pg_app):
     result = prune(pg_app, "--older-than", "30", answer="")
     assert result.exit_code == 0 and "0 conversations (0 messages) have had no activity for 30 days" in result.output
     assert "Delete them?" not in result.output
-    assert rows() == {"fresh": 2}
+    assert message_counts() == {"fresh": 2}
 
 
 def test_prune_deletes_more_than_one_batch(pg_app):
@@ -415,7 +410,7 @@ def test_prune_deletes_more_than_one_batch(pg_app):
     make_turn(pg_app, "fresh")
     result = prune(pg_app, "--older-than", "30")
     assert re.search(r"\bdeleted 1201\b", result.output), result.output
-    assert rows() == {"fresh": 2}
+    assert message_counts() == {"fresh": 2}
 
 
 def test_prune_says_what_it_would_delete_and_asks_first(pg_app):
@@ -425,10 +420,10 @@ def test_prune_says_what_it_would_delete_and_asks_first(pg_app):
     result = prune(pg_app, "--older-than", "0", answer="n\n")
     assert "2 conversations (4 messages) have had no activity for 0 days" in result.output
     assert "Delete them?" in result.output and result.exit_code == 1
-    assert rows() == {"old": 2, "fresh": 2}
+    assert message_counts() == {"old": 2, "fresh": 2}
     result = prune(pg_app, "--older-than", "30", answer="y\n")
     assert result.exit_code == 0 and re.search(r"\bdeleted 1\b", result.output)
-    assert rows() == {"fresh": 2}
+    assert message_counts() == {"fresh": 2}
 
 
 @pytest.mark.parametrize("args", [[], ["--older-than"], ["--older-than", "-1"], ["--older-than", "abc"]],
@@ -438,5 +433,5 @@ def test_prune_without_a_valid_age_fails_and_deletes_nothing(pg_app, args):
     make_turn(pg_app, "old", datetime.timedelta(days=40))
     result = prune(pg_app, *args, answer="")
     assert result.exit_code != 0
-    assert rows() == {"old": 2}
+    assert message_counts() == {"old": 2}
 

@@ -17,9 +17,10 @@ import journal
 import models
 from journal import JournalUnavailable
 from redis_link import scope
-from tests.helpers import SLOW_REPLY, assert_error, bearer, stored_messages, wait_until
-from tests.fake_llm import Script
+from tests.helpers import (SLOW_REPLY, assert_error, bearer, descendants, read_events, resume, stored_messages,
+                           take_events, wait_until)
 from tests.faults import RedisServer
+from tests.fake_llm import Script
 from tests.sse_client import PING, events_with_ids
 
 WORDS = [f"word{n} " for n in range(40)]
@@ -30,32 +31,6 @@ EVENT_ID = re.compile(r"[0-9a-f]{16}:[0-9]+")
 def paced(delay=0.1, words=WORDS):
     """A streamed reply of `words`, one every `delay` seconds."""
     return Script(chunks=list(words), chunk_delay=delay)
-
-
-def read_events(response, stop_after=None):
-    """The (id, payload) events of a stream, pings left out; only the first `stop_after` if given."""
-    return take_events(events_with_ids(response), stop_after)
-
-
-def take_events(received, stop_after=None):
-    """The next (id, payload) events of an iterator of them, pings left out; only `stop_after` of them if given."""
-    got = []
-    for event_id, payload in received:
-        if payload == PING:
-            continue
-        got.append((event_id, payload))
-        if stop_after is not None and len(got) == stop_after:
-            break
-    return got
-
-
-def resume(service, conversation_id, last_event_id=None, user="alice"):
-    """GET /chat/stream/{conversation_id}, with Last-Event-ID if given; the open response."""
-    headers = {**bearer(user), "Connection": "close"}
-    if last_event_id is not None:
-        headers["Last-Event-ID"] = last_event_id
-    return requests.get(f"{service.url}/chat/stream/{conversation_id}", headers=headers, stream=True,
-                        timeout=(5, 30))
 
 
 def number(event_id):
@@ -78,25 +53,6 @@ def assert_whole_turn(got):
     assert [number(i) for i, _ in got] == list(range(1, len(got) + 1))
     assert len({i.split(":")[0] for i, _ in got}) == 1
     assert [p["is_final"] for _, p in got] == [False] * (len(got) - 1) + [True]
-
-
-def descendants(pid):
-    """The pids of a process's children, grandchildren and so on."""
-    children = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as stat:
-                    parent = int(stat.read().rsplit(")", 1)[1].split()[1])
-            except (OSError, ValueError, IndexError):
-                continue
-            children.setdefault(parent, []).append(int(entry))
-    found, todo = [], [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            found.append(child)
-            todo.append(child)
-    return found
 
 
 def kill_hard(service):

@@ -22,9 +22,8 @@ from outages import Unavailable
 from redis_link import RedisLink
 from tests.fake_llm import Script
 from tests.faults import RedisServer
-from tests.helpers import (assert_error, cached_contents, free_port, lease_key, listening_for_stops,
-                           service_missing, wait_until)
-from tests.test_faults_turns import ACCESS_LOG_WITH_PID, Holder, busy_answers_by_worker
+from tests.helpers import (ACCESS_LOG_WITH_PID, Holder, assert_error, busy_answers_by_worker, cached_contents,
+                           free_port, lease_key, listening_for_stops, service_missing, wait_until)
 
 # Each scenario starts servers of its own and a service on them: a second or two each.
 pytestmark = pytest.mark.slow

@@ -18,10 +18,9 @@ from journal import RedisJournal
 from redis_link import RedisLink, scope
 from tests.fake_llm import Script
 from tests.faults import RedisServer
-from tests.helpers import (REDIS_URL, complete, lease_key, seen_by_model, slow_stream, stored_messages,
-                           wait_until)
+from tests.helpers import (REDIS_URL, complete, descendants, lease_key, read_events, resume, seen_by_model,
+                           slow_stream, stored_messages, take_events, wait_until)
 from tests.sse_client import PING, events_with_ids, rest_of
-from tests.test_resume import descendants, read_events, resume, take_events
 
 pytestmark = pytest.mark.slow
 
@@ -279,7 +278,6 @@ def test_stop_while_the_model_has_not_answered_yet_stops_the_stream(service, llm
     """/chat/stop answered 202 while the model was still to send its headers: the stream ends stopped."""
     import threading
 
-    from tests.helpers import lease_key
 
     llm.script(Script(chunks=["one ", "two ", "three"], header_delay=1.5, chunk_delay=0.5))
     result = {}
