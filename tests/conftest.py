@@ -11,7 +11,7 @@ import models
 from chat_app import create_app
 from llm import OpenAIChatModel
 from tests.fake_llm import FakeLLM
-from tests.faults import RedisServer
+from tests.faults import RedisServer, TcpProxy
 from tests.helpers import (MODEL_API_KEY, PHASE_REPORTS, POSTGRES_URL, REDIS_URL, SECRET, Service, reset_database,
                            service_missing)
 
@@ -191,3 +191,11 @@ def service(start_service):
     """One gunicorn + gevent service on PostgreSQL, Redis and the fake model."""
     return start_service()
 
+
+@pytest.fixture
+def pg_proxy(postgres_url):
+    """A TCP proxy in front of the test PostgreSQL, owned by this test."""
+    parts = urlsplit(postgres_url)
+    proxy = TcpProxy(parts.hostname or "127.0.0.1", parts.port or 5432).start()
+    yield proxy
+    proxy.stop()

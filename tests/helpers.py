@@ -12,6 +12,7 @@ import sys
 import tempfile
 import threading
 import time
+from urllib.parse import urlsplit
 
 import jwt
 import psycopg2
@@ -510,3 +511,38 @@ def assert_next_turn_sees(service, llm, conversation_id, history):
     assert len(llm.requests) == requests_before + 1
     assert seen_by_model(llm) == history + ["are you there?"]
     assert stored_messages(conversation_id)[-2:] == complete(("are you there?", "welcome back"))
+
+
+def through(proxy):
+    """The test database's URL, reached through the proxy."""
+    parts = urlsplit(POSTGRES_URL)
+    user = parts.netloc.rsplit("@", 1)[0] + "@" if "@" in parts.netloc else ""
+    return parts._replace(netloc=f"{user}127.0.0.1:{proxy.port}").geturl()
+
+
+def request_lines(service):
+    """The JSON lines the service wrote on the chat.requests logger, in order."""
+    lines = []
+    for raw in service.output().splitlines():
+        try:
+            line = json.loads(raw)
+        except ValueError:
+            continue
+        if isinstance(line, dict) and line.get("logger") == "chat.requests":
+            lines.append(line)
+    return lines
+
+
+def lines_for(service, request_id):
+    """The request-log lines carrying `request_id`."""
+    return [line for line in request_lines(service) if line.get("request_id") == request_id]
+
+
+def kill_hard(service):
+    """SIGKILL the service's master and workers at once, as a lost host or the OOM killer would."""
+    for pid in [service.process.pid, *descendants(service.process.pid)]:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    service.process.wait(10)

@@ -6,15 +6,13 @@ refuses and cuts connections; the machine's PostgreSQL itself is never touched.
 
 import threading
 import uuid
-from urllib.parse import urlsplit
 
 import pytest
 import requests
 
 from tests.fake_llm import Script
-from tests.faults import TcpProxy
 from tests.helpers import (
-    POSTGRES_URL,
+    through,
     cache_key,
     cached_contents,
     cached_messages,
@@ -32,22 +30,6 @@ from tests.sse_client import data_events, events, rest_of
 pytestmark = pytest.mark.slow
 
 DATABASE_UNAVAILABLE = {"error": {"code": "database_unavailable", "message": "the database is unavailable"}}
-
-
-@pytest.fixture
-def pg_proxy(postgres_url):
-    """A TCP proxy in front of the test PostgreSQL, owned by this test."""
-    parts = urlsplit(postgres_url)
-    proxy = TcpProxy(parts.hostname or "127.0.0.1", parts.port or 5432).start()
-    yield proxy
-    proxy.stop()
-
-
-def through(proxy):
-    """The test database's URL, reached through the proxy."""
-    parts = urlsplit(POSTGRES_URL)
-    user = parts.netloc.rsplit("@", 1)[0] + "@" if "@" in parts.netloc else ""
-    return parts._replace(netloc=f"{user}127.0.0.1:{proxy.port}").geturl()
 
 
 def fill_pool(service, postgres_url, size):

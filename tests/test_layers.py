@@ -260,3 +260,18 @@ def test_no_error_is_a_shared_instance():
     shared = [(module, name) for module in modules() for name, value in vars(importlib.import_module(module)).items()
               if any(isinstance(held, BaseException) for held in held_values(value))]
     assert shared == []
+
+
+def test_no_test_module_imports_another():
+    """Shared test code lives in tests/helpers.py (functions) and tests/conftest.py (fixtures), written once."""
+    tests_dir = os.path.join(ROOT, "tests")
+    importing = []
+    for name in sorted(os.listdir(tests_dir)):
+        if name.startswith("test_") and name.endswith(".py"):
+            with open(os.path.join(tests_dir, name)) as source:
+                tree = ast.parse(source.read())
+            for node in ast.walk(tree):
+                modules = ([alias.name for alias in node.names] if isinstance(node, ast.Import)
+                           else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+                importing += [(name, module) for module in modules if module.startswith("tests.test_")]
+    assert importing == []

@@ -1,7 +1,6 @@
 """Running the service: the request log, LOG_LEVEL, /status, the rate limit and the prune command."""
 
 import datetime
-import json
 import re
 import time
 
@@ -12,6 +11,8 @@ from config import VERSION
 from tests.fake_llm import Script
 from tests.helpers import (
     SECRET,
+    lines_for,
+    request_lines,
     assert_error,
     bearer,
     cache_key,
@@ -27,24 +28,6 @@ from tests.sse_client import data_events, rest_of
 
 
 # The request log
-
-def request_lines(service):
-    """The JSON lines the service wrote on the chat.requests logger, in order."""
-    lines = []
-    for raw in service.output().splitlines():
-        try:
-            line = json.loads(raw)
-        except ValueError:
-            continue
-        if isinstance(line, dict) and line.get("logger") == "chat.requests":
-            lines.append(line)
-    return lines
-
-
-def lines_for(service, request_id):
-    """The request-log lines carrying `request_id`."""
-    return [line for line in request_lines(service) if line.get("request_id") == request_id]
-
 
 def logged(service, request_id):
     """The one request-log line of `request_id`, once it is written (then no other may follow)."""

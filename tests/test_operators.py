@@ -15,10 +15,8 @@ import requests
 import coordination
 import models
 from tests.fake_llm import Script
-from tests.helpers import assert_error, bearer, message_rows, slow_stream, wait_until
-from tests.test_faults_database import pg_proxy, through  # noqa: F401 - pg_proxy is a fixture
-from tests.test_operations import lines_for
-from tests.test_resume import kill_hard, read_events
+from tests.helpers import (assert_error, bearer, kill_hard, lines_for, message_rows, read_events, slow_stream, through,
+                           wait_until)
 from tests.sse_client import data_events, rest_of
 
 TODAY = datetime.datetime.now(datetime.timezone.utc).date()

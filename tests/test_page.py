@@ -12,10 +12,9 @@ import pytest
 import requests
 
 from tests.browser import CHROMIUM, CHROMIUM_ARGS, RECORD_REPLY_STATES, TIMEOUT_MS, TRAPS, ChatPage
-from tests.helpers import ROOT, SECRET, phase_failed, service_missing, token
+from tests.helpers import ROOT, SECRET, phase_failed, service_missing, through, token
 from tests.fake_llm import Script
 from tests.faults import TcpProxy
-from tests.test_faults_database import pg_proxy, through  # noqa: F401 - pg_proxy is a fixture
 
 XSS = "<img src=x onerror=alert(1)>"
 METRICS = re.compile(r"^\d+ tokens? · \d+\.\d s$")

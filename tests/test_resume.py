@@ -4,7 +4,6 @@ Real gunicorn + gevent services (two where a test crosses instances), PostgreSQL
 the fake model.
 """
 
-import os
 import re
 import signal
 import threading
@@ -17,8 +16,8 @@ import journal
 import models
 from journal import JournalUnavailable
 from redis_link import scope
-from tests.helpers import (SLOW_REPLY, assert_error, bearer, descendants, read_events, resume, stored_messages,
-                           take_events, wait_until)
+from tests.helpers import (SLOW_REPLY, assert_error, bearer, kill_hard, read_events, resume,
+                           stored_messages, take_events, wait_until)
 from tests.faults import RedisServer
 from tests.fake_llm import Script
 from tests.sse_client import PING, events_with_ids
@@ -53,16 +52,6 @@ def assert_whole_turn(got):
     assert [number(i) for i, _ in got] == list(range(1, len(got) + 1))
     assert len({i.split(":")[0] for i, _ in got}) == 1
     assert [p["is_final"] for _, p in got] == [False] * (len(got) - 1) + [True]
-
-
-def kill_hard(service):
-    """SIGKILL the service's master and workers at once, as a lost host or the OOM killer would."""
-    for pid in [service.process.pid, *descendants(service.process.pid)]:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    service.process.wait(10)
 
 
 def test_every_event_carries_an_id_unique_across_turns(service, llm):
