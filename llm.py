@@ -29,6 +29,7 @@ MAX_LINE_BYTES = 4 * 1024 * 1024
 # wraps its few characters of text in a JSON object of its own.
 MAX_STREAM_BYTES = 4 * MAX_ANSWER_BYTES
 LINE_BREAK = re.compile(rb"\r\n|\r|\n")
+CHUNK_SIZE = re.compile(rb"[0-9A-Fa-f]{1,16}")
 # Connections to the model kept open for reuse: as many as a worker's open streams.
 KEPT_CONNECTIONS = 4096
 
@@ -407,6 +408,18 @@ class EventDecoder:
         return ("error" if event == "error" else "data"), text
 
 
+def shut_down(sock):
+    """Shut a connection to the model down from anywhere, so a read blocked on it ends at once.
+
+    Through an https proxy, urllib3's TLS-in-TLS transport stands for the socket: its own is under it.
+    """
+    sock = getattr(sock, "socket", sock)
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+
+
 class BrokenBody(ValueError):
     """The model's body is not well-formed HTTP/1.1 chunks, or ended before its last chunk."""
 
@@ -452,7 +465,8 @@ class ChunkedBody:
             if self._head_read:
                 block = self._recv()
             else:  # what came with the headers first, then the socket alone
-                block, self._head_read = self._head.read1(READ_SIZE), True
+                block, self._head_read = self._head.read1(READ_SIZE), True  # within urllib3's read timeout
+                self.last_read = time.monotonic()
                 self._sock.settimeout(None)  # the watchdog bounds the silences (urllib3 sets it again)
                 WATCHDOG.watch(self)
             if not block:
@@ -480,10 +494,7 @@ class ChunkedBody:
         if self.ended or now - self.last_read <= self.timeout:
             return False
         self.timed_out = True
-        try:
-            self._sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
+        shut_down(self._sock)
         return True
 
     def _unframe(self, block):
@@ -509,7 +520,10 @@ class ChunkedBody:
             if self._trailers:
                 self.ended = not line
             elif line:  # an empty line is the CRLF that ends a chunk's data
-                self._left = int(line.split(b";", 1)[0], 16)  # ValueError: not a size
+                size = line.split(b";", 1)[0].strip()
+                if not CHUNK_SIZE.fullmatch(size):  # int() would take "-4", "0x5" or "5_5"
+                    raise BrokenBody("a chunk's size is not a hexadecimal number")
+                self._left = int(size, 16)
                 self._trailers = self._left == 0
         return pieces[0] if len(pieces) == 1 else b"".join(pieces)
 
@@ -527,22 +541,31 @@ class Watchdog:
     def __init__(self):
         """No stream watched yet."""
         self._bodies = weakref.WeakSet()
-        self._pid = None
+        self._lock = threading.Lock()
+        self._thread = None
 
     def watch(self, body):
         """Watch `body` (a ChunkedBody) until it ends; the watchdog starts in a process with its first body."""
-        self._bodies.add(body)
-        if self._pid != os.getpid():  # none yet in this process (a fork's parent may have had one)
-            self._pid = os.getpid()
-            threading.Thread(target=self._run, daemon=True).start()
+        with self._lock:
+            self._bodies.add(body)
+            # None yet in this process (a fork keeps the object, not the thread), or it died.
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(target=self._run, daemon=True)
+                self._thread.start()
 
     def _run(self):
         """Look at every watched stream, for ever."""
         while True:
             time.sleep(self.TICK)
             now = time.monotonic()
-            for body in list(self._bodies):
-                if body.ended or body.silent_too_long(now):
+            with self._lock:
+                bodies = list(self._bodies)
+            for body in bodies:
+                try:
+                    if body.ended or body.silent_too_long(now):
+                        self._bodies.discard(body)
+                except Exception:  # noqa: BLE001 - one stream's failure must not leave the others unwatched
+                    log.exception("could not check a stream from the model")
                     self._bodies.discard(body)
 
 
@@ -679,10 +702,7 @@ class ReplyStream:
                 return
             sock = getattr(self.response.connection, "sock", None)
             if sock is not None:
-                try:
-                    sock.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
+                shut_down(sock)
 
 
 class DemoModel:

@@ -1,6 +1,8 @@
 """The model client against a real OpenAI-compatible HTTP server on loopback."""
 
 import logging
+import threading
+import time
 from types import SimpleNamespace
 
 import pytest
@@ -8,7 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from errors import ApiError
-from llm import ChunkedBody, DemoModel, OpenAIChatModel, masked
+from llm import ChunkedBody, DemoModel, OpenAIChatModel, Watchdog, masked
 from tests.helpers import MODEL_API_KEY, free_port
 from tests.fake_llm import Script
 
@@ -177,15 +179,23 @@ def test_describe_hides_credentials_in_the_base_url():
     assert model.describe()["base_url"] == "https://llm.example/v1"
 
 
-def chunked_body(blocks):
-    """A ChunkedBody over `blocks` as the socket would give them (the first as what came with the headers)."""
+def chunked_body(blocks, timeout=60, first_wait=0):
+    """A ChunkedBody over `blocks` as the socket would give them (the first as what came with the headers, after
+    `first_wait` seconds: the model reading the prompt)."""
     blocks = list(blocks)
     closed = []
-    head = SimpleNamespace(read1=lambda size: blocks.pop(0) if blocks else b"")
-    sock = SimpleNamespace(recv=lambda size: blocks.pop(0) if blocks else b"", settimeout=lambda seconds: None)
+
+    def first(size):
+        """What came with the headers, once the model began its answer."""
+        time.sleep(first_wait)
+        return blocks.pop(0) if blocks else b""
+
+    head = SimpleNamespace(read1=first)
+    sock = SimpleNamespace(recv=lambda size: blocks.pop(0) if blocks else b"", settimeout=lambda seconds: None,
+                           shutdown=lambda how: None)
     response = SimpleNamespace(_fp=SimpleNamespace(fp=head, close=lambda: closed.append(True)),
                                connection=SimpleNamespace(sock=sock))
-    return ChunkedBody(response, timeout=60), closed
+    return ChunkedBody(response, timeout=timeout), closed
 
 
 def framed(pieces, extension=b"", trailers=b""):
@@ -218,6 +228,8 @@ def test_a_chunked_body_read_again_goes_on_where_it_left_off():
     pytest.param([b"zz\r\nabc\r\n"], id="size not hex"),
     pytest.param([b"3\r\nabc\r\n", b""], id="ends before the last chunk"),
     pytest.param([b"1" * 2000], id="size line too long"),
+    *[pytest.param([size + b"\r\nabcde\r\n0\r\n\r\n"], id=f"size {size.decode()}")
+      for size in (b"-4", b"+5", b"0x5", b"5_5", b" ")],
 ])
 def test_a_body_that_is_not_chunks_is_broken(blocks):
     """What is not HTTP/1.1 chunks, or stops before the last one, is a BrokenBody, never a hang or a wrong reply."""
@@ -269,3 +281,36 @@ def test_the_configured_url_password_is_masked_as_the_upstream_decodes_it(llm, c
         OpenAIChatModel(url, None, "m", timeout=1).complete(HELLO)
     logged = "\n".join(record.getMessage() for record in caplog.records)
     assert "refused" in logged and "p@ss/w0rd" not in logged and "p%40ss" not in logged
+
+
+def test_the_wait_for_the_first_piece_is_not_counted_as_a_silence():
+    """The model reading a long prompt before its first piece (under the read timeout) does not shorten the
+    silence allowed before the next one."""
+    reader, _ = chunked_body([b"5\r\nfirst\r\n"], timeout=0.2, first_wait=0.3)
+    assert next(reader.blocks()) == b"first"
+    assert not reader.ended and not reader.silent_too_long(time.monotonic())
+
+
+class WatchedStream:
+    """A stream the watchdog looks at: silent too long at its first look, or failing to say."""
+
+    def __init__(self, fails=False):
+        """Not looked at yet."""
+        self.ended, self.fails, self.looked = False, fails, threading.Event()
+
+    def silent_too_long(self, now):
+        """Say so (once), or fail as a transport without shutdown would."""
+        self.looked.set()
+        if self.fails:
+            raise AttributeError("'SSLTransport' object has no attribute 'shutdown'")
+        return True
+
+
+def test_the_watchdog_outlives_a_stream_it_cannot_check():
+    """One stream whose check fails leaves the watchdog looking at every other."""
+    watchdog = Watchdog()
+    failing, silent = WatchedStream(fails=True), WatchedStream()
+    watchdog.watch(failing)
+    assert failing.looked.wait(5)
+    watchdog.watch(silent)
+    assert silent.looked.wait(5)

@@ -18,7 +18,6 @@ from journal import JournalUnavailable
 from redis_link import scope
 from tests.helpers import (SLOW_REPLY, assert_error, bearer, kill_hard, read_events, resume,
                            stored_messages, take_events, wait_until)
-from tests.faults import RedisServer
 from tests.fake_llm import Script
 from tests.sse_client import PING, events_with_ids
 
@@ -282,14 +281,6 @@ def test_a_stream_whose_runner_cannot_start_lets_the_conversation_go(make_pg_app
     response = client.post("/chat/stream", json={"message": "two", "conversation_id": "c1"}, headers=bearer())
     assert response.status_code == 200 and b'"is_final": true' in response.get_data()
     assert [content for _, content, _ in stored_messages("c1")] == ["two", "echo: two"]
-
-
-@pytest.fixture
-def private_redis():
-    """A redis-server of this test's own."""
-    server = RedisServer().start()
-    yield server
-    server.close()
 
 
 def test_redis_lost_mid_turn_leaves_the_reader_alone_and_resume_answers_503_until_it_is_back(
