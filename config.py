@@ -88,7 +88,7 @@ class Config:
         self.LOG_LEVEL = os.environ.get("LOG_LEVEL", "info")
         self.CHAT_HISTORY_LIMIT = _int("CHAT_HISTORY_LIMIT", 20)
         self.CACHE_TTL_SECONDS = _int("CACHE_TTL_SECONDS", 86400)
-        self.SSE_HEARTBEAT_SECONDS = _float("SSE_HEARTBEAT_SECONDS", 10)
+        self.SSE_HEARTBEAT_SECONDS = _float_within("SSE_HEARTBEAT_SECONDS", 10, at_most=3600)
         self.SSE_WRITE_TIMEOUT_SECONDS = _float("SSE_WRITE_TIMEOUT_SECONDS", 30)
         self.CLIENT_READ_TIMEOUT_SECONDS = _float("CLIENT_READ_TIMEOUT_SECONDS", 10)
         # A dead holder frees its conversations within the lease; at 0 its keeper would renew without pause.
