@@ -307,5 +307,6 @@ def test_lease_seconds_within_range_is_taken(settings, monkeypatch):
 def test_a_heartbeat_that_is_not_a_while_is_a_clear_startup_error(settings, monkeypatch, heartbeat):
     """SSE_HEARTBEAT_SECONDS must be more than 0 (at 0 every reader would send pings in a loop) and at most an hour."""
     monkeypatch.setenv("SSE_HEARTBEAT_SECONDS", heartbeat)
-    with pytest.raises(ConfigError, match=f"SSE_HEARTBEAT_SECONDS must be more than 0 and at most 3600, not '{heartbeat}'"):
+    said = f"SSE_HEARTBEAT_SECONDS must be more than 0 and at most 3600, not '{heartbeat}'"
+    with pytest.raises(ConfigError, match=said):
         chat_app.create_app({**settings, "JWT_SECRET_KEY": SECRET})
