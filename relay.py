@@ -30,12 +30,14 @@ class Feed:
         self.cut_reason = None
         self.upstream = None  # the model's stream, which a cut closes
         self._news = threading.Event()
+        self.last_news = time.monotonic()
 
     def add(self, text):
         """Add the event whose `data:` is `text`; its number."""
         number = len(self.framed) + 1
         self.framed.append(sse.frame(f"{self.turn_id}:{number}", text))
         self.unjournaled.append((number, text))
+        self.last_news = time.monotonic()
         self._wake()
         return number
 
@@ -58,8 +60,13 @@ class Feed:
 
     def read(self, after, heartbeat):
         """Yield the framed events after event number `after` as they come (those ready together in
-        one piece), and a ping whenever none came for `heartbeat` seconds; stop after the final one."""
+        one piece), and a ping whenever none came for `heartbeat` seconds; stop after the final one.
+
+        The wait for news has no timeout of its own (a timer started and stopped for every
+        chunk): PULSE wakes a feed that had no news for `heartbeat`.
+        """
         sent = min(after, len(self.framed))  # an id past the last event claims nothing not yet sent
+        PULSE.watch(self, heartbeat)
         while True:
             news = self._news
             if sent < len(self.framed):
@@ -68,8 +75,19 @@ class Feed:
                 yield ready[0] if len(ready) == 1 else b"".join(ready)
             elif self.ended:
                 return
-            elif not news.wait(heartbeat):
-                yield sse.PING
+            else:
+                news.wait()
+                if sent == len(self.framed) and not self.ended:  # woken by the pulse, not by an event
+                    yield sse.PING
+
+    def quiet_for(self, heartbeat, now):
+        """Wake the readers (to ping) if no news came for `heartbeat` seconds; whether the feed is still open."""
+        if self.ended:
+            return False
+        if now - self.last_news >= heartbeat:
+            self.last_news = now
+            self._wake()
+        return True
 
     def attach(self):
         """A reader begins."""
@@ -90,6 +108,42 @@ class Feed:
             self.cut_reason = reason
         if self.upstream is not None:
             self.upstream.cut()
+
+
+class Pulse:
+    """Wakes, in each process, the feeds that had no news for a heartbeat, so their readers send a ping."""
+
+    def __init__(self):
+        """No feed watched yet."""
+        self._feeds = {}  # feed: heartbeat
+        self._lock = threading.Lock()
+        self._thread = None
+        self._tick = 1.0
+
+    def watch(self, feed, heartbeat):
+        """Wake `feed` after each `heartbeat` seconds without news, until it ends."""
+        with self._lock:
+            self._feeds[feed] = heartbeat
+            self._tick = min(self._tick, heartbeat / 2)
+            # None yet in this process (a fork keeps the object, not the thread), or it died.
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(target=self._run, daemon=True)
+                self._thread.start()
+
+    def _run(self):
+        """Look at every watched feed, for ever."""
+        while True:
+            time.sleep(self._tick)
+            now = time.monotonic()
+            with self._lock:
+                watched = list(self._feeds.items())
+            for feed, heartbeat in watched:
+                if not feed.quiet_for(heartbeat, now):
+                    with self._lock:
+                        self._feeds.pop(feed, None)
+
+
+PULSE = Pulse()
 
 
 class Body:
