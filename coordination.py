@@ -58,12 +58,29 @@ end
 return nil
 """
 
-# Extend a lock only if it still holds the token of the turn that took it.
+# Extend each lock that still holds the token of the turn that took it (ARGV: the expiry, then a
+# token per key); 1 for each extended, 0 for each lost. One command for every lease a process holds.
 _EXTEND_IF_OURS = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then
-    return redis.call('PEXPIRE', KEYS[1], ARGV[2])
+local renewed = {}
+for i, key in ipairs(KEYS) do
+    if redis.call('GET', key) == ARGV[i + 1] then
+        renewed[i] = redis.call('PEXPIRE', key, ARGV[1])
+    else
+        renewed[i] = 0
+    end
 end
-return 0
+return renewed
+"""
+
+# Move each slot's expiry on if it is still there, and its set's own with it (ARGV: the slots' new
+# expiry, the sets' expiry, then a member per key); 1 for each moved on, 0 for each lost.
+_RENEW_SLOTS = """
+local renewed = {}
+for i, key in ipairs(KEYS) do
+    renewed[i] = redis.call('ZADD', key, 'XX', 'CH', ARGV[1], ARGV[i + 2])
+    redis.call('PEXPIRE', key, ARGV[2])
+end
+return renewed
 """
 
 
@@ -75,6 +92,10 @@ class Held(Protocol):
 
     def renew(self, trip) -> Pending:
         """Hold on for another expiry; the pending value is whether it was still held."""
+
+    @staticmethod
+    def renew_all(held, trip) -> Pending:
+        """Renew each of `held` (all of this kind), in one command where it takes one: a bool for each."""
 
     def release(self, trip=None):
         """Let go (once), in `trip` if given."""
@@ -168,17 +189,20 @@ class Keeper:
                 log.exception("could not renew leases")
 
     def renew(self):
-        """Extend everything held by a full expiry; stop renewing what was lost."""
-        held = list(self._held)
-        if not held:
+        """Extend everything held by a full expiry, one command for each kind held; stop renewing what was lost."""
+        kinds = {}
+        for item in list(self._held):
+            kinds.setdefault(type(item), []).append(item)
+        if not kinds:
             return
         with self.round_trip() as trip:
-            renewals = [(item, item.renew(trip)) for item in held]
-        for item, renewed in renewals:
-            if renewed.value is False and not item.released:
-                log.warning("a turn lost its lease (Redis lost it, or the process stalled for %g s)",
-                            self.seconds)
-                self.forget(item)
+            renewals = [(items, kind.renew_all(items, trip)) for kind, items in kinds.items()]
+        for items, renewed in renewals:
+            for item, held in zip(items, renewed.value or [None] * len(items)):  # None: Redis failed, try again
+                if held is False and not item.released:
+                    log.warning("a turn lost its lease (Redis lost it, or the process stalled for %g s)",
+                                self.seconds)
+                    self.forget(item)
 
 
 class RedisCoordination:
@@ -381,8 +405,14 @@ class RedisLease:
 
     def renew(self, trip):
         """Extend the lease if it is still ours."""
-        return trip.add("EVAL", _EXTEND_IF_OURS, 1, self.key, self.token, self.coordination.expiry_ms(),
-                        then=bool, otherwise=lambda failure: None)
+        return self.renew_all([self], trip, then=lambda replies: bool(replies[0]))
+
+    @staticmethod
+    def renew_all(leases, trip, then=lambda replies: [bool(reply) for reply in replies]):
+        """Extend each of `leases` (of one coordination) still ours, in one command: a bool for each."""
+        return trip.add("EVAL", _EXTEND_IF_OURS, len(leases), *[lease.key for lease in leases],
+                        leases[0].coordination.expiry_ms(), *[lease.token for lease in leases],
+                        then=then, otherwise=lambda failure: None)
 
     def release(self, trip=None):
         """Let the next turn in (once), in `trip` if given."""
@@ -401,11 +431,15 @@ class RedisSlot:
 
     def renew(self, trip):
         """Move the slot's expiry on, and the set's own with it (an empty set must not outlive its slots)."""
-        expiry = int(time.time() * 1000) + self.coordination.expiry_ms()
-        renewed = trip.add("ZADD", self.key, "XX", "CH", expiry, self.member,
-                           then=bool, otherwise=lambda failure: None)
-        trip.add("PEXPIRE", self.key, 2 * self.coordination.expiry_ms(), otherwise=lambda failure: None)
-        return renewed
+        return self.renew_all([self], trip, then=lambda replies: bool(replies[0]))
+
+    @staticmethod
+    def renew_all(slots, trip, then=lambda replies: [bool(reply) for reply in replies]):
+        """Move each of `slots` (of one coordination) on, in one command: a bool for each (False: it was lost)."""
+        expiry_ms = slots[0].coordination.expiry_ms()
+        return trip.add("EVAL", _RENEW_SLOTS, len(slots), *[slot.key for slot in slots],
+                        int(time.time() * 1000) + expiry_ms, 2 * expiry_ms, *[slot.member for slot in slots],
+                        then=then, otherwise=lambda failure: None)
 
     def release(self, trip=None):
         """Free the slot (once), in `trip` if given."""
@@ -538,6 +572,11 @@ class MemoryHeld:
     def renew(self, trip=None):
         """Hold on for another expiry."""
         return Pending.done(self.coordination.renew(self.table, self.name, self.token))
+
+    @staticmethod
+    def renew_all(held, trip=None):
+        """Hold on to each of `held` for another expiry: a bool for each."""
+        return Pending.done([item.renew().value for item in held])
 
     def release(self, trip=None):
         """Let go (once)."""

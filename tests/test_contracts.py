@@ -103,6 +103,38 @@ def test_a_held_lease_is_renewed_past_its_expiry(shared):
     assert coordination.holder_of("c1") is None
 
 
+def test_the_keeper_renews_every_lease_and_slot_but_one_lost_meanwhile(shared):
+    """Many leases and stream slots held at once are all renewed, each by its own token: a lease that lapsed and
+    was taken by another turn meanwhile (this process stalled) stays the other turn's."""
+    _, coordination, round_trip = shared
+    coordination.keeper.seconds = coordination.lease_seconds = 0.5
+    leases = [sent(round_trip, lambda trip, n=n: coordination.take(f"c{n}", "stream", trip)) for n in range(30)]
+    slots = [sent(round_trip, lambda trip: coordination.open_stream("alice", 100, trip)) for _ in range(30)]
+    stalled = leases.pop()
+    coordination.keeper.forget(stalled)
+    assert wait_until(lambda: coordination.holder_of("c29") is None, timeout=5)
+    other = sent(round_trip, lambda trip: coordination.take("c29", "run", trip))
+    coordination.keeper.keep(stalled)
+    coordination.keeper.renew()
+    assert coordination.holder_of("c29") == "run"
+    assert [sent(round_trip, lease.renew) for lease in leases] == [True] * 29
+    assert [sent(round_trip, slot.renew) for slot in slots] == [True] * 30
+    assert sent(round_trip, stalled.renew) is False
+    other.release()
+
+
+def test_the_keeper_renews_what_a_process_holds_in_one_command_a_kind(redis_url, redis_client):
+    """However many leases and slots a process holds, a renewal costs Redis one command for each kind."""
+    link = RedisLink(redis_url)
+    coordination = RedisCoordination(link)
+    for n in range(50):
+        sent(link.round_trip, lambda trip, n=n: coordination.take(f"c{n}", "stream", trip))
+        sent(link.round_trip, lambda trip: coordination.open_stream("alice", 100, trip))
+    redis_client.config_resetstat()
+    coordination.keeper.renew()
+    assert redis_client.info("commandstats")["cmdstat_eval"]["calls"] == 2
+
+
 def test_a_lease_nobody_renews_expires(shared):
     """A lease its keeper no longer renews (its process died) lapses within the expiry."""
     _, coordination, round_trip = shared
