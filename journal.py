@@ -71,11 +71,19 @@ return 0
 # that stalled past it must not write once another saved the turn), and keep the journal while the turn runs.
 # Returns 1, or 0 when the lease is not the caller's.
 _ADD_EVENTS = """
-if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
-redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[6], '*', 'turn', ARGV[2], 'kind', 'events', 'first', ARGV[3],
-           'data', ARGV[4])
-redis.call('PEXPIRE', KEYS[2], ARGV[5])
-return 1
+local written = {}
+for i = 1, #KEYS / 2 do
+    local lease, journal, at = KEYS[2 * i - 1], KEYS[2 * i], 2 + 4 * (i - 1)
+    if redis.call('GET', lease) == ARGV[at + 1] then
+        redis.call('XADD', journal, 'MAXLEN', '~', ARGV[2], '*', 'turn', ARGV[at + 2], 'kind', 'events',
+                   'first', ARGV[at + 3], 'data', ARGV[at + 4])
+        redis.call('PEXPIRE', journal, ARGV[1])
+        written[i] = 1
+    else
+        written[i] = 0
+    end
+end
+return written
 """
 
 
@@ -208,52 +216,68 @@ class RedisJournal:
                 log.exception("could not journal events")
 
     def _flush(self):
-        """Write the new events of every journaled feed, if its turn still holds its lease, in one round trip."""
-        held = []
-        trip = self.link.round_trip()
+        """Write the new events of every journaled feed whose turn still holds its lease, in one command."""
+        held, batches = [], []
         try:
             for feed, lease in list(self._feeds.items()):
                 if feed.ended:
                     self._feeds.pop(feed, None)
                 elif feed.unjournaled and feed.journal_lock.acquire(blocking=False):
                     held.append(feed)
-                    self._add_events(trip, feed, lease)
-            trip.send()
+                    events = feed.take_unjournaled()
+                    if events:
+                        batches.append((feed, lease, events))
+            if batches:
+                trip = self.link.round_trip()
+                self._add_leased(trip, batches)
+                trip.send()
         finally:
             for feed in held:
                 feed.journal_lock.release()
 
-    def _add_events(self, trip, feed, lease=None):
-        """Queue an entry for `feed`'s events not yet journaled (only if its turn holds `lease`, (key, token), when
-        one is given); if the write fails, they go with the next."""
-        events = feed.take_unjournaled()
-        if not events:
-            return
-        key, first, texts = KEY.format(feed.name), events[0][0], "\n".join(text for _, text in events)
+    def _add_leased(self, trip, batches):
+        """Queue one command writing each (feed, lease (key, token), events) batch whose turn holds its lease; a
+        batch that fails goes again with the next, one whose turn lost its lease is not written again."""
+        keys, args = [], [UNFINISHED_KEEP_SECONDS * 1000, MAX_ENTRIES]
+        for feed, (lease_key, lease_token), events in batches:
+            keys += [lease_key, KEY.format(feed.name)]
+            args += [lease_token, feed.turn_id, events[0][0], "\n".join(text for _, text in events)]
 
         def put_back(failure):
-            """The write failed: the events go again, first, with the next one."""
-            feed.unjournaled[0:0] = events
+            """The write failed: every batch goes again, first, with the next one."""
+            for feed, _, events in batches:
+                feed.unjournaled[0:0] = events
             if isinstance(failure, redis.exceptions.NoScriptError):
                 self._script_loaded = False  # Redis restarted: the next write sends the script itself
             else:
                 self._lost(failure)
 
-        def written(reply):
-            """Journaled, unless the turn lost its lease: then nothing more until its end (if it is still its own)."""
+        def written(replies):
+            """Journaled, but for the turns that lost their lease: nothing more of them until their end."""
             self._script_loaded = True
-            if not reply:
-                feed.unjournaled[0:0] = events
-                self._feeds.pop(feed, None)
-            return self._back(reply)
+            for (feed, _, events), reply in zip(batches, replies):
+                if not reply:
+                    feed.unjournaled[0:0] = events
+                    self._feeds.pop(feed, None)
+            return self._back(replies)
 
-        if lease is None:
-            trip.add("XADD", key, "MAXLEN", "~", MAX_ENTRIES, "*", "turn", feed.turn_id, "kind", "events",
-                     "first", first, "data", texts, then=self._back, otherwise=put_back)
-            return
         script = ("EVALSHA", self._add_events_script.sha) if self._script_loaded else ("EVAL", _ADD_EVENTS)
-        trip.add(*script, 2, lease[0], key, lease[1], feed.turn_id, first, texts, UNFINISHED_KEEP_SECONDS * 1000,
-                 MAX_ENTRIES, then=written, otherwise=put_back)
+        trip.add(*script, len(keys), *keys, *args, then=written, otherwise=put_back)
+
+    def _add_events(self, trip, feed):
+        """Queue an entry for `feed`'s events not yet journaled; if the write fails, they go with the next."""
+        events = feed.take_unjournaled()
+        if not events:
+            return
+
+        def put_back(failure):
+            """The write failed: the events go again, first, with the next one."""
+            feed.unjournaled[0:0] = events
+            self._lost(failure)
+
+        trip.add("XADD", KEY.format(feed.name), "MAXLEN", "~", MAX_ENTRIES, "*", "turn", feed.turn_id, "kind",
+                 "events", "first", events[0][0], "data", "\n".join(text for _, text in events),
+                 then=self._back, otherwise=put_back)
 
     def _lost(self, failure):
         """A journal write failed; warn once per outage."""

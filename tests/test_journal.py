@@ -103,3 +103,25 @@ def test_following_with_a_wait_under_a_millisecond_still_returns(redis_url):
     """A wait that rounds to 0 ms must not become XREAD BLOCK 0 (for ever): nothing comes, and it says so."""
     follower = RedisJournal(RedisLink(redis_url), 300)
     assert follower.follow("alice:nothing-here", "0", 0.0004) == []
+
+
+def test_one_flush_writes_every_feed_whose_turn_holds_its_lease_in_one_command(redis_url, redis_client):
+    """The writer journals many streamed turns in one command a flush; a turn that lost its lease is left out."""
+    writer = RedisJournal(RedisLink(redis_url), 300)
+    feeds = [Feed(f"{n:016x}", f"alice:c{n}", f"c{n}") for n in range(40)]
+    for feed in feeds:
+        lease_key, token = f"chat:turn-lock:{feed.name}", f"{feed.turn_id} stream"
+        if feed is not feeds[-1]:  # the last turn's lease is another's now
+            redis_client.set(lease_key, token)
+        feed.add(sse.chunk_data("one"))
+        feed.add(sse.chunk_data("two"))
+        writer._feeds[feed] = (lease_key, token)
+    redis_client.config_resetstat()
+    writer._flush()
+    calls = {name: stats["calls"] for name, stats in redis_client.info("commandstats").items()}
+    assert calls.get("cmdstat_eval", 0) + calls.get("cmdstat_evalsha", 0) == 1, calls
+    written = [redis_client.xrange(f"chat:journal:{feed.name}") for feed in feeds[:-1]]
+    assert [[(fields["kind"], fields["first"], fields["data"].count("\n")) for _, fields in journal]
+            for journal in written] == [[("events", "1", 1)]] * 39
+    assert redis_client.exists(f"chat:journal:{feeds[-1].name}") == 0
+    assert redis_client.pttl(f"chat:journal:{feeds[0].name}") > 0
