@@ -466,6 +466,9 @@ class ChunkedBody:
                 block = self._recv()
             else:  # what came with the headers first, then the socket alone
                 block, self._head_read = self._head.read1(READ_SIZE), True  # within urllib3's read timeout
+                # http.client's response is done with: closing it frees its reader's buffer (8 KB a stream) and
+                # lets the connection carry the next request once the body has ended.
+                self.response._fp.close()
                 self.last_read = time.monotonic()
                 self._sock.settimeout(None)  # the watchdog bounds the silences (urllib3 sets it again)
                 WATCHDOG.watch(self)
@@ -474,7 +477,6 @@ class ChunkedBody:
             data = self._unframe(block)
             if data:
                 yield data
-        self.response._fp.close()  # http.client's response is done with; the connection stays open
 
     def _recv(self):
         """The next block from the socket; socket.timeout if the watchdog cut a silence short."""
