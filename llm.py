@@ -5,6 +5,7 @@ import json
 import logging
 import os
 import re
+import select
 import socket
 import threading
 import time
@@ -12,6 +13,7 @@ import weakref
 from dataclasses import dataclass, field
 from urllib.parse import unquote, urlsplit, urlunsplit
 
+import gevent.monkey
 import requests
 import urllib3.exceptions
 from requests.adapters import HTTPAdapter
@@ -30,6 +32,8 @@ MAX_LINE_BYTES = 4 * 1024 * 1024
 MAX_STREAM_BYTES = 4 * MAX_ANSWER_BYTES
 LINE_BREAK = re.compile(rb"\r\n|\r|\n")
 CHUNK_SIZE = re.compile(rb"[0-9A-Fa-f]{1,16}")
+# The poll of the system itself, whether or not gevent patched select: a poll with a zero timeout never blocks.
+NATIVE_POLL = gevent.monkey.get_original("select", "poll")
 # Connections to the model kept open for reuse: as many as a worker's open streams.
 KEPT_CONNECTIONS = 4096
 
@@ -187,6 +191,7 @@ class ModelAdapter(HTTPAdapter):
     def bind(self, request, verify, proxies, timeout):
         """Choose, once, the pool and target for requests like `request` (a PreparedRequest)."""
         self.pool = self.get_connection_with_tls_context(request, verify, proxies=proxies)
+        self.pool.ConnectionCls = quickly_checked(self.pool.ConnectionCls)
         self.cert_verify(self.pool, request.url, verify, None)
         self.target = self.request_url(request, proxies)
         self.timeouts = urllib3.Timeout(connect=timeout, read=timeout)
@@ -196,6 +201,25 @@ class ModelAdapter(HTTPAdapter):
         return self.pool.urlopen("POST", self.target, body=body, headers=headers, redirect=False,
                                  assert_same_host=False, preload_content=False, decode_content=False,
                                  retries=self.max_retries, timeout=self.timeouts)
+
+
+def quickly_checked(connection_class):
+    """urllib3's connection class, telling whether a kept connection is still open with a poll of the system's own.
+
+    Before it reuses a pooled connection urllib3 polls its socket with a timeout of zero, which
+    cannot block; under gevent that poll is gevent's, and takes a turn of its loop (and the
+    watchers it sets up) for each request to the model.
+    """
+    def is_connected(connection):
+        """Open, and nothing (a close, stray bytes) waiting to be read."""
+        if connection.sock is None:
+            return False
+        poller = NATIVE_POLL()
+        poller.register(connection.sock, select.POLLIN)
+        return not poller.poll(0)
+
+    return type(f"QuicklyChecked{connection_class.__name__}", (connection_class,),
+                {"is_connected": property(is_connected)})
 
 
 def url_secrets(url):

@@ -1,6 +1,9 @@
 """The model client against a real OpenAI-compatible HTTP server on loopback."""
 
+import json
 import logging
+import re
+import socket
 import threading
 import time
 from types import SimpleNamespace
@@ -314,3 +317,45 @@ def test_the_watchdog_outlives_a_stream_it_cannot_check():
     assert failing.looked.wait(5)
     watchdog.watch(silent)
     assert silent.looked.wait(5)
+
+
+class ClosingServer:
+    """A model server on loopback that answers each connection's first request whole, then closes it (as a server
+    whose keep-alive has run out): the connections it accepted and whether the last is closed."""
+
+    ANSWER = json.dumps({"choices": [{"message": {"content": "hi"}, "finish_reason": "stop"}]}).encode()
+
+    def __init__(self):
+        """Listen, and answer in a thread of its own."""
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.listener.getsockname()[1]}/v1"
+        self.accepted, self.closed = 0, threading.Event()
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self):
+        """Answer one request a connection, then close it."""
+        while True:
+            connection, _ = self.listener.accept()
+            self.accepted += 1
+            self.closed.clear()
+            with connection:
+                head = b""
+                while b"\r\n\r\n" not in head:
+                    head += connection.recv(65536)
+                length = int(re.search(rb"(?i)content-length: *(\d+)", head).group(1))
+                body = head.split(b"\r\n\r\n", 1)[1]
+                while len(body) < length:
+                    body += connection.recv(65536)
+                connection.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n"
+                                   b"Connection: keep-alive\r\n\r\n%s" % (len(self.ANSWER), self.ANSWER))
+            self.closed.set()
+
+
+def test_a_kept_connection_the_model_closed_is_not_reused():
+    """A connection the model's server closed while it was kept is seen closed before a request goes on it."""
+    server = ClosingServer()
+    model = OpenAIChatModel(server.url, None, "m", timeout=5)
+    assert model.complete(HELLO).content == "hi"
+    assert server.closed.wait(5)  # on loopback its close has reached the client's socket by now
+    assert model.complete(HELLO).content == "hi"
+    assert server.accepted == 2
