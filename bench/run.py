@@ -110,10 +110,10 @@ INSTANT_REPLY = ("Sure. Here is a short answer of about forty words, streamed wo
 
 FULL = {"latency_n": 400, "latency_warmup": 20, "levels": [500, 1000, 2000, 3000],
         "turns_seconds": 10.0, "turns_warmup": 2.0, "connections": 48, "profile_seconds": 10,
-        "relay_streams": 200, "relay_chunks": 100, "resume_n": 40}
+        "relay_streams": 200, "relay_chunks": 100, "resume_n": 40, "turns_rounds": 3}
 QUICK = {"latency_n": 40, "latency_warmup": 10, "levels": [50, 100],
          "turns_seconds": 3.0, "turns_warmup": 1.0, "connections": 32, "profile_seconds": 3,
-         "relay_streams": 50, "relay_chunks": 60, "resume_n": 10}
+         "relay_streams": 50, "relay_chunks": 60, "resume_n": 10, "turns_rounds": 1}
 PHASES = ("latency", "turns", "streams", "relay", "resume")
 
 
@@ -885,18 +885,7 @@ class Bench:
         log("starting the instant fake model")
         instant = FakeModel(self.processes, "fake-instant", "--reply", INSTANT_REPLY)
         if "latency" in self.phases or "turns" in self.phases:
-            service = self.service("service-1-worker", 1, instant.url)
-            service.warm_up(self.tokens)
-            if "latency" in self.phases:
-                log(f"latency: {self.settings['latency_n']} streamed turns, direct and through /chat/stream")
-                phases["ttft"] = self.latency(service, instant, "stream")
-                log(f"latency: {self.settings['latency_n']} turns, direct and through /chat/run")
-                phases["run"] = self.latency(service, instant, "run")
-            if "turns" in self.phases:
-                log(f"CPU per turn: {self.settings['connections']} connections, 1 worker")
-                phases["turns_1"] = self.turns(service, instant, "turns-1-worker")
-            service.stop()
-            self.instant_variants(instant)
+            self.one_worker_phases(instant)
 
         if "turns" in self.phases:
             service = self.service("service-2-workers", 2, instant.url)
@@ -914,21 +903,39 @@ class Bench:
             service.stop()
         instant.stop()
 
-    def instant_variants(self, instant):
-        """Latency and CPU per turn of each variant compared in them, on one worker as for this tree."""
+    def one_worker_phases(self, instant):
+        """Latency, then CPU per turn, of this tree and of each variant compared in them, each on a one-worker
+        service of its own; the CPU windows taken in turn, round after round, so that the machine's drift
+        falls on all of them alike, and the median round of each kept."""
         compared = {variant.label: variant for phase in ("latency", "turns") for variant in self.compared_in(phase)}
-        for variant in compared.values():
-            measured = self.results["phases"].setdefault("variants", {}).setdefault(variant.label, {})
-            service = self.service(f"service-{slug(variant.label)}", 1, instant.url, variant)
+        running = [(self.main, self.service("service-1-worker", 1, instant.url))]
+        running += [(variant, self.service(f"service-{slug(variant.label)}", 1, instant.url, variant))
+                    for variant in compared.values()]
+        rounds = {variant.label: [] for variant, _ in running}
+        for variant, service in running:
             service.warm_up(self.tokens)
-            if variant in self.compared_in("latency"):
-                log(f"latency, {variant.label}: streamed turns, then /chat/run")
-                measured["ttft"] = self.latency(service, instant, "stream")
-                measured["run"] = self.latency(service, instant, "run")
-            if variant in self.compared_in("turns"):
-                log(f"CPU per turn, {variant.label}: {self.settings['connections']} connections, 1 worker")
-                measured["turns_1"] = self.turns(service, instant, f"turns-{slug(variant.label)}")
+            if "latency" in self.phases and (variant is self.main or variant in self.compared_in("latency")):
+                log(f"latency, {variant.label}: {self.settings['latency_n']} streamed turns, then /chat/run")
+                self.measured(variant)["ttft"] = self.latency(service, instant, "stream")
+                self.measured(variant)["run"] = self.latency(service, instant, "run")
+        timed = [(variant, service) for variant, service in running
+                 if "turns" in self.phases and (variant is self.main or variant in self.compared_in("turns"))]
+        for number in range(self.settings["turns_rounds"]):
+            for variant, service in timed:
+                log(f"CPU per turn, {variant.label}, round {number + 1}: {self.settings['connections']} connections")
+                rounds[variant.label].append(self.turns(service, instant, f"turns-{slug(variant.label)}"))
+        for variant, _ in timed:
+            ordered = sorted(rounds[variant.label], key=lambda phase: phase["worker_cpu_per_turn_ms"])
+            median = ordered[len(ordered) // 2]
+            median["rounds_cpu_per_turn_ms"] = [phase["worker_cpu_per_turn_ms"] for phase in rounds[variant.label]]
+            self.measured(variant)["turns_1"] = median
+        for _, service in running:
             service.stop()
+
+    def measured(self, variant):
+        """Where a variant's figures go: this tree's phases, or its entry among the variants."""
+        phases = self.results["phases"]
+        return phases if variant is self.main else phases.setdefault("variants", {}).setdefault(variant.label, {})
 
     def stream_phases(self):
         """Open streams of a slow model, level by level, until a level is not clean."""
@@ -1471,7 +1478,9 @@ def how(settings, phases):
         lines.append(f"- CPU and scaling: an instant fake model; {settings['connections']} keep-alive client "
                      f"connections in {settings['client_processes']} processes, closed loop on /chat/run; "
                      f"{settings['turns_warmup']:g} s of warm-up, then a {settings['turns_seconds']:g} s window "
-                     "over which /proc gives each process's utime+stime.")
+                     "over which /proc gives each process's utime+stime. With one worker, this tree and each "
+                     f"variant are measured in turn, {settings.get('turns_rounds', 1)} rounds, and each one's "
+                     "median round is kept.")
     if "relay" in phases:
         delay_ms = settings["relay_chunk_delay_s"] * 1000
         lines.append(f"- Relay: a paced fake model sending {settings['relay_chunks']} chunks {delay_ms:.0f} ms apart "
@@ -1580,8 +1589,9 @@ def variants_table(phases):
     rows = (("added time to first token p50 / p99 ms", "ttft",
              lambda phase: f"{phase['added_p50_ms']:.2f} / {phase['added_p99_ms']:.2f}"),
             ("added total time of /chat/run p50 ms", "run", lambda phase: f"{phase['added_p50_ms']:.2f}"),
-            ("worker CPU per turn ms (turns/s)", "turns_1",
-             lambda phase: f"{phase['worker_cpu_per_turn_ms']:.3f} ({phase['turns_per_s']:.0f})"),
+            ("worker CPU per turn ms, the median round (turns/s); every round", "turns_1",
+             lambda phase: f"{phase['worker_cpu_per_turn_ms']:.3f} ({phase['turns_per_s']:.0f}); "
+                           + " / ".join(f"{ms:.3f}" for ms in phase.get("rounds_cpu_per_turn_ms", []))),
             ("worker CPU per relayed chunk µs; added delay p99 ms", "relay",
              lambda phase: (f"{phase['service']['worker_cpu_per_chunk_us']:.1f}; "
                             f"{phase['service']['lateness_p99_ms'] - phase['direct']['lateness_p99_ms']:.2f}")))
