@@ -10,6 +10,7 @@ import threading
 import time
 
 import sse
+from patrol import Patrol
 
 
 class Feed:
@@ -66,7 +67,7 @@ class Feed:
         chunk): PULSE wakes a feed that had no news for `heartbeat`.
         """
         sent = min(after, len(self.framed))  # an id past the last event claims nothing not yet sent
-        PULSE.watch(self, heartbeat)
+        PULSE.watch(self, heartbeat, tick=heartbeat / 2)
         while True:
             news = self._news
             if sent < len(self.framed):
@@ -110,40 +111,13 @@ class Feed:
             self.upstream.cut()
 
 
-class Pulse:
-    """Wakes, in each process, the feeds that had no news for a heartbeat, so their readers send a ping."""
-
-    def __init__(self):
-        """No feed watched yet."""
-        self._feeds = {}  # feed: heartbeat
-        self._lock = threading.Lock()
-        self._thread = None
-        self._tick = 1.0
-
-    def watch(self, feed, heartbeat):
-        """Wake `feed` after each `heartbeat` seconds without news, until it ends."""
-        with self._lock:
-            self._feeds[feed] = heartbeat
-            self._tick = min(self._tick, heartbeat / 2)
-            # None yet in this process (a fork keeps the object, not the thread), or it died.
-            if self._thread is None or not self._thread.is_alive():
-                self._thread = threading.Thread(target=self._run, daemon=True)
-                self._thread.start()
-
-    def _run(self):
-        """Look at every watched feed, for ever."""
-        while True:
-            time.sleep(self._tick)
-            now = time.monotonic()
-            with self._lock:
-                watched = list(self._feeds.items())
-            for feed, heartbeat in watched:
-                if not feed.quiet_for(heartbeat, now):
-                    with self._lock:
-                        self._feeds.pop(feed, None)
+def quiet_for(feed, heartbeat, now):
+    """Wake a feed's readers if it had no news for `heartbeat` seconds; whether it is still open."""
+    return feed.quiet_for(heartbeat, now)
 
 
-PULSE = Pulse()
+# Wakes, in each process, the feeds that had no news for a heartbeat, so their readers send a ping.
+PULSE = Patrol(quiet_for, tick=1.0)
 
 
 class Body:

@@ -45,7 +45,7 @@ that are missed are reported, not asserted: the exit status is 0 unless somethin
 The run raises its limit on open files to the hard limit; every process it starts inherits it.
 
 ``--quick`` (about 80 s, used by tests/test_bench.py) runs fewer requests, stream levels of
-50 and 100, 3 s windows and 50 relayed streams of 60 chunks; the full run takes about 3 minutes
+50 and 100, 3 s windows and 50 relayed streams of 60 chunks; the full run takes about 6 minutes
 on 2 cores. ``--levels 500,1000`` replaces the mode's stream levels. ``--phases`` runs only some
 of the phases, ``latency`` (the first two above), ``turns`` (CPU per turn and scaling),
 ``streams`` (open streams and memory) and ``relay`` (the last two), so that a change can be

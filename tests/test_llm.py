@@ -13,7 +13,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from errors import ApiError
-from llm import ChunkedBody, DemoModel, OpenAIChatModel, Watchdog, masked
+from llm import ChunkedBody, DemoModel, OpenAIChatModel, masked
 from tests.helpers import MODEL_API_KEY, free_port
 from tests.fake_llm import Script
 
@@ -292,31 +292,6 @@ def test_the_wait_for_the_first_piece_is_not_counted_as_a_silence():
     reader, _ = chunked_body([b"5\r\nfirst\r\n"], timeout=0.2, first_wait=0.3)
     assert next(reader.blocks()) == b"first"
     assert not reader.ended and not reader.silent_too_long(time.monotonic())
-
-
-class WatchedStream:
-    """A stream the watchdog looks at: silent too long at its first look, or failing to say."""
-
-    def __init__(self, fails=False):
-        """Not looked at yet."""
-        self.ended, self.fails, self.looked = False, fails, threading.Event()
-
-    def silent_too_long(self, now):
-        """Say so (once), or fail as a transport without shutdown would."""
-        self.looked.set()
-        if self.fails:
-            raise AttributeError("'SSLTransport' object has no attribute 'shutdown'")
-        return True
-
-
-def test_the_watchdog_outlives_a_stream_it_cannot_check():
-    """One stream whose check fails leaves the watchdog looking at every other."""
-    watchdog = Watchdog()
-    failing, silent = WatchedStream(fails=True), WatchedStream()
-    watchdog.watch(failing)
-    assert failing.looked.wait(5)
-    watchdog.watch(silent)
-    assert silent.looked.wait(5)
 
 
 class ClosingServer:
