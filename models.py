@@ -411,10 +411,12 @@ def _save_with_peewee(row):
                             update={Conversation.updated_at: row["now"], Conversation.version: row["version"]})
                .returning(Conversation.key).tuples().execute())
         key = list(key)[0][0]
+        # insert_many takes its columns from the first row: both rows name every one.
         Message.insert_many([
             {"conversation": key, "role": "user", "content": row["message"],
              "status": Message.COMPLETE, "token_count": row["message_tokens"],
-             "prompt_tokens": None, "created_at": row["now"], "turn": row["turn"]},
+             "prompt_tokens": None, "created_at": row["now"], "turn": row["turn"],
+             "model": None, "token_source": None},
             {"conversation": key, "role": "assistant", "content": row["reply"],
              "status": row["status"], "token_count": row["reply_tokens"],
              "prompt_tokens": row["prompt_tokens"], "created_at": row["now"], "turn": row["turn"],

@@ -84,12 +84,12 @@ def test_usage_needs_a_token(pg_client):
     assert_error(pg_client.get("/usage"), 401, "unauthorized")
 
 
-def test_a_turn_records_its_model_and_whether_its_counts_are_the_models(pg_client, llm):
-    """A reply with the model's usage is kept as such; one without is kept as an estimate."""
+def test_a_turn_records_its_model_and_whether_its_counts_are_the_models(client, llm):
+    """A reply with the model's usage is kept as such; one without is kept as an estimate (on each backend)."""
     llm.script(Script(reply="four words of reply", model="served-model"), Script(reply="x", usage=False))
-    pg_client.post("/chat/run", json={"message": "hi", "conversation_id": "c1"}, headers=bearer())
-    pg_client.post("/chat/run", json={"message": "hi", "conversation_id": "c2"}, headers=bearer())
-    days = pg_client.get("/usage", headers=bearer()).get_json()["days"]
+    client.post("/chat/run", json={"message": "hi", "conversation_id": "c1"}, headers=bearer())
+    client.post("/chat/run", json={"message": "hi", "conversation_id": "c2"}, headers=bearer())
+    days = client.get("/usage", headers=bearer()).get_json()["days"]
     assert {(d["model"], d["estimated_turns"]) for d in days} == {("served-model", 0), ("fake-model", 1)}
 
 
