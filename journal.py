@@ -74,13 +74,14 @@ _ADD_EVENTS = """
 local written = {}
 for i = 1, #KEYS / 2 do
     local lease, journal, at = KEYS[2 * i - 1], KEYS[2 * i], 2 + 4 * (i - 1)
-    if redis.call('GET', lease) == ARGV[at + 1] then
-        redis.call('XADD', journal, 'MAXLEN', '~', ARGV[2], '*', 'turn', ARGV[at + 2], 'kind', 'events',
-                   'first', ARGV[at + 3], 'data', ARGV[at + 4])
+    if redis.call('GET', lease) ~= ARGV[at + 1] then
+        written[i] = 0
+    elseif type(redis.pcall('XADD', journal, 'MAXLEN', '~', ARGV[2], '*', 'turn', ARGV[at + 2], 'kind', 'events',
+                            'first', ARGV[at + 3], 'data', ARGV[at + 4])) == 'table' then
+        written[i] = -1  -- refused (the key is not a stream): this batch alone goes again
+    else
         redis.call('PEXPIRE', journal, ARGV[1])
         written[i] = 1
-    else
-        written[i] = 0
     end
 end
 return written
@@ -253,11 +254,13 @@ class RedisJournal:
                 self._lost(failure)
 
         def written(replies):
-            """Journaled, but for the turns that lost their lease: nothing more of them until their end."""
+            """Journaled, but for the turns that lost their lease (nothing more of them until their end) and the
+            batches Redis refused (again with the next)."""
             self._script_loaded = True
             for (feed, _, events), reply in zip(batches, replies):
-                if not reply:
+                if reply != 1:
                     feed.unjournaled[0:0] = events
+                if reply == 0:
                     self._feeds.pop(feed, None)
             return self._back(replies)
 

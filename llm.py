@@ -468,6 +468,7 @@ class ChunkedBody:
         self.timeout = timeout
         self.last_read = time.monotonic()
         self.timed_out = False
+        self.given_up = False  # its stream was closed before the end: nothing to watch
         self._rest = b""
         self._left = 0  # bytes of the current chunk still to come
         self._trailers = False  # past the last chunk: its trailer lines, up to an empty one
@@ -555,8 +556,8 @@ class ChunkedBody:
 
 
 def still_streaming(body, _, now):
-    """Whether a ChunkedBody is still to be watched: not ended, and not cut for a silence just now."""
-    return not (body.ended or body.silent_too_long(now))
+    """Whether a ChunkedBody is still to be watched: not ended or given up, and not cut for a silence just now."""
+    return not (body.ended or body.given_up or body.silent_too_long(now))
 
 
 # Cuts the streams from the model that went silent for longer than their timeout. A timeout on the
@@ -682,6 +683,8 @@ class ReplyStream:
         """Close the connection to the model (called by whoever reads the stream)."""
         with self._guard:
             self._done_with = True
+        if self._chunked:
+            self._chunked.given_up = True
         discard(self.response)
 
     def cut(self):

@@ -34,7 +34,15 @@ class Patrol:
                 self._thread.start()
 
     def _run(self):
-        """Make the rounds, for ever."""
+        """Make the rounds, for ever (if the thread is ever killed, the next watch starts another)."""
+        try:
+            self._rounds()
+        finally:
+            with self._lock:
+                self._thread = None
+
+    def _rounds(self):
+        """Look at every watched item each tick."""
         while True:
             time.sleep(self.tick)
             now = time.monotonic()

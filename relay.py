@@ -31,6 +31,7 @@ class Feed:
         self.cut_reason = None
         self.upstream = None  # the model's stream, which a cut closes
         self._news = threading.Event()
+        self._waking = threading.Lock()
         self.last_news = time.monotonic()
 
     def add(self, text):
@@ -50,8 +51,9 @@ class Feed:
         return number
 
     def _wake(self):
-        """Wake every reader waiting for news."""
-        news, self._news = self._news, threading.Event()
+        """Wake every reader waiting for news (the runner and the pulse both may, so the swap is locked)."""
+        with self._waking:
+            news, self._news = self._news, threading.Event()
         news.set()
 
     def take_unjournaled(self):

@@ -921,7 +921,8 @@ class Bench:
         timed = [(variant, service) for variant, service in running
                  if "turns" in self.phases and (variant is self.main or variant in self.compared_in("turns"))]
         for number in range(self.settings["turns_rounds"]):
-            for variant, service in timed:
+            shift = number % len(timed) if timed else 0  # each round begins with another: no place is always first
+            for variant, service in timed[shift:] + timed[:shift]:
                 log(f"CPU per turn, {variant.label}, round {number + 1}: {self.settings['connections']} connections")
                 rounds[variant.label].append(self.turns(service, instant, f"turns-{slug(variant.label)}"))
         for variant, _ in timed:

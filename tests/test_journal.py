@@ -125,3 +125,20 @@ def test_one_flush_writes_every_feed_whose_turn_holds_its_lease_in_one_command(r
             for journal in written] == [[("events", "1", 1)]] * 39
     assert redis_client.exists(f"chat:journal:{feeds[-1].name}") == 0
     assert redis_client.pttl(f"chat:journal:{feeds[0].name}") > 0
+
+
+def test_a_batch_redis_refuses_goes_again_alone(redis_url, redis_client):
+    """A turn whose journal key Redis will not take (not a stream) keeps its events for the next flush; the other
+    turns of the same flush are journaled."""
+    writer = RedisJournal(RedisLink(redis_url), 300)
+    feeds = [Feed(f"{n:016x}", f"alice:c{n}", f"c{n}") for n in range(3)]
+    for feed in feeds:
+        lease_key, token = f"chat:turn-lock:{feed.name}", f"{feed.turn_id} stream"
+        redis_client.set(lease_key, token)
+        feed.add(sse.chunk_data("one"))
+        writer._feeds[feed] = (lease_key, token)
+    redis_client.set(f"chat:journal:{feeds[1].name}", "not a stream")
+    writer._flush()
+    assert [len(feed.unjournaled) for feed in feeds] == [0, 1, 0]
+    assert [redis_client.xlen(f"chat:journal:{feed.name}") for feed in (feeds[0], feeds[2])] == [1, 1]
+    assert feeds[1] in writer._feeds
