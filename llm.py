@@ -109,7 +109,7 @@ CONTEXT_TOO_LONG = re.compile(r"(?i)context_length_exceeded|maximum context leng
 # What says the trouble is the reply's length asked for (max_tokens), or a rate of tokens, not the
 # prompt: leaving history out would not help, even where the words above appear too.
 MAX_TOKENS_COMPLAINT = re.compile(r"(?i)max_tokens|max_completion_tokens")
-NOT_AN_OVERFLOW = re.compile(r"(?i)max_tokens|max_completion_tokens|rate limit|per minute|per day")
+NOT_AN_OVERFLOW = re.compile(MAX_TOKENS_COMPLAINT.pattern + r"|rate limit|per minute|per day")
 HTTP_DATE = re.compile(r"[A-Za-z]{3}, \d{2} [A-Za-z]{3} \d{4} \d{2}:\d{2}:\d{2} GMT")
 
 
@@ -516,6 +516,10 @@ class ChunkedBody:
         self.last_read = time.monotonic()
         return block
 
+    def still_streaming(self, _, now):
+        """Whether the watchdog is to go on watching: not ended or given up, and not cut for a silence just now."""
+        return not (self.ended or self.given_up or self.silent_too_long(now))
+
     def silent_too_long(self, now):
         """Whether nothing came for longer than the timeout: if so, the connection is shut down."""
         if self.ended or now - self.last_read <= self.timeout:
@@ -555,15 +559,10 @@ class ChunkedBody:
         return pieces[0] if len(pieces) == 1 else b"".join(pieces)
 
 
-def still_streaming(body, _, now):
-    """Whether a ChunkedBody is still to be watched: not ended or given up, and not cut for a silence just now."""
-    return not (body.ended or body.given_up or body.silent_too_long(now))
-
-
 # Cuts the streams from the model that went silent for longer than their timeout. A timeout on the
 # socket would start and stop a timer for every piece the model sends; the watchdog looks at every
 # open stream's last arrival five times a second instead, so a silence is cut within 0.2 s of it.
-WATCHDOG = Patrol(still_streaming, tick=0.2)
+WATCHDOG = Patrol(ChunkedBody.still_streaming, tick=0.2)
 
 
 def reports_error(answer):
@@ -599,6 +598,7 @@ class ReplyStream:
         self._guard = threading.Lock()
         self._done_with = False
         self._chunked = None  # the ChunkedBody the body is read through, once known (False: through urllib3)
+        self._named = None  # the model name the last chunk gave
 
     def __iter__(self):
         """Yield each piece of text as the model sends it; raise ApiError if the stream breaks or reports an error."""
@@ -647,7 +647,10 @@ class ReplyStream:
             if isinstance(event.get("usage"), dict):
                 self.reply.prompt_tokens = token_figure(event["usage"].get("prompt_tokens"))
                 self.reply.completion_tokens = token_figure(event["usage"].get("completion_tokens"))
-            self.reply.model = model_name(event.get("model")) or self.reply.model
+            named = event.get("model")
+            if named != self._named:  # every chunk names the model: look at the name when it changes
+                self._named = named
+                self.reply.model = model_name(named) or self.reply.model
             if not event.get("choices"):
                 return ""
             choice = event["choices"][0]

@@ -113,13 +113,8 @@ class Feed:
             self.upstream.cut()
 
 
-def quiet_for(feed, heartbeat, now):
-    """Wake a feed's readers if it had no news for `heartbeat` seconds; whether it is still open."""
-    return feed.quiet_for(heartbeat, now)
-
-
 # Wakes, in each process, the feeds that had no news for a heartbeat, so their readers send a ping.
-PULSE = Patrol(quiet_for, tick=1.0)
+PULSE = Patrol(Feed.quiet_for, tick=1.0)
 
 
 class Body:
