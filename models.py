@@ -108,6 +108,54 @@ class PooledPostgres(PooledPostgresqlDatabase):
         """Closed, as far as the driver knows without a round trip."""
         return bool(conn.closed)
 
+    def connect(self, reuse_if_open=False):
+        """Take a connection, waiting in line for one while all are in use (MaxConnectionsExceeded after the timeout).
+
+        peewee's pool wakes a waiter with a Python condition on a timer, and the one woken may
+        find the connection taken again; the gate is a semaphore, first come first served.
+        """
+        if not self.is_closed():
+            return super().connect(reuse_if_open)
+        gate = self._gate()
+        if not gate.acquire(timeout=None if self._wait_timeout == float("inf") else self._wait_timeout):
+            raise MaxConnectionsExceeded("Max connections exceeded, timed out attempting to connect.")
+        try:
+            return super().connect(reuse_if_open)
+        except BaseException:
+            gate.release()
+            raise
+
+    def close(self):
+        """Give the connection back, and its place in the gate."""
+        was_open = not self.is_closed()
+        try:
+            return super().close()
+        finally:
+            gate = self._gate(made=False)
+            if was_open and self.is_closed() and gate is not None:
+                gate.release()
+
+    def _gate(self, made=True):
+        """The semaphore of the pool's connections in this process, made on first use (after gevent has patched);
+        with `made` False, None if this process has not made one (a connection from before a fork)."""
+        made_in, gate = self.__dict__.get("_gate_of_process", (None, None))
+        if made_in != os.getpid():
+            if not made:
+                return None
+            gate = gate_of(self._max_connections)
+            self._gate_of_process = (os.getpid(), gate)
+        return gate
+
+
+def gate_of(size):
+    """A semaphore of `size` places: gevent's own (compiled) under gevent, else the standard library's."""
+    from gevent import monkey
+    if monkey.is_module_patched("threading"):
+        from gevent.lock import BoundedSemaphore
+    else:
+        from threading import BoundedSemaphore
+    return BoundedSemaphore(size)
+
 
 register_database(PooledPostgres, "postgres+pool", "postgresql+pool")
 
