@@ -5,6 +5,8 @@ import json
 
 import pytest
 import requests
+from hypothesis import given
+from hypothesis import strategies as st
 
 from errors import ApiError
 from errors import ContextTooLarge
@@ -202,6 +204,50 @@ def test_an_lf_after_a_cr_that_ended_the_last_block_is_half_of_a_crlf():
     assert decoder.feed(b"data: a\r") == []
     assert decoder.feed(b"\ndata: b\r\n") == []
     assert decoder.feed(b"\r\n") == [("data", "a\nb")]
+
+
+# Events as servers write them: most one `data: ` line ended by LF LF; others of any lines (data, also
+# without its space or empty; an event name; llama.cpp's error field; a comment), each ended by LF, CR
+# or CRLF, then a blank line; the body may end in the middle of one.
+SSE_VALUES = st.sampled_from([b"", b"x", b'{"a": 1}', "\u00e9t\u00e9".encode(), b"[DONE]"])
+SSE_ENDS = st.sampled_from([b"\n", b"\r", b"\r\n"])
+SSE_LINE = st.builds(lambda field, value, end: field + (value if field.endswith(b":") or field.endswith(b" ") else b"")
+                     + end,
+                     st.sampled_from([b"data: ", b"data:", b"data:  ", b"event: error", b"event: message",
+                                      b"error: ", b": ping"]), SSE_VALUES, SSE_ENDS)
+SSE_EVENT = st.one_of(st.builds(lambda value: b"data: " + value + b"\n\n", SSE_VALUES),
+                      st.builds(lambda lines, end: b"".join(lines) + end, st.lists(SSE_LINE, max_size=4), SSE_ENDS))
+
+
+@given(st.lists(SSE_EVENT, max_size=12), st.lists(SSE_LINE, max_size=2),
+       st.lists(st.integers(min_value=0, max_value=400), max_size=8))
+def test_the_decoder_reads_events_the_same_however_the_bytes_are_split(whole, unfinished, cuts):
+    """Each event in a block of its own (a whole `data: ` event is read at once), or the same bytes cut
+    anywhere, down to one byte at a time: the same events."""
+    blocks = whole + unfinished
+    body = b"".join(blocks)
+    one_byte_at_a_time = decoded([body[n:n + 1] for n in range(len(body))])
+    assert decoded(blocks) == one_byte_at_a_time
+    points = sorted({min(cut, len(body)) for cut in cuts} | {0, len(body)})
+    assert decoded([body[a:b] for a, b in zip(points, points[1:])]) == one_byte_at_a_time
+
+
+def test_whole_data_events_are_read_as_any_other():
+    """Blocks of one `data: ` event each: their text, counted, and what a block holds beyond one event is not lost."""
+    decoder = EventDecoder()
+    assert decoder.feed(b"data: one\n\n") == [("data", "one")]
+    assert decoder.feed(b"data: two\n\ndata: three\n\n") == [("data", "two"), ("data", "three")]
+    assert decoder.feed(b"data: f\xc3\xbcr\n\n") == [("data", "f\u00fcr")]
+    assert decoder.feed(b"data: four\r\n\r\n") == [("data", "four")]
+    assert decoder.feed(b"data: half") == []
+    assert decoder.feed(b"data: rest\n\n") == [("data", "halfdata: rest")]
+    assert decoder.events == 6
+
+
+def decoded(blocks):
+    """The events an EventDecoder reads from `blocks`, in order."""
+    decoder = EventDecoder()
+    return [event for block in blocks for event in decoder.feed(block)]
 
 
 def test_the_data_of_one_event_is_bounded():
