@@ -16,6 +16,7 @@ from playhouse.pool import MaxConnectionsExceeded, PooledPostgresqlDatabase
 
 from config import ConfigError
 from outages import Outage, Unavailable, database_reason
+from patrol import threads_are_greenlets
 
 db = DatabaseProxy()
 # Why the database cannot be used, if it cannot: logged once an outage, reported by /status.
@@ -149,8 +150,7 @@ class PooledPostgres(PooledPostgresqlDatabase):
 
 def gate_of(size):
     """A semaphore of `size` places: gevent's own (compiled) under gevent, else the standard library's."""
-    from gevent import monkey
-    if monkey.is_module_patched("threading"):
+    if threads_are_greenlets():
         from gevent.lock import BoundedSemaphore
     else:
         from threading import BoundedSemaphore

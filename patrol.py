@@ -4,7 +4,14 @@ import logging
 import threading
 import time
 
+from gevent import monkey
+
 log = logging.getLogger(__name__)
+
+
+def threads_are_greenlets():
+    """Whether gevent has patched threading here: a thread then runs until it waits, never cut off in between."""
+    return monkey.is_module_patched("threading")
 
 
 class Patrol:

@@ -10,7 +10,7 @@ import threading
 import time
 
 import sse
-from patrol import Patrol
+from patrol import Patrol, threads_are_greenlets
 
 
 class Feed:
@@ -31,7 +31,7 @@ class Feed:
         self.cut_reason = None
         self.upstream = None  # the model's stream, which a cut closes
         self._news = threading.Event()
-        self._waking = threading.Lock()
+        self._waking = None if threads_are_greenlets() else threading.Lock()
         self.last_news = time.monotonic()
 
     def add(self, text):
@@ -51,9 +51,16 @@ class Feed:
         return number
 
     def _wake(self):
-        """Wake every reader waiting for news (the runner and the pulse both may, so the swap is locked)."""
-        with self._waking:
+        """Wake every reader waiting for news.
+
+        The runner and the pulse both may: with threads the swap is locked, or a reader could be left
+        waiting on an event no one sets; greenlets do not switch in the middle of it.
+        """
+        if self._waking is None:
             news, self._news = self._news, threading.Event()
+        else:
+            with self._waking:
+                news, self._news = self._news, threading.Event()
         news.set()
 
     def take_unjournaled(self):
