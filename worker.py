@@ -45,6 +45,36 @@ def write_json_error(sock, status, reason, detail):
 gunicorn.util.write_error = write_json_error
 
 
+class Response(gunicorn.http.wsgi.Response):
+    """gunicorn's response, its head sent in the same write as the first of its body.
+
+    gunicorn writes the status line and headers, then each piece of the body: two system calls
+    and two segments for every answer, where a client waiting for its first event wakes twice.
+    """
+
+    def send_headers(self):
+        """Hand the head to the connection, which sends it with the next write."""
+        if not self.headers_sent:
+            self.sock.hold_next()
+        super().send_headers()
+
+    def close(self):
+        """End the body; a head with no body after it (204, HEAD) goes now."""
+        try:
+            super().close()
+        finally:
+            self.sock.send_held()
+
+    def sendfile(self, respiter):
+        """The head goes before the file gunicorn sends straight from its descriptor."""
+        self.send_headers()
+        self.sock.send_held()
+        return super().sendfile(respiter)
+
+
+gunicorn.http.wsgi.Response = Response
+
+
 class ClientTooSlow(NoMoreData):
     """The client did not send its request in time (gunicorn drops such a connection quietly)."""
 
@@ -65,6 +95,8 @@ class ClientConnection:
         self._first_due = time.monotonic() + read_seconds
         self._deadline = None
         self._too_slow = False
+        self._holding = False  # the next write is a response's head: kept, to go with the write after it
+        self._held = b""
 
     def recv(self, size, *flags):
         """Read what the client sent: a later request on the connection may take its time to begin, not to arrive."""
@@ -100,6 +132,11 @@ class ClientConnection:
         A socket's own sendall bounds the whole write, so a client reading a large one slowly but
         steadily would be dropped: here each part the client takes renews the deadline.
         """
+        if self._holding:
+            self._holding, self._held = False, data
+            return
+        if self._held:
+            data, self._held = self._held + data, b""
         if self._sock.timeout != self.write_seconds:
             self._sock.settimeout(self.write_seconds)
         try:
@@ -112,9 +149,20 @@ class ClientConnection:
             log.info("the client read nothing for %g s; treated as gone", self.write_seconds)
             raise BrokenPipeError(errno.EPIPE, "the client stopped reading") from None
 
+    def hold_next(self):
+        """Keep the next write (a response's head) to send with the one after it."""
+        self._holding = True
+
+    def send_held(self):
+        """Send what is held, if anything."""
+        self._holding = False
+        if self._held:
+            self.sendall(b"")
+
     def answered(self):
-        """The request has been answered: the next one starts a new deadline."""
+        """The request has been answered: the next one starts a new deadline (and nothing held is left behind)."""
         self._deadline = None
+        self._holding, self._held = False, b""
 
     def __getattr__(self, name):
         """Everything else is the socket's."""
