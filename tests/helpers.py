@@ -1,6 +1,7 @@
 """What the tests share: settings, tokens, the one error shape, what the stores hold, the service under gunicorn."""
 
 import base64
+import collections
 import contextlib
 import json
 import os
@@ -17,6 +18,7 @@ from urllib.parse import urlsplit
 import jwt
 import psycopg2
 import pytest
+import redis
 import requests
 from flask.cli import FlaskGroup
 
@@ -546,3 +548,36 @@ def kill_hard(service):
         except ProcessLookupError:
             pass
     service.process.wait(10)
+
+
+@contextlib.contextmanager
+def commands_sent(redis_url):
+    """The commands sent to the Redis database of `redis_url` during the block, counted by name once it ends.
+
+    MONITOR sees every client of the server; the database number tells this suite's commands from those of
+    another suite on the same server (CI runs two at once), where the server's own statistics would not.
+    """
+    client = redis.Redis.from_url(redis_url, decode_responses=True)
+    database = client.connection_pool.connection_kwargs.get("db", 0)
+    marker = f"end-of-block-{os.getpid()}-{time.monotonic_ns()}"
+    counts, watching = collections.Counter(), threading.Event()
+
+    def watch():
+        """Count what the server is sent until the marker comes."""
+        with client.monitor() as monitor:
+            watching.set()
+            for command in monitor.listen():
+                if marker in command["command"]:
+                    return
+                if int(command["db"]) == database:
+                    counts[command["command"].split(" ", 1)[0].upper()] += 1
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    assert watching.wait(10)
+    try:
+        yield counts
+    finally:
+        client.echo(marker)
+        watcher.join(10)
+        client.close()

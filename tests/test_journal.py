@@ -5,7 +5,7 @@ import sse
 from journal import Record, RedisJournal, last_record
 from redis_link import RedisLink
 from relay import Feed
-from tests.helpers import wait_until
+from tests.helpers import commands_sent, wait_until
 from turns import recovered_reply
 
 
@@ -116,10 +116,9 @@ def test_one_flush_writes_every_feed_whose_turn_holds_its_lease_in_one_command(r
         feed.add(sse.chunk_data("one"))
         feed.add(sse.chunk_data("two"))
         writer._feeds[feed] = (lease_key, token)
-    redis_client.config_resetstat()
-    writer._flush()
-    calls = {name: stats["calls"] for name, stats in redis_client.info("commandstats").items()}
-    assert calls.get("cmdstat_eval", 0) + calls.get("cmdstat_evalsha", 0) == 1, calls
+    with commands_sent(redis_url) as counted:
+        writer._flush()
+    assert counted["EVAL"] + counted["EVALSHA"] == 1, counted
     written = [redis_client.xrange(f"chat:journal:{feed.name}") for feed in feeds[:-1]]
     assert [[(fields["kind"], fields["first"], fields["data"].count("\n")) for _, fields in journal]
             for journal in written] == [[("events", "1", 1)]] * 39
