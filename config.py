@@ -18,6 +18,14 @@ def _int(name, default):
     return _number(name, default, int)
 
 
+def _int_at_least(name, default, least):
+    """Read an integer environment variable that must be at least `least`; a clear error if not."""
+    value = _int(name, default)
+    if value < least:
+        raise ConfigError(f"{name} must be at least {least}, not {os.environ.get(name)!r}")
+    return value
+
+
 def _float(name, default):
     """Read a float environment variable."""
     return _number(name, default, float)
@@ -62,7 +70,7 @@ class Config:
         self.WEB_CONCURRENCY = _int("WEB_CONCURRENCY", 2)
         self.DATABASE_URL = os.environ.get(
             "DATABASE_URL", "sqlite:///" + os.path.join(INSTANCE_DIR, "chat.db"))
-        self.DATABASE_POOL_SIZE = _int("DATABASE_POOL_SIZE", 10)
+        self.DATABASE_POOL_SIZE = _int_at_least("DATABASE_POOL_SIZE", 10, 1)
         self.DATABASE_POOL_TIMEOUT = _float("DATABASE_POOL_TIMEOUT", 10)
         self.DATABASE_TIMEOUT_SECONDS = _float("DATABASE_TIMEOUT_SECONDS", 5)
         self.REDIS_URL = os.environ.get("REDIS_URL") or None

@@ -12,7 +12,7 @@ from peewee import (AutoField, Case, CharField, IntegrityError, DatabaseProxy, D
 from playhouse.db_url import connect, register_database
 from playhouse.db_url import schemes as db_url_schemes
 from playhouse.migrate import SchemaMigrator, migrate
-from playhouse.pool import MaxConnectionsExceeded, PooledPostgresqlDatabase
+from playhouse.pool import MaxConnectionsExceeded, PooledDatabase, PooledPostgresqlDatabase
 
 from config import ConfigError
 from outages import Outage, Unavailable, database_reason
@@ -110,10 +110,11 @@ class PooledPostgres(PooledPostgresqlDatabase):
         return bool(conn.closed)
 
     def connect(self, reuse_if_open=False):
-        """Take a connection, waiting in line for one while all are in use (MaxConnectionsExceeded after the timeout).
+        """Take a connection, waiting at the gate while all are in use (MaxConnectionsExceeded after the timeout).
 
-        peewee's pool wakes a waiter with a Python condition on a timer, and the one woken may
-        find the connection taken again; the gate is a semaphore, first come first served.
+        peewee's pool makes a waiter wait on a Python condition, on a timer of a second, and try
+        again; the gate is a compiled semaphore. The place taken is noted on the thread's
+        connection state, so only the close of that connection gives it back.
         """
         if not self.is_closed():
             return super().connect(reuse_if_open)
@@ -121,31 +122,41 @@ class PooledPostgres(PooledPostgresqlDatabase):
         if not gate.acquire(timeout=None if self._wait_timeout == float("inf") else self._wait_timeout):
             raise MaxConnectionsExceeded("Max connections exceeded, timed out attempting to connect.")
         try:
-            return super().connect(reuse_if_open)
+            connected = super(PooledDatabase, self).connect(reuse_if_open)  # past the gate: no wait of peewee's
         except BaseException:
-            gate.release()
+            if self.is_closed():
+                gate.release()
+            else:  # the connection was made before the failure: its close gives the place back
+                self._state.gate = gate
             raise
+        self._state.gate = gate
+        return connected
 
     def close(self):
-        """Give the connection back, and its place in the gate."""
-        was_open = not self.is_closed()
+        """Give the connection back, and its place at the gate."""
         try:
             return super().close()
         finally:
-            gate = self._gate(made=False)
-            if was_open and self.is_closed() and gate is not None:
-                gate.release()
+            gate = getattr(self._state, "gate", None)
+            if gate is not None and self.is_closed():
+                self._state.gate = None
+                if gate is self._gate(made=False):  # not a place taken in the process this one was forked from
+                    gate.release()
 
     def _gate(self, made=True):
         """The semaphore of the pool's connections in this process, made on first use (after gevent has patched);
-        with `made` False, None if this process has not made one (a connection from before a fork)."""
+        with `made` False, None if this process has not made one."""
         made_in, gate = self.__dict__.get("_gate_of_process", (None, None))
-        if made_in != os.getpid():
-            if not made:
-                return None
-            gate = gate_of(self._max_connections)
-            self._gate_of_process = (os.getpid(), gate)
-        return gate
+        if made_in == os.getpid():
+            return gate
+        if not made:
+            return None
+        with self._pool_lock:  # two threads' first checkouts at once make one gate
+            made_in, gate = self.__dict__.get("_gate_of_process", (None, None))
+            if made_in != os.getpid():
+                gate = gate_of(self._max_connections)
+                self._gate_of_process = (os.getpid(), gate)
+            return gate
 
 
 def gate_of(size):

@@ -581,3 +581,4 @@ def commands_sent(redis_url):
         client.echo(marker)
         watcher.join(10)
         client.close()
+    assert not watcher.is_alive(), "MONITOR never saw the end of the block"

@@ -38,6 +38,7 @@ def hold_a_connection(release):
 
 def test_a_checkout_waits_for_the_connection_in_use_and_gets_it(small_pool, postgres_url):
     """With the one connection in use, a second checkout waits, and goes on as soon as the first gives it back."""
+    small_pool.init(small_pool.database, timeout=10)
     release = threading.Event()
     holder = hold_a_connection(release)
     got = []
@@ -98,3 +99,31 @@ def test_many_waiters_all_get_through_a_pool_of_one(small_pool, postgres_url):
         thread.join(20)
     assert results == [1] * 20
     assert wait_until(lambda: database_backends(postgres_url) <= 1, timeout=5)
+
+
+def test_twenty_threads_at_a_new_pool_share_one_gate(postgres, postgres_url):
+    """The first checkouts of a new pool, from many threads at once, all wait at the same gate: the pool never
+    holds more than its connections, and every place is given back."""
+    postgres.close_all()
+    database = models.open_database(postgres_url, 2, 10)
+    try:
+        start, results = threading.Barrier(20), []
+
+        def read():
+            """Wait for the others, then read."""
+            start.wait(10)
+            results.append(connection_read())
+
+        threads = [threading.Thread(target=read) for _ in range(20)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(20)
+        assert results == [1] * 20
+        gate = database._gate()
+        assert [gate.acquire(timeout=0) for _ in range(3)] == [True, True, False]  # every place back, and no more
+        gate.release()
+        gate.release()
+        assert database_backends(postgres_url) <= 2
+    finally:
+        database.close_all()
