@@ -36,13 +36,21 @@ It measures, and writes as results.md and results.json in --out (with the logs i
 
 Side by side in the same run: CPU per turn with METRICS=off (and, in a full run, with the database
 pool sized to the load, DATABASE_POOL_SIZE=32), and what the meter's calls cost a turn, timed
-in-process; with ``--against REVISION`` (repeatable), the latency, turns and relay phases also run
+in-process. The latency, turns and relay phases also run on two floors, so that each target is
+seen against what the stack itself costs on the machine: the plain way (bench/floor/chat_app.py,
+the specification's two endpoints written plainly with Flask, flask-jwt-extended, Peewee and
+requests, with nothing of the product's own; also at the last open-streams level) and the bare
+minimum (bench/floor/bare.py: a WSGI function, one Redis round trip before the model and one
+after, one INSERT and COMMIT, and one recv, one json.loads and one send a chunk); with ``--against REVISION`` (repeatable), the latency, turns and relay phases also run
 on the service as it was at that git revision (exported with ``git archive``, on a database of its
 own), so a change is measured before and after in one run on the same noisy machine.
 
 PostgreSQL's and Redis's CPU is reported for context, never counted as the worker's. Targets
 that are missed are reported, not asserted: the exit status is 0 unless something crashed.
 The run raises its limit on open files to the hard limit; every process it starts inherits it.
+
+Every service started keeps up to DATABASE_POOL_SIZE connections open: with the floors, the variants and
+two ``--against`` revisions, the run keeps up to 92, within PostgreSQL's default max_connections of 100.
 
 ``--quick`` (about 80 s, used by tests/test_bench.py) runs fewer requests, stream levels of
 50 and 100, 3 s windows and 50 relayed streams of 60 chunks; the full run takes about 6 minutes
@@ -108,6 +116,12 @@ INSTANT_REPLY = ("Sure. Here is a short answer of about forty words, streamed wo
                  "that the relay does some real work per turn: parsing each chunk, framing each "
                  "event, and keeping the whole reply in the database at the end of the turn.")
 
+# Run beside the service, so that a target is seen against what the stack itself costs on the machine:
+# bench/floor/chat_app.py, the specification's endpoints written the plain way on the same stack, and
+# bench/floor/bare.py, the least the specification's turn can cost on it (no framework).
+FLOOR_ROOT = os.path.join(ROOT, "bench", "floor")
+PLAIN_LABEL = "the plain way"
+BARE_LABEL = "the bare minimum"
 FULL = {"latency_n": 400, "latency_warmup": 20, "levels": [500, 1000, 2000, 3000],
         "turns_seconds": 10.0, "turns_warmup": 2.0, "connections": 48, "profile_seconds": 10,
         "relay_streams": 200, "relay_chunks": 100, "resume_n": 40, "turns_rounds": 3}
@@ -426,6 +440,7 @@ class Service:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.processes = processes
+        self.variant = variant
         self.expected_workers = workers
         self.env = {**service_env(bench, llm_url, workers, self.port, variant.database_url), **variant.env}
         argv = [sys.executable, "-m", "gunicorn", "--config", "gunicorn.conf.py", "chat_app:create_app()"]
@@ -564,13 +579,18 @@ class Bench:
         self.variants = self.compared_variants(args.against)
 
     def compared_variants(self, revisions):
-        """What runs beside this tree: metrics off and a larger pool (for CPU per turn), and the given git
-        revisions (for latency, CPU per turn and the relay)."""
+        """What runs beside this tree: metrics off and a larger pool (for CPU per turn), the plain way and the bare
+        minimum (bench/floor), and the given git revisions (for latency, CPU per turn and the relay)."""
         variants = [Variant("METRICS=off", env={"METRICS": "off"}, database_url=self.database_url,
                             phases=("turns",))]
         if not self.args.quick:
             variants.append(Variant(f"DATABASE_POOL_SIZE={TUNED_POOL_SIZE}", database_url=self.database_url,
                                     env={"DATABASE_POOL_SIZE": str(TUNED_POOL_SIZE)}, phases=("turns",)))
+        variants.append(Variant(PLAIN_LABEL, root=FLOOR_ROOT, database_url=f"{self.database_url}_floor",
+                                phases=("latency", "turns", "relay", "streams")))
+        # The same folder and database (prepared once, by the plain way's init-db), serving bare.py.
+        variants.append(Variant(BARE_LABEL, root=FLOOR_ROOT, env={"FLOOR": "bare"},
+                                database_url=f"{self.database_url}_floor", phases=("latency", "turns", "relay")))
         for revision in revisions:
             sha = subprocess.run(["git", "-C", ROOT, "rev-parse", "--verify", f"{revision}^{{commit}}"], check=True,
                                  capture_output=True, text=True).stdout.strip()
@@ -580,7 +600,7 @@ class Bench:
             subprocess.run(["tar", "-x", "-C", root], stdin=archive.stdout, check=True)
             archive.wait()
             variants.append(Variant(f"{revision} ({sha[:10]})", root=root, database_url=f"{self.database_url}_{sha[:10]}",
-                                    phases=("latency", "turns", "relay")))
+                                    phases=("latency", "turns", "relay", "streams")))
         return variants
 
     def compared_in(self, phase):
@@ -619,7 +639,7 @@ class Bench:
         with contextlib.closing(psycopg2.connect(variant.database_url, connect_timeout=5)) as conn:
             conn.autocommit = True
             with conn.cursor() as cursor:
-                cursor.execute("DROP TABLE IF EXISTS chat_message, chat_conversation, message, conversation CASCADE")
+                cursor.execute("DROP TABLE IF EXISTS chat_message, chat_conversation, message, conversation, floormessage CASCADE")
         env = {**service_env(self, "http://127.0.0.1:9/v1", 1, 0, variant.database_url), **variant.env}
         subprocess.run([sys.executable, "-m", "flask", "--app", "chat_app", "init-db"], cwd=variant.root, env=env,
                        check=True, timeout=60, stdout=subprocess.DEVNULL)
@@ -708,9 +728,10 @@ class Bench:
             summary["profile"] = self.finish_profiler(spy)
         return summary
 
-    def stream_level(self, fake, level):
-        """`level` concurrent slow streams on a fresh one-worker service."""
-        service = self.service(f"service-streams-{level}", 1, fake.url)
+    def stream_level(self, fake, level, variant=None):
+        """`level` concurrent slow streams on a fresh one-worker service (this tree's, or `variant`'s)."""
+        name = f"service-streams-{level}" if variant is None else f"service-streams-{level}-{slug(variant.label)}"
+        service = self.service(name, 1, fake.url, variant)
         try:
             service.warm_up(self.tokens)
             worker = service.workers()[0]
@@ -801,6 +822,7 @@ class Bench:
         """
         streams, chunks = self.settings["relay_streams"], self.settings["relay_chunks"]
         target = "direct" if service is None else "service"
+        label = target if service is None else service.variant.label
         ramp = streams / RELAY_OPEN_RATE
         start_at = time.monotonic() + 2.0
         deadline = start_at + ramp + RELAY_FIRST_CHUNK_DELAY + chunks * RELAY_CHUNK_DELAY + 30
@@ -825,12 +847,12 @@ class Bench:
         if spy:
             summary["profile"] = self.finish_profiler(spy)
         if summary["failed"]:
-            self.notes.append(f"relay ({target}): {summary['failed']} streams failed: {summary['failures']}")
+            self.notes.append(f"relay ({label}): {summary['failed']} streams failed: {summary['failures']}")
         if not summary["window_chunks"]:
-            self.notes.append(f"relay ({target}): the streams were never all relaying at once")
+            self.notes.append(f"relay ({label}): the streams were never all relaying at once")
         elif summary["schedule_share"] < 0.95 or summary["batched_share"] > 0.1:
             self.notes.append(
-                f"relay ({target}): the clients received {summary['schedule_share']:.0%} of the scheduled chunks "
+                f"relay ({label}): the clients received {summary['schedule_share']:.0%} of the scheduled chunks "
                 f"in the window, and {summary['batched_share']:.0%} of all chunks in the same read as the one "
                 "before: the model, the service or the clients fell behind (see the cores busy), so chunks went "
                 "through in batches, which costs less CPU per chunk than one at a time and adds lateness")
@@ -953,6 +975,10 @@ class Bench:
             if not summary["clean"]:
                 break
         self.results["phases"]["streams"] = levels
+        for variant in self.compared_in("streams"):  # at the level this tree stopped at
+            level = levels[-1]["level"]
+            log(f"open streams, {variant.label}: {level} concurrent streams on one worker")
+            self.measured(variant)["streams"] = self.stream_level(slow, level, variant)
         slow.stop()
 
     def relay_phases(self):
@@ -1132,6 +1158,12 @@ class Bench:
                 for q in (50, 99):
                     self.figure(f"ttft_added_p{q}_ms_{key}", f"added time to first token p{q}, {label} (context)",
                                 measured["ttft"][f"added_p{q}_ms"], "ms")
+            if "streams" in measured and "streams" in phases:
+                level = measured["streams"]
+                self.figure(f"streams_failed_{key}", f"streams failed, {label}, {level['level']} streams (context)",
+                            level["failed"], "streams")
+                self.figure(f"stream_gap_p95_ms_{key}", f"chunk gap p95, {label}, {level['level']} streams (context)",
+                            level["gap_p95_ms"], "ms")
             if "relay" in measured and "relay" in phases:
                 mine = phases["relay"]["service"]["worker_cpu_per_chunk_us"]
                 theirs = measured["relay"]["service"]["worker_cpu_per_chunk_us"]
@@ -1500,6 +1532,15 @@ def how(settings, phases):
                  "every other setting at its default (DATABASE_POOL_SIZE 10 connections per worker) but where a "
                  "variant names one. "
                  f"{settings['users']} users, a new conversation for every turn.")
+    variants = phases.get("variants", {})
+    if PLAIN_LABEL in variants or BARE_LABEL in variants:
+        lines.append(f"- Two floors run beside this tree under gunicorn's own gevent worker, one worker each: "
+                     f"{PLAIN_LABEL} (bench/floor/chat_app.py: the specification's two endpoints written plainly "
+                     "with Flask, flask-jwt-extended, redis-py, Peewee and requests, with nothing of the product's "
+                     f"own) and {BARE_LABEL} (bench/floor/bare.py: a WSGI function that checks the JWT, makes one "
+                     "Redis round trip before the model and one after, one INSERT and COMMIT, and one recv, one "
+                     "json.loads and one send a chunk). What the bare minimum spends, no service on this stack "
+                     "can save on this machine.")
     return lines
 
 
@@ -1595,7 +1636,9 @@ def variants_table(phases):
                            + " / ".join(f"{ms:.3f}" for ms in phase.get("rounds_cpu_per_turn_ms", []))),
             ("worker CPU per relayed chunk µs; added delay p99 ms", "relay",
              lambda phase: (f"{phase['service']['worker_cpu_per_chunk_us']:.1f}; "
-                            f"{phase['service']['lateness_p99_ms'] - phase['direct']['lateness_p99_ms']:.2f}")))
+                            f"{phase['service']['lateness_p99_ms'] - phase['direct']['lateness_p99_ms']:.2f}")),
+            ("open streams (the level this tree stopped at): failed; chunk gap p95 ms", "streams",
+             lambda phase: stream_cell(phase[-1] if isinstance(phase, list) else phase)))
     lines = ["", "## Side by side, in this run", "",
              "| figure | this tree | " + " | ".join(variants) + " |", "|---|---|" + "---|" * len(variants)]
     for name, key, cell in rows:
@@ -1605,6 +1648,11 @@ def variants_table(phases):
         cells += [cell(measured[key]) if key in measured else "—" for measured in variants.values()]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return lines
+
+
+def stream_cell(level):
+    """A stream level's cell: how many streams, how many failed, the gap p95."""
+    return f"{level['level']}: {level['failed']} failed; {level['gap_p95_ms']:.0f}"
 
 
 def profile_lists(profile, what):

@@ -33,6 +33,11 @@ FIGURES = {
 # Figures of the revision the quick run is compared with (--against HEAD), by the start of their key.
 AGAINST = ("cpu_per_turn_ms_head_", "ttft_added_p50_ms_head_", "ttft_added_p99_ms_head_", "relay_cpu_per_chunk_us_head_",
            "relay_cpu_change_head_")
+# Figures of the plain way and the bare minimum (bench/floor), which every run measures beside the service.
+FLOOR = ("cpu_per_turn_ms_the_plain_way", "ttft_added_p50_ms_the_plain_way",
+         "ttft_added_p99_ms_the_plain_way", "relay_cpu_per_chunk_us_the_plain_way",
+         "ttft_added_p50_ms_the_bare_minimum", "relay_cpu_per_chunk_us_the_bare_minimum",
+         "cpu_per_turn_ms_the_bare_minimum")
 LATENCIES = [f"{kind}_{side}_p{q}_ms" for kind, quantiles in (("ttft", (50, 95, 99)), ("run", (50, 95)))
              for side in ("direct", "service") for q in quantiles]
 # figure: (low, high), the bounds a plausible value lies strictly between on any machine that runs the suite
@@ -110,6 +115,8 @@ def test_quick_benchmark_reports_every_figure_in_its_plausible_range(tmp_path, p
     assert FIGURES <= set(results["figures"])
     for start in AGAINST:
         assert any(key.startswith(start) for key in results["figures"]), (start, sorted(results["figures"]))
+    for key in FLOOR:
+        assert 0 < results["figures"][key]["value"] < 5000, (key, results["figures"][key])
     assert_plausible(results)
     assert_targets_judged(results)
     assert_relay_figures_are_measurements(results)
