@@ -52,12 +52,12 @@ The run raises its limit on open files to the hard limit; every process it start
 Every service started keeps up to DATABASE_POOL_SIZE connections open: with the floors, the variants and
 two ``--against`` revisions, the run keeps up to 92, within PostgreSQL's default max_connections of 100.
 
-``--quick`` (about 80 s, used by tests/test_bench.py) runs fewer requests, stream levels of
-50 and 100, 3 s windows and 50 relayed streams of 60 chunks; the full run takes about 6 minutes
+``--quick`` (about 2 minutes, used by tests/test_bench.py) runs fewer requests, stream levels of
+50 and 100, 3 s windows and 50 relayed streams of 60 chunks; the full run takes about 8 minutes
 on 2 cores. ``--levels 500,1000`` replaces the mode's stream levels. ``--phases`` runs only some
 of the phases, ``latency`` (the first two above), ``turns`` (CPU per turn and scaling),
 ``streams`` (open streams and memory) and ``relay`` (the last two), so that a change can be
-tried quickly on the figures it is about (``--phases relay`` takes about 30 s); only their
+tried quickly on the figures it is about (``--phases relay`` takes about a minute); only their
 figures are reported. ``--profile`` adds a phase that samples the
 worker with py-spy under the same /chat/run load (py-spy must be installed in the
 virtualenv) and lists its top functions by self and cumulative time (raw samples in
