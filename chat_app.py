@@ -110,7 +110,8 @@ def shared_stores(config):
     """What the processes share: in Redis when REDIS_URL is set, else in this process."""
     if not config["REDIS_URL"]:
         return Shared(MemoryCache(config["CACHE_TTL_SECONDS"]), MemoryCoordination(config["LEASE_SECONDS"]))
-    link = RedisLink(config["REDIS_URL"], config["REDIS_TLS_VERIFY"], config["REDIS_TLS_CA_FILE"])
+    link = RedisLink(config["REDIS_URL"], config["REDIS_TLS_VERIFY"], config["REDIS_TLS_CA_FILE"],
+                     config["REDIS_POOL_SIZE"])
     return Shared(RedisCache(link, config["CACHE_TTL_SECONDS"]), RedisCoordination(link, config["LEASE_SECONDS"]),
                   RedisJournal(link, config["STREAM_RETAIN_SECONDS"]), link.round_trip)
 

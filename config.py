@@ -7,6 +7,8 @@ import click
 VERSION = "0.5.0"
 HERE = os.path.dirname(os.path.abspath(__file__))
 INSTANCE_DIR = os.path.join(HERE, "instance")
+# Redis connections each worker keeps for commands at most (REDIS_POOL_SIZE).
+REDIS_POOL_SIZE = 50
 
 
 class ConfigError(click.ClickException):
@@ -76,6 +78,7 @@ class Config:
         self.REDIS_URL = os.environ.get("REDIS_URL") or None
         self.REDIS_TLS_VERIFY = _flag("REDIS_TLS_VERIFY", True)
         self.REDIS_TLS_CA_FILE = os.environ.get("REDIS_TLS_CA_FILE") or None
+        self.REDIS_POOL_SIZE = _int_at_least("REDIS_POOL_SIZE", REDIS_POOL_SIZE, 1)
         self.JWT_SECRET_KEY = os.environ.get("JWT_SECRET_KEY") or None
         self.JWT_SECRET_KEY_PREVIOUS = os.environ.get("JWT_SECRET_KEY_PREVIOUS") or None
         self.JWT_PUBLIC_KEY = os.environ.get("JWT_PUBLIC_KEY") or None

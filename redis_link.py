@@ -13,7 +13,7 @@ from urllib.parse import quote, urlsplit
 
 import redis
 
-from config import ConfigError
+from config import REDIS_POOL_SIZE, ConfigError
 from outages import Outage, Unavailable, redis_reason
 
 log = logging.getLogger(__name__)
@@ -150,14 +150,21 @@ def tls_options(url, verify=True, ca_file=None):
     return options
 
 
-def client_of(url, **options):
-    """redis-py's client of REDIS_URL; ConfigError, without repeating the URL, if it cannot be read."""
+def client_of(url, pool_size, **options):
+    """redis-py's client of REDIS_URL on at most `pool_size` connections, a caller waiting (up to the socket timeout)
+    for one to be free; ConfigError, without repeating the URL, if the URL cannot be read.
+
+    redis-py's own pool fails a caller past its hundredth at once (MaxConnectionsError), which a
+    burst of turns in one gevent worker reaches and which would read as Redis being down.
+    """
     if urlsplit(url).scheme not in ("redis", "rediss", "unix"):
         raise ConfigError("REDIS_URL must start with redis://, rediss:// or unix://")
     try:
-        return redis.Redis.from_url(url, **options)
+        pool = redis.BlockingConnectionPool.from_url(url, max_connections=pool_size,
+                                                      timeout=options.get("socket_timeout"), **options)
     except ValueError as exc:  # a port or a query parameter redis-py cannot read: its words name which
         raise ConfigError(f"REDIS_URL cannot be read: {exc}") from None
+    return redis.Redis(connection_pool=pool)
 
 
 class RedisLink:
@@ -166,12 +173,13 @@ class RedisLink:
     Its `outage` says why Redis cannot be used, logged once an outage (outages.py).
     """
 
-    def __init__(self, url, verify=True, ca_file=None):
-        """Connect lazily to the Redis at `url`, checking a rediss:// server's certificate as chosen."""
+    def __init__(self, url, verify=True, ca_file=None, pool_size=REDIS_POOL_SIZE):
+        """Connect lazily to the Redis at `url`, checking a rediss:// server's certificate as chosen, on at most
+        `pool_size` connections for commands."""
         self.url = url
         self.options = {"decode_responses": True, "socket_connect_timeout": 1, "health_check_interval": 30,
                         **tls_options(url, verify, ca_file)}
-        self.client = client_of(url, socket_timeout=1, **self.options)
+        self.client = client_of(url, pool_size, socket_timeout=1, **self.options)
         self.outage = Outage("Redis")
         self._retry_at = 0.0
         self._blocking = None

@@ -241,6 +241,7 @@ BAD_SETTINGS = [
     ("llm-base-url-scheme", {"LLM_BASE_URL": lambda tmp: "llm.internal:8080"},
      "Error: LLM_BASE_URL must start with http:// or https:// (such as https://api.openai.com/v1)"),
     ("database-pool-size", {"DATABASE_POOL_SIZE": lambda tmp: "0"}, "Error: DATABASE_POOL_SIZE must be at least 1, not '0'"),
+    ("redis-pool-size", {"REDIS_POOL_SIZE": lambda tmp: "0"}, "Error: REDIS_POOL_SIZE must be at least 1, not '0'"),
     ("redis-url-scheme", {"REDIS_URL": lambda tmp: "http://127.0.0.1:6379/0"},
      "Error: REDIS_URL must start with redis://, rediss:// or unix://"),
     ("no-jwt-secret", {"JWT_SECRET_KEY": lambda tmp: None},
