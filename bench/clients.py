@@ -28,6 +28,7 @@ import os
 import subprocess
 import sys
 import time
+from urllib.parse import urlsplit
 
 import urllib3
 
@@ -36,7 +37,7 @@ sys.path[:0] = [ROOT, os.path.join(ROOT, "bench")]
 
 import llm  # noqa: E402
 import loadgen  # noqa: E402
-from run import INSTANT_REPLY, free_port, percentile, wait_until  # noqa: E402
+from run import INSTANT_REPLY, percentile, wait_until  # noqa: E402
 
 MESSAGES = [{"role": "user", "content": "Hello, how are you today?"}]
 BODY = json.dumps({"model": "m", "messages": MESSAGES, "stream": True}).encode()
@@ -101,11 +102,15 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--n", type=int, default=2000, help="requests through each client")
     args = parser.parse_args()
-    port = free_port()
-    fake = subprocess.Popen([sys.executable, "-m", "tests.fake_llm", "--port", str(port), "--gevent",
-                             "--reply", INSTANT_REPLY], cwd=ROOT, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    # The fake model picks its own port and says which (a port picked here could be taken before it binds it).
+    fake = subprocess.Popen([sys.executable, "-m", "tests.fake_llm", "--port", "0", "--gevent",
+                             "--reply", INSTANT_REPLY], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, text=True)
     try:
+        said = fake.stdout.readline()  # "fake LLM serving http://127.0.0.1:PORT/v1"
+        if not said:
+            raise RuntimeError("the fake model exited before serving")
+        port = urlsplit(said.split()[-1]).port
         probe = urllib3.PoolManager()
         wait_until(lambda: answers(probe, port), 20, what="the fake model")
         each = clients(port)

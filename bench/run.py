@@ -41,9 +41,10 @@ seen against what the stack itself costs on the machine: the plain way (bench/fl
 the specification's two endpoints written plainly with Flask, flask-jwt-extended, Peewee and
 requests, with nothing of the product's own; also at the last open-streams level) and the bare
 minimum (bench/floor/bare.py: a WSGI function, one Redis round trip before the model and one
-after, one INSERT and COMMIT, and one recv, one json.loads and one send a chunk); with ``--against REVISION`` (repeatable), the latency, turns and relay phases also run
-on the service as it was at that git revision (exported with ``git archive``, on a database of its
-own), so a change is measured before and after in one run on the same noisy machine.
+after, one INSERT in autocommit, and one recv, one json.loads and one send a chunk). With
+``--against REVISION`` (repeatable), the latency, turns and relay phases also run on the service
+as it was at that git revision (exported with ``git archive``, on a database of its own), so a
+change is measured before and after in one run on the same noisy machine.
 
 PostgreSQL's and Redis's CPU is reported for context, never counted as the worker's. Targets
 that are missed are reported, not asserted: the exit status is 0 unless something crashed.
@@ -397,22 +398,22 @@ class FakeModel:
     """tests/fake_llm.py, standalone with gevent, in its own process."""
 
     def __init__(self, processes, name, *options):
-        """Start it with these command-line options and wait until it answers."""
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}/v1"
+        """Start it with these command-line options on a port it picks itself (a port picked here could be taken
+        before it binds it, by a test suite running beside), and wait until it says where it serves."""
         self.processes = processes
-        argv = [sys.executable, "-m", "tests.fake_llm", "--port", str(self.port), "--gevent", *options]
+        argv = [sys.executable, "-m", "tests.fake_llm", "--port", "0", "--gevent", *options]
         self.process = processes.start(name, argv)
-        wait_until(self._answers, 20, what=f"the fake model ({name}) to answer")
+        self.url = None
+        wait_until(self._serving, 20, what=f"the fake model ({name}) to serve")
+        self.port = urlsplit(self.url).port
 
-    def _answers(self):
-        """True once GET /v1/models answers; raise if the process died."""
+    def _serving(self):
+        """True once the fake model's log says where it serves; raise if the process died."""
         if self.process.poll() is not None:
             raise RuntimeError(f"the fake model exited:\n{self.processes.log_tail(self.process.name)}")
-        try:
-            return requests.get(self.url + "/models", timeout=1).status_code == 200
-        except requests.RequestException:
-            return False
+        found = re.search(r"fake LLM serving (\S+)", self.processes.log_tail(self.process.name))
+        self.url = found and found.group(1)
+        return self.url is not None
 
     def stop(self):
         """Stop it."""
@@ -599,8 +600,8 @@ class Bench:
             archive = subprocess.Popen(["git", "-C", ROOT, "archive", sha], stdout=subprocess.PIPE)
             subprocess.run(["tar", "-x", "-C", root], stdin=archive.stdout, check=True)
             archive.wait()
-            variants.append(Variant(f"{revision} ({sha[:10]})", root=root, database_url=f"{self.database_url}_{sha[:10]}",
-                                    phases=("latency", "turns", "relay", "streams")))
+            variants.append(Variant(f"{revision} ({sha[:10]})", root=root,
+                                    database_url=f"{self.database_url}_{sha[:10]}", phases=("latency", "turns", "relay")))
         return variants
 
     def compared_in(self, phase):
@@ -641,6 +642,7 @@ class Bench:
             with conn.cursor() as cursor:
                 cursor.execute("DROP TABLE IF EXISTS chat_message, chat_conversation, message, conversation, floormessage CASCADE")
         env = {**service_env(self, "http://127.0.0.1:9/v1", 1, 0, variant.database_url), **variant.env}
+        env.pop("FLOOR", None)  # bench/floor's init-db is the plain way's
         subprocess.run([sys.executable, "-m", "flask", "--app", "chat_app", "init-db"], cwd=variant.root, env=env,
                        check=True, timeout=60, stdout=subprocess.DEVNULL)
 
@@ -1538,7 +1540,7 @@ def how(settings, phases):
                      f"{PLAIN_LABEL} (bench/floor/chat_app.py: the specification's two endpoints written plainly "
                      "with Flask, flask-jwt-extended, redis-py, Peewee and requests, with nothing of the product's "
                      f"own) and {BARE_LABEL} (bench/floor/bare.py: a WSGI function that checks the JWT, makes one "
-                     "Redis round trip before the model and one after, one INSERT and COMMIT, and one recv, one "
+                     "Redis round trip before the model and one after, one INSERT (in autocommit), and one recv, one "
                      "json.loads and one send a chunk). What the bare minimum spends, no service on this stack "
                      "can save on this machine.")
     return lines

@@ -4,7 +4,7 @@ A WSGI function, no framework: it checks the JWT (PyJWT, as flask-jwt-extended d
 conversation's recent messages from Redis (one round trip), sends the model the message on a kept
 socket, and for each event the model sends does one `recv`, one `json.loads`, one event framed and
 one `send` (gunicorn's); then it adds both messages to Redis (one round trip) and to PostgreSQL
-(psycopg2, one INSERT and a COMMIT). No lease, journal, ownership, budget, metrics, log or error
+(psycopg2, one INSERT in autocommit). No lease, journal, ownership, budget, metrics, log or error
 handling. bench/run.py runs it as the floor of the turn, the relay and the time to first token: a
 figure it cannot reach on the machine at hand, no service on this stack can.
 
@@ -27,6 +27,7 @@ FINAL = b'data: {"content": "", "is_final": true, "metrics": null}\n\n'
 END = b"0\r\n\r\n"
 RECENT = 20
 POOL_SIZE = 10  # database connections, as many as the service keeps by default
+REDIS_CONNECTIONS = 50  # likewise
 
 
 class Model:
@@ -43,13 +44,16 @@ class Model:
 
     def ask(self, messages, stream):
         """A kept socket with the request sent, and what of the answer came with its head."""
-        body = json.dumps({"model": self.model, "messages": messages, "stream": stream}).encode()
-        sock = self.idle.pop() if self.idle else socket.create_connection(self.address)
+        asked = {"model": self.model, "messages": messages, "stream": stream}
+        if stream:
+            asked["stream_options"] = {"include_usage": True}  # as the service asks
+        body = json.dumps(asked).encode()
+        sock = self.idle.pop() if self.idle else socket.create_connection(self.address, timeout=60)
         sock.sendall((self.head % len(body)).encode() + body)
-        data = b""
-        while b"\r\n\r\n" not in data:
-            data += sock.recv(65536)
-        head, rest = data.split(b"\r\n\r\n", 1)
+        received = b""
+        while b"\r\n\r\n" not in received:
+            received += more(sock)
+        head, rest = received.split(b"\r\n\r\n", 1)
         return sock, head, rest
 
     def complete(self, messages):
@@ -58,20 +62,20 @@ class Model:
         length = int(next(line.split(b":")[1] for line in head.split(b"\r\n")
                           if line.lower().startswith(b"content-length:")))
         while len(body) < length:
-            body += sock.recv(65536)
+            body += more(sock)
         self.idle.append(sock)
         return json.loads(body)["choices"][0]["message"]["content"]
 
     def events(self, messages, pieces):
         """Each piece of the reply (also added to `pieces`) as an event of /chat/stream, as the model sends it."""
-        sock, _, data = self.ask(messages, stream=True)
+        sock, _, pending = self.ask(messages, stream=True)
         while True:
-            start = data.find(b"data: ")
-            end = data.find(b"\n\n", start)
+            start = pending.find(b"data: ")
+            end = pending.find(b"\n\n", start)
             if start < 0 or end < 0:
-                data += sock.recv(65536)
+                pending += more(sock)
                 continue
-            event, data = data[start + 6:end], data[end + 2:]
+            event, pending = pending[start + 6:end], pending[end + 2:]
             if event == b"[DONE]":
                 break
             choices = json.loads(event)["choices"]
@@ -79,9 +83,17 @@ class Model:
             if content:
                 pieces.append(content)
                 yield b'data: {"content": %s, "is_final": false, "metrics": null}\n\n' % json.dumps(content).encode()
-        while not data.endswith(END):
-            data += sock.recv(65536)
+        while not pending.endswith(END):
+            pending += more(sock)
         self.idle.append(sock)
+
+
+def more(sock):
+    """The next bytes from the model; EOFError if it closed the connection."""
+    received = sock.recv(65536)
+    if not received:
+        raise EOFError("the model closed the connection")
+    return received
 
 
 class Stores:
@@ -90,7 +102,8 @@ class Stores:
 
     def __init__(self, redis_url, database_url):
         """Where the stores are."""
-        self.cache = redis.Redis.from_url(redis_url)
+        self.cache = redis.Redis(connection_pool=redis.BlockingConnectionPool.from_url(
+            redis_url, max_connections=REDIS_CONNECTIONS, timeout=10))
         self.database_url = database_url
         self.idle = []
         self.places = BoundedSemaphore(POOL_SIZE)
@@ -107,13 +120,18 @@ class Stores:
             pipe.ltrim(key, -RECENT, -1)
             pipe.execute()
         with self.places:
-            connection = self.idle.pop() if self.idle else psycopg2.connect(self.database_url)
-            with connection.cursor() as cursor:
+            connection = self.idle.pop() if self.idle else self.connect()
+            with connection.cursor() as cursor:  # one statement, its own transaction: one round trip
                 cursor.execute("INSERT INTO floormessage (conversation_id, role, content, created_at) "
                                "VALUES (%s, 'user', %s, now()), (%s, 'assistant', %s, now())",
                                (conversation_id, message, conversation_id, reply))
-            connection.commit()
             self.idle.append(connection)
+
+    def connect(self):
+        """A new database connection in autocommit (psycopg2 would send BEGIN as a round trip of its own)."""
+        connection = psycopg2.connect(self.database_url)
+        connection.autocommit = True
+        return connection
 
 
 def create_app():

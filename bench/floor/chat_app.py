@@ -17,9 +17,12 @@ from flask_jwt_extended import JWTManager, get_jwt_identity, jwt_required
 from peewee import CharField, DateTimeField, Model, TextField
 from playhouse.db_url import parse
 from playhouse.pool import PooledPostgresqlDatabase
+from requests.adapters import HTTPAdapter
 
 database = PooledPostgresqlDatabase(None)
 RECENT = 20
+REDIS_CONNECTIONS = 50
+MODEL_CONNECTIONS = 4096
 
 
 class FloorMessage(Model):
@@ -45,10 +48,13 @@ def create_app():
     app = Flask(__name__)
     app.config["JWT_SECRET_KEY"] = os.environ["JWT_SECRET_KEY"]
     JWTManager(app)
-    cache = redis.Redis.from_url(os.environ["REDIS_URL"])
+    # As many connections as the service keeps (redis-py's own pool fails past 100; requests' keeps 10).
+    cache = redis.Redis(connection_pool=redis.BlockingConnectionPool.from_url(
+        os.environ["REDIS_URL"], max_connections=REDIS_CONNECTIONS, timeout=10))
     model_url = os.environ["LLM_BASE_URL"].rstrip("/") + "/chat/completions"
     model = os.environ["LLM_MODEL"]
     session = requests.Session()
+    session.mount("http://", HTTPAdapter(pool_maxsize=MODEL_CONNECTIONS))
 
     def recent(key):
         """The conversation's recent messages from Redis."""
@@ -94,8 +100,8 @@ def create_app():
     def stream():
         """One turn, answered as server-sent events."""
         message, conversation_id, key, messages = asked()
-        answer = session.post(model_url, json={"model": model, "messages": messages, "stream": True}, stream=True,
-                              timeout=60)
+        answer = session.post(model_url, json={"model": model, "messages": messages, "stream": True,
+                                               "stream_options": {"include_usage": True}}, stream=True, timeout=60)
 
         def events():
             """One event per piece of the reply, then the final one."""

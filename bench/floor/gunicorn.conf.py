@@ -1,4 +1,4 @@
-"""gunicorn settings of the floors (chat_app.py, bare.py): gunicorn's own gevent worker, one worker, psycopg2 made cooperative."""
+"""gunicorn settings of the floors (chat_app.py, bare.py): gunicorn's own gevent worker, one worker."""
 
 import os
 
@@ -12,8 +12,12 @@ loglevel = "warning"
 control_socket_disable = True
 
 
-def post_fork(server, worker):
-    """psycopg2 waits in gevent's loop, not in C."""
+def post_worker_init(worker):
+    """Once gevent has patched the worker: psycopg2 waits in gevent's loop, not in C, and what was loaded is left out
+    of garbage collection (as the service's workers do)."""
+    import gc
+
     from psycogreen.gevent import patch_psycopg
 
     patch_psycopg()
+    gc.freeze()
