@@ -25,10 +25,10 @@ import argparse
 import http.client
 import json
 import os
-import subprocess
+import shutil
 import sys
+import tempfile
 import time
-from urllib.parse import urlsplit
 
 import urllib3
 
@@ -37,7 +37,7 @@ sys.path[:0] = [ROOT, os.path.join(ROOT, "bench")]
 
 import llm  # noqa: E402
 import loadgen  # noqa: E402
-from run import INSTANT_REPLY, percentile, wait_until  # noqa: E402
+from run import INSTANT_REPLY, FakeModel, Processes, percentile  # noqa: E402
 
 MESSAGES = [{"role": "user", "content": "Hello, how are you today?"}]
 BODY = json.dumps({"model": "m", "messages": MESSAGES, "stream": True}).encode()
@@ -103,17 +103,9 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--n", type=int, default=2000, help="requests through each client")
     args = parser.parse_args()
-    # The fake model picks its own port and says which (a port picked here could be taken before it binds it).
-    fake = subprocess.Popen([sys.executable, "-m", "tests.fake_llm", "--port", "0", "--gevent",
-                             "--reply", INSTANT_REPLY], cwd=ROOT, stdout=subprocess.PIPE,
-                            stderr=subprocess.DEVNULL, text=True)
+    processes = Processes(tempfile.mkdtemp(prefix="chat-clients-"))
     try:
-        said = fake.stdout.readline()  # "fake LLM serving http://127.0.0.1:PORT/v1"
-        if not said:
-            raise RuntimeError("the fake model exited before serving")
-        port = urlsplit(said.split()[-1]).port
-        probe = urllib3.PoolManager()
-        wait_until(lambda: answers(probe, port), 20, what="the fake model")
+        port = FakeModel(processes, "fake-clients", "--reply", INSTANT_REPLY).port
         each = clients(port)
         times = {name: [] for name in each}
         for round_ in range(args.n + 100):
@@ -126,16 +118,8 @@ def main():
         for name, values in times.items():
             print(f"{name:<12} {percentile(values, 50):7.3f} {percentile(values, 95):7.3f}")
     finally:
-        fake.terminate()
-        fake.wait(10)
-
-
-def answers(probe, port):
-    """Whether the fake model answers GET /v1/models."""
-    try:
-        return probe.request("GET", f"http://127.0.0.1:{port}/v1/models", timeout=1, retries=False).status == 200
-    except urllib3.exceptions.HTTPError:
-        return False
+        processes.stop_all()
+        shutil.rmtree(processes.log_dir, ignore_errors=True)
 
 
 if __name__ == "__main__":

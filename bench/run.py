@@ -1541,8 +1541,8 @@ def how(settings, phases):
                      "with Flask, flask-jwt-extended, redis-py, Peewee and requests, with nothing of the product's "
                      f"own) and {BARE_LABEL} (bench/floor/bare.py: a WSGI function that checks the JWT, makes one "
                      "Redis round trip before the model and one after, one INSERT (in autocommit), and one recv, one "
-                     "json.loads and one send a chunk). What the bare minimum spends, no service on this stack "
-                     "can save on this machine.")
+                     "json.loads and one send a chunk). What the bare minimum spends a chunk, no relay on this stack "
+                     "saves on this machine.")
     return lines
 
 
